@@ -1,0 +1,147 @@
+//! `bulwark bench`: workload W1 (engine overhead) — E endpoint syncs × B batches, each
+//! batch one upload and one verify step against an in-process sink, every step journaled
+//! durably (SQLite WAL, synchronous=FULL) through the group-commit writer.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Result;
+use bulwark_adapters::memory::MemoryPortal;
+use bulwark_engine::Store;
+use bulwark_workflows::adapter::{AdapterRegistry, EndpointConfig, PortalAdapter};
+use bulwark_workflows::app::Bulwark;
+use bulwark_workflows::catalog::{Item, PriceTier};
+use bulwark_workflows::staging::SealStats;
+use bulwark_workflows::sync::SyncOptions;
+
+/// Options of `bulwark bench`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct BenchArgs {
+    /// Endpoints (one durable workflow each).
+    #[arg(long, default_value_t = 7200)]
+    endpoints: u32,
+    /// Batches per endpoint.
+    #[arg(long, default_value_t = 4)]
+    batches: u32,
+    /// Database file (default: a fresh file in a temporary directory).
+    #[arg(long)]
+    db: Option<PathBuf>,
+}
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map(|kib| kib / 1024.0)
+        .unwrap_or(0.0)
+}
+
+pub(crate) async fn run(args: BenchArgs) -> Result<()> {
+    let dir = tempfile_dir()?;
+    let db = args.db.clone().unwrap_or_else(|| dir.join("bench.db"));
+    let sink = Arc::new(MemoryPortal::new());
+    let mut registry = AdapterRegistry::new();
+    let s = sink.clone();
+    registry.register(
+        "memory",
+        Arc::new(move |_: &EndpointConfig| Ok(s.clone() as Arc<dyn PortalAdapter>)),
+    );
+    let mut app = Bulwark::open(&db, registry).await?;
+
+    // One item per batch: W1 measures the engine, not payload handling.
+    let snapshot = app.staging().begin_snapshot("bench").await?;
+    let items: Vec<Item> = (0..args.batches)
+        .map(|i| Item {
+            sku: format!("B-{i:04}"),
+            qty: i64::from(i),
+            tiers: vec![PriceTier {
+                min_qty: 1,
+                price_minor: 100,
+            }],
+        })
+        .collect();
+    app.staging().write_page(snapshot, &items, &[]).await?;
+    app.staging()
+        .seal(
+            snapshot,
+            SealStats {
+                rows_read: items.len() as i64,
+                ..Default::default()
+            },
+        )
+        .await?;
+    let endpoints: Vec<EndpointConfig> = (1..=args.endpoints)
+        .map(|i| EndpointConfig {
+            id: format!("ep-{i:05}"),
+            adapter: "memory".into(),
+            settings: Default::default(),
+        })
+        .collect();
+    let options = SyncOptions {
+        batch_size: 1,
+        max_in_flight: 1 << 20,
+        ..Default::default()
+    };
+
+    println!("workload: W1 engine overhead");
+    println!(
+        "backend: sqlite (WAL, synchronous=FULL), group commit up to 4096 appends per transaction"
+    );
+    println!(
+        "endpoints: {}  batches: {}  concurrency: every workflow at once (one task each)",
+        args.endpoints, args.batches
+    );
+    let started = Instant::now();
+    let report = app.sync(&endpoints, &options, None).await?;
+    let wall = started.elapsed().as_secs_f64();
+    let steps = u64::from(args.endpoints) * u64::from(args.batches) * 2;
+    let done = report.by_status.get("Done").copied().unwrap_or(0);
+    anyhow::ensure!(
+        done == args.endpoints as usize,
+        "only {done} of {} endpoints finished",
+        args.endpoints
+    );
+    anyhow::ensure!(
+        sink.duplicates() == 0,
+        "the sink saw {} duplicate applications",
+        sink.duplicates()
+    );
+    let rows = app.store().journal_len().await?;
+    app.close().await;
+    let size: u64 = ["", "-wal", "-shm"]
+        .iter()
+        .filter_map(|s| std::fs::metadata(format!("{}{s}", db.display())).ok())
+        .map(|m| m.len())
+        .sum();
+    println!("durable_steps: {steps} steps");
+    println!("transitions_journaled: {} transitions", report.transitions);
+    println!("journal_rows: {rows} rows");
+    println!("wall: {wall:.3} s");
+    println!(
+        "durable_steps_per_second: {:.0} steps/s",
+        steps as f64 / wall
+    );
+    println!(
+        "transitions_per_second: {:.0} transitions/s",
+        report.transitions as f64 / wall
+    );
+    println!("sink_applied: {} batches", sink.applied());
+    println!("sink_duplicates: {} batches", sink.duplicates());
+    println!("peak_rss: {:.1} MiB", peak_rss_mib());
+    println!("db_size: {:.1} MiB", size as f64 / (1024.0 * 1024.0));
+    if args.db.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(())
+}
+
+fn tempfile_dir() -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("bulwark-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}

@@ -1,0 +1,347 @@
+//! `bulwark`: the command-line face of the Bulwark durable sync engine. Every command is a
+//! thin wrapper over a library call.
+
+mod bench;
+mod demo;
+mod progress;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use bulwark_adapters::legacy::{SourceMapping, SqliteSource, generate_demo_legacy};
+use bulwark_adapters::simulator::{self, Fault, SimConfig};
+use bulwark_workflows::adapter::EndpointConfig;
+use bulwark_workflows::app::Bulwark;
+use bulwark_workflows::snapshot::SnapshotOptions;
+use bulwark_workflows::sync::SyncOptions;
+use clap::{Parser, Subcommand};
+
+/// Bulwark keeps thousands of B2B endpoints in sync with a legacy catalog, durably.
+#[derive(Debug, Parser)]
+#[command(name = "bulwark", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, clap::Args, Clone)]
+struct DbArg {
+    /// Bulwark's own database (SQLite file).
+    #[arg(long, env = "BULWARK_DB", default_value = "bulwark-data/bulwark.db")]
+    db: PathBuf,
+}
+
+#[derive(Debug, clap::Args, Clone)]
+struct EndpointArgs {
+    /// Number of simulated endpoints (ids ep-00001 …) served under --portal-url.
+    #[arg(long, default_value_t = 500)]
+    endpoints: u32,
+    /// Base URL of the portal (the simulator serves /ep/{id}/…).
+    #[arg(long)]
+    portal_url: String,
+}
+
+#[derive(Debug, clap::Args, Clone)]
+struct SyncArgs {
+    /// Items per batch.
+    #[arg(long, default_value_t = 500)]
+    batch_size: u32,
+    /// Most adapter calls in flight at once.
+    #[arg(long, default_value_t = 64)]
+    max_in_flight: usize,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Generate a demo legacy database, snapshot it, start a local portal simulator and
+    /// sync every endpoint through the durable state machine.
+    Demo(demo::DemoArgs),
+    /// Create a demo legacy SQLite database.
+    GenerateLegacy {
+        /// Path of the legacy database to (re)create.
+        #[arg(long)]
+        path: PathBuf,
+        /// Number of SKUs.
+        #[arg(long, default_value_t = 7200)]
+        skus: u32,
+        /// Random seed.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+    /// Snapshot a legacy SQLite database into staging (the only read of the source).
+    Snapshot {
+        #[command(flatten)]
+        db: DbArg,
+        /// The legacy database (opened read-only).
+        #[arg(long)]
+        legacy: PathBuf,
+        /// Rows per query.
+        #[arg(long, default_value_t = 1000)]
+        page_size: u32,
+        /// Pause between pages, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        pause_ms: u64,
+    },
+    /// Resume unfinished syncs, then sync every endpoint to the newest sealed snapshot.
+    Sync {
+        #[command(flatten)]
+        db: DbArg,
+        #[command(flatten)]
+        endpoints: EndpointArgs,
+        #[command(flatten)]
+        sync: SyncArgs,
+    },
+    /// Run the local portal simulator until interrupted.
+    Simulate {
+        /// Address to listen on (loopback).
+        #[arg(long, default_value = "127.0.0.1:8700")]
+        listen: SocketAddr,
+        /// SQLite file recording deliveries and applied batches.
+        #[arg(long)]
+        record: Option<PathBuf>,
+        /// Endpoint count (to place the broken ones).
+        #[arg(long, default_value_t = 500)]
+        endpoints: u32,
+        /// Endpoints that reject every upload.
+        #[arg(long, default_value_t = 0)]
+        broken: u32,
+        /// Added latency per request, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
+    },
+    /// Runs and per-state endpoint counts.
+    Status {
+        #[command(flatten)]
+        db: DbArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Recent alerts.
+    Alerts {
+        #[command(flatten)]
+        db: DbArg,
+        /// How many.
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+    /// Re-fold every journal through the transition function and report any illegal or
+    /// inconsistent transition. Exits 1 when something is found.
+    Audit {
+        #[command(flatten)]
+        db: DbArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Workload W1: engine overhead against an in-process sink.
+    Bench(bench::BenchArgs),
+}
+
+/// Endpoint configs for the simulated portal: `ep-00001` … under `{portal}/ep/{id}`.
+pub(crate) fn demo_endpoints(n: u32, portal: &str) -> Vec<EndpointConfig> {
+    (1..=n)
+        .map(|i| {
+            let id = endpoint_id(i);
+            EndpointConfig {
+                adapter: "rest".into(),
+                settings: [(
+                    "base_url".to_string(),
+                    format!("{}/ep/{id}", portal.trim_end_matches('/')),
+                )]
+                .into(),
+                id,
+            }
+        })
+        .collect()
+}
+
+pub(crate) fn endpoint_id(i: u32) -> String {
+    format!("ep-{i:05}")
+}
+
+/// The simulated faults: `broken` endpoints spread evenly; the first of them stores wrong
+/// values (verify mismatches), the others reject every upload.
+pub(crate) fn broken_profiles(n: u32, broken: u32) -> std::collections::HashMap<String, Fault> {
+    (0..broken.min(n))
+        .map(|j| {
+            let i = ((u64::from(j) + 1) * u64::from(n) / (u64::from(broken) + 1)).max(1) as u32;
+            (
+                endpoint_id(i),
+                if j == 0 {
+                    Fault::Corrupt
+                } else {
+                    Fault::Reject
+                },
+            )
+        })
+        .collect()
+}
+
+pub(crate) fn sync_options(args: &SyncArgs) -> SyncOptions {
+    SyncOptions {
+        batch_size: args.batch_size,
+        max_in_flight: args.max_in_flight,
+        ..SyncOptions::default()
+    }
+}
+
+pub(crate) fn ensure_parent(path: &std::path::Path) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BULWARK_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<std::process::ExitCode> {
+    use std::process::ExitCode;
+    match cli.command {
+        Command::Demo(args) => demo::run(args).await?,
+        Command::GenerateLegacy { path, skus, seed } => {
+            ensure_parent(&path)?;
+            generate_demo_legacy(&path, skus, seed).await?;
+            println!(
+                "legacy database {} created with {skus} SKUs",
+                path.display()
+            );
+        }
+        Command::Snapshot {
+            db,
+            legacy,
+            page_size,
+            pause_ms,
+        } => {
+            ensure_parent(&db.db)?;
+            let app = Bulwark::open(&db.db, bulwark_adapters::default_registry()).await?;
+            let source = SqliteSource::open(&legacy, &SourceMapping::default()).await?;
+            let options = SnapshotOptions {
+                page_size,
+                pause: Duration::from_millis(pause_ms),
+                ..Default::default()
+            };
+            let r = app.snapshot(&source, &options).await?;
+            println!(
+                "snapshot {}: {} rows read, {} accepted, {} rejected, {} queries sent to the source, {:.2}s, hash {}",
+                r.id,
+                r.rows_read,
+                r.accepted,
+                r.rejected,
+                r.queries,
+                r.seconds,
+                r.content_hash.unwrap_or_default()
+            );
+            app.close().await;
+        }
+        Command::Sync {
+            db,
+            endpoints,
+            sync,
+        } => {
+            ensure_parent(&db.db)?;
+            let mut app = Bulwark::open(&db.db, bulwark_adapters::default_registry()).await?;
+            let eps = demo_endpoints(endpoints.endpoints, &endpoints.portal_url);
+            let bar = progress::Progress::new();
+            let report = app
+                .sync(&eps, &sync_options(&sync), Some(bar.clone()))
+                .await?;
+            bar.finish();
+            progress::print_summary(&report);
+            app.close().await;
+            if !report.refused.is_empty() || report.unfinished > 0 {
+                return Ok(ExitCode::from(1));
+            }
+        }
+        Command::Simulate {
+            listen,
+            record,
+            endpoints,
+            broken,
+            latency_ms,
+        } => {
+            if let Some(r) = &record {
+                ensure_parent(r)?;
+            }
+            let config = SimConfig {
+                db_path: record,
+                latency_ms,
+                profiles: broken_profiles(endpoints, broken),
+                ..Default::default()
+            };
+            eprintln!("portal simulator listening on http://{listen}");
+            simulator::serve_forever(config, listen).await?;
+        }
+        Command::Status { db, json } => {
+            let app = Bulwark::open(&db.db, bulwark_adapters::default_registry()).await?;
+            let status = app.status().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                progress::print_status(&status);
+            }
+        }
+        Command::Alerts { db, limit } => {
+            let app = Bulwark::open(&db.db, bulwark_adapters::default_registry()).await?;
+            for a in bulwark_engine::Store::alerts(app.store().as_ref(), limit).await? {
+                println!(
+                    "{}  {:<8} {:<10} {}",
+                    chrono_ms(a.at),
+                    a.kind,
+                    a.subject,
+                    a.message
+                );
+            }
+        }
+        Command::Audit { db, json } => {
+            let app = Bulwark::open(&db.db, bulwark_adapters::default_registry()).await?;
+            let r = app.audit().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "audited {} workflows, {} journal rows: {} finding(s)",
+                    r.workflows,
+                    r.journal_rows,
+                    r.findings.len()
+                );
+                for f in &r.findings {
+                    println!("  {f}");
+                }
+            }
+            if !r.findings.is_empty() {
+                return Ok(ExitCode::from(1));
+            }
+        }
+        Command::Bench(args) => bench::run(args).await?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) fn chrono_ms(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+        .unwrap_or_default()
+}

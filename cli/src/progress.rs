@@ -1,0 +1,169 @@
+//! Progress bars on a terminal, plain periodic lines elsewhere, and summaries.
+
+use std::io::IsTerminal;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use bulwark_workflows::app::{Status, SyncProgress, SyncReport};
+use bulwark_workflows::endpoint_sync::State;
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// Counts finished endpoints and journaled transitions.
+pub(crate) struct Progress {
+    bar: ProgressBar,
+    tty: bool,
+    transitions: AtomicU64,
+    finished: AtomicU64,
+    tripped: AtomicU64,
+    total: AtomicU64,
+    last_line: std::sync::Mutex<Instant>,
+}
+
+impl Progress {
+    pub(crate) fn new() -> Arc<Self> {
+        let tty = std::io::stderr().is_terminal();
+        let bar = if tty {
+            ProgressBar::new(0)
+        } else {
+            ProgressBar::hidden()
+        };
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} endpoints {msg}",
+            )
+            .expect("template")
+            .progress_chars("=> "),
+        );
+        Arc::new(Self {
+            bar,
+            tty,
+            transitions: AtomicU64::new(0),
+            finished: AtomicU64::new(0),
+            tripped: AtomicU64::new(0),
+            total: AtomicU64::new(0),
+            last_line: std::sync::Mutex::new(Instant::now()),
+        })
+    }
+
+    pub(crate) fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+impl SyncProgress for Progress {
+    fn started(&self, workflows: usize) {
+        self.total.fetch_add(workflows as u64, Ordering::Relaxed);
+        self.bar.set_length(self.total.load(Ordering::Relaxed));
+    }
+
+    fn transition(&self, _endpoint: &str, state: &State, terminal: bool) {
+        let t = self.transitions.fetch_add(1, Ordering::Relaxed) + 1;
+        if terminal {
+            self.finished.fetch_add(1, Ordering::Relaxed);
+            if matches!(state, State::Tripped { .. }) {
+                self.tripped.fetch_add(1, Ordering::Relaxed);
+            }
+            self.bar.inc(1);
+            self.bar.set_message(format!(
+                "({} tripped, {t} transitions)",
+                self.tripped.load(Ordering::Relaxed)
+            ));
+        }
+        if !self.tty {
+            let mut last = self.last_line.lock().expect("progress lock");
+            if last.elapsed().as_secs() >= 5 {
+                *last = Instant::now();
+                eprintln!(
+                    "progress: {}/{} endpoints finished, {} tripped, {t} transitions",
+                    self.finished.load(Ordering::Relaxed),
+                    self.total.load(Ordering::Relaxed),
+                    self.tripped.load(Ordering::Relaxed)
+                );
+            }
+        }
+    }
+}
+
+pub(crate) fn print_summary(r: &SyncReport) {
+    let count = |s: &str| r.by_status.get(s).copied().unwrap_or(0);
+    if !r.resumed_runs.is_empty() {
+        println!("resumed and finished run(s): {:?}", r.resumed_runs);
+    }
+    if let Some(p) = &r.plan {
+        match p.run {
+            Some(run) => println!(
+                "run {run}: snapshot {}, {} endpoint(s) to sync, {} already up to date, {} batches, {} items",
+                p.snapshot, p.workflows, p.up_to_date, p.batches, p.items
+            ),
+            None => println!(
+                "snapshot {}: all {} endpoint(s) already up to date; nothing sent",
+                p.snapshot, p.up_to_date
+            ),
+        }
+    } else {
+        println!("no sealed snapshot yet: run `bulwark snapshot` first");
+    }
+    println!(
+        "endpoints: {} done, {} tripped, {} skipped, {} cancelled, {} unfinished, {} refused",
+        count("Done"),
+        count("Tripped"),
+        count("Skipped"),
+        count("Cancelled"),
+        r.unfinished,
+        r.refused.len()
+    );
+    for (id, why) in r.refused.iter().take(10) {
+        println!("  refused workflow {id}: {why}");
+    }
+    let rate = if r.seconds > 0.0 {
+        r.transitions as f64 / r.seconds
+    } else {
+        0.0
+    };
+    println!(
+        "batches: {} uploads, {} verifies, {} probes ({} found already landed)",
+        r.uploads, r.verifies, r.probes.0, r.probes.1
+    );
+    println!(
+        "transitions journaled: {}, wall time: {:.2}s, {:.0} transitions/s",
+        r.transitions, r.seconds, rate
+    );
+}
+
+pub(crate) fn print_status(s: &Status) {
+    match &s.last_snapshot {
+        Some(snap) => println!(
+            "last snapshot: {} ({}) {} rows read, {} accepted, {} rejected, {} source queries, sealed {}",
+            snap.id,
+            snap.status,
+            snap.rows_read,
+            snap.rows_accepted,
+            snap.rows_rejected,
+            snap.queries,
+            snap.sealed_at
+                .map(crate::chrono_ms)
+                .unwrap_or_else(|| "-".into())
+        ),
+        None => println!("last snapshot: none"),
+    }
+    println!(
+        "journal rows: {}, recent alerts: {}",
+        s.journal_rows, s.alerts
+    );
+    println!(
+        "{:>5}  {:<6} {:<9} {:<19}  states",
+        "run", "kind", "status", "created"
+    );
+    for r in &s.runs {
+        let states: Vec<String> = r.states.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!(
+            "{:>5}  {:<6} {:<9} {:<19}  {}",
+            r.id,
+            r.kind,
+            r.status,
+            crate::chrono_ms(r.created_at),
+            states.join(" ")
+        );
+    }
+}

@@ -1,0 +1,72 @@
+//! The pure workflow description the engine executes.
+
+use std::fmt::Debug;
+
+use serde::{Serialize, de::DeserializeOwned};
+
+/// The result of applying an event: the next state and the effects to run once that state
+/// is durably journaled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transition<S, C> {
+    /// The next state.
+    pub state: S,
+    /// Effects to execute, in order, after the new state is committed.
+    pub commands: Vec<C>,
+}
+
+/// An event the machine does not accept in its current state. The state is unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("illegal event {event} in state {state}: {reason}")]
+pub struct TransitionError {
+    /// Name of the state the machine was in.
+    pub state: String,
+    /// Name of the refused event.
+    pub event: String,
+    /// Why it was refused.
+    pub reason: String,
+}
+
+/// A workflow as a pure, deterministic state machine. Implementations must not perform
+/// I/O or read clocks: everything time-dependent arrives inside events, so that replaying
+/// a journal reproduces exactly the recorded states.
+pub trait Machine: Send + Sync + 'static {
+    /// Stable name stored in `workflows.kind`.
+    const KIND: &'static str;
+    /// Immutable input, fixed when the workflow is created.
+    type Input: Serialize + DeserializeOwned + Debug + Send + Sync + 'static;
+    /// Persisted state. Variant names are schema: renaming one is a migration.
+    type State: Serialize + DeserializeOwned + Clone + PartialEq + Debug + Send + Sync + 'static;
+    /// Facts fed to the machine (results of commands, timers, operator actions).
+    type Event: Serialize + DeserializeOwned + Clone + Debug + Send + Sync + 'static;
+    /// Effects for the runtime to execute.
+    type Command: Debug + Send + Sync + 'static;
+
+    /// The state a new workflow starts in.
+    fn initial(input: &Self::Input) -> Self::State;
+    /// The transition function.
+    fn apply(
+        input: &Self::Input,
+        state: &Self::State,
+        event: &Self::Event,
+    ) -> Result<Transition<Self::State, Self::Command>, TransitionError>;
+    /// Commands to issue when a worker (re)starts the workflow in `state`, e.g. after a
+    /// crash. Must be safe to issue again: this is where "verify before re-send" lives.
+    fn resume(input: &Self::Input, state: &Self::State) -> Vec<Self::Command>;
+    /// Short state name, stored in `workflows.status`.
+    fn status(state: &Self::State) -> &'static str;
+    /// No further events are expected.
+    fn is_terminal(state: &Self::State) -> bool;
+    /// When a sleeping workflow should be woken (ms since epoch), if it sleeps.
+    fn wake_at(_state: &Self::State) -> Option<i64> {
+        None
+    }
+    /// An alert to record atomically with entering `state` from `previous`, if any, and
+    /// for how long (ms) it opens the subject's circuit.
+    fn alert(
+        _input: &Self::Input,
+        _previous: &Self::State,
+        _state: &Self::State,
+    ) -> Option<(String, Option<i64>)> {
+        None
+    }
+}

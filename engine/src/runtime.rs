@@ -1,0 +1,276 @@
+//! The worker loop: claim workflows, replay them, run their commands, journal each
+//! transition before acting on it.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use async_trait::async_trait;
+use tokio::task::JoinSet;
+
+use crate::audit;
+use crate::error::{EngineError, Result};
+use crate::journal::Journal;
+use crate::machine::Machine;
+use crate::store::{Append, AppendOutcome, NewAlert, RunId, Store, WorkflowId, WorkflowRow};
+
+/// What a running workflow knows about itself.
+#[derive(Debug)]
+pub struct WorkflowCtx<M: Machine> {
+    /// Workflow id.
+    pub id: WorkflowId,
+    /// Its run.
+    pub run: RunId,
+    /// Its subject (e.g. the endpoint id).
+    pub subject: String,
+    /// Its immutable input.
+    pub input: Arc<M::Input>,
+}
+
+/// Executes a machine's commands. Returns the event that reports the command's result,
+/// or `None` for fire-and-forget commands.
+#[async_trait]
+pub trait Effects<M: Machine>: Send + Sync + 'static {
+    /// Run one command.
+    async fn execute(
+        &self,
+        ctx: &WorkflowCtx<M>,
+        state: &M::State,
+        command: M::Command,
+    ) -> Option<M::Event>;
+}
+
+/// Called after every committed transition (progress bars, metrics).
+pub type Observer<M> = Arc<dyn Fn(&WorkflowCtx<M>, &<M as Machine>::State) + Send + Sync>;
+
+/// Worker settings.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// This worker's identity (written to the journal).
+    pub worker: String,
+    /// Lease length in milliseconds.
+    pub lease_ms: i64,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            worker: format!("worker-{}", std::process::id()),
+            lease_ms: 60_000,
+        }
+    }
+}
+
+/// How one call to [`Runtime::run`] ended.
+#[derive(Debug, Default, Clone)]
+pub struct RunOutcome {
+    /// Workflows claimed.
+    pub workflows: usize,
+    /// Transitions journaled by this call.
+    pub transitions: u64,
+    /// Workflows whose lease was lost (another worker fenced us off).
+    pub fenced: usize,
+    /// Workflows refused (corrupt journal, illegal event, store failure), with the reason.
+    pub refused: Vec<(WorkflowId, String)>,
+    /// Workflows left non-terminal with nothing to do, or stopped by request.
+    pub unfinished: usize,
+    /// Final states by name.
+    pub by_status: BTreeMap<String, usize>,
+}
+
+enum End {
+    Finished(&'static str, u64),
+    Fenced(u64),
+    Unfinished(u64),
+}
+
+/// Drives workflows of one machine kind.
+pub struct Runtime<M: Machine> {
+    store: Arc<dyn Store>,
+    journal: Journal,
+    config: RuntimeConfig,
+    stop: Arc<AtomicBool>,
+    _machine: PhantomData<fn() -> M>,
+}
+
+impl<M: Machine> Runtime<M> {
+    /// A runtime writing through `journal` into `store`.
+    pub fn new(store: Arc<dyn Store>, journal: Journal, config: RuntimeConfig) -> Self {
+        Self {
+            store,
+            journal,
+            config,
+            stop: Arc::new(AtomicBool::new(false)),
+            _machine: PhantomData,
+        }
+    }
+
+    /// A flag that, once set, makes workflows stop before their next command (their
+    /// state is already journaled; a later run resumes them).
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
+    /// Claim every unfinished workflow of this kind (of `run`, or of all runs), replay
+    /// each from its journal and drive it until it is terminal.
+    pub async fn run(
+        &self,
+        run: Option<RunId>,
+        effects: Arc<dyn Effects<M>>,
+        observer: Option<Observer<M>>,
+    ) -> Result<RunOutcome> {
+        let claimed = self
+            .store
+            .claim(&self.config.worker, M::KIND, run, self.config.lease_ms)
+            .await?;
+        let mut outcome = RunOutcome {
+            workflows: claimed.len(),
+            ..Default::default()
+        };
+        let worker: Arc<str> = Arc::from(self.config.worker.as_str());
+        let mut tasks = JoinSet::new();
+        for w in claimed {
+            let store = self.store.clone();
+            let journal = self.journal.clone();
+            let effects = effects.clone();
+            let observer = observer.clone();
+            let worker = worker.clone();
+            let stop = self.stop.clone();
+            tasks.spawn(async move {
+                let id = w.id;
+                let row = WorkflowRow {
+                    id: w.id,
+                    run_id: w.run_id,
+                    kind: M::KIND.to_string(),
+                    subject: w.subject,
+                    input_json: w.input_json,
+                    status: String::new(),
+                    state_json: w.state_json,
+                    seq: w.seq,
+                    epoch: w.epoch,
+                    terminal: false,
+                };
+                (
+                    id,
+                    drive::<M>(store, journal, effects, observer, worker, stop, row).await,
+                )
+            });
+        }
+        while let Some(joined) = tasks.join_next().await {
+            let (id, result) =
+                joined.map_err(|e| EngineError::Other(format!("workflow task panicked: {e}")))?;
+            match result {
+                Ok(End::Finished(status, n)) => {
+                    outcome.transitions += n;
+                    *outcome.by_status.entry(status.to_string()).or_default() += 1;
+                }
+                Ok(End::Fenced(n)) => {
+                    outcome.transitions += n;
+                    outcome.fenced += 1;
+                    tracing::warn!(workflow = id, "lost the lease; dropped the workflow");
+                }
+                Ok(End::Unfinished(n)) => {
+                    outcome.transitions += n;
+                    outcome.unfinished += 1;
+                }
+                Err(e) => {
+                    tracing::error!(workflow = id, error = %e, "workflow refused");
+                    outcome.refused.push((id, e.to_string()));
+                }
+            }
+        }
+        Ok(outcome)
+    }
+}
+
+async fn drive<M: Machine>(
+    store: Arc<dyn Store>,
+    journal: Journal,
+    effects: Arc<dyn Effects<M>>,
+    observer: Option<Observer<M>>,
+    worker: Arc<str>,
+    stop: Arc<AtomicBool>,
+    row: WorkflowRow,
+) -> Result<End> {
+    let input: M::Input =
+        serde_json::from_str(&row.input_json).map_err(|e| EngineError::Corrupt {
+            workflow: row.id,
+            seq: 0,
+            detail: format!("input does not decode: {e}"),
+        })?;
+    // A fresh workflow is its row 0; anything further along is replayed from its journal.
+    let mut state: M::State = if row.seq == 0 {
+        serde_json::from_str(&row.state_json).map_err(|e| EngineError::Corrupt {
+            workflow: row.id,
+            seq: 0,
+            detail: format!("state does not decode: {e}"),
+        })?
+    } else {
+        audit::replay::<M>(store.as_ref(), &row).await?
+    };
+    let ctx = WorkflowCtx::<M> {
+        id: row.id,
+        run: row.run_id,
+        subject: row.subject,
+        input: Arc::new(input),
+    };
+    let mut seq = row.seq;
+    let mut written = 0u64;
+    let mut queue: VecDeque<M::Command> = M::resume(&ctx.input, &state).into();
+    while let Some(command) = queue.pop_front() {
+        if stop.load(Ordering::Relaxed) {
+            return Ok(End::Unfinished(written));
+        }
+        let Some(event) = effects.execute(&ctx, &state, command).await else {
+            continue;
+        };
+        let next =
+            M::apply(&ctx.input, &state, &event).map_err(|source| EngineError::Transition {
+                workflow: ctx.id,
+                source,
+            })?;
+        let alert =
+            M::alert(&ctx.input, &state, &next.state).map(|(message, open_circuit_ms)| NewAlert {
+                kind: M::status(&next.state).to_lowercase(),
+                subject: ctx.subject.clone(),
+                message,
+                open_circuit_ms,
+            });
+        let append = Append {
+            workflow: ctx.id,
+            seq: seq + 1,
+            epoch: row.epoch,
+            worker: worker.clone(),
+            event_json: serde_json::to_string(&event).map_err(|source| EngineError::Json {
+                what: "event".into(),
+                source,
+            })?,
+            state_json: serde_json::to_string(&next.state).map_err(|source| EngineError::Json {
+                what: "state".into(),
+                source,
+            })?,
+            status: M::status(&next.state),
+            terminal: M::is_terminal(&next.state),
+            wake_at: M::wake_at(&next.state),
+            alert,
+        };
+        // Journal before effect: the commands of `next` run only once it is durable.
+        match journal.append(append).await? {
+            AppendOutcome::Committed => {}
+            AppendOutcome::Fenced => return Ok(End::Fenced(written)),
+        }
+        seq += 1;
+        written += 1;
+        state = next.state;
+        if let Some(observe) = &observer {
+            observe(&ctx, &state);
+        }
+        queue.extend(next.commands);
+    }
+    if M::is_terminal(&state) {
+        Ok(End::Finished(M::status(&state), written))
+    } else {
+        Ok(End::Unfinished(written))
+    }
+}

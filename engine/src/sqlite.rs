@@ -1,0 +1,466 @@
+//! The embedded SQLite store (WAL, `synchronous=FULL`).
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{AssertSqlSafe, Connection, Row};
+
+use crate::error::{EngineError, Result};
+use crate::store::*;
+
+/// `PRAGMA application_id` of a Bulwark database ("BULW").
+pub const APPLICATION_ID: i64 = 0x4255_4C57;
+
+/// Rows per multi-row statement (keeps bound parameters well under SQLite's limit).
+const CHUNK: usize = 500;
+
+/// The SQLite implementation of [`Store`].
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+    path: PathBuf,
+}
+
+/// Holds the exclusive worker lock on a SQLite database while alive.
+#[derive(Debug)]
+pub struct WorkerLock {
+    _file: File,
+}
+
+impl SqliteStore {
+    /// Open (creating if missing) a Bulwark database, refusing files that are not ours,
+    /// and apply pending migrations.
+    pub async fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let shown = path.display().to_string();
+        let exists = path.exists()
+            && std::fs::metadata(&path)
+                .map(|m| m.len() > 0)
+                .unwrap_or(false);
+        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(30))
+            .foreign_keys(false)
+            .pragma("cache_size", "-65536");
+        if exists {
+            // Look before touching: a foreign file must not be migrated or modified.
+            let mut conn = sqlx::SqliteConnection::connect_with(
+                &options
+                    .clone()
+                    .read_only(true)
+                    .journal_mode(SqliteJournalMode::Wal),
+            )
+            .await
+            .map_err(|e| EngineError::NotBulwark {
+                path: shown.clone(),
+                detail: format!("cannot read it as SQLite: {e}"),
+            })?;
+            let app_id: i64 = sqlx::query_scalar("PRAGMA application_id")
+                .fetch_one(&mut conn)
+                .await
+                .map_err(|e| EngineError::NotBulwark {
+                    path: shown.clone(),
+                    detail: format!("cannot read it as SQLite: {e}"),
+                })?;
+            let tables: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM sqlite_master WHERE type = 'table'")
+                    .fetch_one(&mut conn)
+                    .await?;
+            conn.close().await.ok();
+            if app_id != APPLICATION_ID && !(app_id == 0 && tables == 0) {
+                return Err(EngineError::NotBulwark {
+                    path: shown,
+                    detail: format!("application_id is {app_id:#x}, {tables} table(s)"),
+                });
+            }
+        }
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .min_connections(1)
+            .connect_with(options)
+            .await?;
+        sqlx::query(AssertSqlSafe(format!(
+            "PRAGMA application_id = {APPLICATION_ID}"
+        )))
+        .execute(&pool)
+        .await?;
+        sqlx::migrate!("../migrations/sqlite").run(&pool).await?;
+        Ok(Self { pool, path })
+    }
+
+    /// The connection pool (for domain crates that keep their own tables here).
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Take the exclusive worker lock: one process at a time claims and runs workflows of
+    /// an embedded database. Read-only commands (status, audit) need no lock.
+    pub fn lock_for_work(&self) -> Result<WorkerLock> {
+        let lock = PathBuf::from(format!("{}.worker-lock", self.path.display()));
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock)
+            .map_err(|e| {
+                EngineError::Other(format!("cannot create lock file {}: {e}", lock.display()))
+            })?;
+        match file.try_lock() {
+            Ok(()) => Ok(WorkerLock { _file: file }),
+            Err(_) => Err(EngineError::Locked {
+                path: self.path.display().to_string(),
+                lock: lock.display().to_string(),
+            }),
+        }
+    }
+
+    /// Close the pool (checkpointing the WAL).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+fn placeholders(rows: usize, cols: usize) -> String {
+    let one = format!("({})", vec!["?"; cols].join(","));
+    vec![one; rows].join(",")
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn create_run(&self, kind: &str, params_json: &str) -> Result<RunId> {
+        let id = sqlx::query_scalar(
+            "INSERT INTO runs (kind, status, params_json, created_at) VALUES (?, 'running', ?, ?) RETURNING id",
+        )
+        .bind(kind)
+        .bind(params_json)
+        .bind(now_ms())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(id)
+    }
+
+    async fn create_workflows(
+        &self,
+        run: RunId,
+        workflows: &[NewWorkflow],
+    ) -> Result<Vec<WorkflowId>> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        let mut ids = Vec::with_capacity(workflows.len());
+        for chunk in workflows.chunks(CHUNK) {
+            let sql = format!(
+                "INSERT INTO workflows (run_id, kind, subject, input_json, status, state_json, seq, created_at, updated_at) VALUES {} RETURNING id",
+                placeholders(chunk.len(), 9)
+            );
+            let mut q = sqlx::query_scalar::<_, i64>(AssertSqlSafe(sql));
+            for w in chunk {
+                q = q
+                    .bind(run)
+                    .bind(&w.kind)
+                    .bind(&w.subject)
+                    .bind(&w.input_json)
+                    .bind(w.status.as_str())
+                    .bind(&w.state_json)
+                    .bind(0i64)
+                    .bind(now)
+                    .bind(now);
+            }
+            let mut got = q.fetch_all(&mut *tx).await?;
+            got.sort_unstable();
+            let sql = format!(
+                "INSERT INTO journal (workflow_id, seq, at, worker, epoch, event_json, state_json) VALUES {}",
+                placeholders(chunk.len(), 7)
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for (id, w) in got.iter().zip(chunk) {
+                q = q
+                    .bind(id)
+                    .bind(0i64)
+                    .bind(now)
+                    .bind("create")
+                    .bind(0i64)
+                    .bind(None::<String>)
+                    .bind(&w.state_json);
+            }
+            q.execute(&mut *tx).await?;
+            ids.extend(got);
+        }
+        tx.commit().await?;
+        Ok(ids)
+    }
+
+    async fn claim(
+        &self,
+        owner: &str,
+        kind: &str,
+        run: Option<RunId>,
+        lease_ms: i64,
+    ) -> Result<Vec<ClaimedWorkflow>> {
+        let rows = sqlx::query(
+            "UPDATE workflows SET lease_owner = ?, lease_epoch = lease_epoch + 1, lease_until = ?
+             WHERE terminal = 0 AND kind = ? AND (? IS NULL OR run_id = ?)
+             RETURNING id, run_id, subject, input_json, state_json, seq, lease_epoch",
+        )
+        .bind(owner)
+        .bind(now_ms() + lease_ms)
+        .bind(kind)
+        .bind(run)
+        .bind(run)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out: Vec<ClaimedWorkflow> = rows
+            .into_iter()
+            .map(|r| ClaimedWorkflow {
+                id: r.get(0),
+                run_id: r.get(1),
+                subject: r.get(2),
+                input_json: r.get(3),
+                state_json: r.get(4),
+                seq: r.get(5),
+                epoch: r.get(6),
+            })
+            .collect();
+        out.sort_by_key(|w| w.id);
+        Ok(out)
+    }
+
+    async fn append_batch(&self, appends: &[Append]) -> Result<Vec<AppendOutcome>> {
+        let now = now_ms();
+        let mut outcomes = vec![AppendOutcome::Fenced; appends.len()];
+        let mut tx = self.pool.begin().await?;
+        for (base, chunk) in appends
+            .chunks(CHUNK)
+            .enumerate()
+            .map(|(i, c)| (i * CHUNK, c))
+        {
+            // Move each workflow row from seq-1 to seq, guarded by its epoch; the rows that
+            // moved come back and only their journal rows are written.
+            let sql = format!(
+                "UPDATE workflows SET seq = v.column2, status = v.column4, state_json = v.column5,
+                        terminal = v.column6, wake_at = v.column7, updated_at = {now}
+                 FROM (VALUES {}) AS v
+                 WHERE workflows.id = v.column1 AND workflows.seq = v.column2 - 1 AND workflows.lease_epoch = v.column3
+                 RETURNING workflows.id",
+                placeholders(chunk.len(), 7)
+            );
+            let mut q = sqlx::query_scalar::<_, i64>(AssertSqlSafe(sql));
+            for a in chunk {
+                q = q
+                    .bind(a.workflow)
+                    .bind(a.seq)
+                    .bind(a.epoch)
+                    .bind(a.status)
+                    .bind(&a.state_json)
+                    .bind(a.terminal)
+                    .bind(a.wake_at);
+            }
+            let moved: std::collections::HashSet<i64> =
+                q.fetch_all(&mut *tx).await?.into_iter().collect();
+            let landed: Vec<(usize, &Append)> = chunk
+                .iter()
+                .enumerate()
+                .filter(|(_, a)| moved.contains(&a.workflow))
+                .collect();
+            if landed.is_empty() {
+                continue;
+            }
+            let sql = format!(
+                "INSERT INTO journal (workflow_id, seq, at, worker, epoch, event_json, state_json) VALUES {}",
+                placeholders(landed.len(), 7)
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for (_, a) in &landed {
+                q = q
+                    .bind(a.workflow)
+                    .bind(a.seq)
+                    .bind(now)
+                    .bind(&*a.worker)
+                    .bind(a.epoch)
+                    .bind(&a.event_json)
+                    .bind(&a.state_json);
+            }
+            q.execute(&mut *tx).await?;
+            for (i, a) in &landed {
+                outcomes[base + i] = AppendOutcome::Committed;
+                if let Some(alert) = &a.alert {
+                    sqlx::query(
+                        "INSERT OR IGNORE INTO alerts (at, kind, subject, workflow_id, seq, message) VALUES (?, ?, ?, ?, ?, ?)",
+                    )
+                    .bind(now)
+                    .bind(&alert.kind)
+                    .bind(&alert.subject)
+                    .bind(a.workflow)
+                    .bind(a.seq)
+                    .bind(&alert.message)
+                    .execute(&mut *tx)
+                    .await?;
+                    if let Some(ms) = alert.open_circuit_ms {
+                        sqlx::query(
+                            "INSERT INTO circuits (subject, state, opened_at, retry_at) VALUES (?, 'open', ?, ?)
+                             ON CONFLICT (subject) DO UPDATE SET state = 'open', opened_at = excluded.opened_at, retry_at = excluded.retry_at",
+                        )
+                        .bind(&alert.subject)
+                        .bind(now)
+                        .bind(now + ms)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(outcomes)
+    }
+
+    async fn journal(&self, workflow: WorkflowId) -> Result<Vec<JournalRow>> {
+        self.journal_range(workflow, workflow + 1).await
+    }
+
+    async fn journal_range(&self, from: WorkflowId, to: WorkflowId) -> Result<Vec<JournalRow>> {
+        let rows = sqlx::query(
+            "SELECT workflow_id, seq, at, worker, epoch, event_json, state_json FROM journal
+             WHERE workflow_id >= ? AND workflow_id < ? ORDER BY workflow_id, seq",
+        )
+        .bind(from)
+        .bind(to)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| JournalRow {
+                workflow: r.get(0),
+                seq: r.get(1),
+                at: r.get(2),
+                worker: r.get(3),
+                epoch: r.get(4),
+                event_json: r.get(5),
+                state_json: r.get(6),
+            })
+            .collect())
+    }
+
+    async fn workflows(&self, run: Option<RunId>, kind: Option<&str>) -> Result<Vec<WorkflowRow>> {
+        let rows = sqlx::query(
+            "SELECT id, run_id, kind, subject, input_json, status, state_json, seq, lease_epoch, terminal
+             FROM workflows WHERE (? IS NULL OR run_id = ?) AND (? IS NULL OR kind = ?) ORDER BY id",
+        )
+        .bind(run)
+        .bind(run)
+        .bind(kind)
+        .bind(kind)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| WorkflowRow {
+                id: r.get(0),
+                run_id: r.get(1),
+                kind: r.get(2),
+                subject: r.get(3),
+                input_json: r.get(4),
+                status: r.get(5),
+                state_json: r.get(6),
+                seq: r.get(7),
+                epoch: r.get(8),
+                terminal: r.get(9),
+            })
+            .collect())
+    }
+
+    async fn runs(&self) -> Result<Vec<RunRow>> {
+        let rows = sqlx::query("SELECT id, kind, status, params_json, created_at, finished_at FROM runs ORDER BY id DESC")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| RunRow {
+                id: r.get(0),
+                kind: r.get(1),
+                status: r.get(2),
+                params_json: r.get(3),
+                created_at: r.get(4),
+                finished_at: r.get(5),
+            })
+            .collect())
+    }
+
+    async fn status_counts(&self, run: Option<RunId>) -> Result<Vec<(String, i64)>> {
+        let rows = sqlx::query(
+            "SELECT status, count(*) FROM workflows WHERE (? IS NULL OR run_id = ?) GROUP BY status ORDER BY status",
+        )
+        .bind(run)
+        .bind(run)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    async fn finish_run(&self, run: RunId, status: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE runs SET status = ?, finished_at = coalesce(finished_at, ?) WHERE id = ?",
+        )
+        .bind(status)
+        .bind(now_ms())
+        .bind(run)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn alerts(&self, limit: i64) -> Result<Vec<AlertRow>> {
+        let rows = sqlx::query("SELECT id, at, kind, subject, workflow_id, message FROM alerts ORDER BY id DESC LIMIT ?")
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| AlertRow {
+                id: r.get(0),
+                at: r.get(1),
+                kind: r.get(2),
+                subject: r.get(3),
+                workflow: r.get(4),
+                message: r.get(5),
+            })
+            .collect())
+    }
+
+    async fn journal_len(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar("SELECT count(*) FROM journal")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    async fn open_circuits(&self) -> Result<std::collections::HashMap<String, i64>> {
+        let rows = sqlx::query(
+            "SELECT subject, retry_at FROM circuits WHERE state = 'open' AND retry_at > ?",
+        )
+        .bind(now_ms())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    async fn reset_circuit(&self, subject: &str) -> Result<bool> {
+        let n = sqlx::query("UPDATE circuits SET state = 'closed', retry_at = ? WHERE subject = ? AND state = 'open'")
+            .bind(now_ms())
+            .bind(subject)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        Ok(n > 0)
+    }
+}

@@ -1,0 +1,223 @@
+//! The storage seam: everything the engine persists goes through [`Store`].
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+use crate::error::Result;
+
+/// Identifier of a workflow row.
+pub type WorkflowId = i64;
+/// Identifier of a run.
+pub type RunId = i64;
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// A workflow to create.
+#[derive(Debug, Clone)]
+pub struct NewWorkflow {
+    /// Machine kind.
+    pub kind: String,
+    /// What the workflow is about (unique within the run), e.g. an endpoint id.
+    pub subject: String,
+    /// Serialised input.
+    pub input_json: String,
+    /// Serialised initial state.
+    pub state_json: String,
+    /// Name of the initial state.
+    pub status: String,
+}
+
+/// A workflow claimed by a worker: everything needed to resume it.
+#[derive(Debug, Clone)]
+pub struct ClaimedWorkflow {
+    /// Workflow id.
+    pub id: WorkflowId,
+    /// Its run.
+    pub run_id: RunId,
+    /// Its subject.
+    pub subject: String,
+    /// Serialised input.
+    pub input_json: String,
+    /// Serialised current state.
+    pub state_json: String,
+    /// Last journaled sequence number.
+    pub seq: i64,
+    /// The lease epoch this worker now holds.
+    pub epoch: i64,
+}
+
+/// An alert to record in the same transaction as a transition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NewAlert {
+    /// Alert kind, e.g. `tripped`.
+    pub kind: String,
+    /// Subject, e.g. the endpoint id.
+    pub subject: String,
+    /// Human-readable message (never contains secrets).
+    pub message: String,
+    /// Open the subject's circuit for this many milliseconds (in the same transaction).
+    pub open_circuit_ms: Option<i64>,
+}
+
+/// One conditional journal append: it lands only if the workflow is still at `seq - 1`
+/// under lease `epoch`.
+#[derive(Debug, Clone)]
+pub struct Append {
+    /// Workflow id.
+    pub workflow: WorkflowId,
+    /// The new sequence number (previous + 1).
+    pub seq: i64,
+    /// Lease epoch the writer holds.
+    pub epoch: i64,
+    /// Writer identity.
+    pub worker: std::sync::Arc<str>,
+    /// The event applied.
+    pub event_json: String,
+    /// The resulting state.
+    pub state_json: String,
+    /// Name of the resulting state.
+    pub status: &'static str,
+    /// Resulting state is terminal.
+    pub terminal: bool,
+    /// Wake-up time of the resulting state, if it sleeps.
+    pub wake_at: Option<i64>,
+    /// Alert raised by this transition.
+    pub alert: Option<NewAlert>,
+}
+
+/// The fate of one [`Append`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppendOutcome {
+    /// Durably committed.
+    Committed,
+    /// Refused: the workflow moved on or another worker holds a newer epoch.
+    Fenced,
+}
+
+/// A journal row as stored (JSON left undecoded so corruption can be reported precisely).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct JournalRow {
+    /// Workflow id.
+    pub workflow: WorkflowId,
+    /// Sequence number.
+    pub seq: i64,
+    /// Commit time (ms).
+    pub at: i64,
+    /// Writer identity.
+    pub worker: String,
+    /// Lease epoch of the writer.
+    pub epoch: i64,
+    /// Event applied (`None` for row 0).
+    pub event_json: Option<String>,
+    /// Resulting state.
+    pub state_json: String,
+}
+
+/// A workflow row as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WorkflowRow {
+    /// Workflow id.
+    pub id: WorkflowId,
+    /// Its run.
+    pub run_id: RunId,
+    /// Machine kind.
+    pub kind: String,
+    /// Subject.
+    pub subject: String,
+    /// Serialised input.
+    pub input_json: String,
+    /// Current state name.
+    pub status: String,
+    /// Serialised current state.
+    pub state_json: String,
+    /// Last sequence number.
+    pub seq: i64,
+    /// Current lease epoch.
+    pub epoch: i64,
+    /// Terminal state reached.
+    pub terminal: bool,
+}
+
+/// A run as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RunRow {
+    /// Run id.
+    pub id: RunId,
+    /// Run kind, e.g. `sync`.
+    pub kind: String,
+    /// `running`, `finished` or `cancelled`.
+    pub status: String,
+    /// Serialised parameters.
+    pub params_json: String,
+    /// Creation time (ms).
+    pub created_at: i64,
+    /// Finish time (ms).
+    pub finished_at: Option<i64>,
+}
+
+/// An alert as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AlertRow {
+    /// Alert id.
+    pub id: i64,
+    /// Time (ms).
+    pub at: i64,
+    /// Kind.
+    pub kind: String,
+    /// Subject.
+    pub subject: String,
+    /// Workflow that raised it, if any.
+    pub workflow: Option<WorkflowId>,
+    /// Message.
+    pub message: String,
+}
+
+/// Durable storage for runs, workflows, the journal and alerts.
+///
+/// Implementations must make [`Store::append_batch`] atomic and durable: when it returns,
+/// every `Committed` append survives a crash, and no `Fenced` append left any trace.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Create a run.
+    async fn create_run(&self, kind: &str, params_json: &str) -> Result<RunId>;
+    /// Create workflows (and their journal row 0) in one transaction.
+    async fn create_workflows(
+        &self,
+        run: RunId,
+        workflows: &[NewWorkflow],
+    ) -> Result<Vec<WorkflowId>>;
+    /// Claim unfinished workflows of `kind` (optionally of one run) for `owner`, bumping
+    /// each one's lease epoch so that any previous holder is fenced off.
+    async fn claim(
+        &self,
+        owner: &str,
+        kind: &str,
+        run: Option<RunId>,
+        lease_ms: i64,
+    ) -> Result<Vec<ClaimedWorkflow>>;
+    /// Atomically and durably apply a group of conditional appends.
+    async fn append_batch(&self, appends: &[Append]) -> Result<Vec<AppendOutcome>>;
+    /// A workflow's journal, ordered by seq.
+    async fn journal(&self, workflow: WorkflowId) -> Result<Vec<JournalRow>>;
+    /// Journals of many workflows (ids in `[from, to)`), ordered by workflow then seq.
+    async fn journal_range(&self, from: WorkflowId, to: WorkflowId) -> Result<Vec<JournalRow>>;
+    /// Workflows of a run (or all), ordered by id.
+    async fn workflows(&self, run: Option<RunId>, kind: Option<&str>) -> Result<Vec<WorkflowRow>>;
+    /// All runs, newest first.
+    async fn runs(&self) -> Result<Vec<RunRow>>;
+    /// Count workflows by status for a run (or all).
+    async fn status_counts(&self, run: Option<RunId>) -> Result<Vec<(String, i64)>>;
+    /// Mark a run finished (or cancelled).
+    async fn finish_run(&self, run: RunId, status: &str) -> Result<()>;
+    /// Alerts, newest first.
+    async fn alerts(&self, limit: i64) -> Result<Vec<AlertRow>>;
+    /// Count journal rows.
+    async fn journal_len(&self) -> Result<i64>;
+    /// Open circuits: subject → time (ms) until which it stays open.
+    async fn open_circuits(&self) -> Result<std::collections::HashMap<String, i64>>;
+    /// Close a subject's circuit by hand. Returns whether one was open.
+    async fn reset_circuit(&self, subject: &str) -> Result<bool>;
+}

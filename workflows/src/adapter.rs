@@ -1,0 +1,148 @@
+//! The portal adapter contract: what every endpoint integration implements.
+//!
+//! Adapters are trait objects (`Arc<dyn PortalAdapter>`) so programs that embed Bulwark can
+//! register their own next to the built-in ones.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::catalog::Batch;
+
+/// What an endpoint returned when it accepted a batch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt {
+    /// The endpoint's own reference for the accepted upload (or the idempotency key).
+    pub id: String,
+}
+
+/// The outcome of reading a batch back from an endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Verification {
+    /// Every item shows the batch's values.
+    Verified,
+    /// Some items differ; `details` names the first differences.
+    Mismatch {
+        /// Human-readable description of the differences (no secrets).
+        details: String,
+    },
+}
+
+/// A classified adapter failure. The class decides what the state machine does next.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum AdapterError {
+    /// Timeout, connection reset, 5xx: retry with backoff.
+    #[error("transient: {0}")]
+    Transient(String),
+    /// 429 or equivalent: retry no sooner than `retry_after_ms`.
+    #[error("rate limited (retry after {retry_after_ms} ms): {message}")]
+    RateLimited {
+        /// Delay the endpoint asked for, in milliseconds.
+        retry_after_ms: u64,
+        /// What the endpoint said.
+        message: String,
+    },
+    /// The endpoint refused the data (a failed validation; counts toward the circuit).
+    #[error("rejected: {0}")]
+    Rejected(String),
+    /// Credentials refused.
+    #[error("authentication failed: {0}")]
+    Auth(String),
+    /// The endpoint's configuration is unusable.
+    #[error("configuration error: {0}")]
+    Config(String),
+}
+
+/// Result alias for adapter calls.
+pub type AdapterResult<T> = Result<T, AdapterError>;
+
+/// One endpoint integration. Implementations must be safe to call concurrently for
+/// different endpoints; the runtime never runs two calls for the same endpoint at once.
+#[async_trait]
+pub trait PortalAdapter: Send + Sync {
+    /// Send a batch (absolute values) tagged with its idempotency key.
+    async fn upload(&self, batch: &Batch) -> AdapterResult<Receipt>;
+    /// Read the batch's items back and compare them with the batch.
+    async fn verify(&self, batch: &Batch, receipt: &Receipt) -> AdapterResult<Verification>;
+    /// Has an upload with this key already landed? Used before any re-send.
+    async fn probe(&self, endpoint: &str, key: Uuid) -> AdapterResult<Option<Receipt>>;
+}
+
+/// Settings an adapter factory receives for one endpoint (from config).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointConfig {
+    /// Endpoint id (unique).
+    pub id: String,
+    /// Adapter name in the registry, e.g. `"rest"`.
+    pub adapter: String,
+    /// Free-form adapter settings (URL, timeouts, ...). Secrets are referenced by
+    /// environment variable name, never stored here.
+    #[serde(default)]
+    pub settings: HashMap<String, String>,
+}
+
+/// Builds an adapter for an endpoint.
+pub type AdapterFactory =
+    Arc<dyn Fn(&EndpointConfig) -> AdapterResult<Arc<dyn PortalAdapter>> + Send + Sync>;
+
+/// Maps adapter names (as used in config) to factories.
+#[derive(Clone, Default)]
+pub struct AdapterRegistry {
+    factories: HashMap<String, AdapterFactory>,
+}
+
+impl AdapterRegistry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Register (or replace) the factory for `name`.
+    pub fn register(&mut self, name: impl Into<String>, factory: AdapterFactory) -> &mut Self {
+        self.factories.insert(name.into(), factory);
+        self
+    }
+
+    /// Names of all registered adapters, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut v: Vec<_> = self.factories.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Build the adapter an endpoint's config names.
+    pub fn build(&self, endpoint: &EndpointConfig) -> AdapterResult<Arc<dyn PortalAdapter>> {
+        let factory = self.factories.get(&endpoint.adapter).ok_or_else(|| {
+            AdapterError::Config(format!(
+                "endpoint {:?}: unknown adapter {:?} (known: {})",
+                endpoint.id,
+                endpoint.adapter,
+                self.names().join(", ")
+            ))
+        })?;
+        factory(endpoint)
+    }
+}
+
+impl std::fmt::Debug for AdapterRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdapterRegistry")
+            .field("adapters", &self.names())
+            .finish()
+    }
+}
+
+/// Convenience: a retry delay as a [`Duration`].
+pub fn retry_after(err: &AdapterError) -> Option<Duration> {
+    match err {
+        AdapterError::RateLimited { retry_after_ms, .. } => {
+            Some(Duration::from_millis(*retry_after_ms))
+        }
+        _ => None,
+    }
+}

@@ -1,0 +1,311 @@
+//! The embedded application: one Bulwark database, its journal writer, staging and the
+//! adapter registry, with the high-level operations the CLI (and embedding programs) call.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use bulwark_engine::runtime::Observer;
+use bulwark_engine::{
+    Journal, JournalConfig, Machine, RunOutcome, Runtime, RuntimeConfig, SqliteStore, Store,
+    WorkflowCtx,
+};
+use serde::Serialize;
+
+use crate::adapter::{AdapterRegistry, EndpointConfig, PortalAdapter};
+use crate::endpoint_sync::{EndpointSync, State};
+use crate::error::Result;
+use crate::snapshot::{LegacySource, SnapshotOptions, SnapshotReport, take_snapshot};
+use crate::staging::{SnapshotRow, Staging};
+use crate::sync::{DiffCache, Plan, SyncEffects, SyncOptions, execute, finalize, plan_run};
+
+/// Receives progress of a sync.
+pub trait SyncProgress: Send + Sync {
+    /// `workflows` endpoint syncs are about to run (resumed or new).
+    fn started(&self, workflows: usize);
+    /// A transition of `endpoint` was journaled.
+    fn transition(&self, endpoint: &str, state: &State, terminal: bool);
+}
+
+/// What a call to [`Bulwark::sync`] did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SyncReport {
+    /// Runs resumed after a crash or stop, and finalized.
+    pub resumed_runs: Vec<i64>,
+    /// The new run's plan (absent if no sealed snapshot exists).
+    pub plan: Option<Plan>,
+    /// Endpoint syncs driven (resumed + new).
+    pub workflows: usize,
+    /// Final states by name.
+    pub by_status: std::collections::BTreeMap<String, usize>,
+    /// Transitions journaled.
+    pub transitions: u64,
+    /// Workflows refused (corrupt journal ...), with reasons.
+    pub refused: Vec<(i64, String)>,
+    /// Workflows left unfinished.
+    pub unfinished: usize,
+    /// Upload calls.
+    pub uploads: u64,
+    /// Verify calls.
+    pub verifies: u64,
+    /// Probe calls, and how many found the batch already landed.
+    pub probes: (u64, u64),
+    /// Wall time.
+    pub seconds: f64,
+}
+
+impl SyncReport {
+    fn absorb(&mut self, o: RunOutcome) {
+        self.workflows += o.workflows;
+        self.transitions += o.transitions;
+        self.refused.extend(o.refused);
+        self.unfinished += o.unfinished + o.fenced;
+        for (k, v) in o.by_status {
+            *self.by_status.entry(k).or_default() += v;
+        }
+    }
+}
+
+/// One audit's result.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditReport {
+    /// Workflows checked.
+    pub workflows: usize,
+    /// Journal rows read.
+    pub journal_rows: usize,
+    /// Every problem found.
+    pub findings: Vec<bulwark_engine::Finding>,
+}
+
+/// An opened Bulwark database.
+pub struct Bulwark {
+    store: Arc<SqliteStore>,
+    staging: Staging,
+    registry: AdapterRegistry,
+    journal: Option<Journal>,
+    worker: String,
+}
+
+impl Bulwark {
+    /// Open (or create) the database at `path`.
+    pub async fn open(path: impl AsRef<Path>, registry: AdapterRegistry) -> Result<Self> {
+        let store = Arc::new(SqliteStore::open(path).await?);
+        let staging = Staging::new(store.pool().clone());
+        Ok(Self {
+            store,
+            staging,
+            registry,
+            journal: None,
+            worker: format!("{}-{}", hostname(), std::process::id()),
+        })
+    }
+
+    /// The store.
+    pub fn store(&self) -> Arc<SqliteStore> {
+        self.store.clone()
+    }
+
+    /// Staging access.
+    pub fn staging(&self) -> &Staging {
+        &self.staging
+    }
+
+    fn journal(&mut self) -> Journal {
+        self.journal
+            .get_or_insert_with(|| Journal::start(self.store.clone(), JournalConfig::default()))
+            .clone()
+    }
+
+    /// Take a snapshot of the legacy source into staging.
+    pub async fn snapshot(
+        &self,
+        source: &dyn LegacySource,
+        options: &SnapshotOptions,
+    ) -> Result<SnapshotReport> {
+        take_snapshot(source, &self.staging, options).await
+    }
+
+    /// Resume every unfinished sync (replaying it from the journal), then plan and run a
+    /// new sync of `endpoints` towards the newest sealed snapshot.
+    pub async fn sync(
+        &mut self,
+        endpoints: &[EndpointConfig],
+        options: &SyncOptions,
+        progress: Option<Arc<dyn SyncProgress>>,
+    ) -> Result<SyncReport> {
+        let started = Instant::now();
+        let _lock = self.store.lock_for_work()?;
+        let mut adapters: HashMap<String, Arc<dyn PortalAdapter>> = HashMap::new();
+        for ep in endpoints {
+            adapters.insert(ep.id.clone(), self.registry.build(ep)?);
+        }
+        let diffs = Arc::new(DiffCache::new(self.staging.clone()));
+        let open_circuits = self.store.open_circuits().await?;
+        let effects = Arc::new(SyncEffects::new(
+            adapters,
+            open_circuits,
+            diffs.clone(),
+            options.max_in_flight,
+        ));
+        let runtime = Runtime::<EndpointSync>::new(
+            self.store.clone(),
+            self.journal(),
+            RuntimeConfig {
+                worker: self.worker.clone(),
+                ..RuntimeConfig::default()
+            },
+        );
+        let observer: Option<Observer<EndpointSync>> = progress.clone().map(|p| {
+            Arc::new(move |ctx: &WorkflowCtx<EndpointSync>, s: &State| {
+                p.transition(&ctx.subject, s, EndpointSync::is_terminal(s))
+            }) as Observer<EndpointSync>
+        });
+        let mut report = SyncReport::default();
+
+        // 1. Resume whatever a crash or stop left unfinished.
+        let open_runs: Vec<i64> = self
+            .store
+            .runs()
+            .await?
+            .into_iter()
+            .filter(|r| r.kind == "sync" && r.status == "running")
+            .map(|r| r.id)
+            .collect();
+        if !open_runs.is_empty() {
+            let unfinished = self
+                .store
+                .workflows(None, Some(EndpointSync::KIND))
+                .await?
+                .into_iter()
+                .filter(|w| !w.terminal)
+                .count();
+            if let Some(p) = &progress {
+                p.started(unfinished);
+            }
+            report.absorb(execute(&runtime, effects.clone(), None, observer.clone()).await?);
+            for run in open_runs {
+                if finalize(self.store.as_ref(), &self.staging, run).await? {
+                    report.resumed_runs.push(run);
+                }
+            }
+            if report.unfinished > 0 || !report.refused.is_empty() {
+                // Do not start new work on top of workflows that could not finish.
+                return Ok(self.finish_report(report, &effects, started));
+            }
+        }
+
+        // 2. A new run towards the newest sealed snapshot.
+        if let Some(snap) = self.staging.latest_sealed().await? {
+            let plan = plan_run(
+                self.store.as_ref(),
+                &self.staging,
+                &diffs,
+                endpoints,
+                snap.id,
+                options,
+            )
+            .await?;
+            if let Some(run) = plan.run {
+                if let Some(p) = &progress {
+                    p.started(plan.workflows);
+                }
+                report.absorb(execute(&runtime, effects.clone(), Some(run), observer).await?);
+                finalize(self.store.as_ref(), &self.staging, run).await?;
+            }
+            report.plan = Some(plan);
+        }
+        Ok(self.finish_report(report, &effects, started))
+    }
+
+    fn finish_report(
+        &self,
+        mut report: SyncReport,
+        effects: &SyncEffects,
+        started: Instant,
+    ) -> SyncReport {
+        report.uploads = effects.stats.uploads.load(Ordering::Relaxed);
+        report.verifies = effects.stats.verifies.load(Ordering::Relaxed);
+        report.probes = (
+            effects.stats.probes.load(Ordering::Relaxed),
+            effects.stats.probe_hits.load(Ordering::Relaxed),
+        );
+        report.seconds = started.elapsed().as_secs_f64();
+        report
+    }
+
+    /// Re-fold every endpoint-sync journal through the transition function.
+    pub async fn audit(&self) -> Result<AuditReport> {
+        let (workflows, journal_rows, findings) =
+            bulwark_engine::audit::audit::<EndpointSync>(self.store.as_ref()).await?;
+        Ok(AuditReport {
+            workflows,
+            journal_rows,
+            findings,
+        })
+    }
+
+    /// Runs, newest first, with per-state endpoint counts.
+    pub async fn status(&self) -> Result<Status> {
+        let mut runs = Vec::new();
+        for r in self.store.runs().await? {
+            let counts = self.store.status_counts(Some(r.id)).await?;
+            runs.push(RunStatus {
+                id: r.id,
+                kind: r.kind,
+                status: r.status,
+                created_at: r.created_at,
+                finished_at: r.finished_at,
+                states: counts.into_iter().collect(),
+            });
+        }
+        Ok(Status {
+            runs,
+            last_snapshot: self.staging.snapshots().await?.into_iter().next(),
+            journal_rows: self.store.journal_len().await?,
+            alerts: self.store.alerts(20).await?.len(),
+        })
+    }
+
+    /// Close the database cleanly.
+    pub async fn close(self) {
+        self.store.close().await;
+    }
+}
+
+/// One run in [`Status`].
+#[derive(Debug, Clone, Serialize)]
+pub struct RunStatus {
+    /// Run id.
+    pub id: i64,
+    /// Kind.
+    pub kind: String,
+    /// running / finished.
+    pub status: String,
+    /// Created (ms).
+    pub created_at: i64,
+    /// Finished (ms).
+    pub finished_at: Option<i64>,
+    /// Endpoint counts by state.
+    pub states: std::collections::BTreeMap<String, i64>,
+}
+
+/// What `bulwark status` shows.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    /// Runs, newest first.
+    pub runs: Vec<RunStatus>,
+    /// The newest snapshot.
+    pub last_snapshot: Option<SnapshotRow>,
+    /// Journal rows.
+    pub journal_rows: i64,
+    /// Recent alerts (up to 20).
+    pub alerts: usize,
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "host".into())
+}

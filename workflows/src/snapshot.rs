@@ -1,0 +1,275 @@
+//! Snapshots: the one gentle read of the legacy source. Pages through it by key, validates
+//! every row, writes accepted items to staging and seals the snapshot with a content hash.
+
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+use crate::catalog::{Item, PriceTier};
+use crate::error::{Result, SyncError};
+use crate::staging::{SealStats, Staging};
+
+/// A row as the source returned it, before validation (values as text so that bad data can
+/// be reported rather than crash the read).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawRow {
+    /// The paging key (usually the SKU).
+    pub key: String,
+    /// SKU code.
+    pub sku: Option<String>,
+    /// Quantity as text.
+    pub qty: Option<String>,
+    /// Prices per tier as text (decimal, major units), in tier order.
+    pub prices: Vec<Option<String>>,
+}
+
+/// A read-only legacy catalog, read in pages ordered by key.
+#[async_trait]
+pub trait LegacySource: Send + Sync {
+    /// A description for logs and the snapshot row (no credentials).
+    fn describe(&self) -> String;
+    /// Rows with key greater than `after`, ordered by key, at most `limit`.
+    async fn page(&self, after: Option<&str>, limit: u32) -> Result<Vec<RawRow>>;
+    /// Queries sent to the source so far.
+    fn queries(&self) -> u64;
+}
+
+/// Snapshot settings.
+#[derive(Debug, Clone)]
+pub struct SnapshotOptions {
+    /// Rows per page.
+    pub page_size: u32,
+    /// Pause between pages (keeps the load on the source low).
+    pub pause: Duration,
+    /// Minimum quantities of the price tiers, in tier order.
+    pub tier_min_qty: Vec<u32>,
+    /// Abort (and never sync) if more than this share of rows is rejected.
+    pub max_rejected_share: f64,
+}
+
+impl Default for SnapshotOptions {
+    fn default() -> Self {
+        Self {
+            page_size: 1000,
+            pause: Duration::from_millis(0),
+            tier_min_qty: vec![1, 10, 100],
+            max_rejected_share: 0.05,
+        }
+    }
+}
+
+/// What a snapshot did.
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotReport {
+    /// Snapshot id.
+    pub id: i64,
+    /// Rows read.
+    pub rows_read: i64,
+    /// Rows accepted.
+    pub accepted: i64,
+    /// Rows rejected.
+    pub rejected: i64,
+    /// Queries sent to the source.
+    pub queries: u64,
+    /// Wall time.
+    pub seconds: f64,
+    /// Content hash (sealed snapshots only).
+    pub content_hash: Option<String>,
+    /// Sealed (false: aborted for too many rejected rows).
+    pub sealed: bool,
+}
+
+/// Parse a decimal price in major units ("12.34") into minor units (1234).
+pub fn parse_price(text: &str) -> std::result::Result<i64, String> {
+    let t = text.trim();
+    let (whole, frac) = t.split_once('.').unwrap_or((t, ""));
+    if whole.is_empty()
+        || !whole.chars().all(|c| c.is_ascii_digit())
+        || !frac.chars().all(|c| c.is_ascii_digit())
+    {
+        return Err(format!("price {t:?} is not a non-negative decimal"));
+    }
+    if frac.len() > 2 && frac[2..].chars().any(|c| c != '0') {
+        return Err(format!("price {t:?} has more than 2 decimals"));
+    }
+    let cents = format!("{:0<2}", &frac[..frac.len().min(2)]);
+    whole
+        .parse::<i64>()
+        .ok()
+        .and_then(|w| w.checked_mul(100))
+        .and_then(|w| w.checked_add(cents.parse::<i64>().unwrap_or(0)))
+        .ok_or_else(|| format!("price {t:?} is out of range"))
+}
+
+/// Validate one raw row.
+pub fn validate(row: &RawRow, tier_min_qty: &[u32]) -> std::result::Result<Item, String> {
+    let sku = row.sku.as_deref().map(str::trim).unwrap_or("");
+    if sku.is_empty() {
+        return Err("missing SKU".into());
+    }
+    if sku.chars().any(|c| c.is_control()) || sku.len() > 128 {
+        return Err(format!("invalid SKU text {sku:?}"));
+    }
+    let qty_text = row
+        .qty
+        .as_deref()
+        .map(str::trim)
+        .ok_or("missing quantity")?;
+    let qty: i64 = qty_text
+        .parse()
+        .map_err(|_| format!("quantity {qty_text:?} is not an integer"))?;
+    if qty < 0 {
+        return Err(format!("negative quantity {qty}"));
+    }
+    if row.prices.len() != tier_min_qty.len() {
+        return Err(format!(
+            "{} price tiers, expected {}",
+            row.prices.len(),
+            tier_min_qty.len()
+        ));
+    }
+    let mut tiers = Vec::with_capacity(tier_min_qty.len());
+    for (i, (p, min_qty)) in row.prices.iter().zip(tier_min_qty).enumerate() {
+        let text = p
+            .as_deref()
+            .ok_or_else(|| format!("missing price for tier {}", i + 1))?;
+        let price_minor = parse_price(text).map_err(|e| format!("tier {}: {e}", i + 1))?;
+        tiers.push(PriceTier {
+            min_qty: *min_qty,
+            price_minor,
+        });
+    }
+    Ok(Item {
+        sku: sku.to_string(),
+        qty,
+        tiers,
+    })
+}
+
+/// Take a snapshot of `source` into `staging`: page by key, validate, write, seal.
+pub async fn take_snapshot(
+    source: &dyn LegacySource,
+    staging: &Staging,
+    options: &SnapshotOptions,
+) -> Result<SnapshotReport> {
+    if options.page_size == 0 {
+        return Err(SyncError::Config(
+            "snapshot page_size must be at least 1".into(),
+        ));
+    }
+    let started = Instant::now();
+    let queries_before = source.queries();
+    let id = staging.begin_snapshot(&source.describe()).await?;
+    let mut after: Option<String> = None;
+    let (mut read, mut accepted, mut rejected) = (0i64, 0i64, 0i64);
+    let mut seen = std::collections::HashSet::new();
+    loop {
+        let rows = source.page(after.as_deref(), options.page_size).await?;
+        let n = rows.len();
+        let mut items = Vec::with_capacity(n);
+        let mut rejects = Vec::new();
+        for row in &rows {
+            read += 1;
+            match validate(row, &options.tier_min_qty) {
+                Ok(item) if !seen.insert(item.sku.clone()) => {
+                    rejects.push((row.key.clone(), format!("duplicate SKU {:?}", item.sku)))
+                }
+                Ok(item) => items.push(item),
+                Err(reason) => rejects.push((row.key.clone(), reason)),
+            }
+        }
+        accepted += items.len() as i64;
+        rejected += rejects.len() as i64;
+        staging.write_page(id, &items, &rejects).await?;
+        after = rows.last().map(|r| r.key.clone());
+        if (n as u32) < options.page_size {
+            break;
+        }
+        if !options.pause.is_zero() {
+            tokio::time::sleep(options.pause).await;
+        }
+    }
+    let queries = source.queries() - queries_before;
+    let stats = SealStats {
+        rows_read: read,
+        rows_rejected: rejected,
+        queries: queries as i64,
+    };
+    let share = if read == 0 {
+        0.0
+    } else {
+        rejected as f64 / read as f64
+    };
+    if share > options.max_rejected_share {
+        staging.abort(id, stats).await?;
+        return Err(SyncError::Source {
+            source_name: source.describe(),
+            detail: format!(
+                "snapshot {id} aborted: {rejected} of {read} rows rejected ({:.1}% > {:.1}% allowed); see snapshot_rejects",
+                share * 100.0,
+                options.max_rejected_share * 100.0
+            ),
+        });
+    }
+    let hash = staging.seal(id, stats).await?;
+    Ok(SnapshotReport {
+        id,
+        rows_read: read,
+        accepted,
+        rejected,
+        queries,
+        seconds: started.elapsed().as_secs_f64(),
+        content_hash: Some(hash),
+        sealed: true,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(sku: &str, qty: &str, p: [&str; 3]) -> RawRow {
+        RawRow {
+            key: sku.into(),
+            sku: Some(sku.into()),
+            qty: Some(qty.into()),
+            prices: p.iter().map(|s| Some(s.to_string())).collect(),
+        }
+    }
+
+    #[test]
+    fn prices_parse_to_minor_units() {
+        assert_eq!(parse_price("12.34"), Ok(1234));
+        assert_eq!(parse_price("12.3"), Ok(1230));
+        assert_eq!(parse_price("12"), Ok(1200));
+        assert_eq!(parse_price("12.340"), Ok(1234));
+        assert!(parse_price("-1").is_err());
+        assert!(parse_price("abc").is_err());
+        assert!(parse_price("1.234").is_err());
+    }
+
+    #[test]
+    fn bad_rows_are_rejected_with_a_reason() {
+        let tiers = [1, 10, 100];
+        assert!(validate(&raw("A", "5", ["1.00", "0.90", "0.80"]), &tiers).is_ok());
+        assert!(
+            validate(&raw("A", "-5", ["1.00", "0.90", "0.80"]), &tiers)
+                .unwrap_err()
+                .contains("negative")
+        );
+        assert!(
+            validate(&raw("A", "x", ["1.00", "0.90", "0.80"]), &tiers)
+                .unwrap_err()
+                .contains("not an integer")
+        );
+        assert!(
+            validate(&raw("", "1", ["1.00", "0.90", "0.80"]), &tiers)
+                .unwrap_err()
+                .contains("SKU")
+        );
+        let mut r = raw("A", "1", ["1.00", "0.90", "0.80"]);
+        r.prices[1] = None;
+        assert!(validate(&r, &tiers).unwrap_err().contains("tier 2"));
+    }
+}

@@ -1,0 +1,317 @@
+//! Bulwark's staging schema: sealed, immutable snapshots of the legacy catalog, and what
+//! each endpoint last confirmed. Sync work reads only from here, never from the source.
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use sqlx::sqlite::SqlitePool;
+use sqlx::{AssertSqlSafe, Row};
+
+use crate::catalog::{Item, PriceTier};
+use crate::error::{Result, SyncError};
+
+/// A snapshot's bookkeeping row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SnapshotRow {
+    /// Snapshot id.
+    pub id: i64,
+    /// Source description.
+    pub source: String,
+    /// `filling`, `sealed` or `aborted`.
+    pub status: String,
+    /// Rows read from the source.
+    pub rows_read: i64,
+    /// Rows accepted into staging.
+    pub rows_accepted: i64,
+    /// Rows rejected (see `snapshot_rejects`).
+    pub rows_rejected: i64,
+    /// Queries sent to the source.
+    pub queries: i64,
+    /// Content hash of the sealed items.
+    pub content_hash: Option<String>,
+    /// Start time (ms).
+    pub started_at: i64,
+    /// Seal time (ms).
+    pub sealed_at: Option<i64>,
+}
+
+/// Counters recorded when sealing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct SealStats {
+    /// Rows read from the source.
+    pub rows_read: i64,
+    /// Rows rejected.
+    pub rows_rejected: i64,
+    /// Queries sent to the source.
+    pub queries: i64,
+}
+
+/// Access to the staging tables (SQLite).
+#[derive(Debug, Clone)]
+pub struct Staging {
+    pool: SqlitePool,
+}
+
+impl Staging {
+    /// Staging on the given (Bulwark) database.
+    pub fn new(pool: SqlitePool) -> Self {
+        Self { pool }
+    }
+
+    /// Start a new snapshot.
+    pub async fn begin_snapshot(&self, source: &str) -> Result<i64> {
+        Ok(sqlx::query_scalar("INSERT INTO snapshots (source, status, started_at) VALUES (?, 'filling', ?) RETURNING id")
+            .bind(source)
+            .bind(bulwark_engine::now_ms())
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    /// Write accepted items and rejected rows of one page, in one transaction.
+    pub async fn write_page(
+        &self,
+        snapshot: i64,
+        items: &[Item],
+        rejects: &[(String, String)],
+    ) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for chunk in items.chunks(500) {
+            let sql = format!(
+                "INSERT INTO snapshot_items (snapshot_id, sku, qty, tiers_json) VALUES {}",
+                vec!["(?,?,?,?)"; chunk.len()].join(",")
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for it in chunk {
+                q = q
+                    .bind(snapshot)
+                    .bind(&it.sku)
+                    .bind(it.qty)
+                    .bind(serde_json::to_string(&it.tiers).expect("tiers serialise"));
+            }
+            q.execute(&mut *tx).await?;
+        }
+        for (key, reason) in rejects {
+            sqlx::query(
+                "INSERT INTO snapshot_rejects (snapshot_id, row_key, reason) VALUES (?, ?, ?)",
+            )
+            .bind(snapshot)
+            .bind(key)
+            .bind(reason)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Seal a snapshot: compute its content hash and make it visible to sync runs.
+    pub async fn seal(&self, snapshot: i64, stats: SealStats) -> Result<String> {
+        let items = self.items(snapshot).await?;
+        let hash = content_hash(&items);
+        sqlx::query(
+            "UPDATE snapshots SET status = 'sealed', rows_read = ?, rows_accepted = ?, rows_rejected = ?, queries = ?,
+                    content_hash = ?, sealed_at = ? WHERE id = ? AND status = 'filling'",
+        )
+        .bind(stats.rows_read)
+        .bind(items.len() as i64)
+        .bind(stats.rows_rejected)
+        .bind(stats.queries)
+        .bind(&hash)
+        .bind(bulwark_engine::now_ms())
+        .bind(snapshot)
+        .execute(&self.pool)
+        .await?;
+        Ok(hash)
+    }
+
+    /// Abandon a snapshot (e.g. too many rejected rows); it is never synced.
+    pub async fn abort(&self, snapshot: i64, stats: SealStats) -> Result<()> {
+        sqlx::query("UPDATE snapshots SET status = 'aborted', rows_read = ?, rows_rejected = ?, queries = ? WHERE id = ?")
+            .bind(stats.rows_read)
+            .bind(stats.rows_rejected)
+            .bind(stats.queries)
+            .bind(snapshot)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The newest sealed snapshot.
+    pub async fn latest_sealed(&self) -> Result<Option<SnapshotRow>> {
+        Ok(self
+            .snapshots()
+            .await?
+            .into_iter()
+            .find(|s| s.status == "sealed"))
+    }
+
+    /// All snapshots, newest first.
+    pub async fn snapshots(&self) -> Result<Vec<SnapshotRow>> {
+        let rows = sqlx::query(
+            "SELECT id, source, status, rows_read, rows_accepted, rows_rejected, queries, content_hash, started_at, sealed_at
+             FROM snapshots ORDER BY id DESC",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| SnapshotRow {
+                id: r.get(0),
+                source: r.get(1),
+                status: r.get(2),
+                rows_read: r.get(3),
+                rows_accepted: r.get(4),
+                rows_rejected: r.get(5),
+                queries: r.get(6),
+                content_hash: r.get(7),
+                started_at: r.get(8),
+                sealed_at: r.get(9),
+            })
+            .collect())
+    }
+
+    /// A snapshot's items, sorted by SKU.
+    pub async fn items(&self, snapshot: i64) -> Result<Vec<Item>> {
+        let rows = sqlx::query(
+            "SELECT sku, qty, tiers_json FROM snapshot_items WHERE snapshot_id = ? ORDER BY sku",
+        )
+        .bind(snapshot)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                let sku: String = r.get(0);
+                let tiers: Vec<PriceTier> =
+                    serde_json::from_str(r.get::<&str, _>(2)).map_err(|e| {
+                        SyncError::Corrupt(format!(
+                            "snapshot {snapshot} sku {sku}: tiers do not decode: {e}"
+                        ))
+                    })?;
+                Ok(Item {
+                    sku,
+                    qty: r.get(1),
+                    tiers,
+                })
+            })
+            .collect()
+    }
+
+    /// Is `snapshot` sealed?
+    pub async fn is_sealed(&self, snapshot: i64) -> Result<bool> {
+        let status: Option<String> =
+            sqlx::query_scalar("SELECT status FROM snapshots WHERE id = ?")
+                .bind(snapshot)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(status.as_deref() == Some("sealed"))
+    }
+
+    /// The snapshot each endpoint last confirmed in full.
+    pub async fn confirmed(&self) -> Result<HashMap<String, i64>> {
+        let rows = sqlx::query("SELECT endpoint_id, snapshot_id FROM endpoint_confirmed")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// Record that these endpoints now show these snapshots (idempotent).
+    pub async fn confirm(&self, run: i64, confirmed: &[(String, i64)]) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let now = bulwark_engine::now_ms();
+        for (endpoint, snapshot) in confirmed {
+            sqlx::query(
+                "INSERT INTO endpoint_confirmed (endpoint_id, snapshot_id, run_id, at) VALUES (?, ?, ?, ?)
+                 ON CONFLICT (endpoint_id) DO UPDATE SET snapshot_id = excluded.snapshot_id, run_id = excluded.run_id, at = excluded.at",
+            )
+            .bind(endpoint)
+            .bind(snapshot)
+            .bind(run)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// Hex SHA-256 over the canonical JSON of items sorted by SKU.
+pub fn content_hash(items: &[Item]) -> String {
+    let mut h = Sha256::new();
+    for it in items {
+        h.update(serde_json::to_vec(it).expect("item serialises"));
+        h.update(b"\n");
+    }
+    hex::encode(h.finalize())
+}
+
+/// The items an endpoint showing `base` must receive to show `target`: new and changed
+/// SKUs with their new absolute values, and SKUs gone from the catalog with quantity 0.
+/// Both inputs must be sorted by SKU; the output is too.
+pub fn diff(base: Option<&[Item]>, target: &[Item]) -> Vec<Item> {
+    let Some(base) = base else {
+        return target.to_vec();
+    };
+    let mut out = Vec::new();
+    let (mut i, mut j) = (0, 0);
+    while i < base.len() || j < target.len() {
+        match (base.get(i), target.get(j)) {
+            (Some(b), Some(t)) if b.sku == t.sku => {
+                if b != t {
+                    out.push(t.clone());
+                }
+                i += 1;
+                j += 1;
+            }
+            (Some(b), Some(t)) if b.sku < t.sku => {
+                out.push(Item {
+                    sku: b.sku.clone(),
+                    qty: 0,
+                    tiers: b.tiers.clone(),
+                });
+                i += 1;
+            }
+            (Some(b), None) => {
+                out.push(Item {
+                    sku: b.sku.clone(),
+                    qty: 0,
+                    tiers: b.tiers.clone(),
+                });
+                i += 1;
+            }
+            (_, Some(t)) => {
+                out.push(t.clone());
+                j += 1;
+            }
+            (None, None) => unreachable!(),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn it(sku: &str, qty: i64) -> Item {
+        Item {
+            sku: sku.into(),
+            qty,
+            tiers: vec![PriceTier {
+                min_qty: 1,
+                price_minor: 100,
+            }],
+        }
+    }
+
+    #[test]
+    fn diff_sends_new_changed_and_removed_only() {
+        let base = vec![it("a", 1), it("b", 2), it("c", 3)];
+        let target = vec![it("a", 1), it("b", 5), it("d", 4)];
+        let d = diff(Some(&base), &target);
+        assert_eq!(d, vec![it("b", 5), it("c", 0), it("d", 4)]);
+        assert!(diff(Some(&target), &target).is_empty());
+        assert_eq!(diff(None, &target), target);
+    }
+}
