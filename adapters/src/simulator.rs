@@ -613,6 +613,24 @@ async fn upload(
     headers: HeaderMap,
     body: Result<Json<UploadReq>, JsonRejection>,
 ) -> Response {
+    // A real portal finishes what it started even if the client hangs up (e.g. the client
+    // was killed mid-request): hyper drops the handler future on disconnect, so the work
+    // runs in its own task, else the durable record and the in-memory index could part.
+    match tokio::spawn(upload_to_completion(state, endpoint, headers, body)).await {
+        Ok(resp) => resp,
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("upload task failed: {e}"),
+        ),
+    }
+}
+
+async fn upload_to_completion(
+    state: SimState,
+    endpoint: String,
+    headers: HeaderMap,
+    body: Result<Json<UploadReq>, JsonRejection>,
+) -> Response {
     let (fault, after) = match state.admit(&endpoint, &headers).await {
         Ok(v) => v,
         Err(resp) => return resp,

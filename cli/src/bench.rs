@@ -112,6 +112,23 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
         sink.duplicates()
     );
     let rows = app.store().journal_len().await?;
+    if let Some(j) = app.journal_stats() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let commits = j.commits.load(Relaxed).max(1);
+        println!("commits: {commits} transactions");
+        println!(
+            "appends_per_commit: {:.0} appends",
+            j.committed.load(Relaxed) as f64 / commits as f64
+        );
+        println!(
+            "commit_latency_mean: {:.2} ms",
+            j.commit_micros.load(Relaxed) as f64 / commits as f64 / 1000.0
+        );
+        println!(
+            "commit_time_share: {:.0} %",
+            j.commit_micros.load(Relaxed) as f64 / 1e4 / wall
+        );
+    }
     app.close().await;
     let size: u64 = ["", "-wal", "-shm"]
         .iter()

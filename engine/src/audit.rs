@@ -159,6 +159,17 @@ pub fn check_workflow<M: Machine>(
                 problem: format!("workflow row state does not decode: {e}"),
             }),
         }
+        if !row.status.is_empty() && row.status != M::status(s) {
+            findings.push(Finding {
+                workflow: row.id,
+                seq: row.seq,
+                problem: format!(
+                    "workflow row status {} but the journal folds to {}",
+                    row.status,
+                    M::status(s)
+                ),
+            });
+        }
         if row.terminal != M::is_terminal(s) {
             findings.push(Finding {
                 workflow: row.id,

@@ -41,6 +41,8 @@ pub struct JournalStats {
     pub fenced: AtomicU64,
     /// Transactions committed.
     pub commits: AtomicU64,
+    /// Time spent in commits, in microseconds.
+    pub commit_micros: AtomicU64,
 }
 
 /// Handle to the group-commit writer. Cheap to clone.
@@ -60,7 +62,10 @@ impl Journal {
             let mut batch: Vec<Pending> = Vec::with_capacity(config.max_batch);
             while rx.recv_many(&mut batch, config.max_batch).await > 0 {
                 let appends: Vec<Append> = batch.iter().map(|(a, _)| a.clone()).collect();
+                let t0 = std::time::Instant::now();
                 let result = store.append_batch(&appends).await;
+                st.commit_micros
+                    .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
                 st.commits.fetch_add(1, Ordering::Relaxed);
                 match result {
                     Ok(outcomes) => {

@@ -49,7 +49,8 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(30))
             .foreign_keys(false)
-            .pragma("cache_size", "-65536");
+            .pragma("cache_size", "-65536")
+            .pragma("wal_autocheckpoint", "10000");
         if exists {
             // Look before touching: a foreign file must not be migrated or modified.
             let mut conn = sqlx::SqliteConnection::connect_with(
@@ -162,8 +163,8 @@ impl Store for SqliteStore {
         let mut ids = Vec::with_capacity(workflows.len());
         for chunk in workflows.chunks(CHUNK) {
             let sql = format!(
-                "INSERT INTO workflows (run_id, kind, subject, input_json, status, state_json, seq, created_at, updated_at) VALUES {} RETURNING id",
-                placeholders(chunk.len(), 9)
+                "INSERT INTO workflows (run_id, kind, subject, status, seq, created_at, updated_at) VALUES {} RETURNING id",
+                placeholders(chunk.len(), 7)
             );
             let mut q = sqlx::query_scalar::<_, i64>(AssertSqlSafe(sql));
             for w in chunk {
@@ -171,9 +172,7 @@ impl Store for SqliteStore {
                     .bind(run)
                     .bind(&w.kind)
                     .bind(&w.subject)
-                    .bind(&w.input_json)
                     .bind(w.status.as_str())
-                    .bind(&w.state_json)
                     .bind(0i64)
                     .bind(now)
                     .bind(now);
@@ -196,6 +195,16 @@ impl Store for SqliteStore {
                     .bind(&w.state_json);
             }
             q.execute(&mut *tx).await?;
+            // Inputs live apart from the hot workflow row, which every transition rewrites.
+            let sql = format!(
+                "INSERT INTO workflow_inputs (workflow_id, input_json) VALUES {}",
+                placeholders(chunk.len(), 2)
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for (id, w) in got.iter().zip(chunk) {
+                q = q.bind(id).bind(&w.input_json);
+            }
+            q.execute(&mut *tx).await?;
             ids.extend(got);
         }
         tx.commit().await?;
@@ -209,28 +218,49 @@ impl Store for SqliteStore {
         run: Option<RunId>,
         lease_ms: i64,
     ) -> Result<Vec<ClaimedWorkflow>> {
+        let mut tx = self.pool.begin().await?;
         let rows = sqlx::query(
             "UPDATE workflows SET lease_owner = ?, lease_epoch = lease_epoch + 1, lease_until = ?
              WHERE terminal = 0 AND kind = ? AND (? IS NULL OR run_id = ?)
-             RETURNING id, run_id, subject, input_json, state_json, seq, lease_epoch",
+             RETURNING id, run_id, subject, seq, lease_epoch",
         )
         .bind(owner)
         .bind(now_ms() + lease_ms)
         .bind(kind)
         .bind(run)
         .bind(run)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await?;
+        let inputs: std::collections::HashMap<i64, (String, String)> = sqlx::query(
+            "SELECT i.workflow_id, i.input_json, j.state_json
+             FROM workflow_inputs i JOIN workflows w ON w.id = i.workflow_id
+             JOIN journal j ON j.workflow_id = w.id AND j.seq = w.seq
+             WHERE w.terminal = 0 AND w.kind = ? AND w.lease_owner = ? AND (? IS NULL OR w.run_id = ?)",
+        )
+        .bind(kind)
+        .bind(owner)
+        .bind(run)
+        .bind(run)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect();
+        tx.commit().await?;
         let mut out: Vec<ClaimedWorkflow> = rows
             .into_iter()
-            .map(|r| ClaimedWorkflow {
-                id: r.get(0),
-                run_id: r.get(1),
-                subject: r.get(2),
-                input_json: r.get(3),
-                state_json: r.get(4),
-                seq: r.get(5),
-                epoch: r.get(6),
+            .map(|r| {
+                let id: i64 = r.get(0);
+                let (input_json, state_json) = inputs.get(&id).cloned().unwrap_or_default();
+                ClaimedWorkflow {
+                    id,
+                    run_id: r.get(1),
+                    subject: r.get(2),
+                    input_json,
+                    state_json,
+                    seq: r.get(3),
+                    epoch: r.get(4),
+                }
             })
             .collect();
         out.sort_by_key(|w| w.id);
@@ -249,12 +279,12 @@ impl Store for SqliteStore {
             // Move each workflow row from seq-1 to seq, guarded by its epoch; the rows that
             // moved come back and only their journal rows are written.
             let sql = format!(
-                "UPDATE workflows SET seq = v.column2, status = v.column4, state_json = v.column5,
-                        terminal = v.column6, wake_at = v.column7, updated_at = {now}
+                "UPDATE workflows SET seq = v.column2, status = v.column4,
+                        terminal = v.column5, wake_at = v.column6, updated_at = {now}
                  FROM (VALUES {}) AS v
                  WHERE workflows.id = v.column1 AND workflows.seq = v.column2 - 1 AND workflows.lease_epoch = v.column3
                  RETURNING workflows.id",
-                placeholders(chunk.len(), 7)
+                placeholders(chunk.len(), 6)
             );
             let mut q = sqlx::query_scalar::<_, i64>(AssertSqlSafe(sql));
             for a in chunk {
@@ -263,7 +293,6 @@ impl Store for SqliteStore {
                     .bind(a.seq)
                     .bind(a.epoch)
                     .bind(a.status)
-                    .bind(&a.state_json)
                     .bind(a.terminal)
                     .bind(a.wake_at);
             }
@@ -354,8 +383,11 @@ impl Store for SqliteStore {
 
     async fn workflows(&self, run: Option<RunId>, kind: Option<&str>) -> Result<Vec<WorkflowRow>> {
         let rows = sqlx::query(
-            "SELECT id, run_id, kind, subject, input_json, status, state_json, seq, lease_epoch, terminal
-             FROM workflows WHERE (? IS NULL OR run_id = ?) AND (? IS NULL OR kind = ?) ORDER BY id",
+            "SELECT w.id, w.run_id, w.kind, w.subject, coalesce(i.input_json, ''), w.status,
+                    coalesce(j.state_json, ''), w.seq, w.lease_epoch, w.terminal
+             FROM workflows w LEFT JOIN workflow_inputs i ON i.workflow_id = w.id
+             LEFT JOIN journal j ON j.workflow_id = w.id AND j.seq = w.seq
+             WHERE (? IS NULL OR w.run_id = ?) AND (? IS NULL OR w.kind = ?) ORDER BY w.id",
         )
         .bind(run)
         .bind(run)

@@ -10,16 +10,15 @@ CREATE TABLE runs (
     finished_at INTEGER
 );
 
--- Current state of every workflow, one row each. `seq` is the last journaled sequence
--- number; appends are conditional on (seq, lease_epoch).
+-- Every workflow, one row each. `seq` is the last journaled sequence number; appends
+-- are conditional on (seq, lease_epoch). The current state is the journal row at
+-- (id, seq): keeping it only there halves what each transition writes.
 CREATE TABLE workflows (
     id          INTEGER PRIMARY KEY,
     run_id      INTEGER NOT NULL REFERENCES runs(id),
     kind        TEXT    NOT NULL,
     subject     TEXT    NOT NULL,          -- what the workflow is about, e.g. an endpoint id
-    input_json  TEXT    NOT NULL,
     status      TEXT    NOT NULL,          -- state variant name
-    state_json  TEXT    NOT NULL,
     seq         INTEGER NOT NULL,
     lease_owner TEXT,
     lease_epoch INTEGER NOT NULL DEFAULT 0,
@@ -32,6 +31,12 @@ CREATE TABLE workflows (
 );
 CREATE INDEX workflows_open ON workflows (terminal, kind, run_id);
 CREATE INDEX workflows_subject ON workflows (subject);
+
+-- Immutable workflow inputs, kept apart from the hot row every transition rewrites.
+CREATE TABLE workflow_inputs (
+    workflow_id INTEGER PRIMARY KEY,
+    input_json  TEXT NOT NULL
+);
 
 -- Append-only history: the event applied and the state it produced. Row 0 holds the
 -- initial state (no event).

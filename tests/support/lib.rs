@@ -1,1 +1,55 @@
-//! support
+//! Shared helpers for Bulwark's cross-crate tests.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// The `bulwark` binary built next to this test (`cargo build --release --bins` first;
+/// `scripts/test` does).
+pub fn bulwark_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target directory");
+    let bin = dir.join("bulwark");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it with `cargo build --release --bins` (scripts/test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Wait until something listens on `port` (at most 20 s).
+pub fn wait_for_port(port: u16) {
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "nothing listens on port {port}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The endpoint ids `bulwark simulate --endpoints n --broken k` breaks (same rule as the CLI).
+pub fn broken_ids(n: u32, broken: u32) -> Vec<String> {
+    (0..broken.min(n))
+        .map(|j| {
+            let i = ((u64::from(j) + 1) * u64::from(n) / (u64::from(broken) + 1)).max(1) as u32;
+            format!("ep-{i:05}")
+        })
+        .collect()
+}
+
+pub mod crash_portal;

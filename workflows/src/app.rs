@@ -118,6 +118,11 @@ impl Bulwark {
             .clone()
     }
 
+    /// Group-commit counters of this process's journal writer, if it started.
+    pub fn journal_stats(&self) -> Option<&bulwark_engine::journal::JournalStats> {
+        self.journal.as_ref().map(|j| j.stats())
+    }
+
     /// Take a snapshot of the legacy source into staging.
     pub async fn snapshot(
         &self,

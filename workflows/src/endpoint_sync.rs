@@ -597,3 +597,7 @@ impl Machine for EndpointSync {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "endpoint_sync_tests.rs"]
+mod tests;

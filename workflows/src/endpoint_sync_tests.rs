@@ -1,0 +1,994 @@
+//! Unit tests of every transition of the endpoint-sync machine (through the pure
+//! [`Machine::apply`]), of `resume`, `is_terminal`, `wake_at`, `alert`, and of the state's
+//! serialised form.
+
+use super::*;
+
+const AT: i64 = 1_700_000_000_000;
+
+fn input(batches: u32) -> SyncInput {
+    SyncInput {
+        endpoint: "ep-1".into(),
+        snapshot: 7,
+        base: Some(3),
+        batch_size: 2,
+        batches: (0..batches)
+            .map(|i| BatchPlan {
+                hash: format!("hash-{i}"),
+                items: 2 + i,
+            })
+            .collect(),
+        policy: SyncPolicy::default(),
+    }
+}
+
+fn receipt(id: &str) -> Receipt {
+    Receipt { id: id.into() }
+}
+
+fn uploading(inp: &SyncInput, batch: u32, attempt: u32, generation: u32, failures: u32) -> State {
+    State::Uploading {
+        batch,
+        attempt,
+        generation,
+        failures,
+        key: inp.key(batch, generation),
+    }
+}
+
+fn verifying(inp: &SyncInput, batch: u32, attempt: u32, generation: u32, failures: u32) -> State {
+    State::Verifying {
+        batch,
+        attempt,
+        generation,
+        failures,
+        key: inp.key(batch, generation),
+        receipt: receipt("r"),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backoff(
+    inp: &SyncInput,
+    batch: u32,
+    attempt: u32,
+    generation: u32,
+    failures: u32,
+    until: i64,
+    rcpt: Option<Receipt>,
+) -> State {
+    State::Backoff {
+        batch,
+        attempt,
+        generation,
+        failures,
+        key: inp.key(batch, generation),
+        until,
+        receipt: rcpt,
+    }
+}
+
+fn apply(inp: &SyncInput, state: &State, event: Event) -> Transition<State, Command> {
+    match EndpointSync::apply(inp, state, &event) {
+        Ok(t) => t,
+        Err(e) => panic!("{event:?} in {state:?} was refused: {e}"),
+    }
+}
+
+fn refuse(inp: &SyncInput, state: &State, event: Event) -> TransitionError {
+    let before = state.clone();
+    let err = match EndpointSync::apply(inp, state, &event) {
+        Ok(t) => panic!("{event:?} in {state:?} was accepted: {t:?}"),
+        Err(e) => e,
+    };
+    assert_eq!(
+        state, &before,
+        "a refused event must leave the state unchanged"
+    );
+    assert_eq!(err.state, EndpointSync::status(state));
+    assert_eq!(err.event, event_name(&event));
+    assert!(!err.reason.is_empty());
+    let shown = err.to_string();
+    assert!(
+        shown.contains(&err.state) && shown.contains(&err.event),
+        "{shown}"
+    );
+    err
+}
+
+fn transient() -> AdapterError {
+    AdapterError::Transient("connection reset".into())
+}
+
+fn rate_limited(ms: u64) -> AdapterError {
+    AdapterError::RateLimited {
+        retry_after_ms: ms,
+        message: "slow down".into(),
+    }
+}
+
+fn all_events() -> Vec<Event> {
+    vec![
+        Event::Begin {
+            at_ms: AT,
+            circuit_open: false,
+        },
+        Event::Begin {
+            at_ms: AT,
+            circuit_open: true,
+        },
+        Event::Uploaded {
+            receipt: receipt("x"),
+        },
+        Event::UploadFailed {
+            at_ms: AT,
+            error: transient(),
+        },
+        Event::Probed { found: None },
+        Event::Probed {
+            found: Some(receipt("x")),
+        },
+        Event::Verified,
+        Event::Mismatch {
+            details: "qty".into(),
+        },
+        Event::VerifyFailed {
+            at_ms: AT,
+            error: transient(),
+        },
+        Event::TimerFired,
+        Event::Cancel,
+    ]
+}
+
+fn terminal_states() -> Vec<State> {
+    vec![
+        State::Done {
+            batches: 2,
+            items: 5,
+        },
+        State::Tripped {
+            reason: "batch 0: rejected".into(),
+            failures: 3,
+        },
+        State::Skipped {
+            reason: "circuit open".into(),
+        },
+        State::Cancelled {},
+    ]
+}
+
+// ---------------------------------------------------------------------------------------
+// Pending
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn initial_state_is_pending() {
+    assert_eq!(
+        <EndpointSync as Machine>::initial(&input(2)),
+        State::Pending {}
+    );
+}
+
+#[test]
+fn begin_with_open_circuit_skips() {
+    let inp = input(2);
+    let t = apply(
+        &inp,
+        &State::Pending {},
+        Event::Begin {
+            at_ms: AT,
+            circuit_open: true,
+        },
+    );
+    assert_eq!(
+        t.state,
+        State::Skipped {
+            reason: "circuit open".into()
+        }
+    );
+    assert!(t.commands.is_empty());
+    assert!(EndpointSync::is_terminal(&t.state));
+}
+
+#[test]
+fn begin_with_no_batches_is_done_at_once() {
+    let inp = input(0);
+    let t = apply(
+        &inp,
+        &State::Pending {},
+        Event::Begin {
+            at_ms: AT,
+            circuit_open: false,
+        },
+    );
+    assert_eq!(
+        t.state,
+        State::Done {
+            batches: 0,
+            items: 0
+        }
+    );
+    assert!(t.commands.is_empty());
+}
+
+#[test]
+fn begin_uploads_batch_zero_under_generation_zero_key() {
+    let inp = input(3);
+    let t = apply(
+        &inp,
+        &State::Pending {},
+        Event::Begin {
+            at_ms: AT,
+            circuit_open: false,
+        },
+    );
+    let key = inp.key(0, 0);
+    assert_eq!(
+        t.state,
+        State::Uploading {
+            batch: 0,
+            attempt: 1,
+            generation: 0,
+            failures: 0,
+            key
+        }
+    );
+    assert_eq!(t.commands, vec![Command::Upload { batch: 0, key }]);
+}
+
+// ---------------------------------------------------------------------------------------
+// Uploading
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn uploaded_moves_to_verifying_with_a_verify_command() {
+    let inp = input(2);
+    let s = uploading(&inp, 1, 2, 1, 1);
+    let key = inp.key(1, 1);
+    let t = apply(
+        &inp,
+        &s,
+        Event::Uploaded {
+            receipt: receipt("r-9"),
+        },
+    );
+    assert_eq!(
+        t.state,
+        State::Verifying {
+            batch: 1,
+            attempt: 1,
+            generation: 1,
+            failures: 1,
+            key,
+            receipt: receipt("r-9"),
+        }
+    );
+    assert_eq!(
+        t.commands,
+        vec![Command::Verify {
+            batch: 1,
+            key,
+            receipt: receipt("r-9")
+        }]
+    );
+}
+
+#[test]
+fn probe_hit_moves_to_verifying_without_resending() {
+    let inp = input(2);
+    let s = uploading(&inp, 0, 3, 0, 0);
+    let key = inp.key(0, 0);
+    let t = apply(
+        &inp,
+        &s,
+        Event::Probed {
+            found: Some(receipt("landed")),
+        },
+    );
+    assert_eq!(
+        t.state,
+        State::Verifying {
+            batch: 0,
+            attempt: 1,
+            generation: 0,
+            failures: 0,
+            key,
+            receipt: receipt("landed"),
+        }
+    );
+    assert_eq!(
+        t.commands,
+        vec![Command::Verify {
+            batch: 0,
+            key,
+            receipt: receipt("landed")
+        }]
+    );
+    assert!(
+        !t.commands
+            .iter()
+            .any(|c| matches!(c, Command::Upload { .. }))
+    );
+}
+
+#[test]
+fn probe_miss_keeps_the_state_and_uploads_under_the_same_key() {
+    let inp = input(2);
+    let s = uploading(&inp, 1, 2, 0, 0);
+    let t = apply(&inp, &s, Event::Probed { found: None });
+    assert_eq!(t.state, s);
+    assert_eq!(
+        t.commands,
+        vec![Command::Upload {
+            batch: 1,
+            key: inp.key(1, 0)
+        }]
+    );
+}
+
+#[test]
+fn transient_upload_failure_backs_off() {
+    let inp = input(2);
+    let s = uploading(&inp, 0, 1, 0, 0);
+    let key = inp.key(0, 0);
+    let t = apply(
+        &inp,
+        &s,
+        Event::UploadFailed {
+            at_ms: AT,
+            error: transient(),
+        },
+    );
+    let State::Backoff {
+        batch,
+        attempt,
+        generation,
+        failures,
+        key: k,
+        until,
+        receipt,
+    } = t.state.clone()
+    else {
+        panic!("expected Backoff, got {:?}", t.state);
+    };
+    assert_eq!((batch, attempt, generation, failures, k), (0, 2, 0, 0, key));
+    assert_eq!(receipt, None);
+    assert_eq!(until, inp.retry_at(AT, 2, key, &transient()));
+    // attempt 2: delay = base; equal jitter puts the wait in [base/2, base].
+    let base = inp.policy.backoff_base_ms as i64;
+    assert!(until >= AT + base / 2 && until <= AT + base, "{until}");
+    assert_eq!(t.commands, vec![Command::Sleep { until }]);
+    assert_eq!(EndpointSync::wake_at(&t.state), Some(until));
+}
+
+#[test]
+fn rate_limited_upload_waits_at_least_retry_after() {
+    let inp = input(2);
+    for retry_after in [0u64, 1, 150, 5_000, 120_000] {
+        let s = uploading(&inp, 1, 2, 0, 1);
+        let t = apply(
+            &inp,
+            &s,
+            Event::UploadFailed {
+                at_ms: AT,
+                error: rate_limited(retry_after),
+            },
+        );
+        let State::Backoff { until, attempt, .. } = t.state else {
+            panic!("expected Backoff, got {:?}", t.state);
+        };
+        assert_eq!(attempt, 3);
+        assert!(until >= AT + retry_after as i64, "{retry_after}: {until}");
+        assert!(until > AT, "a retry is never immediate: {until}");
+        assert_eq!(t.commands, vec![Command::Sleep { until }]);
+    }
+}
+
+#[test]
+fn retry_delay_grows_and_is_capped_and_deterministic() {
+    let inp = input(1);
+    let key = inp.key(0, 0);
+    let p = &inp.policy;
+    for attempt in 2..40u32 {
+        let until = inp.retry_at(AT, attempt, key, &transient());
+        assert_eq!(until, inp.retry_at(AT, attempt, key, &transient()));
+        let delay = (p.backoff_base_ms as i64)
+            .saturating_mul(1i64 << (attempt - 2).min(30))
+            .min(p.backoff_max_ms as i64);
+        assert!(
+            until >= AT + delay / 2 && until <= AT + delay,
+            "attempt {attempt}: {until}"
+        );
+    }
+}
+
+#[test]
+fn exhausted_transient_upload_counts_as_a_failure_and_resends_under_a_new_key() {
+    let inp = input(2);
+    let max = inp.policy.max_attempts;
+    for error in [transient(), rate_limited(100)] {
+        let s = uploading(&inp, 1, max, 0, 0);
+        let t = apply(&inp, &s, Event::UploadFailed { at_ms: AT, error });
+        let key = inp.key(1, 1);
+        assert_ne!(key, inp.key(1, 0));
+        assert_eq!(t.state, uploading(&inp, 1, 1, 1, 1));
+        assert_eq!(t.commands, vec![Command::Upload { batch: 1, key }]);
+    }
+}
+
+#[test]
+fn rejected_upload_counts_a_failure_and_resends_under_a_new_key() {
+    let inp = input(2);
+    let s = uploading(&inp, 0, 2, 3, 1);
+    let t = apply(
+        &inp,
+        &s,
+        Event::UploadFailed {
+            at_ms: AT,
+            error: AdapterError::Rejected("bad sku".into()),
+        },
+    );
+    let key = inp.key(0, 4);
+    assert_eq!(
+        t.state,
+        State::Uploading {
+            batch: 0,
+            attempt: 1,
+            generation: 4,
+            failures: 2,
+            key
+        }
+    );
+    assert_eq!(t.commands, vec![Command::Upload { batch: 0, key }]);
+    assert!(EndpointSync::alert(&inp, &s, &t.state).is_none());
+}
+
+#[test]
+fn third_consecutive_failure_trips_and_alerts() {
+    let inp = input(2);
+    assert_eq!(inp.policy.max_failures, 3);
+    // Rejected three times in a row: 0 → 1 → 2 → Tripped(3).
+    let mut s = uploading(&inp, 1, 1, 0, 0);
+    for expected_failures in 1..=2u32 {
+        let t = apply(
+            &inp,
+            &s,
+            Event::UploadFailed {
+                at_ms: AT,
+                error: AdapterError::Rejected("no".into()),
+            },
+        );
+        assert_eq!(
+            t.state,
+            uploading(&inp, 1, 1, expected_failures, expected_failures)
+        );
+        s = t.state;
+    }
+    let t = apply(
+        &inp,
+        &s,
+        Event::UploadFailed {
+            at_ms: AT,
+            error: AdapterError::Rejected("no".into()),
+        },
+    );
+    let State::Tripped { reason, failures } = &t.state else {
+        panic!("expected Tripped, got {:?}", t.state);
+    };
+    assert_eq!(*failures, 3);
+    assert!(
+        reason.contains("batch 1") && reason.contains("no"),
+        "{reason}"
+    );
+    assert!(t.commands.is_empty());
+    assert!(EndpointSync::is_terminal(&t.state));
+    let (message, cooldown) = EndpointSync::alert(&inp, &s, &t.state).expect("an alert");
+    assert!(
+        message.contains("ep-1") && message.contains('3'),
+        "{message}"
+    );
+    assert_eq!(cooldown, Some(inp.policy.cooldown_ms as i64));
+    // Re-entering Tripped from Tripped does not alert twice.
+    assert!(EndpointSync::alert(&inp, &t.state, &t.state).is_none());
+}
+
+#[test]
+fn auth_and_config_errors_trip_immediately() {
+    let inp = input(2);
+    for error in [
+        AdapterError::Auth("401".into()),
+        AdapterError::Config("no url".into()),
+    ] {
+        for s in [uploading(&inp, 1, 1, 0, 0), uploading(&inp, 1, 2, 1, 1)] {
+            let t = apply(
+                &inp,
+                &s,
+                Event::UploadFailed {
+                    at_ms: AT,
+                    error: error.clone(),
+                },
+            );
+            let State::Tripped { reason, failures } = &t.state else {
+                panic!("expected Tripped, got {:?}", t.state);
+            };
+            let State::Uploading { failures: f0, .. } = s else {
+                unreachable!()
+            };
+            assert_eq!(*failures, f0 + 1);
+            assert!(reason.contains(&error.to_string()), "{reason}");
+            assert!(t.commands.is_empty());
+            assert!(EndpointSync::alert(&inp, &s, &t.state).is_some());
+        }
+        // Verifying too.
+        let s = verifying(&inp, 0, 1, 0, 0);
+        let t = apply(
+            &inp,
+            &s,
+            Event::VerifyFailed {
+                at_ms: AT,
+                error: error.clone(),
+            },
+        );
+        assert!(
+            matches!(t.state, State::Tripped { failures: 1, .. }),
+            "{:?}",
+            t.state
+        );
+        assert!(t.commands.is_empty());
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Verifying
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn verified_moves_to_the_next_batch_and_resets_failures() {
+    let inp = input(3);
+    let s = verifying(&inp, 0, 4, 2, 2);
+    let t = apply(&inp, &s, Event::Verified);
+    let key = inp.key(1, 0);
+    assert_eq!(
+        t.state,
+        State::Uploading {
+            batch: 1,
+            attempt: 1,
+            generation: 0,
+            failures: 0,
+            key
+        }
+    );
+    assert_eq!(t.commands, vec![Command::Upload { batch: 1, key }]);
+}
+
+#[test]
+fn verified_last_batch_is_done_with_totals() {
+    let inp = input(3);
+    let s = verifying(&inp, 2, 1, 0, 0);
+    let t = apply(&inp, &s, Event::Verified);
+    // items: 2 + 3 + 4
+    assert_eq!(
+        t.state,
+        State::Done {
+            batches: 3,
+            items: 9
+        }
+    );
+    assert!(t.commands.is_empty());
+    assert!(EndpointSync::is_terminal(&t.state));
+    assert!(EndpointSync::alert(&inp, &s, &t.state).is_none());
+}
+
+#[test]
+fn mismatch_counts_a_failure_and_resends_under_a_new_key() {
+    let inp = input(2);
+    let s = verifying(&inp, 1, 2, 0, 1);
+    let t = apply(
+        &inp,
+        &s,
+        Event::Mismatch {
+            details: "qty 3 != 4".into(),
+        },
+    );
+    let key = inp.key(1, 1);
+    assert_eq!(t.state, uploading(&inp, 1, 1, 1, 2));
+    assert_eq!(t.commands, vec![Command::Upload { batch: 1, key }]);
+
+    // And a mismatch at failures = max - 1 trips.
+    let s = verifying(&inp, 1, 1, 2, 2);
+    let t = apply(
+        &inp,
+        &s,
+        Event::Mismatch {
+            details: "qty 3 != 4".into(),
+        },
+    );
+    let State::Tripped { reason, failures } = &t.state else {
+        panic!("expected Tripped, got {:?}", t.state);
+    };
+    assert_eq!(*failures, 3);
+    assert!(reason.contains("verify: qty 3 != 4"), "{reason}");
+    assert!(EndpointSync::alert(&inp, &s, &t.state).is_some());
+}
+
+#[test]
+fn rejected_verify_counts_a_failure() {
+    let inp = input(2);
+    let s = verifying(&inp, 0, 1, 0, 0);
+    let t = apply(
+        &inp,
+        &s,
+        Event::VerifyFailed {
+            at_ms: AT,
+            error: AdapterError::Rejected("gone".into()),
+        },
+    );
+    assert_eq!(t.state, uploading(&inp, 0, 1, 1, 1));
+    assert_eq!(
+        t.commands,
+        vec![Command::Upload {
+            batch: 0,
+            key: inp.key(0, 1)
+        }]
+    );
+}
+
+#[test]
+fn transient_verify_failure_backs_off_keeping_the_receipt() {
+    let inp = input(2);
+    let s = verifying(&inp, 1, 1, 1, 1);
+    let key = inp.key(1, 1);
+    let t = apply(
+        &inp,
+        &s,
+        Event::VerifyFailed {
+            at_ms: AT,
+            error: rate_limited(2_000),
+        },
+    );
+    let State::Backoff {
+        batch,
+        attempt,
+        generation,
+        failures,
+        key: k,
+        until,
+        receipt: r,
+    } = t.state.clone()
+    else {
+        panic!("expected Backoff, got {:?}", t.state);
+    };
+    assert_eq!((batch, attempt, generation, failures, k), (1, 2, 1, 1, key));
+    assert_eq!(r, Some(receipt("r")));
+    assert!(until >= AT + 2_000);
+    assert_eq!(t.commands, vec![Command::Sleep { until }]);
+}
+
+#[test]
+fn exhausted_transient_verify_counts_a_failure() {
+    let inp = input(2);
+    let max = inp.policy.max_attempts;
+    let s = verifying(&inp, 0, max, 0, 0);
+    let t = apply(
+        &inp,
+        &s,
+        Event::VerifyFailed {
+            at_ms: AT,
+            error: transient(),
+        },
+    );
+    assert_eq!(t.state, uploading(&inp, 0, 1, 1, 1));
+}
+
+// ---------------------------------------------------------------------------------------
+// Backoff
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn timer_without_receipt_probes_before_resending() {
+    let inp = input(2);
+    let s = backoff(&inp, 1, 3, 1, 1, AT + 500, None);
+    let key = inp.key(1, 1);
+    let t = apply(&inp, &s, Event::TimerFired);
+    assert_eq!(t.state, uploading(&inp, 1, 3, 1, 1));
+    assert_eq!(t.commands, vec![Command::Probe { batch: 1, key }]);
+}
+
+#[test]
+fn timer_with_receipt_verifies_again() {
+    let inp = input(2);
+    let s = backoff(&inp, 0, 2, 0, 2, AT + 500, Some(receipt("r")));
+    let key = inp.key(0, 0);
+    let t = apply(&inp, &s, Event::TimerFired);
+    assert_eq!(t.state, verifying(&inp, 0, 2, 0, 2));
+    assert_eq!(
+        t.commands,
+        vec![Command::Verify {
+            batch: 0,
+            key,
+            receipt: receipt("r")
+        }]
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Cancel and illegal events
+// ---------------------------------------------------------------------------------------
+
+fn active_states(inp: &SyncInput) -> Vec<State> {
+    vec![
+        State::Pending {},
+        uploading(inp, 1, 2, 1, 1),
+        verifying(inp, 0, 1, 0, 0),
+        backoff(inp, 1, 2, 0, 0, AT, None),
+        backoff(inp, 1, 2, 0, 0, AT, Some(receipt("r"))),
+    ]
+}
+
+#[test]
+fn cancel_from_every_non_terminal_state() {
+    let inp = input(2);
+    for s in active_states(&inp) {
+        assert!(!EndpointSync::is_terminal(&s));
+        let t = apply(&inp, &s, Event::Cancel);
+        assert_eq!(t.state, State::Cancelled {}, "from {s:?}");
+        assert!(t.commands.is_empty());
+        assert!(EndpointSync::is_terminal(&t.state));
+        assert!(EndpointSync::alert(&inp, &s, &t.state).is_none());
+    }
+}
+
+#[test]
+fn illegal_events_are_refused_naming_state_and_event() {
+    let inp = input(2);
+    let e = refuse(&inp, &State::Pending {}, Event::Verified);
+    assert_eq!(
+        (e.state.as_str(), e.event.as_str()),
+        ("Pending", "Verified")
+    );
+    let e = refuse(
+        &inp,
+        &verifying(&inp, 0, 1, 0, 0),
+        Event::Uploaded {
+            receipt: receipt("x"),
+        },
+    );
+    assert_eq!(
+        (e.state.as_str(), e.event.as_str()),
+        ("Verifying", "Uploaded")
+    );
+    let e = refuse(&inp, &uploading(&inp, 0, 1, 0, 0), Event::TimerFired);
+    assert_eq!(
+        (e.state.as_str(), e.event.as_str()),
+        ("Uploading", "TimerFired")
+    );
+    let e = refuse(
+        &inp,
+        &backoff(&inp, 0, 2, 0, 0, AT, None),
+        Event::Uploaded {
+            receipt: receipt("x"),
+        },
+    );
+    assert_eq!(
+        (e.state.as_str(), e.event.as_str()),
+        ("Backoff", "Uploaded")
+    );
+}
+
+/// Every (active state, event) pair outside the documented transitions is refused.
+#[test]
+fn the_transition_table_is_exactly_the_documented_one() {
+    let inp = input(2);
+    for s in active_states(&inp) {
+        for ev in all_events() {
+            let legal = matches!(
+                (&s, &ev),
+                (_, Event::Cancel)
+                    | (State::Pending {}, Event::Begin { .. })
+                    | (
+                        State::Uploading { .. },
+                        Event::Uploaded { .. } | Event::Probed { .. } | Event::UploadFailed { .. }
+                    )
+                    | (
+                        State::Verifying { .. },
+                        Event::Verified | Event::Mismatch { .. } | Event::VerifyFailed { .. }
+                    )
+                    | (State::Backoff { .. }, Event::TimerFired)
+            );
+            match EndpointSync::apply(&inp, &s, &ev) {
+                Ok(_) => assert!(legal, "{ev:?} accepted in {s:?}"),
+                Err(_) => {
+                    assert!(!legal, "{ev:?} refused in {s:?}");
+                    refuse(&inp, &s, ev);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn terminal_states_refuse_every_event() {
+    let inp = input(2);
+    for s in terminal_states() {
+        assert!(EndpointSync::is_terminal(&s));
+        for ev in all_events() {
+            let e = refuse(&inp, &s, ev.clone());
+            assert!(
+                e.reason.contains(EndpointSync::status(&s)),
+                "{s:?} / {ev:?}: {}",
+                e.reason
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// resume, is_terminal, wake_at, status, serde
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn resume_commands_per_state() {
+    let inp = input(2);
+    assert_eq!(
+        EndpointSync::resume(&inp, &State::Pending {}),
+        vec![Command::Begin]
+    );
+    // Verify before re-send: an Uploading state resumes with a probe, never an upload.
+    assert_eq!(
+        EndpointSync::resume(&inp, &uploading(&inp, 1, 2, 1, 0)),
+        vec![Command::Probe {
+            batch: 1,
+            key: inp.key(1, 1)
+        }]
+    );
+    assert_eq!(
+        EndpointSync::resume(&inp, &verifying(&inp, 0, 1, 2, 0)),
+        vec![Command::Verify {
+            batch: 0,
+            key: inp.key(0, 2),
+            receipt: receipt("r")
+        }]
+    );
+    for r in [None, Some(receipt("r"))] {
+        assert_eq!(
+            EndpointSync::resume(&inp, &backoff(&inp, 0, 2, 0, 0, AT + 42, r)),
+            vec![Command::Sleep { until: AT + 42 }]
+        );
+    }
+    for s in terminal_states() {
+        assert!(EndpointSync::resume(&inp, &s).is_empty(), "{s:?}");
+    }
+}
+
+#[test]
+fn is_terminal_wake_at_and_status() {
+    let inp = input(2);
+    let cases: Vec<(State, &str, bool, Option<i64>)> = vec![
+        (State::Pending {}, "Pending", false, None),
+        (uploading(&inp, 0, 1, 0, 0), "Uploading", false, None),
+        (verifying(&inp, 0, 1, 0, 0), "Verifying", false, None),
+        (
+            backoff(&inp, 0, 2, 0, 0, AT + 9, None),
+            "Backoff",
+            false,
+            Some(AT + 9),
+        ),
+        (
+            State::Done {
+                batches: 1,
+                items: 1,
+            },
+            "Done",
+            true,
+            None,
+        ),
+        (
+            State::Tripped {
+                reason: "r".into(),
+                failures: 3,
+            },
+            "Tripped",
+            true,
+            None,
+        ),
+        (State::Skipped { reason: "r".into() }, "Skipped", true, None),
+        (State::Cancelled {}, "Cancelled", true, None),
+    ];
+    for (s, name, terminal, wake) in cases {
+        assert_eq!(EndpointSync::status(&s), name);
+        assert_eq!(EndpointSync::is_terminal(&s), terminal, "{s:?}");
+        assert_eq!(EndpointSync::wake_at(&s), wake, "{s:?}");
+    }
+}
+
+#[test]
+fn states_round_trip_through_json_with_stable_variant_names() {
+    let inp = input(2);
+    let mut states = active_states(&inp);
+    states.extend(terminal_states());
+    for s in states {
+        let json = serde_json::to_value(&s).unwrap();
+        let obj = json.as_object().expect("externally tagged object");
+        assert_eq!(obj.len(), 1, "{json}");
+        let name = EndpointSync::status(&s);
+        assert!(obj.contains_key(name), "{name} not the tag of {json}");
+        let back: State = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(back, s);
+        let text = serde_json::to_string(&s).unwrap();
+        assert_eq!(serde_json::from_str::<State>(&text).unwrap(), s);
+    }
+    // The stored form of Uploading is schema: pin it.
+    let key = inp.key(0, 0);
+    let json = serde_json::to_value(uploading(&inp, 0, 1, 0, 0)).unwrap();
+    assert_eq!(
+        json,
+        serde_json::json!({"Uploading": {
+            "batch": 0, "attempt": 1, "generation": 0, "failures": 0, "key": key.to_string()
+        }})
+    );
+    assert_eq!(
+        serde_json::to_value(State::Pending {}).unwrap(),
+        serde_json::json!({"Pending": {}})
+    );
+}
+
+#[test]
+fn events_round_trip_through_json() {
+    for ev in all_events() {
+        let text = serde_json::to_string(&ev).unwrap();
+        assert_eq!(serde_json::from_str::<Event>(&text).unwrap(), ev);
+    }
+}
+
+#[test]
+fn a_full_happy_run_folds_to_done() {
+    let inp = input(3);
+    let mut s = <EndpointSync as Machine>::initial(&inp);
+    let mut t = apply(
+        &inp,
+        &s,
+        Event::Begin {
+            at_ms: AT,
+            circuit_open: false,
+        },
+    );
+    for b in 0..3u32 {
+        s = t.state;
+        assert_eq!(s, uploading(&inp, b, 1, 0, 0));
+        t = apply(
+            &inp,
+            &s,
+            Event::Uploaded {
+                receipt: receipt("r"),
+            },
+        );
+        s = t.state;
+        assert_eq!(s, verifying(&inp, b, 1, 0, 0));
+        t = apply(&inp, &s, Event::Verified);
+    }
+    assert_eq!(
+        t.state,
+        State::Done {
+            batches: 3,
+            items: 9
+        }
+    );
+}
+
+#[test]
+fn zz_tmp_huge_retry_after() {
+    let inp = input(1);
+    let s = uploading(&inp, 0, 1, 0, 0);
+    for ms in [u64::MAX, i64::MAX as u64 - 10] {
+        let t = EndpointSync::apply(
+            &inp,
+            &s,
+            &Event::UploadFailed {
+                at_ms: AT,
+                error: rate_limited(ms),
+            },
+        );
+        eprintln!("retry_after_ms={ms}: {:?}", t.map(|t| t.state));
+    }
+}
