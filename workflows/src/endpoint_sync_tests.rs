@@ -975,20 +975,3 @@ fn a_full_happy_run_folds_to_done() {
         }
     );
 }
-
-#[test]
-fn zz_tmp_huge_retry_after() {
-    let inp = input(1);
-    let s = uploading(&inp, 0, 1, 0, 0);
-    for ms in [u64::MAX, i64::MAX as u64 - 10] {
-        let t = EndpointSync::apply(
-            &inp,
-            &s,
-            &Event::UploadFailed {
-                at_ms: AT,
-                error: rate_limited(ms),
-            },
-        );
-        eprintln!("retry_after_ms={ms}: {:?}", t.map(|t| t.state));
-    }
-}
