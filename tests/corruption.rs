@@ -18,26 +18,48 @@ async fn a_foreign_database_is_refused_at_open() {
     // Another application's SQLite database.
     let other = dir.path().join("other.db");
     {
-        let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}?mode=rwc", other.display())).await.unwrap();
-        sqlx::query("CREATE TABLE invoices (id INTEGER PRIMARY KEY, total REAL)").execute(&mut c).await.unwrap();
-        sqlx::query("INSERT INTO invoices (total) VALUES (12.5)").execute(&mut c).await.unwrap();
+        let mut c =
+            sqlx::SqliteConnection::connect(&format!("sqlite://{}?mode=rwc", other.display()))
+                .await
+                .unwrap();
+        sqlx::query("CREATE TABLE invoices (id INTEGER PRIMARY KEY, total REAL)")
+            .execute(&mut c)
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO invoices (total) VALUES (12.5)")
+            .execute(&mut c)
+            .await
+            .unwrap();
         c.close().await.unwrap();
     }
     let err = SqliteStore::open(&other).await.unwrap_err();
     assert!(matches!(err, EngineError::NotBulwark { .. }), "{err}");
-    assert!(err.to_string().contains("other.db") && err.to_string().contains("not a Bulwark database"), "{err}");
+    assert!(
+        err.to_string().contains("other.db") && err.to_string().contains("not a Bulwark database"),
+        "{err}"
+    );
     // Nothing was added to it.
-    let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}", other.display())).await.unwrap();
-    let tables: i64 = sqlx::query_scalar("SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetch_one(&mut c).await.unwrap();
+    let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}", other.display()))
+        .await
+        .unwrap();
+    let tables: i64 = sqlx::query_scalar("SELECT count(*) FROM sqlite_master WHERE type = 'table'")
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
     assert_eq!(tables, 1);
 
     // A file that is not SQLite at all.
     let text = dir.path().join("notes.txt");
-    let content = "this is not a database, just some text that is long enough to look like a header";
+    let content =
+        "this is not a database, just some text that is long enough to look like a header";
     std::fs::write(&text, content).unwrap();
     let err = SqliteStore::open(&text).await.unwrap_err();
     assert!(matches!(err, EngineError::NotBulwark { .. }), "{err}");
-    assert_eq!(std::fs::read_to_string(&text).unwrap(), content, "the file must be left untouched");
+    assert_eq!(
+        std::fs::read_to_string(&text).unwrap(),
+        content,
+        "the file must be left untouched"
+    );
 
     // Our own database opens again, of course.
     let ours = dir.path().join("ours.db");
@@ -49,8 +71,15 @@ async fn a_foreign_database_is_refused_at_open() {
 async fn crash_midway(db: &std::path::Path, sink: Arc<MemoryPortal>, calls: u64) {
     let portal = Arc::new(CrashingPortal::new(sink, Some(calls), false));
     let mut app = Bulwark::open(db, registry_for(portal)).await.unwrap();
-    let options = SyncOptions { batch_size: 1, ..Default::default() };
-    let r = tokio::time::timeout(Duration::from_millis(500), app.sync(&memory_endpoints(4), &options, None)).await;
+    let options = SyncOptions {
+        batch_size: 1,
+        ..Default::default()
+    };
+    let r = tokio::time::timeout(
+        Duration::from_millis(500),
+        app.sync(&memory_endpoints(4), &options, None),
+    )
+    .await;
     assert!(r.is_err(), "the sync should have hung at the crash point");
 }
 
@@ -64,11 +93,15 @@ async fn corrupt_journal_rows_are_reported_and_refused_by_replay() {
 
     // Corrupt two unfinished workflows: garbage JSON in one, a gap in the other.
     let (bad_json, gap) = {
-        let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display())).await.unwrap();
-        let open: Vec<(i64, i64)> = sqlx::query_as("SELECT id, seq FROM workflows WHERE terminal = 0 AND seq >= 2 ORDER BY id")
-            .fetch_all(&mut c)
+        let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
             .await
             .unwrap();
+        let open: Vec<(i64, i64)> = sqlx::query_as(
+            "SELECT id, seq FROM workflows WHERE terminal = 0 AND seq >= 2 ORDER BY id",
+        )
+        .fetch_all(&mut c)
+        .await
+        .unwrap();
         assert!(open.len() >= 2, "need two workflows mid-way, got {open:?}");
         let (a, b) = (open[0], open[1]);
         sqlx::query("UPDATE journal SET event_json = '{\"Uploaded\": {oops' WHERE workflow_id = ? AND seq = 1")
@@ -76,40 +109,79 @@ async fn corrupt_journal_rows_are_reported_and_refused_by_replay() {
             .execute(&mut c)
             .await
             .unwrap();
-        sqlx::query("DELETE FROM journal WHERE workflow_id = ? AND seq = 1").bind(b.0).execute(&mut c).await.unwrap();
+        sqlx::query("DELETE FROM journal WHERE workflow_id = ? AND seq = 1")
+            .bind(b.0)
+            .execute(&mut c)
+            .await
+            .unwrap();
         c.close().await.unwrap();
         (a.0, b.0)
     };
 
     // The audit names both, with the sequence number.
-    let app = Bulwark::open(&db, registry_for(sink.clone())).await.unwrap();
+    let app = Bulwark::open(&db, registry_for(sink.clone()))
+        .await
+        .unwrap();
     let audit = app.audit().await.unwrap();
     let shown: Vec<String> = audit.findings.iter().map(ToString::to_string).collect();
     assert!(
-        audit.findings.iter().any(|f| f.workflow == bad_json && f.seq == 1 && f.problem.contains("event does not decode")),
+        audit.findings.iter().any(|f| f.workflow == bad_json
+            && f.seq == 1
+            && f.problem.contains("event does not decode")),
         "{shown:?}"
     );
-    assert!(audit.findings.iter().any(|f| f.workflow == gap && f.problem.contains("gap")), "{shown:?}");
+    assert!(
+        audit
+            .findings
+            .iter()
+            .any(|f| f.workflow == gap && f.problem.contains("gap")),
+        "{shown:?}"
+    );
     app.close().await;
 
     // Replay refuses exactly those two, by id; the others finish, each batch applied once.
-    let mut app = Bulwark::open(&db, registry_for(sink.clone())).await.unwrap();
-    let options = SyncOptions { batch_size: 1, ..Default::default() };
-    let report = app.sync(&memory_endpoints(4), &options, None).await.unwrap();
+    let mut app = Bulwark::open(&db, registry_for(sink.clone()))
+        .await
+        .unwrap();
+    let options = SyncOptions {
+        batch_size: 1,
+        ..Default::default()
+    };
+    let report = app
+        .sync(&memory_endpoints(4), &options, None)
+        .await
+        .unwrap();
     let mut refused: Vec<i64> = report.refused.iter().map(|(id, _)| *id).collect();
     refused.sort();
-    assert_eq!(refused, vec![bad_json.min(gap), bad_json.max(gap)], "{:?}", report.refused);
+    assert_eq!(
+        refused,
+        vec![bad_json.min(gap), bad_json.max(gap)],
+        "{:?}",
+        report.refused
+    );
     for (id, why) in &report.refused {
-        assert!(why.contains(&format!("workflow {id}")) && why.contains("corrupt journal"), "{why}");
+        assert!(
+            why.contains(&format!("workflow {id}")) && why.contains("corrupt journal"),
+            "{why}"
+        );
     }
-    assert_eq!(report.by_status.get("Done").copied().unwrap_or(0), 2, "{report:?}");
+    assert_eq!(
+        report.by_status.get("Done").copied().unwrap_or(0),
+        2,
+        "{report:?}"
+    );
     assert_eq!(sink.duplicates(), 0);
     // The refused workflows are left as they were (not half-applied, not marked done), and
     // the run stays open so nothing new is planned over them.
     let store = app.store();
-    let rows = bulwark_engine::Store::workflows(store.as_ref(), None, None).await.unwrap();
+    let rows = bulwark_engine::Store::workflows(store.as_ref(), None, None)
+        .await
+        .unwrap();
     for id in [bad_json, gap] {
         assert!(!rows.iter().find(|w| w.id == id).unwrap().terminal);
     }
-    assert!(report.plan.is_none(), "no new run may start while workflows are refused");
+    assert!(
+        report.plan.is_none(),
+        "no new run may start while workflows are refused"
+    );
 }

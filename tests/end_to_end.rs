@@ -12,34 +12,72 @@ fn bulwark(args: &[&str], data: &Path) -> String {
         .arg(data)
         .output()
         .expect("run bulwark");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(out.status.success(), "bulwark {args:?} failed:\n{text}");
     text
 }
 
 fn query(args: &[&str], db: &Path) -> (bool, String) {
-    let out = Command::new(bulwark_tests::bulwark_bin()).args(args).arg("--db").arg(db).output().expect("run bulwark");
-    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    let out = Command::new(bulwark_tests::bulwark_bin())
+        .args(args)
+        .arg("--db")
+        .arg(db)
+        .output()
+        .expect("run bulwark");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
 }
 
 fn number_before(text: &str, label: &str) -> u64 {
-    let i = text.find(label).unwrap_or_else(|| panic!("{label:?} not in:\n{text}"));
-    text[..i].split_whitespace().last().and_then(|w| w.trim_matches(|c: char| !c.is_ascii_digit()).parse().ok()).unwrap_or_else(|| panic!("no number before {label:?} in:\n{text}"))
+    let i = text
+        .find(label)
+        .unwrap_or_else(|| panic!("{label:?} not in:\n{text}"));
+    text[..i]
+        .split_whitespace()
+        .last()
+        .and_then(|w| w.trim_matches(|c: char| !c.is_ascii_digit()).parse().ok())
+        .unwrap_or_else(|| panic!("no number before {label:?} in:\n{text}"))
 }
 
 #[test]
 fn demo_syncs_everything_then_nothing_then_only_the_delta() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let common = ["--endpoints", "60", "--skus", "900", "--batch-size", "100", "--broken", "3"];
+    let common = [
+        "--endpoints",
+        "60",
+        "--skus",
+        "900",
+        "--batch-size",
+        "100",
+        "--broken",
+        "3",
+    ];
 
     let first = bulwark(&[&["demo"][..], &common].concat(), &data);
-    assert!(first.contains("900 rows read, 900 accepted, 0 rejected, 1 queries"), "{first}");
+    assert!(
+        first.contains("900 rows read, 900 accepted, 0 rejected, 1 queries"),
+        "{first}"
+    );
     assert!(first.contains("57 done, 3 tripped"), "{first}");
     // 57 healthy endpoints × 9 batches, plus the endpoint that stores wrong values: its
     // batch 0 lands under 3 keys (each failed verification re-sends under a fresh key)
     // before it trips. The rejecting endpoints apply nothing.
-    assert_eq!(number_before(&first, "batches applied"), 57 * 9 + 3, "{first}");
+    assert_eq!(
+        number_before(&first, "batches applied"),
+        57 * 9 + 3,
+        "{first}"
+    );
     assert_eq!(number_before(&first, "duplicates applied"), 0, "{first}");
     assert!(first.contains("transitions/s"), "{first}");
 
@@ -51,13 +89,24 @@ fn demo_syncs_everything_then_nothing_then_only_the_delta() {
     assert_eq!(number_before(&second, "HTTP requests"), 0, "{second}");
 
     // 2% of SKUs change in the legacy database: only those are sent, to every healthy endpoint.
-    let third = bulwark(&[&["demo", "--change", "0.02"][..], &common].concat(), &data);
+    let third = bulwark(
+        &[&["demo", "--change", "0.02"][..], &common].concat(),
+        &data,
+    );
     let changed = number_before(&third, "SKUs in the legacy database");
     assert!(changed > 0 && changed < 900, "{third}");
     // Planned: the delta for each healthy endpoint, the full catalog for the 3 never
     // confirmed (tripped) ones, which their open circuits then skip.
-    assert_eq!(number_before(&third, "items"), 57 * changed + 3 * 900, "{third}");
-    assert_eq!(number_before(&third, "batches applied"), 57 * changed.div_ceil(100), "{third}");
+    assert_eq!(
+        number_before(&third, "items"),
+        57 * changed + 3 * 900,
+        "{third}"
+    );
+    assert_eq!(
+        number_before(&third, "batches applied"),
+        57 * changed.div_ceil(100),
+        "{third}"
+    );
     assert!(third.contains("57 done"), "{third}");
 
     let db = data.join("bulwark.db");
@@ -68,7 +117,13 @@ fn demo_syncs_everything_then_nothing_then_only_the_delta() {
     assert!(ok && json.trim_start().starts_with('{'), "{json}");
     let (ok, alerts) = query(&["alerts"], &db);
     assert!(ok, "{alerts}");
-    assert_eq!(alerts.matches("tripped after 3 consecutive failed validation").count(), 3, "{alerts}");
+    assert_eq!(
+        alerts
+            .matches("tripped after 3 consecutive failed validation")
+            .count(),
+        3,
+        "{alerts}"
+    );
     let (ok, audit) = query(&["audit"], &db);
     assert!(ok && audit.contains(": 0 finding(s)"), "{audit}");
 }
@@ -76,6 +131,19 @@ fn demo_syncs_everything_then_nothing_then_only_the_delta() {
 #[test]
 fn demo_handles_7200_endpoints() {
     let dir = tempfile::tempdir().unwrap();
-    let out = bulwark(&["demo", "--endpoints", "7200", "--skus", "100", "--batch-size", "100", "--broken", "3"], &dir.path().join("d"));
+    let out = bulwark(
+        &[
+            "demo",
+            "--endpoints",
+            "7200",
+            "--skus",
+            "100",
+            "--batch-size",
+            "100",
+            "--broken",
+            "3",
+        ],
+        &dir.path().join("d"),
+    );
     assert!(out.contains("7197 done, 3 tripped"), "{out}");
 }

@@ -279,7 +279,12 @@ fn check_transition(
         } else if g1 > g0 {
             prop_assert_eq!((g1, f1), (g0 + 1, f0 + 1), "resend counts a failure");
         } else {
-            prop_assert_eq!(f1, f0);
+            // Same batch and key: failures only grow when retries are exhausted, which
+            // starts a fresh round of attempts after a backoff.
+            prop_assert!(
+                f1 == f0 || (f1 == f0 + 1 && matches!(next, State::Backoff { attempt: 1, .. })),
+                "failures went from {f0} to {f1}: {prev:?} -> {next:?}"
+            );
         }
     }
     // Every command concerns the state's own batch and key; terminal states issue none.
@@ -311,7 +316,8 @@ fn check_transition(
             Command::Begin => prop_assert!(false, "Begin is only issued by resume"),
         }
     }
-    // A backoff never wakes before the failure, nor before the endpoint's Retry-After.
+    // A backoff never wakes before the failure, nor before the endpoint's Retry-After
+    // (which is honoured up to one circuit cooldown).
     if let (
         Event::UploadFailed { at_ms, error } | Event::VerifyFailed { at_ms, error },
         State::Backoff { until, .. },
@@ -319,7 +325,8 @@ fn check_transition(
     {
         prop_assert!(*until >= *at_ms);
         if let AdapterError::RateLimited { retry_after_ms, .. } = error {
-            prop_assert!(*until >= *at_ms + *retry_after_ms as i64);
+            let honoured = (*retry_after_ms).min(input.policy.cooldown_ms) as i64;
+            prop_assert!(*until >= *at_ms + honoured);
         }
     }
     // An alert accompanies exactly the transitions into Tripped.

@@ -106,9 +106,10 @@ impl SyncInput {
             % (delay / 2 + 1);
         let mut wait = delay / 2 + spread;
         if let AdapterError::RateLimited { retry_after_ms, .. } = error {
-            wait = wait.max(*retry_after_ms);
+            // Honour Retry-After, but no endpoint may park a sync longer than a cooldown.
+            wait = wait.max((*retry_after_ms).min(p.cooldown_ms));
         }
-        at_ms + wait as i64
+        at_ms.saturating_add(i64::try_from(wait).unwrap_or(i64::MAX))
     }
 }
 
@@ -206,6 +207,40 @@ pub struct Ctx<'a> {
 /// state variants and the input).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct EndpointSync;
+
+/// Transient failures outlasted `max_attempts`: that counts as a failed validation, but
+/// nothing says the endpoint refused the data, so the same key is kept (an attempt that
+/// did land is deduplicated, and the upload path probes before re-sending) and the step
+/// is retried after a backoff.
+#[allow(clippy::too_many_arguments)]
+fn exhausted(
+    ctx: &mut Ctx<'_>,
+    batch: u32,
+    generation: u32,
+    failures: u32,
+    key: Uuid,
+    at_ms: i64,
+    error: &AdapterError,
+    receipt: Option<Receipt>,
+) -> Outcome<State> {
+    let failures = failures + 1;
+    let step = if receipt.is_some() {
+        "verify"
+    } else {
+        "upload"
+    };
+    if failures >= ctx.input.policy.max_failures {
+        return Transition(State::tripped(
+            format!("batch {batch}: {step}: retries exhausted: {error}"),
+            failures,
+        ));
+    }
+    let until = ctx.input.retry_at(at_ms, 2, key, error);
+    ctx.commands.push(Command::Sleep { until });
+    Transition(State::backoff(
+        batch, 1, generation, failures, key, until, receipt,
+    ))
+}
 
 /// Where a failed validation leaves the sync.
 fn failed(
@@ -313,6 +348,9 @@ impl EndpointSync {
                     format!("batch {batch}: {error}"),
                     failures + 1,
                 )),
+                AdapterError::Transient(_) | AdapterError::RateLimited { .. } => exhausted(
+                    context, batch, generation, failures, key, *at_ms, error, None,
+                ),
                 _ => failed(
                     context,
                     batch,
@@ -368,6 +406,16 @@ impl EndpointSync {
                     format!("batch {batch}: {error}"),
                     failures + 1,
                 )),
+                AdapterError::Transient(_) | AdapterError::RateLimited { .. } => exhausted(
+                    context,
+                    batch,
+                    generation,
+                    failures,
+                    key,
+                    *at_ms,
+                    error,
+                    Some(receipt.clone()),
+                ),
                 _ => failed(
                     context,
                     batch,

@@ -404,16 +404,60 @@ fn retry_delay_grows_and_is_capped_and_deterministic() {
 }
 
 #[test]
-fn exhausted_transient_upload_counts_as_a_failure_and_resends_under_a_new_key() {
+fn exhausted_transient_upload_counts_a_failure_and_retries_under_the_same_key() {
     let inp = input(2);
     let max = inp.policy.max_attempts;
     for error in [transient(), rate_limited(100)] {
         let s = uploading(&inp, 1, max, 0, 0);
-        let t = apply(&inp, &s, Event::UploadFailed { at_ms: AT, error });
-        let key = inp.key(1, 1);
-        assert_ne!(key, inp.key(1, 0));
-        assert_eq!(t.state, uploading(&inp, 1, 1, 1, 1));
-        assert_eq!(t.commands, vec![Command::Upload { batch: 1, key }]);
+        let t = apply(
+            &inp,
+            &s,
+            Event::UploadFailed {
+                at_ms: AT,
+                error: error.clone(),
+            },
+        );
+        let key = inp.key(1, 0);
+        let until = inp.retry_at(AT, 2, key, &error);
+        // Same key: an attempt that did land must be found by the probe, not sent again.
+        assert_eq!(t.state, backoff(&inp, 1, 1, 0, 1, until, None));
+        assert_eq!(t.commands, vec![Command::Sleep { until }]);
+        let t = apply(&inp, &t.state, Event::TimerFired);
+        assert_eq!(t.commands, vec![Command::Probe { batch: 1, key }]);
+    }
+}
+
+#[test]
+fn exhausted_transient_upload_at_the_last_failure_trips() {
+    let inp = input(2);
+    let max = inp.policy.max_attempts;
+    let s = uploading(&inp, 1, max, 0, 2);
+    let t = apply(
+        &inp,
+        &s,
+        Event::UploadFailed {
+            at_ms: AT,
+            error: transient(),
+        },
+    );
+    assert!(
+        matches!(t.state, State::Tripped { failures: 3, ref reason } if reason.contains("retries exhausted")),
+        "{:?}",
+        t.state
+    );
+}
+
+#[test]
+fn a_huge_retry_after_is_capped_at_the_cooldown() {
+    let inp = input(2);
+    let key = inp.key(0, 0);
+    for retry_after_ms in [u64::MAX, i64::MAX as u64 - 10, 10 * inp.policy.cooldown_ms] {
+        let error = AdapterError::RateLimited {
+            retry_after_ms,
+            message: "slow down".into(),
+        };
+        let until = inp.retry_at(AT, 2, key, &error);
+        assert_eq!(until, AT + inp.policy.cooldown_ms as i64);
     }
 }
 
@@ -678,7 +722,13 @@ fn exhausted_transient_verify_counts_a_failure() {
             error: transient(),
         },
     );
-    assert_eq!(t.state, uploading(&inp, 0, 1, 1, 1));
+    // No re-send: the batch landed; only the read-back failed. Retry it after a backoff.
+    let key = inp.key(0, 0);
+    let until = inp.retry_at(AT, 2, key, &transient());
+    assert_eq!(
+        t.state,
+        backoff(&inp, 0, 1, 0, 1, until, Some(receipt("r")))
+    );
 }
 
 // ---------------------------------------------------------------------------------------

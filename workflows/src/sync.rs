@@ -130,6 +130,11 @@ pub async fn plan_run(
     if options.batch_size == 0 {
         return Err(SyncError::Config("batch_size must be at least 1".into()));
     }
+    if options.policy.max_failures == 0 || options.policy.max_attempts == 0 {
+        return Err(SyncError::Config(
+            "policy: max_failures and max_attempts must be at least 1".into(),
+        ));
+    }
     if !staging.is_sealed(snapshot).await? {
         return Err(SyncError::Config(format!(
             "snapshot {snapshot} is not sealed; sync runs read sealed snapshots only"
