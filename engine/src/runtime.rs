@@ -124,6 +124,7 @@ impl<M: Machine> Runtime<M> {
             .store
             .claim(&self.config.worker, M::KIND, run, self.config.lease_ms)
             .await?;
+        tracing::debug!(claimed = claimed.len(), "claimed");
         let mut outcome = RunOutcome {
             workflows: claimed.len(),
             ..Default::default()

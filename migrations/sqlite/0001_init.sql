@@ -39,7 +39,9 @@ CREATE TABLE workflow_inputs (
 );
 
 -- Append-only history: the event applied and the state it produced. Row 0 holds the
--- initial state (no event).
+-- initial state (no event). A rowid table on purpose: rows are appended in commit order,
+-- so a group commit dirties a few tail pages plus the small (workflow_id, seq) index,
+-- not one page of a clustered table per workflow.
 CREATE TABLE journal (
     workflow_id INTEGER NOT NULL,
     seq         INTEGER NOT NULL,
@@ -48,8 +50,8 @@ CREATE TABLE journal (
     epoch       INTEGER NOT NULL,
     event_json  TEXT,
     state_json  TEXT    NOT NULL,
-    PRIMARY KEY (workflow_id, seq)
-) WITHOUT ROWID;
+    UNIQUE (workflow_id, seq)
+);
 
 -- Alerts raised atomically with the transition that caused them.
 CREATE TABLE alerts (

@@ -212,12 +212,25 @@ impl Bulwark {
                 options,
             )
             .await?;
+            tracing::debug!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                workflows = plan.workflows,
+                "planned"
+            );
             if let Some(run) = plan.run {
                 if let Some(p) = &progress {
                     p.started(plan.workflows);
                 }
                 report.absorb(execute(&runtime, effects.clone(), Some(run), observer).await?);
+                tracing::debug!(
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "executed"
+                );
                 finalize(self.store.as_ref(), &self.staging, run).await?;
+                tracing::debug!(
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "finalized"
+                );
             }
             report.plan = Some(plan);
         }

@@ -219,17 +219,18 @@ impl Staging {
     pub async fn confirm(&self, run: i64, confirmed: &[(String, i64)]) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         let now = bulwark_engine::now_ms();
-        for (endpoint, snapshot) in confirmed {
-            sqlx::query(
-                "INSERT INTO endpoint_confirmed (endpoint_id, snapshot_id, run_id, at) VALUES (?, ?, ?, ?)
-                 ON CONFLICT (endpoint_id) DO UPDATE SET snapshot_id = excluded.snapshot_id, run_id = excluded.run_id, at = excluded.at",
-            )
-            .bind(endpoint)
-            .bind(snapshot)
-            .bind(run)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
+        for chunk in confirmed.chunks(500) {
+            let sql = format!(
+                "INSERT INTO endpoint_confirmed (endpoint_id, snapshot_id, run_id, at) VALUES {}
+                 ON CONFLICT (endpoint_id) DO UPDATE SET snapshot_id = excluded.snapshot_id,
+                     run_id = excluded.run_id, at = excluded.at",
+                vec!["(?,?,?,?)"; chunk.len()].join(",")
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for (endpoint, snapshot) in chunk {
+                q = q.bind(endpoint).bind(snapshot).bind(run).bind(now);
+            }
+            q.execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())
