@@ -8,7 +8,6 @@ use std::time::Instant;
 
 use anyhow::Result;
 use bulwark_adapters::memory::MemoryPortal;
-use bulwark_engine::Store;
 use bulwark_workflows::adapter::{AdapterRegistry, EndpointConfig, PortalAdapter};
 use bulwark_workflows::app::Bulwark;
 use bulwark_workflows::catalog::{Item, PriceTier};
@@ -24,9 +23,13 @@ pub(crate) struct BenchArgs {
     /// Batches per endpoint.
     #[arg(long, default_value_t = 4)]
     batches: u32,
-    /// Database file (default: a fresh file in a temporary directory).
+    /// Database: a SQLite file (default: a fresh file in a temporary directory) or a
+    /// `postgres://…` URL (then W1 runs with worker processes, see --workers).
     #[arg(long)]
-    db: Option<PathBuf>,
+    db: Option<String>,
+    /// (PostgreSQL) numbers of worker processes to measure, e.g. `1,3`.
+    #[arg(long, default_value = "1,3", value_delimiter = ',')]
+    workers: Vec<usize>,
 }
 
 fn peak_rss_mib() -> f64 {
@@ -42,8 +45,18 @@ fn peak_rss_mib() -> f64 {
 }
 
 pub(crate) async fn run(args: BenchArgs) -> Result<()> {
+    if let Some(url) = args.db.as_deref().filter(|d| crate::is_postgres(d)) {
+        for &n in &args.workers {
+            run_postgres(url, n, &args).await?;
+        }
+        return Ok(());
+    }
     let dir = tempfile_dir()?;
-    let db = args.db.clone().unwrap_or_else(|| dir.join("bench.db"));
+    let db = args
+        .db
+        .clone()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| dir.join("bench.db"));
     let sink = Arc::new(MemoryPortal::new());
     let mut registry = AdapterRegistry::new();
     let s = sink.clone();
@@ -154,6 +167,135 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
     if args.db.is_none() {
         let _ = std::fs::remove_dir_all(&dir);
     }
+    Ok(())
+}
+
+fn schema_url(url: &str, schema: &str) -> String {
+    format!(
+        "{url}{}schema={schema}",
+        if url.contains('?') { '&' } else { '?' }
+    )
+}
+
+async fn seed(app: &Bulwark, batches: u32) -> Result<()> {
+    let snapshot = app.staging().begin_snapshot("bench").await?;
+    let items: Vec<Item> = (0..batches)
+        .map(|i| Item {
+            sku: format!("B-{i:04}"),
+            qty: i64::from(i),
+            tiers: vec![PriceTier {
+                min_qty: 1,
+                price_minor: 100,
+            }],
+        })
+        .collect();
+    app.staging().write_page(snapshot, &items, &[]).await?;
+    app.staging()
+        .seal(
+            snapshot,
+            SealStats {
+                rows_read: items.len() as i64,
+                ..Default::default()
+            },
+        )
+        .await?;
+    Ok(())
+}
+
+/// W1 on PostgreSQL with `workers` worker processes sharing the database.
+async fn run_postgres(url: &str, workers: usize, args: &BenchArgs) -> Result<()> {
+    let schema = format!("bulwark_bench_{}_{workers}", std::process::id());
+    let db = schema_url(url, &schema);
+    let (registry, endpoints, _) = crate::worker::memory_setup(args.endpoints);
+    let app = Bulwark::open(&db, registry).await?;
+    seed(&app, args.batches).await?;
+    let options = SyncOptions {
+        batch_size: 1,
+        max_in_flight: 1 << 20,
+        ..Default::default()
+    };
+    let plan = app
+        .enqueue(&endpoints, &options)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no snapshot"))?;
+    let run = plan.run.ok_or_else(|| anyhow::anyhow!("nothing planned"))?;
+    println!("workload: W1 engine overhead");
+    println!(
+        "backend: postgresql (fsync and synchronous_commit as configured on the server), unnest group commit"
+    );
+    println!(
+        "endpoints: {}  batches: {}  worker_processes: {workers}",
+        args.endpoints, args.batches
+    );
+    let exe = std::env::current_exe()?;
+    let capacity = (args.endpoints as usize).div_ceil(workers) + 1;
+    let started_ms = bulwark_engine::now_ms();
+    let started = Instant::now();
+    let mut children = Vec::new();
+    for _ in 0..workers {
+        children.push(
+            tokio::process::Command::new(&exe)
+                .args([
+                    "worker",
+                    "--sink",
+                    "memory",
+                    "--exit-when-idle",
+                    "--batch-size",
+                    "1",
+                    "--max-in-flight",
+                    "1048576",
+                ])
+                .args([
+                    "--db",
+                    &db,
+                    "--endpoints",
+                    &args.endpoints.to_string(),
+                    "--capacity",
+                    &capacity.to_string(),
+                ])
+                .stdout(std::process::Stdio::null())
+                .spawn()?,
+        );
+    }
+    for mut c in children {
+        let status = c.wait().await?;
+        anyhow::ensure!(status.success(), "a worker failed: {status}");
+    }
+    let waited = started.elapsed().as_secs_f64();
+    let store = app.store();
+    let counts: std::collections::HashMap<String, i64> =
+        store.status_counts(Some(run)).await?.into_iter().collect();
+    let done = counts.get("Done").copied().unwrap_or(0);
+    anyhow::ensure!(
+        done == i64::from(args.endpoints),
+        "only {done} of {} endpoints finished: {counts:?}",
+        args.endpoints
+    );
+    // Wall time of the work itself: from spawning the workers to the last journaled step
+    // (idle workers notice the end only at their next poll).
+    let last_ms: i64 = match app.backend() {
+        bulwark_engine::Backend::Postgres(pg) => {
+            sqlx::query_scalar("SELECT max(at) FROM journal")
+                .fetch_one(pg.pool())
+                .await?
+        }
+        bulwark_engine::Backend::Sqlite(_) => unreachable!("postgres bench"),
+    };
+    let wall = (last_ms - started_ms) as f64 / 1000.0;
+    let steps = u64::from(args.endpoints) * u64::from(args.batches) * 2;
+    let rows = store.journal_len().await?;
+    println!("durable_steps: {steps} steps");
+    println!("journal_rows: {rows} rows");
+    println!("wall: {wall:.3} s");
+    println!("wall_until_workers_exited: {waited:.3} s");
+    println!(
+        "durable_steps_per_second: {:.0} steps/s",
+        steps as f64 / wall
+    );
+    if let bulwark_engine::Backend::Postgres(pg) = app.backend() {
+        pg.drop_schema().await?;
+    }
+    app.close().await;
     Ok(())
 }
 

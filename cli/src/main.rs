@@ -4,6 +4,7 @@
 mod bench;
 mod demo;
 mod progress;
+mod worker;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -27,30 +28,31 @@ struct Cli {
 }
 
 #[derive(Debug, clap::Args, Clone)]
-struct DbArg {
-    /// Bulwark's own database (SQLite file).
+pub(crate) struct DbArg {
+    /// Bulwark's own database: a SQLite file path (the embedded default) or a
+    /// `postgres://user@host:port/db[?schema=NAME]` URL (several workers).
     #[arg(long, env = "BULWARK_DB", default_value = "bulwark-data/bulwark.db")]
-    db: PathBuf,
+    pub(crate) db: String,
 }
 
 #[derive(Debug, clap::Args, Clone)]
-struct EndpointArgs {
+pub(crate) struct EndpointArgs {
     /// Number of simulated endpoints (ids ep-00001 …) served under --portal-url.
     #[arg(long, default_value_t = 500)]
-    endpoints: u32,
+    pub(crate) endpoints: u32,
     /// Base URL of the portal (the simulator serves /ep/{id}/…).
     #[arg(long)]
-    portal_url: String,
+    pub(crate) portal_url: String,
 }
 
 #[derive(Debug, clap::Args, Clone)]
-struct SyncArgs {
+pub(crate) struct SyncArgs {
     /// Items per batch.
     #[arg(long, default_value_t = 500)]
-    batch_size: u32,
+    pub(crate) batch_size: u32,
     /// Most adapter calls in flight at once.
     #[arg(long, default_value_t = 64)]
-    max_in_flight: usize,
+    pub(crate) max_in_flight: usize,
 }
 
 #[derive(Debug, Subcommand)]
@@ -85,6 +87,7 @@ enum Command {
         pause_ms: u64,
     },
     /// Resume unfinished syncs, then sync every endpoint to the newest sealed snapshot.
+    /// On PostgreSQL it enqueues the run for `bulwark worker` processes instead.
     Sync {
         #[command(flatten)]
         db: DbArg,
@@ -92,7 +95,13 @@ enum Command {
         endpoints: EndpointArgs,
         #[command(flatten)]
         sync: SyncArgs,
+        /// (PostgreSQL) wait until the workers have finished the run.
+        #[arg(long)]
+        wait: bool,
     },
+    /// Work on a shared database until SIGTERM/SIGINT: claim endpoint syncs of any run,
+    /// keep their leases alive, drive them, finalize runs.
+    Worker(worker::WorkerArgs),
     /// Run the local portal simulator until interrupted.
     Simulate {
         /// Address to listen on (loopback).
@@ -188,6 +197,20 @@ pub(crate) fn sync_options(args: &SyncArgs) -> SyncOptions {
     }
 }
 
+/// Create the parent directory of a SQLite database path (URLs need nothing).
+pub(crate) fn ensure_db_parent(db: &str) -> Result<()> {
+    if is_postgres(db) {
+        return Ok(());
+    }
+    ensure_parent(std::path::Path::new(
+        db.strip_prefix("sqlite://").unwrap_or(db),
+    ))
+}
+
+pub(crate) fn is_postgres(db: &str) -> bool {
+    db.starts_with("postgres://") || db.starts_with("postgresql://")
+}
+
 pub(crate) fn ensure_parent(path: &std::path::Path) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -235,7 +258,7 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             page_size,
             pause_ms,
         } => {
-            ensure_parent(&db.db)?;
+            ensure_db_parent(&db.db)?;
             let app = Bulwark::open(&db.db, bulwark_adapters::default_registry()).await?;
             let source = SqliteSource::open(&legacy, &SourceMapping::default()).await?;
             let options = SnapshotOptions {
@@ -260,8 +283,12 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             db,
             endpoints,
             sync,
+            wait,
         } => {
-            ensure_parent(&db.db)?;
+            if is_postgres(&db.db) {
+                return worker::enqueue(&db.db, &endpoints, &sync, wait).await;
+            }
+            ensure_db_parent(&db.db)?;
             let mut app = Bulwark::open(&db.db, bulwark_adapters::default_registry()).await?;
             let eps = demo_endpoints(endpoints.endpoints, &endpoints.portal_url);
             let bar = progress::Progress::new();
@@ -336,6 +363,7 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             }
         }
         Command::Bench(args) => bench::run(args).await?,
+        Command::Worker(args) => return worker::run(args).await,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -167,3 +167,24 @@ pub(crate) fn print_status(s: &Status) {
         );
     }
 }
+
+pub(crate) fn print_summary_worker(r: &SyncReport) {
+    let states: Vec<String> = r
+        .by_status
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    println!(
+        "worker done: {} workflow(s) claimed, finished: {}, {} lost to other workers or stopped, {} refused, {} transitions in {:.2}s",
+        r.workflows,
+        if states.is_empty() {
+            "none".to_string()
+        } else {
+            states.join(" ")
+        },
+        r.unfinished,
+        r.refused.len(),
+        r.transitions,
+        r.seconds
+    );
+}

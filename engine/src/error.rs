@@ -20,6 +20,26 @@ pub enum EngineError {
         /// What was found instead.
         detail: String,
     },
+    /// The database could not be reached or refused us.
+    #[error("cannot open database {url}: {detail}")]
+    Connect {
+        /// The URL, password redacted.
+        url: String,
+        /// What went wrong.
+        detail: String,
+    },
+    /// The database was written by a newer Bulwark.
+    #[error(
+        "database {url} has schema version {found}, newer than this Bulwark knows (up to {known}); upgrade Bulwark"
+    )]
+    SchemaTooNew {
+        /// The database.
+        url: String,
+        /// Newest migration applied to the database.
+        found: i64,
+        /// Newest migration this build knows.
+        known: i64,
+    },
     /// Another process is working on this database.
     #[error(
         "another bulwark process is already working on {path} (lock file {lock}); stop it first"

@@ -18,6 +18,7 @@ pub mod audit;
 pub mod error;
 pub mod journal;
 pub mod machine;
+pub mod postgres;
 pub mod runtime;
 pub mod sqlite;
 pub mod store;
@@ -26,9 +27,76 @@ pub use audit::{Finding, check_journal};
 pub use error::{EngineError, Result};
 pub use journal::{Journal, JournalConfig};
 pub use machine::{Machine, Transition, TransitionError};
-pub use runtime::{Effects, RunOutcome, Runtime, RuntimeConfig, WorkflowCtx};
+pub use postgres::PostgresStore;
+pub use runtime::{Effects, RunOutcome, Runtime, RuntimeConfig, WorkOptions, WorkflowCtx};
 pub use sqlite::SqliteStore;
 pub use store::{
-    Append, AppendOutcome, ClaimedWorkflow, JournalRow, NewAlert, NewWorkflow, RunId, RunRow,
-    Store, WorkflowId, WorkflowRow, now_ms,
+    Append, AppendOutcome, ClaimRequest, ClaimedWorkflow, JournalRow, NewAlert, NewWorkflow, RunId,
+    RunRow, Store, WorkflowId, WorkflowRow, now_ms,
 };
+
+/// An opened backend: the generic store plus the concrete pool, for domain crates that
+/// keep their own tables in the same database.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// The embedded default.
+    Sqlite(std::sync::Arc<SqliteStore>),
+    /// Several workers on one PostgreSQL database.
+    Postgres(std::sync::Arc<PostgresStore>),
+}
+
+impl Backend {
+    /// Open by URL: `postgres://…` (or `postgresql://…`) for PostgreSQL; `sqlite://PATH`
+    /// or a plain path for SQLite.
+    pub async fn open(url: &str) -> Result<Self> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Self::Postgres(std::sync::Arc::new(
+                PostgresStore::open(url).await?,
+            )))
+        } else {
+            let path = url.strip_prefix("sqlite://").unwrap_or(url);
+            Ok(Self::Sqlite(std::sync::Arc::new(
+                SqliteStore::open(path).await?,
+            )))
+        }
+    }
+
+    /// The generic store.
+    pub fn store(&self) -> std::sync::Arc<dyn Store> {
+        match self {
+            Self::Sqlite(s) => s.clone(),
+            Self::Postgres(s) => s.clone(),
+        }
+    }
+
+    /// Close connections.
+    pub async fn close(&self) {
+        match self {
+            Self::Sqlite(s) => s.close().await,
+            Self::Postgres(s) => s.close().await,
+        }
+    }
+}
+
+/// Apply `migrator` to `pool`, refusing (without writing) a database that already holds a
+/// migration this build does not know: it was written by a newer Bulwark.
+pub(crate) async fn migrate_checked<'a, A>(
+    migrator: sqlx::migrate::Migrator,
+    pool: A,
+    shown: &str,
+) -> Result<()>
+where
+    A: sqlx::Acquire<'a>,
+    <A::Connection as std::ops::Deref>::Target: sqlx::migrate::Migrate,
+{
+    let known = migrator.iter().map(|m| m.version).max().unwrap_or(0);
+    match migrator.run(pool).await {
+        Ok(()) => Ok(()),
+        Err(sqlx::migrate::MigrateError::VersionMissing(found)) => Err(EngineError::SchemaTooNew {
+            url: shown.to_string(),
+            found,
+            known,
+        }),
+        Err(e) => Err(e.into()),
+    }
+}

@@ -122,7 +122,13 @@ impl<M: Machine> Runtime<M> {
     ) -> Result<RunOutcome> {
         let claimed = self
             .store
-            .claim(&self.config.worker, M::KIND, run, self.config.lease_ms)
+            .claim(&crate::store::ClaimRequest {
+                owner: self.config.worker.clone(),
+                kind: M::KIND.to_string(),
+                run,
+                lease_ms: self.config.lease_ms,
+                limit: None,
+            })
             .await?;
         tracing::debug!(claimed = claimed.len(), "claimed");
         let mut outcome = RunOutcome {
@@ -154,37 +160,249 @@ impl<M: Machine> Runtime<M> {
                 };
                 (
                     id,
-                    drive::<M>(store, journal, effects, observer, worker, stop, row).await,
+                    drive::<M>(
+                        store,
+                        journal,
+                        effects,
+                        observer,
+                        worker,
+                        stop,
+                        Arc::default(),
+                        row,
+                    )
+                    .await,
                 )
             });
         }
         while let Some(joined) = tasks.join_next().await {
             let (id, result) =
                 joined.map_err(|e| EngineError::Other(format!("workflow task panicked: {e}")))?;
-            match result {
-                Ok(End::Finished(status, n)) => {
-                    outcome.transitions += n;
-                    *outcome.by_status.entry(status.to_string()).or_default() += 1;
-                }
-                Ok(End::Fenced(n)) => {
-                    outcome.transitions += n;
-                    outcome.fenced += 1;
-                    tracing::warn!(workflow = id, "lost the lease; dropped the workflow");
-                }
-                Ok(End::Unfinished(n)) => {
-                    outcome.transitions += n;
-                    outcome.unfinished += 1;
-                }
-                Err(e) => {
-                    tracing::error!(workflow = id, error = %e, "workflow refused");
-                    outcome.refused.push((id, e.to_string()));
-                }
-            }
+            record(&mut outcome, id, result);
         }
         Ok(outcome)
     }
 }
 
+/// Settings of a long-running worker ([`Runtime::work`]).
+#[derive(Debug, Clone)]
+pub struct WorkOptions {
+    /// Most workflows driven at once by this worker.
+    pub capacity: usize,
+    /// How long to wait for a notification before polling for work again.
+    pub poll: std::time::Duration,
+    /// Return once no work is claimable, nothing is in flight, and `idle` says so.
+    pub exit_when_idle: bool,
+}
+
+impl Default for WorkOptions {
+    fn default() -> Self {
+        Self {
+            capacity: 10_000,
+            poll: std::time::Duration::from_secs(2),
+            exit_when_idle: false,
+        }
+    }
+}
+
+type Held = Arc<std::sync::Mutex<std::collections::HashMap<WorkflowId, (i64, Arc<AtomicBool>)>>>;
+
+impl<M: Machine> Runtime<M> {
+    /// Work as one of possibly many workers on a shared database: claim runnable workflows
+    /// (up to `capacity` at a time), keep their leases alive by heartbeat, drive them, and
+    /// claim more as they finish or as new work is announced. Returns when the stop flag is
+    /// set (after releasing every lease it still holds), or when idle if
+    /// `exit_when_idle` and `idle()` returns true.
+    pub async fn work<F, Fut>(
+        &self,
+        effects: Arc<dyn Effects<M>>,
+        observer: Option<Observer<M>>,
+        options: WorkOptions,
+        idle: F,
+    ) -> Result<RunOutcome>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let worker: Arc<str> = Arc::from(self.config.worker.as_str());
+        let held: Held = Arc::default();
+        let mut outcome = RunOutcome::default();
+        let heartbeat = {
+            let (store, held, owner, lease) = (
+                self.store.clone(),
+                held.clone(),
+                self.config.worker.clone(),
+                self.config.lease_ms,
+            );
+            tokio::spawn(async move {
+                let every = std::time::Duration::from_millis((lease / 3).max(50) as u64);
+                loop {
+                    tokio::time::sleep(every).await;
+                    let snapshot: Vec<(WorkflowId, i64)> = held
+                        .lock()
+                        .expect("held")
+                        .iter()
+                        .map(|(id, (epoch, _))| (*id, *epoch))
+                        .collect();
+                    if snapshot.is_empty() {
+                        continue;
+                    }
+                    match store.renew(&owner, &snapshot, lease).await {
+                        Ok(renewed) => {
+                            let renewed: std::collections::HashSet<_> =
+                                renewed.into_iter().collect();
+                            for (id, (_, lost)) in held.lock().expect("held").iter() {
+                                if !renewed.contains(id) && !lost.swap(true, Ordering::Relaxed) {
+                                    tracing::warn!(
+                                        workflow = id,
+                                        "lease lost (another worker claimed it); stopping it"
+                                    );
+                                }
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "lease heartbeat failed"),
+                    }
+                }
+            })
+        };
+        let mut tasks = JoinSet::new();
+        let result: Result<()> = async {
+            // Claim at start, when notified, when the poll interval passes (leases of dead
+            // workers expire silently), and when half the capacity is free — not after
+            // every finished workflow: a claim scans the open workflows.
+            let mut want_claim = true;
+            let mut more_available = false;
+            let mut last_claim = std::time::Instant::now();
+            loop {
+                if self.stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let free = options.capacity.saturating_sub(tasks.len());
+                let mut claimed_any = false;
+                if last_claim.elapsed() >= options.poll {
+                    want_claim = true;
+                }
+                if want_claim && free > 0 {
+                    let claimed = self
+                        .store
+                        .claim(&crate::store::ClaimRequest {
+                            owner: self.config.worker.clone(),
+                            kind: M::KIND.to_string(),
+                            run: None,
+                            lease_ms: self.config.lease_ms,
+                            limit: Some(free),
+                        })
+                        .await?;
+                    last_claim = std::time::Instant::now();
+                    claimed_any = !claimed.is_empty();
+                    // A full answer means there may be more, to take as room frees up.
+                    more_available = claimed.len() == free;
+                    want_claim = false;
+                    outcome.workflows += claimed.len();
+                    if claimed_any {
+                        tracing::info!(claimed = claimed.len(), "claimed workflows");
+                    }
+                    for w in claimed {
+                        let lost = Arc::new(AtomicBool::new(false));
+                        held.lock().expect("held").insert(w.id, (w.epoch, lost.clone()));
+                        let (store, journal, effects, observer, worker, stop) = (
+                            self.store.clone(),
+                            self.journal.clone(),
+                            effects.clone(),
+                            observer.clone(),
+                            worker.clone(),
+                            self.stop.clone(),
+                        );
+                        let row = WorkflowRow {
+                            id: w.id,
+                            run_id: w.run_id,
+                            kind: M::KIND.to_string(),
+                            subject: w.subject,
+                            input_json: w.input_json,
+                            status: String::new(),
+                            state_json: w.state_json,
+                            seq: w.seq,
+                            epoch: w.epoch,
+                            terminal: false,
+                        };
+                        tasks.spawn(async move {
+                            let id = row.id;
+                            (id, drive::<M>(store, journal, effects, observer, worker, stop, lost, row).await)
+                        });
+                    }
+                }
+                if tasks.is_empty() {
+                    if claimed_any {
+                        continue;
+                    }
+                    if options.exit_when_idle && idle().await {
+                        break;
+                    }
+                    let _ = self.store.wait_for_work(options.poll).await;
+                    want_claim = true;
+                    continue;
+                }
+                let until_poll = options.poll.saturating_sub(last_claim.elapsed());
+                tokio::select! {
+                    Some(joined) = tasks.join_next() => {
+                        let (id, result) = joined.map_err(|e| EngineError::Other(format!("workflow task panicked: {e}")))?;
+                        held.lock().expect("held").remove(&id);
+                        record(&mut outcome, id, result);
+                        if more_available && tasks.len() <= options.capacity / 2 {
+                            want_claim = true;
+                        }
+                    }
+                    _ = self.store.wait_for_work(until_poll), if free > 0 => {
+                        want_claim = true;
+                    }
+                }
+            }
+            Ok(())
+        }
+        .await;
+        // Stopping: workflows finish their current command and return; then leases go back.
+        while let Some(joined) = tasks.join_next().await {
+            if let Ok((id, result)) = joined {
+                held.lock().expect("held").remove(&id);
+                record(&mut outcome, id, result);
+            }
+        }
+        heartbeat.abort();
+        let left: Vec<(WorkflowId, i64)> = held
+            .lock()
+            .expect("held")
+            .iter()
+            .map(|(id, (e, _))| (*id, *e))
+            .collect();
+        if !left.is_empty() {
+            self.store.release(&self.config.worker, &left).await?;
+        }
+        result.map(|()| outcome)
+    }
+}
+
+fn record(outcome: &mut RunOutcome, id: WorkflowId, result: Result<End>) {
+    match result {
+        Ok(End::Finished(status, n)) => {
+            outcome.transitions += n;
+            *outcome.by_status.entry(status.to_string()).or_default() += 1;
+        }
+        Ok(End::Fenced(n)) => {
+            outcome.transitions += n;
+            outcome.fenced += 1;
+            tracing::warn!(workflow = id, "lost the lease; dropped the workflow");
+        }
+        Ok(End::Unfinished(n)) => {
+            outcome.transitions += n;
+            outcome.unfinished += 1;
+        }
+        Err(e) => {
+            tracing::error!(workflow = id, error = %e, "workflow refused");
+            outcome.refused.push((id, e.to_string()));
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn drive<M: Machine>(
     store: Arc<dyn Store>,
     journal: Journal,
@@ -192,6 +410,7 @@ async fn drive<M: Machine>(
     observer: Option<Observer<M>>,
     worker: Arc<str>,
     stop: Arc<AtomicBool>,
+    lost: Arc<AtomicBool>,
     row: WorkflowRow,
 ) -> Result<End> {
     let input: M::Input =
@@ -220,6 +439,10 @@ async fn drive<M: Machine>(
     let mut written = 0u64;
     let mut queue: VecDeque<M::Command> = M::resume(&ctx.input, &state).into();
     while let Some(command) = queue.pop_front() {
+        if lost.load(Ordering::Relaxed) {
+            // The heartbeat found another worker holds this workflow now.
+            return Ok(End::Fenced(written));
+        }
         if stop.load(Ordering::Relaxed) {
             return Ok(End::Unfinished(written));
         }

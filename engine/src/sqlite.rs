@@ -93,7 +93,7 @@ impl SqliteStore {
         )))
         .execute(&pool)
         .await?;
-        sqlx::migrate!("../migrations/sqlite").run(&pool).await?;
+        crate::migrate_checked(sqlx::migrate!("../migrations/sqlite"), &pool, &shown).await?;
         Ok(Self { pool, path })
     }
 
@@ -211,17 +211,18 @@ impl Store for SqliteStore {
         Ok(ids)
     }
 
-    async fn claim(
-        &self,
-        owner: &str,
-        kind: &str,
-        run: Option<RunId>,
-        lease_ms: i64,
-    ) -> Result<Vec<ClaimedWorkflow>> {
+    async fn claim(&self, request: &ClaimRequest) -> Result<Vec<ClaimedWorkflow>> {
+        // An embedded database is worked on by one process at a time (see
+        // `lock_for_work`), so every lease found here belonged to a process that died:
+        // claim regardless of `lease_until`.
+        let (owner, kind, run) = (&request.owner, &request.kind, request.run);
+        let limit = request.limit.map(|l| l as i64).unwrap_or(-1);
+        let lease_ms = request.lease_ms;
         let mut tx = self.pool.begin().await?;
         let rows = sqlx::query(
             "UPDATE workflows SET lease_owner = ?, lease_epoch = lease_epoch + 1, lease_until = ?
-             WHERE terminal = 0 AND kind = ? AND (? IS NULL OR run_id = ?)
+             WHERE id IN (SELECT id FROM workflows WHERE terminal = 0 AND kind = ? AND (? IS NULL OR run_id = ?)
+                          ORDER BY id LIMIT ?)
              RETURNING id, run_id, subject, seq, lease_epoch",
         )
         .bind(owner)
@@ -229,6 +230,7 @@ impl Store for SqliteStore {
         .bind(kind)
         .bind(run)
         .bind(run)
+        .bind(limit)
         .fetch_all(&mut *tx)
         .await?;
         let inputs: std::collections::HashMap<i64, (String, String)> = sqlx::query(
@@ -265,6 +267,50 @@ impl Store for SqliteStore {
             .collect();
         out.sort_by_key(|w| w.id);
         Ok(out)
+    }
+
+    async fn renew(
+        &self,
+        owner: &str,
+        held: &[(WorkflowId, i64)],
+        lease_ms: i64,
+    ) -> Result<Vec<WorkflowId>> {
+        let until = now_ms() + lease_ms;
+        let mut renewed = Vec::with_capacity(held.len());
+        let mut tx = self.pool.begin().await?;
+        for chunk in held.chunks(CHUNK) {
+            let sql = format!(
+                "UPDATE workflows SET lease_until = {until} FROM (VALUES {}) AS v
+                 WHERE workflows.id = v.column1 AND workflows.lease_epoch = v.column2 AND workflows.lease_owner = ?
+                 RETURNING workflows.id",
+                placeholders(chunk.len(), 2)
+            );
+            let mut q = sqlx::query_scalar::<_, i64>(AssertSqlSafe(sql));
+            for (id, epoch) in chunk {
+                q = q.bind(id).bind(epoch);
+            }
+            renewed.extend(q.bind(owner).fetch_all(&mut *tx).await?);
+        }
+        tx.commit().await?;
+        Ok(renewed)
+    }
+
+    async fn release(&self, owner: &str, held: &[(WorkflowId, i64)]) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for chunk in held.chunks(CHUNK) {
+            let sql = format!(
+                "UPDATE workflows SET lease_owner = NULL, lease_until = NULL FROM (VALUES {}) AS v
+                 WHERE workflows.id = v.column1 AND workflows.lease_epoch = v.column2 AND workflows.lease_owner = ?",
+                placeholders(chunk.len(), 2)
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for (id, epoch) in chunk {
+                q = q.bind(id).bind(epoch);
+            }
+            q.bind(owner).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
     }
 
     async fn append_batch(&self, appends: &[Append]) -> Result<Vec<AppendOutcome>> {

@@ -30,6 +30,21 @@ pub struct NewWorkflow {
     pub status: String,
 }
 
+/// What to claim.
+#[derive(Debug, Clone)]
+pub struct ClaimRequest {
+    /// The claiming worker.
+    pub owner: String,
+    /// Machine kind.
+    pub kind: String,
+    /// Only this run (or any).
+    pub run: Option<RunId>,
+    /// Lease length in milliseconds.
+    pub lease_ms: i64,
+    /// Most workflows to claim (None: all available).
+    pub limit: Option<usize>,
+}
+
 /// A workflow claimed by a worker: everything needed to resume it.
 #[derive(Debug, Clone)]
 pub struct ClaimedWorkflow {
@@ -191,13 +206,22 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<WorkflowId>>;
     /// Claim unfinished workflows of `kind` (optionally of one run) for `owner`, bumping
     /// each one's lease epoch so that any previous holder is fenced off.
-    async fn claim(
+    async fn claim(&self, request: &ClaimRequest) -> Result<Vec<ClaimedWorkflow>>;
+    /// Extend the leases `owner` still holds on `held` (id, epoch) pairs; returns the ids
+    /// whose lease was renewed. An id missing from the answer was lost (fenced).
+    async fn renew(
         &self,
         owner: &str,
-        kind: &str,
-        run: Option<RunId>,
+        held: &[(WorkflowId, i64)],
         lease_ms: i64,
-    ) -> Result<Vec<ClaimedWorkflow>>;
+    ) -> Result<Vec<WorkflowId>>;
+    /// Give up leases (graceful stop) so another worker can claim them at once.
+    async fn release(&self, owner: &str, held: &[(WorkflowId, i64)]) -> Result<()>;
+    /// Wait until new work may be available (a notification) or `timeout` passes.
+    async fn wait_for_work(&self, timeout: std::time::Duration) -> Result<()> {
+        tokio::time::sleep(timeout).await;
+        Ok(())
+    }
     /// Atomically and durably apply a group of conditional appends.
     async fn append_batch(&self, appends: &[Append]) -> Result<Vec<AppendOutcome>>;
     /// A workflow's journal, ordered by seq.

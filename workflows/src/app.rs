@@ -9,8 +9,8 @@ use std::time::Instant;
 
 use bulwark_engine::runtime::Observer;
 use bulwark_engine::{
-    Journal, JournalConfig, Machine, RunOutcome, Runtime, RuntimeConfig, SqliteStore, Store,
-    WorkflowCtx,
+    Backend, Journal, JournalConfig, Machine, RunOutcome, Runtime, RuntimeConfig, Store,
+    WorkOptions, WorkflowCtx,
 };
 use serde::Serialize;
 
@@ -81,7 +81,8 @@ pub struct AuditReport {
 
 /// An opened Bulwark database.
 pub struct Bulwark {
-    store: Arc<SqliteStore>,
+    backend: Backend,
+    store: Arc<dyn Store>,
     staging: Staging,
     registry: AdapterRegistry,
     journal: Option<Journal>,
@@ -89,11 +90,14 @@ pub struct Bulwark {
 }
 
 impl Bulwark {
-    /// Open (or create) the database at `path`.
-    pub async fn open(path: impl AsRef<Path>, registry: AdapterRegistry) -> Result<Self> {
-        let store = Arc::new(SqliteStore::open(path).await?);
-        let staging = Staging::new(store.pool().clone());
+    /// Open (or create) Bulwark's database: a SQLite file path (or `sqlite://PATH`), or a
+    /// `postgres://…[?schema=NAME]` URL for several workers on one PostgreSQL database.
+    pub async fn open(location: impl AsRef<Path>, registry: AdapterRegistry) -> Result<Self> {
+        let backend = Backend::open(&location.as_ref().to_string_lossy()).await?;
+        let store = backend.store();
+        let staging = Staging::new(backend.clone());
         Ok(Self {
+            backend,
             store,
             staging,
             registry,
@@ -103,8 +107,18 @@ impl Bulwark {
     }
 
     /// The store.
-    pub fn store(&self) -> Arc<SqliteStore> {
+    pub fn store(&self) -> Arc<dyn Store> {
         self.store.clone()
+    }
+
+    /// The backend (for the concrete pool).
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
+    /// This process's worker identity.
+    pub fn worker_id(&self) -> &str {
+        &self.worker
     }
 
     /// Staging access.
@@ -141,7 +155,10 @@ impl Bulwark {
         progress: Option<Arc<dyn SyncProgress>>,
     ) -> Result<SyncReport> {
         let started = Instant::now();
-        let _lock = self.store.lock_for_work()?;
+        let _lock = match &self.backend {
+            Backend::Sqlite(s) => Some(s.lock_for_work()?),
+            Backend::Postgres(_) => None,
+        };
         let mut adapters: HashMap<String, Arc<dyn PortalAdapter>> = HashMap::new();
         for ep in endpoints {
             adapters.insert(ep.id.clone(), self.registry.build(ep)?);
@@ -286,9 +303,128 @@ impl Bulwark {
         })
     }
 
+    /// Plan a sync run of `endpoints` towards the newest sealed snapshot without running
+    /// it: workers (`Bulwark::work`, `bulwark worker`) pick it up.
+    pub async fn enqueue(
+        &self,
+        endpoints: &[EndpointConfig],
+        options: &SyncOptions,
+    ) -> Result<Option<Plan>> {
+        let Some(snap) = self.staging.latest_sealed().await? else {
+            return Ok(None);
+        };
+        let diffs = DiffCache::new(self.staging.clone());
+        Ok(Some(
+            plan_run(
+                self.store.as_ref(),
+                &self.staging,
+                &diffs,
+                endpoints,
+                snap.id,
+                options,
+            )
+            .await?,
+        ))
+    }
+
+    /// Work as one of several workers on this database until `stop` is set (or, with
+    /// `exit_when_idle`, until no run is left open): claim endpoint syncs of any run,
+    /// drive them with heartbeated leases, and finalize runs as they complete.
+    pub async fn work(
+        &mut self,
+        endpoints: &[EndpointConfig],
+        options: &SyncOptions,
+        work: WorkOptions,
+        lease_ms: i64,
+        stop: Arc<std::sync::atomic::AtomicBool>,
+        progress: Option<Arc<dyn SyncProgress>>,
+    ) -> Result<SyncReport> {
+        let started = Instant::now();
+        let _lock = match &self.backend {
+            Backend::Sqlite(s) => Some(s.lock_for_work()?),
+            Backend::Postgres(_) => None,
+        };
+        let mut adapters: HashMap<String, Arc<dyn PortalAdapter>> = HashMap::new();
+        for ep in endpoints {
+            adapters.insert(ep.id.clone(), self.registry.build(ep)?);
+        }
+        let diffs = Arc::new(DiffCache::new(self.staging.clone()));
+        let open_circuits = self.store.open_circuits().await?;
+        let effects = Arc::new(SyncEffects::new(
+            adapters,
+            open_circuits,
+            diffs,
+            options.max_in_flight,
+        ));
+        let runtime = Runtime::<EndpointSync>::new(
+            self.store.clone(),
+            self.journal(),
+            RuntimeConfig {
+                worker: self.worker.clone(),
+                lease_ms,
+            },
+        );
+        let rt_stop = runtime.stop_flag();
+        let observer: Option<Observer<EndpointSync>> = progress.map(|p| {
+            Arc::new(move |ctx: &WorkflowCtx<EndpointSync>, s: &State| {
+                p.transition(&ctx.subject, s, EndpointSync::is_terminal(s))
+            }) as Observer<EndpointSync>
+        });
+        // Finalize runs as they complete (any worker may; it is idempotent), and pass the
+        // stop request on to the runtime.
+        let finalizer = {
+            let (store, staging, stop) = (self.store.clone(), self.staging.clone(), stop.clone());
+            tokio::spawn(async move {
+                loop {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        rt_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    if let Ok(runs) = store.runs().await {
+                        for r in runs
+                            .iter()
+                            .filter(|r| r.kind == "sync" && r.status == "running")
+                        {
+                            if let Err(e) = finalize(store.as_ref(), &staging, r.id).await {
+                                tracing::warn!(run = r.id, error = %e, "finalizing failed");
+                            }
+                        }
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+            })
+        };
+        let store = self.store.clone();
+        let staging = self.staging.clone();
+        let idle = move || {
+            let (store, staging) = (store.clone(), staging.clone());
+            async move {
+                let Ok(runs) = store.runs().await else {
+                    return false;
+                };
+                for r in runs
+                    .iter()
+                    .filter(|r| r.kind == "sync" && r.status == "running")
+                {
+                    if !finalize(store.as_ref(), &staging, r.id)
+                        .await
+                        .unwrap_or(false)
+                    {
+                        return false;
+                    }
+                }
+                true
+            }
+        };
+        let outcome = runtime.work(effects.clone(), observer, work, idle).await;
+        finalizer.abort();
+        let mut report = SyncReport::default();
+        report.absorb(outcome?);
+        Ok(self.finish_report(report, &effects, started))
+    }
+
     /// Close the database cleanly.
     pub async fn close(self) {
-        self.store.close().await;
+        self.backend.close().await;
     }
 }
 

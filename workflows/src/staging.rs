@@ -3,9 +3,9 @@
 
 use std::collections::HashMap;
 
+use bulwark_engine::Backend;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use sqlx::sqlite::SqlitePool;
 use sqlx::{AssertSqlSafe, Row};
 
 use crate::catalog::{Item, PriceTier};
@@ -47,25 +47,68 @@ pub struct SealStats {
     pub queries: i64,
 }
 
-/// Access to the staging tables (SQLite).
+/// Access to the staging tables, in Bulwark's own database (SQLite or PostgreSQL; the
+/// SQL is written once with `$N` parameters, which both drivers accept).
 #[derive(Debug, Clone)]
 pub struct Staging {
-    pool: SqlitePool,
+    db: Backend,
+}
+
+/// Run the same query code on whichever pool the backend has.
+macro_rules! on_db {
+    ($db:expr, |$pool:ident| $body:expr) => {
+        match &$db {
+            Backend::Sqlite(store) => {
+                let $pool = store.pool();
+                $body
+            }
+            Backend::Postgres(store) => {
+                let $pool = store.pool();
+                $body
+            }
+        }
+    };
+}
+
+/// `($1,$2,…),(…)` for `rows` rows of `cols` columns.
+fn numbered(rows: usize, cols: usize) -> String {
+    (0..rows)
+        .map(|r| {
+            format!(
+                "({})",
+                (1..=cols)
+                    .map(|c| format!("${}", r * cols + c))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 impl Staging {
     /// Staging on the given (Bulwark) database.
-    pub fn new(pool: SqlitePool) -> Self {
-        Self { pool }
+    pub fn new(db: Backend) -> Self {
+        Self { db }
+    }
+
+    /// The database this staging lives in.
+    pub fn backend(&self) -> &Backend {
+        &self.db
     }
 
     /// Start a new snapshot.
     pub async fn begin_snapshot(&self, source: &str) -> Result<i64> {
-        Ok(sqlx::query_scalar("INSERT INTO snapshots (source, status, started_at) VALUES (?, 'filling', ?) RETURNING id")
-            .bind(source)
-            .bind(bulwark_engine::now_ms())
-            .fetch_one(&self.pool)
-            .await?)
+        let now = bulwark_engine::now_ms();
+        Ok(on_db!(self.db, |pool| {
+            sqlx::query_scalar(
+            "INSERT INTO snapshots (source, status, started_at) VALUES ($1, 'filling', $2) RETURNING id"
+        )
+        .bind(source)
+        .bind(now)
+        .fetch_one(pool)
+        .await?
+        }))
     }
 
     /// Write accepted items and rejected rows of one page, in one transaction.
@@ -75,33 +118,33 @@ impl Staging {
         items: &[Item],
         rejects: &[(String, String)],
     ) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        for chunk in items.chunks(500) {
-            let sql = format!(
-                "INSERT INTO snapshot_items (snapshot_id, sku, qty, tiers_json) VALUES {}",
-                vec!["(?,?,?,?)"; chunk.len()].join(",")
-            );
-            let mut q = sqlx::query(AssertSqlSafe(sql));
-            for it in chunk {
-                q = q
-                    .bind(snapshot)
-                    .bind(&it.sku)
-                    .bind(it.qty)
-                    .bind(serde_json::to_string(&it.tiers).expect("tiers serialise"));
+        on_db!(self.db, |pool| {
+            let mut tx = pool.begin().await?;
+            for chunk in items.chunks(500) {
+                let sql = format!(
+                    "INSERT INTO snapshot_items (snapshot_id, sku, qty, tiers_json) VALUES {}",
+                    numbered(chunk.len(), 4)
+                );
+                let mut q = sqlx::query(AssertSqlSafe(sql));
+                for it in chunk {
+                    q = q
+                        .bind(snapshot)
+                        .bind(&it.sku)
+                        .bind(it.qty)
+                        .bind(serde_json::to_string(&it.tiers).expect("tiers serialise"));
+                }
+                q.execute(&mut *tx).await?;
             }
-            q.execute(&mut *tx).await?;
-        }
-        for (key, reason) in rejects {
-            sqlx::query(
-                "INSERT INTO snapshot_rejects (snapshot_id, row_key, reason) VALUES (?, ?, ?)",
-            )
-            .bind(snapshot)
-            .bind(key)
-            .bind(reason)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
+            for (key, reason) in rejects {
+                sqlx::query("INSERT INTO snapshot_rejects (snapshot_id, row_key, reason) VALUES ($1, $2, $3)")
+                    .bind(snapshot)
+                    .bind(key)
+                    .bind(reason)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+        });
         Ok(())
     }
 
@@ -109,31 +152,40 @@ impl Staging {
     pub async fn seal(&self, snapshot: i64, stats: SealStats) -> Result<String> {
         let items = self.items(snapshot).await?;
         let hash = content_hash(&items);
-        sqlx::query(
-            "UPDATE snapshots SET status = 'sealed', rows_read = ?, rows_accepted = ?, rows_rejected = ?, queries = ?,
-                    content_hash = ?, sealed_at = ? WHERE id = ? AND status = 'filling'",
+        let now = bulwark_engine::now_ms();
+        on_db!(self.db, |pool| {
+            sqlx::query(
+            "UPDATE snapshots SET status = 'sealed', rows_read = $1, rows_accepted = $2, rows_rejected = $3, queries = $4,
+                    content_hash = $5, sealed_at = $6 WHERE id = $7 AND status = 'filling'",
         )
         .bind(stats.rows_read)
         .bind(items.len() as i64)
         .bind(stats.rows_rejected)
         .bind(stats.queries)
         .bind(&hash)
-        .bind(bulwark_engine::now_ms())
+        .bind(now)
         .bind(snapshot)
-        .execute(&self.pool)
-        .await?;
+        .execute(pool)
+        .await
+        .map(|_| ())?
+        });
         Ok(hash)
     }
 
     /// Abandon a snapshot (e.g. too many rejected rows); it is never synced.
     pub async fn abort(&self, snapshot: i64, stats: SealStats) -> Result<()> {
-        sqlx::query("UPDATE snapshots SET status = 'aborted', rows_read = ?, rows_rejected = ?, queries = ? WHERE id = ?")
-            .bind(stats.rows_read)
-            .bind(stats.rows_rejected)
-            .bind(stats.queries)
-            .bind(snapshot)
-            .execute(&self.pool)
-            .await?;
+        on_db!(self.db, |pool| {
+            sqlx::query(
+            "UPDATE snapshots SET status = 'aborted', rows_read = $1, rows_rejected = $2, queries = $3 WHERE id = $4"
+        )
+        .bind(stats.rows_read)
+        .bind(stats.rows_rejected)
+        .bind(stats.queries)
+        .bind(snapshot)
+        .execute(pool)
+        .await
+        .map(|_| ())?
+        });
         Ok(())
     }
 
@@ -148,13 +200,12 @@ impl Staging {
 
     /// All snapshots, newest first.
     pub async fn snapshots(&self) -> Result<Vec<SnapshotRow>> {
-        let rows = sqlx::query(
-            "SELECT id, source, status, rows_read, rows_accepted, rows_rejected, queries, content_hash, started_at, sealed_at
-             FROM snapshots ORDER BY id DESC",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
+        const SQL: &str = "SELECT id, source, status, rows_read, rows_accepted, rows_rejected, queries, content_hash,
+                                  started_at, sealed_at
+                           FROM snapshots ORDER BY id DESC";
+        let rows: Vec<SnapshotRow> = on_db!(self.db, |pool| sqlx::query(SQL)
+            .fetch_all(pool)
+            .await?
             .into_iter()
             .map(|r| SnapshotRow {
                 id: r.get(0),
@@ -168,71 +219,70 @@ impl Staging {
                 started_at: r.get(8),
                 sealed_at: r.get(9),
             })
-            .collect())
+            .collect());
+        Ok(rows)
     }
 
-    /// A snapshot's items, sorted by SKU.
+    /// A snapshot's items, sorted by SKU (byte order, whatever the database's collation).
     pub async fn items(&self, snapshot: i64) -> Result<Vec<Item>> {
-        let rows = sqlx::query(
-            "SELECT sku, qty, tiers_json FROM snapshot_items WHERE snapshot_id = ? ORDER BY sku",
-        )
-        .bind(snapshot)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.into_iter()
-            .map(|r| {
-                let sku: String = r.get(0);
-                let tiers: Vec<PriceTier> =
-                    serde_json::from_str(r.get::<&str, _>(2)).map_err(|e| {
-                        SyncError::Corrupt(format!(
-                            "snapshot {snapshot} sku {sku}: tiers do not decode: {e}"
-                        ))
-                    })?;
-                Ok(Item {
-                    sku,
-                    qty: r.get(1),
-                    tiers,
-                })
+        const SQL: &str = "SELECT sku, qty, tiers_json FROM snapshot_items WHERE snapshot_id = $1";
+        let raw: Vec<(String, i64, String)> = on_db!(self.db, |pool| sqlx::query_as(SQL)
+            .bind(snapshot)
+            .fetch_all(pool)
+            .await?);
+        let mut items = raw
+            .into_iter()
+            .map(|(sku, qty, tiers)| {
+                let tiers: Vec<PriceTier> = serde_json::from_str(&tiers).map_err(|e| {
+                    SyncError::Corrupt(format!(
+                        "snapshot {snapshot} sku {sku}: tiers do not decode: {e}"
+                    ))
+                })?;
+                Ok(Item { sku, qty, tiers })
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        items.sort_unstable_by(|a, b| a.sku.cmp(&b.sku));
+        Ok(items)
     }
 
     /// Is `snapshot` sealed?
     pub async fn is_sealed(&self, snapshot: i64) -> Result<bool> {
-        let status: Option<String> =
-            sqlx::query_scalar("SELECT status FROM snapshots WHERE id = ?")
-                .bind(snapshot)
-                .fetch_optional(&self.pool)
-                .await?;
+        const SQL: &str = "SELECT status FROM snapshots WHERE id = $1";
+        let status: Option<String> = on_db!(self.db, |pool| sqlx::query_scalar(SQL)
+            .bind(snapshot)
+            .fetch_optional(pool)
+            .await?);
         Ok(status.as_deref() == Some("sealed"))
     }
 
     /// The snapshot each endpoint last confirmed in full.
     pub async fn confirmed(&self) -> Result<HashMap<String, i64>> {
-        let rows = sqlx::query("SELECT endpoint_id, snapshot_id FROM endpoint_confirmed")
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+        const SQL: &str = "SELECT endpoint_id, snapshot_id FROM endpoint_confirmed";
+        let rows: Vec<(String, i64)> =
+            on_db!(self.db, |pool| sqlx::query_as(SQL).fetch_all(pool).await?);
+        Ok(rows.into_iter().collect())
     }
 
     /// Record that these endpoints now show these snapshots (idempotent).
     pub async fn confirm(&self, run: i64, confirmed: &[(String, i64)]) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
         let now = bulwark_engine::now_ms();
-        for chunk in confirmed.chunks(500) {
-            let sql = format!(
-                "INSERT INTO endpoint_confirmed (endpoint_id, snapshot_id, run_id, at) VALUES {}
-                 ON CONFLICT (endpoint_id) DO UPDATE SET snapshot_id = excluded.snapshot_id,
-                     run_id = excluded.run_id, at = excluded.at",
-                vec!["(?,?,?,?)"; chunk.len()].join(",")
-            );
-            let mut q = sqlx::query(AssertSqlSafe(sql));
-            for (endpoint, snapshot) in chunk {
-                q = q.bind(endpoint).bind(snapshot).bind(run).bind(now);
+        on_db!(self.db, |pool| {
+            let mut tx = pool.begin().await?;
+            for chunk in confirmed.chunks(500) {
+                let sql = format!(
+                    "INSERT INTO endpoint_confirmed (endpoint_id, snapshot_id, run_id, at) VALUES {}
+                     ON CONFLICT (endpoint_id) DO UPDATE SET snapshot_id = excluded.snapshot_id,
+                         run_id = excluded.run_id, at = excluded.at",
+                    numbered(chunk.len(), 4)
+                );
+                let mut q = sqlx::query(AssertSqlSafe(sql));
+                for (endpoint, snapshot) in chunk {
+                    q = q.bind(endpoint).bind(snapshot).bind(run).bind(now);
+                }
+                q.execute(&mut *tx).await?;
             }
-            q.execute(&mut *tx).await?;
-        }
-        tx.commit().await?;
+            tx.commit().await?;
+        });
         Ok(())
     }
 }

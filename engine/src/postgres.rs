@@ -1,0 +1,558 @@
+//! The PostgreSQL store: several workers on one database. Claims use
+//! `FOR UPDATE SKIP LOCKED` and bump the lease epoch; group commits bind whole arrays
+//! (`unnest`) so one statement moves thousands of workflows.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
+use sqlx::{AssertSqlSafe, Row};
+use tokio::sync::Mutex;
+
+use crate::error::{EngineError, Result};
+use crate::store::*;
+
+/// The PostgreSQL implementation of [`Store`].
+#[derive(Debug)]
+pub struct PostgresStore {
+    pool: PgPool,
+    schema: String,
+    channel: String,
+    shown: String,
+    listener: Mutex<Option<PgListener>>,
+}
+
+/// A URL with any password replaced, for messages.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            let user = creds.split(':').next().unwrap_or("");
+            format!(
+                "{}{}@{}",
+                &url[..s + 3],
+                if creds.contains(':') {
+                    format!("{user}:***")
+                } else {
+                    user.to_string()
+                },
+                &url[at + 1..]
+            )
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// Split Bulwark's own `schema=NAME` parameter off a PostgreSQL URL.
+fn split_schema(url: &str) -> Result<(String, String)> {
+    let Some((base, query)) = url.split_once('?') else {
+        return Ok((url.to_string(), "public".into()));
+    };
+    let mut schema = "public".to_string();
+    let mut rest = Vec::new();
+    for kv in query.split('&').filter(|s| !s.is_empty()) {
+        match kv.split_once('=') {
+            Some(("schema", v)) => schema = v.to_string(),
+            _ => rest.push(kv),
+        }
+    }
+    if schema.is_empty()
+        || !schema
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_')
+    {
+        return Err(EngineError::Other(format!(
+            "schema {schema:?} in the database URL must be letters, digits and underscores"
+        )));
+    }
+    let url = if rest.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{}", rest.join("&"))
+    };
+    Ok((url, schema))
+}
+
+fn connect_error(shown: &str, e: sqlx::Error) -> EngineError {
+    let detail = match &e {
+        sqlx::Error::Io(io) => format!("cannot reach the server: {io}"),
+        sqlx::Error::PoolTimedOut => "cannot reach the server: timed out".to_string(),
+        sqlx::Error::Database(db)
+            if db.code().as_deref() == Some("28P01") || db.code().as_deref() == Some("28000") =>
+        {
+            format!("the server refused the credentials: {}", db.message())
+        }
+        sqlx::Error::Database(db) if db.code().as_deref() == Some("3D000") => {
+            format!("no such database: {}", db.message())
+        }
+        other => other.to_string(),
+    };
+    EngineError::Connect {
+        url: shown.to_string(),
+        detail,
+    }
+}
+
+impl PostgresStore {
+    /// Connect to `url` (`postgres://user[:password]@host:port/db[?schema=NAME]`), create
+    /// the schema if needed and apply pending migrations. Refuses a schema written by a
+    /// newer Bulwark.
+    pub async fn open(url: &str) -> Result<Self> {
+        let shown = redact_url(url);
+        let (url, schema) = split_schema(url)?;
+        let options = PgConnectOptions::from_str(&url)
+            .map_err(|e| EngineError::Connect {
+                url: shown.clone(),
+                detail: format!("bad URL: {e}"),
+            })?
+            .options([("search_path", schema.as_str())]);
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await
+            .map_err(|e| connect_error(&shown, e))?;
+        sqlx::query(AssertSqlSafe(format!(
+            "CREATE SCHEMA IF NOT EXISTS \"{schema}\""
+        )))
+        .execute(&pool)
+        .await
+        .map_err(|e| connect_error(&shown, e))?;
+        crate::migrate_checked(sqlx::migrate!("../migrations/postgres"), &pool, &shown).await?;
+        let channel = format!("bulwark_work_{schema}");
+        Ok(Self {
+            pool,
+            schema,
+            channel,
+            shown,
+            listener: Mutex::new(None),
+        })
+    }
+
+    /// The connection pool (for domain crates that keep their own tables here).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The schema this store lives in.
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+
+    /// The URL, password redacted.
+    pub fn describe(&self) -> &str {
+        &self.shown
+    }
+
+    /// Drop the whole schema (tests).
+    pub async fn drop_schema(&self) -> Result<()> {
+        sqlx::query(AssertSqlSafe(format!(
+            "DROP SCHEMA IF EXISTS \"{}\" CASCADE",
+            self.schema
+        )))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Close the pool (the notification listener first: it holds a connection).
+    pub async fn close(&self) {
+        self.listener.lock().await.take();
+        self.pool.close().await;
+    }
+
+    async fn notify(&self) {
+        let _ = sqlx::query("SELECT pg_notify($1, '')")
+            .bind(&self.channel)
+            .execute(&self.pool)
+            .await;
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn create_run(&self, kind: &str, params_json: &str) -> Result<RunId> {
+        Ok(sqlx::query_scalar(
+            "INSERT INTO runs (kind, status, params_json, created_at) VALUES ($1, 'running', $2, $3) RETURNING id",
+        )
+        .bind(kind)
+        .bind(params_json)
+        .bind(now_ms())
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    async fn create_workflows(
+        &self,
+        run: RunId,
+        workflows: &[NewWorkflow],
+    ) -> Result<Vec<WorkflowId>> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        let kinds: Vec<&str> = workflows.iter().map(|w| w.kind.as_str()).collect();
+        let subjects: Vec<&str> = workflows.iter().map(|w| w.subject.as_str()).collect();
+        let statuses: Vec<&str> = workflows.iter().map(|w| w.status.as_str()).collect();
+        let ids: Vec<i64> = sqlx::query_scalar(
+            "INSERT INTO workflows (run_id, kind, subject, status, seq, created_at, updated_at)
+             SELECT $1, k, s, st, 0, $5, $5 FROM unnest($2::text[], $3::text[], $4::text[]) WITH ORDINALITY AS t(k, s, st, n)
+             ORDER BY n RETURNING id",
+        )
+        .bind(run)
+        .bind(&kinds)
+        .bind(&subjects)
+        .bind(&statuses)
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut ids = ids;
+        ids.sort_unstable();
+        let inputs: Vec<&str> = workflows.iter().map(|w| w.input_json.as_str()).collect();
+        let states: Vec<&str> = workflows.iter().map(|w| w.state_json.as_str()).collect();
+        sqlx::query("INSERT INTO workflow_inputs (workflow_id, input_json) SELECT * FROM unnest($1::bigint[], $2::text[])")
+            .bind(&ids)
+            .bind(&inputs)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO journal (workflow_id, seq, at, worker, epoch, event_json, state_json)
+             SELECT id, 0, $3, 'create', 0, NULL, st FROM unnest($1::bigint[], $2::text[]) AS t(id, st)",
+        )
+        .bind(&ids)
+        .bind(&states)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        self.notify().await;
+        Ok(ids)
+    }
+
+    async fn claim(&self, request: &ClaimRequest) -> Result<Vec<ClaimedWorkflow>> {
+        let now = now_ms();
+        let limit = request.limit.map(|l| l as i64).unwrap_or(i64::MAX);
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query(
+            "UPDATE workflows w SET lease_owner = $1, lease_epoch = w.lease_epoch + 1, lease_until = $2
+             FROM (SELECT id FROM workflows
+                   WHERE NOT terminal AND kind = $3 AND ($4::bigint IS NULL OR run_id = $4)
+                     AND (lease_until IS NULL OR lease_until < $5)
+                   ORDER BY id LIMIT $6 FOR UPDATE SKIP LOCKED) c
+             WHERE w.id = c.id
+             RETURNING w.id, w.run_id, w.subject, w.seq, w.lease_epoch",
+        )
+        .bind(&request.owner)
+        .bind(now + request.lease_ms)
+        .bind(&request.kind)
+        .bind(request.run)
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+        let details: HashMap<i64, (String, String)> = sqlx::query(
+            "SELECT w.id, i.input_json, j.state_json FROM workflows w
+             JOIN workflow_inputs i ON i.workflow_id = w.id
+             JOIN journal j ON j.workflow_id = w.id AND j.seq = w.seq
+             WHERE w.id = ANY($1)",
+        )
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect();
+        tx.commit().await?;
+        let mut out: Vec<ClaimedWorkflow> = rows
+            .into_iter()
+            .map(|r| {
+                let id: i64 = r.get(0);
+                let (input_json, state_json) = details.get(&id).cloned().unwrap_or_default();
+                ClaimedWorkflow {
+                    id,
+                    run_id: r.get(1),
+                    subject: r.get(2),
+                    input_json,
+                    state_json,
+                    seq: r.get(3),
+                    epoch: r.get(4),
+                }
+            })
+            .collect();
+        out.sort_by_key(|w| w.id);
+        Ok(out)
+    }
+
+    async fn renew(
+        &self,
+        owner: &str,
+        held: &[(WorkflowId, i64)],
+        lease_ms: i64,
+    ) -> Result<Vec<WorkflowId>> {
+        let ids: Vec<i64> = held.iter().map(|h| h.0).collect();
+        let epochs: Vec<i64> = held.iter().map(|h| h.1).collect();
+        Ok(sqlx::query_scalar(
+            "UPDATE workflows w SET lease_until = $1 FROM unnest($2::bigint[], $3::bigint[]) AS h(id, epoch)
+             WHERE w.id = h.id AND w.lease_epoch = h.epoch AND w.lease_owner = $4 RETURNING w.id",
+        )
+        .bind(now_ms() + lease_ms)
+        .bind(&ids)
+        .bind(&epochs)
+        .bind(owner)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn release(&self, owner: &str, held: &[(WorkflowId, i64)]) -> Result<()> {
+        let ids: Vec<i64> = held.iter().map(|h| h.0).collect();
+        let epochs: Vec<i64> = held.iter().map(|h| h.1).collect();
+        sqlx::query(
+            "UPDATE workflows w SET lease_owner = NULL, lease_until = NULL FROM unnest($1::bigint[], $2::bigint[]) AS h(id, epoch)
+             WHERE w.id = h.id AND w.lease_epoch = h.epoch AND w.lease_owner = $3",
+        )
+        .bind(&ids)
+        .bind(&epochs)
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
+        self.notify().await;
+        Ok(())
+    }
+
+    async fn wait_for_work(&self, timeout: Duration) -> Result<()> {
+        let mut guard = self.listener.lock().await;
+        if guard.is_none() {
+            let mut l = PgListener::connect_with(&self.pool).await?;
+            l.listen(&self.channel).await?;
+            *guard = Some(l);
+        }
+        let listener = guard.as_mut().expect("listener set");
+        match tokio::time::timeout(timeout, listener.recv()).await {
+            Ok(Ok(_)) | Err(_) => Ok(()),
+            Ok(Err(e)) => {
+                *guard = None;
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn append_batch(&self, appends: &[Append]) -> Result<Vec<AppendOutcome>> {
+        let now = now_ms();
+        let ids: Vec<i64> = appends.iter().map(|a| a.workflow).collect();
+        let seqs: Vec<i64> = appends.iter().map(|a| a.seq).collect();
+        let epochs: Vec<i64> = appends.iter().map(|a| a.epoch).collect();
+        let statuses: Vec<&str> = appends.iter().map(|a| a.status).collect();
+        let terminals: Vec<bool> = appends.iter().map(|a| a.terminal).collect();
+        let wakes: Vec<Option<i64>> = appends.iter().map(|a| a.wake_at).collect();
+        let workers: Vec<&str> = appends.iter().map(|a| &*a.worker).collect();
+        let events: Vec<&str> = appends.iter().map(|a| a.event_json.as_str()).collect();
+        let states: Vec<&str> = appends.iter().map(|a| a.state_json.as_str()).collect();
+        let mut tx = self.pool.begin().await?;
+        // One statement: move every workflow row still at (seq-1, epoch), then journal
+        // exactly the ones that moved.
+        let landed: Vec<i64> = sqlx::query_scalar(
+            "WITH v AS (
+                 SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], $5::bool[], $6::bigint[],
+                                      $7::text[], $8::text[], $9::text[])
+                 AS v(id, seq, epoch, status, terminal, wake_at, worker, event, state)
+             ), moved AS (
+                 UPDATE workflows w SET seq = v.seq, status = v.status, terminal = v.terminal, wake_at = v.wake_at,
+                        updated_at = $10
+                 FROM v WHERE w.id = v.id AND w.seq = v.seq - 1 AND w.lease_epoch = v.epoch
+                 RETURNING w.id
+             )
+             INSERT INTO journal (workflow_id, seq, at, worker, epoch, event_json, state_json)
+             SELECT v.id, v.seq, $10, v.worker, v.epoch, v.event, v.state FROM v JOIN moved ON moved.id = v.id
+             RETURNING workflow_id",
+        )
+        .bind(&ids)
+        .bind(&seqs)
+        .bind(&epochs)
+        .bind(&statuses)
+        .bind(&terminals)
+        .bind(&wakes)
+        .bind(&workers)
+        .bind(&events)
+        .bind(&states)
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?;
+        let landed: std::collections::HashSet<i64> = landed.into_iter().collect();
+        let mut outcomes = Vec::with_capacity(appends.len());
+        for a in appends {
+            let ok = landed.contains(&a.workflow);
+            outcomes.push(if ok {
+                AppendOutcome::Committed
+            } else {
+                AppendOutcome::Fenced
+            });
+            if let (true, Some(alert)) = (ok, &a.alert) {
+                sqlx::query(
+                    "INSERT INTO alerts (at, kind, subject, workflow_id, seq, message) VALUES ($1, $2, $3, $4, $5, $6)
+                     ON CONFLICT (workflow_id, seq) DO NOTHING",
+                )
+                .bind(now)
+                .bind(&alert.kind)
+                .bind(&alert.subject)
+                .bind(a.workflow)
+                .bind(a.seq)
+                .bind(&alert.message)
+                .execute(&mut *tx)
+                .await?;
+                if let Some(ms) = alert.open_circuit_ms {
+                    sqlx::query(
+                        "INSERT INTO circuits (subject, state, opened_at, retry_at) VALUES ($1, 'open', $2, $3)
+                         ON CONFLICT (subject) DO UPDATE SET state = 'open', opened_at = excluded.opened_at, retry_at = excluded.retry_at",
+                    )
+                    .bind(&alert.subject)
+                    .bind(now)
+                    .bind(now + ms)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(outcomes)
+    }
+
+    async fn journal(&self, workflow: WorkflowId) -> Result<Vec<JournalRow>> {
+        self.journal_range(workflow, workflow + 1).await
+    }
+
+    async fn journal_range(&self, from: WorkflowId, to: WorkflowId) -> Result<Vec<JournalRow>> {
+        let rows = sqlx::query(
+            "SELECT workflow_id, seq, at, worker, epoch, event_json, state_json FROM journal
+             WHERE workflow_id >= $1 AND workflow_id < $2 ORDER BY workflow_id, seq",
+        )
+        .bind(from)
+        .bind(to)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| JournalRow {
+                workflow: r.get(0),
+                seq: r.get(1),
+                at: r.get(2),
+                worker: r.get(3),
+                epoch: r.get(4),
+                event_json: r.get(5),
+                state_json: r.get(6),
+            })
+            .collect())
+    }
+
+    async fn workflows(&self, run: Option<RunId>, kind: Option<&str>) -> Result<Vec<WorkflowRow>> {
+        let rows = sqlx::query(
+            "SELECT w.id, w.run_id, w.kind, w.subject, coalesce(i.input_json, ''), w.status,
+                    coalesce(j.state_json, ''), w.seq, w.lease_epoch, w.terminal
+             FROM workflows w LEFT JOIN workflow_inputs i ON i.workflow_id = w.id
+             LEFT JOIN journal j ON j.workflow_id = w.id AND j.seq = w.seq
+             WHERE ($1::bigint IS NULL OR w.run_id = $1) AND ($2::text IS NULL OR w.kind = $2) ORDER BY w.id",
+        )
+        .bind(run)
+        .bind(kind)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| WorkflowRow {
+                id: r.get(0),
+                run_id: r.get(1),
+                kind: r.get(2),
+                subject: r.get(3),
+                input_json: r.get(4),
+                status: r.get(5),
+                state_json: r.get(6),
+                seq: r.get(7),
+                epoch: r.get(8),
+                terminal: r.get(9),
+            })
+            .collect())
+    }
+
+    async fn runs(&self) -> Result<Vec<RunRow>> {
+        let rows = sqlx::query("SELECT id, kind, status, params_json, created_at, finished_at FROM runs ORDER BY id DESC")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| RunRow {
+                id: r.get(0),
+                kind: r.get(1),
+                status: r.get(2),
+                params_json: r.get(3),
+                created_at: r.get(4),
+                finished_at: r.get(5),
+            })
+            .collect())
+    }
+
+    async fn status_counts(&self, run: Option<RunId>) -> Result<Vec<(String, i64)>> {
+        let rows = sqlx::query(
+            "SELECT status, count(*) FROM workflows WHERE ($1::bigint IS NULL OR run_id = $1) GROUP BY status ORDER BY status",
+        )
+        .bind(run)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    async fn finish_run(&self, run: RunId, status: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE runs SET status = $1, finished_at = coalesce(finished_at, $2) WHERE id = $3",
+        )
+        .bind(status)
+        .bind(now_ms())
+        .bind(run)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn alerts(&self, limit: i64) -> Result<Vec<AlertRow>> {
+        let rows = sqlx::query("SELECT id, at, kind, subject, workflow_id, message FROM alerts ORDER BY id DESC LIMIT $1")
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| AlertRow {
+                id: r.get(0),
+                at: r.get(1),
+                kind: r.get(2),
+                subject: r.get(3),
+                workflow: r.get(4),
+                message: r.get(5),
+            })
+            .collect())
+    }
+
+    async fn journal_len(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar("SELECT count(*) FROM journal")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    async fn open_circuits(&self) -> Result<HashMap<String, i64>> {
+        let rows = sqlx::query(
+            "SELECT subject, retry_at FROM circuits WHERE state = 'open' AND retry_at > $1",
+        )
+        .bind(now_ms())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    async fn reset_circuit(&self, subject: &str) -> Result<bool> {
+        let n = sqlx::query("UPDATE circuits SET state = 'closed', retry_at = $1 WHERE subject = $2 AND state = 'open'")
+            .bind(now_ms())
+            .bind(subject)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        Ok(n > 0)
+    }
+}
