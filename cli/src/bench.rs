@@ -220,9 +220,17 @@ async fn run_postgres(url: &str, workers: usize, args: &BenchArgs) -> Result<()>
         .ok_or_else(|| anyhow::anyhow!("no snapshot"))?;
     let run = plan.run.ok_or_else(|| anyhow::anyhow!("nothing planned"))?;
     println!("workload: W1 engine overhead");
-    println!(
-        "backend: postgresql (fsync and synchronous_commit as configured on the server), unnest group commit"
-    );
+    if let bulwark_engine::Backend::Postgres(pg) = app.backend() {
+        let fsync: String = sqlx::query_scalar("SHOW fsync")
+            .fetch_one(pg.pool())
+            .await?;
+        let sc: String = sqlx::query_scalar("SHOW synchronous_commit")
+            .fetch_one(pg.pool())
+            .await?;
+        println!(
+            "backend: postgresql (fsync={fsync}, synchronous_commit={sc}), unnest group commit"
+        );
+    }
     println!(
         "endpoints: {}  batches: {}  worker_processes: {workers}",
         args.endpoints, args.batches
