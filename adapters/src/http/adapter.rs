@@ -1,0 +1,1295 @@
+//! [`HttpAdapter`]: one endpoint driven by a [`Profile`].
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bulwark_workflows::adapter::{
+    AdapterError, AdapterResult, EndpointConfig, PortalAdapter, Receipt, Verification,
+};
+use bulwark_workflows::catalog::{Batch, Item};
+use serde_json::{Map, Value, json};
+use serde_json_path::JsonPath;
+use uuid::Uuid;
+
+use super::cache::IdCache;
+use super::profile::{
+    AuthKind, CompiledRequest, ErrorClass, Mode, PriceUnit, Profile, Profiles, item_value,
+};
+use super::secrets::{REDACTED, Redactor, Secrets};
+
+/// Default per-request timeout.
+pub const DEFAULT_TIMEOUT_MS: u64 = 10_000;
+/// Delay assumed for a rate limit without a usable `Retry-After`.
+pub const DEFAULT_RETRY_AFTER_MS: u64 = 1_000;
+/// Longest excerpt of a body quoted in an error or log line, in characters.
+pub const MAX_EXCERPT_CHARS: usize = 300;
+/// How many differing SKUs a mismatch names at most.
+pub const MAX_MISMATCHES_SHOWN: usize = 5;
+
+/// A classified failure of one request (before it becomes an [`AdapterError`]).
+#[derive(Debug)]
+struct Failure {
+    class: ErrorClass,
+    message: String,
+    retry_after_ms: u64,
+}
+
+impl Failure {
+    fn new(class: ErrorClass, message: String) -> Self {
+        Self {
+            class,
+            message,
+            retry_after_ms: DEFAULT_RETRY_AFTER_MS,
+        }
+    }
+
+    fn into_error(self) -> AdapterError {
+        match self.class {
+            ErrorClass::Rejected => AdapterError::Rejected(self.message),
+            ErrorClass::Transient => AdapterError::Transient(self.message),
+            ErrorClass::Auth => AdapterError::Auth(self.message),
+            ErrorClass::Config | ErrorClass::NotFound => AdapterError::Config(self.message),
+            ErrorClass::RateLimited => AdapterError::RateLimited {
+                retry_after_ms: self.retry_after_ms,
+                message: self.message,
+            },
+        }
+    }
+}
+
+impl From<AdapterError> for Failure {
+    fn from(e: AdapterError) -> Self {
+        let (class, message, retry_after_ms) = match e {
+            AdapterError::Rejected(m) => (ErrorClass::Rejected, m, 0),
+            AdapterError::Auth(m) => (ErrorClass::Auth, m, 0),
+            AdapterError::RateLimited {
+                retry_after_ms,
+                message,
+            } => (ErrorClass::RateLimited, message, retry_after_ms),
+            AdapterError::Config(m) => (ErrorClass::Config, m, 0),
+            AdapterError::Transient(m) => (ErrorClass::Transient, m, 0),
+            other => (ErrorClass::Transient, other.to_string(), 0),
+        };
+        Self {
+            class,
+            message,
+            retry_after_ms,
+        }
+    }
+}
+
+/// A response that passed the status and body checks.
+struct Resp {
+    headers: reqwest::header::HeaderMap,
+    json: Value,
+}
+
+struct TokenState {
+    value: String,
+    expires_at: Option<Instant>,
+    generation: u64,
+}
+
+/// What one SKU shows at the platform.
+#[derive(Debug, PartialEq)]
+struct Shown {
+    qty: Option<i64>,
+    tiers: Option<Vec<(i64, i64)>>,
+    price: Option<i64>,
+    currency: Option<String>,
+}
+
+/// A [`PortalAdapter`] whose protocol is a [`Profile`] (see the [module docs](super)).
+pub struct HttpAdapter {
+    profile: Arc<Profile>,
+    endpoint: String,
+    base_url: String,
+    settings: Map<String, Value>,
+    secrets: Map<String, Value>,
+    currency: Option<String>,
+    timeout: Duration,
+    client: reqwest::Client,
+    cache: Arc<dyn IdCache>,
+    redactor: Redactor,
+    token: tokio::sync::Mutex<Option<TokenState>>,
+    generation: std::sync::atomic::AtomicU64,
+    /// Keys probed without a positive answer: their upload reads back first.
+    suspects: Mutex<HashSet<Uuid>>,
+}
+
+impl fmt::Debug for HttpAdapter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let secret_names: Vec<&String> = self.secrets.keys().collect();
+        f.debug_struct("HttpAdapter")
+            .field("profile", &self.profile.name())
+            .field("endpoint", &self.endpoint)
+            .field("base_url", &self.base_url)
+            .field("settings", &self.settings)
+            .field("secrets", &secret_names)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+fn cfg_err(endpoint: &str, msg: impl fmt::Display) -> AdapterError {
+    AdapterError::Config(format!("endpoint {endpoint}: {msg}"))
+}
+
+impl HttpAdapter {
+    /// Build the adapter for `config`, whose `settings["profile"]` names one of `profiles`.
+    ///
+    /// Settings: `profile`, `base_url` (http), optional `timeout_ms` and `currency`, every
+    /// setting the profile declares, and `<secret>_env` (the environment variable name)
+    /// for every secret it declares. Unknown settings are refused, so a typo cannot go
+    /// unnoticed.
+    pub fn new(
+        config: &EndpointConfig,
+        profiles: &Profiles,
+        cache: Arc<dyn IdCache>,
+        secrets: &dyn Secrets,
+        client: reqwest::Client,
+    ) -> AdapterResult<Self> {
+        let id = config.id.as_str();
+        let s = &config.settings;
+        let pname = s
+            .get("profile")
+            .ok_or_else(|| cfg_err(id, "setting `profile` is required"))?;
+        let profile = profiles.get(pname).ok_or_else(|| {
+            cfg_err(
+                id,
+                format!(
+                    "unknown profile {pname:?} (known: {})",
+                    profiles.names().join(", ")
+                ),
+            )
+        })?;
+        let pc = profile.config();
+        let raw_url = s
+            .get("base_url")
+            .ok_or_else(|| cfg_err(id, "setting `base_url` is required"))?;
+        let parsed = reqwest::Url::parse(raw_url)
+            .map_err(|e| cfg_err(id, format!("`base_url` is not a valid URL: {e}")))?;
+        if parsed.scheme() != "http" {
+            return Err(cfg_err(
+                id,
+                format!(
+                    "`base_url` must use http (this build has no TLS support), got {:?}",
+                    parsed.scheme()
+                ),
+            ));
+        }
+        if !parsed.username().is_empty() || parsed.password().is_some() {
+            return Err(cfg_err(
+                id,
+                "`base_url` must not embed credentials; declare a secret",
+            ));
+        }
+        let base_url = raw_url.trim_end_matches('/').to_owned();
+        let mut settings = Map::new();
+        settings.insert("base_url".into(), Value::String(base_url.clone()));
+        let redactor = Redactor::default();
+        let mut secret_values = Map::new();
+        for (k, v) in s {
+            if k == "profile" || k == "base_url" {
+                continue;
+            }
+            if let Some(name) = k.strip_suffix("_env") {
+                if !pc.secrets.iter().any(|x| x == name) {
+                    return Err(cfg_err(
+                        id,
+                        format!("setting `{k}`: profile {pname:?} declares no secret {name:?}"),
+                    ));
+                }
+                continue;
+            }
+            if !(k == "timeout_ms" || k == "currency" || pc.settings.iter().any(|x| x == k)) {
+                return Err(cfg_err(
+                    id,
+                    format!(
+                        "unknown setting `{k}` for profile {pname:?} (known: profile, base_url, timeout_ms, currency, {}{})",
+                        pc.settings.join(", "),
+                        pc.secrets
+                            .iter()
+                            .map(|s| format!(", {s}_env"))
+                            .collect::<String>()
+                    ),
+                ));
+            }
+            settings.insert(k.clone(), Value::String(v.clone()));
+        }
+        for name in &pc.settings {
+            if !settings.contains_key(name) {
+                return Err(cfg_err(
+                    id,
+                    format!("setting `{name}` is required by profile {pname:?}"),
+                ));
+            }
+        }
+        for name in &pc.secrets {
+            let var_key = format!("{name}_env");
+            let var = s.get(&var_key).ok_or_else(|| {
+                cfg_err(
+                    id,
+                    format!(
+                        "setting `{var_key}` (the environment variable holding secret {name:?}) is required by profile {pname:?}"
+                    ),
+                )
+            })?;
+            let value = secrets.get(var).ok_or_else(|| {
+                cfg_err(
+                    id,
+                    format!("environment variable {var:?} ({var_key}) is not set or empty"),
+                )
+            })?;
+            redactor.add(&value);
+            secret_values.insert(name.clone(), Value::String(value));
+        }
+        let timeout_ms = match s.get("timeout_ms") {
+            None => pc.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS),
+            Some(t) => match t.trim().parse::<u64>() {
+                Ok(ms) if ms > 0 => ms,
+                _ => {
+                    return Err(cfg_err(
+                        id,
+                        format!("`timeout_ms` must be a positive integer, got {t:?}"),
+                    ));
+                }
+            },
+        };
+        Ok(Self {
+            currency: s.get("currency").cloned(),
+            profile,
+            endpoint: id.to_owned(),
+            base_url,
+            settings,
+            secrets: secret_values,
+            timeout: Duration::from_millis(timeout_ms),
+            client,
+            cache,
+            redactor,
+            token: tokio::sync::Mutex::new(None),
+            generation: std::sync::atomic::AtomicU64::new(0),
+            suspects: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// The endpoint id.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// The profile's name.
+    pub fn profile(&self) -> &str {
+        self.profile.name()
+    }
+
+    /// Scrub secrets and tokens from `text`.
+    pub fn scrub(&self, text: &str) -> String {
+        self.redactor.scrub(text)
+    }
+
+    fn base_ctx(&self) -> Map<String, Value> {
+        let mut m = Map::new();
+        m.insert("endpoint".into(), Value::String(self.endpoint.clone()));
+        m.insert("base_url".into(), Value::String(self.base_url.clone()));
+        m.insert("settings".into(), Value::Object(self.settings.clone()));
+        m.insert("secrets".into(), Value::Object(self.secrets.clone()));
+        m
+    }
+
+    fn batch_ctx(batch: &Batch) -> Value {
+        json!({"key": batch.key.to_string(), "snapshot": batch.snapshot, "index": batch.index})
+    }
+
+    fn render(&self, op: &str, tname: &str, ctx: &minijinja::Value) -> Result<String, Failure> {
+        let tmpl = self.profile.env.get_template(tname).map_err(|e| {
+            Failure::new(ErrorClass::Config, format!("{}: {op}: {e}", self.endpoint))
+        })?;
+        tmpl.render(ctx).map_err(|e| {
+            Failure::new(
+                ErrorClass::Config,
+                self.scrub(&format!(
+                    "endpoint {}: {op}: template {tname} failed: {e}",
+                    self.endpoint
+                )),
+            )
+        })
+    }
+
+    /// Render and send one request; classify the answer.
+    async fn send(
+        &self,
+        op: &str,
+        req: &CompiledRequest,
+        ctx: &Map<String, Value>,
+        token: Option<&str>,
+        extra_headers: &[(String, String)],
+    ) -> Result<Resp, Failure> {
+        let mut ctx = ctx.clone();
+        if let Some(t) = token {
+            ctx.insert("token".into(), Value::String(t.to_owned()));
+        }
+        let ctx = minijinja::Value::from_serialize(Value::Object(ctx));
+        let url = self.render(op, &req.url, &ctx)?;
+        let mut rb = self
+            .client
+            .request(req.method.clone(), url.trim())
+            .timeout(self.timeout);
+        let mut headers: Vec<(String, String, bool)> = Vec::new();
+        for (h, t) in &self.profile.headers {
+            headers.push((h.clone(), self.render(op, t, &ctx)?, false));
+        }
+        // The login request itself carries no token header.
+        if let Some((h, t)) = &self.profile.auth_header
+            && (self.profile.config().auth.kind == AuthKind::Header || token.is_some())
+        {
+            headers.push((h.clone(), self.render(op, t, &ctx)?, true));
+        }
+        for (h, t) in &req.headers {
+            headers.push((h.clone(), self.render(op, t, &ctx)?, false));
+        }
+        for (h, v) in extra_headers {
+            headers.push((h.clone(), v.clone(), false));
+        }
+        for (h, v, sensitive) in headers {
+            let mut value = reqwest::header::HeaderValue::from_str(&v).map_err(|_| {
+                Failure::new(
+                    ErrorClass::Config,
+                    format!(
+                        "endpoint {}: {op}: header {h} renders to an invalid value",
+                        self.endpoint
+                    ),
+                )
+            })?;
+            value.set_sensitive(sensitive);
+            rb = rb.header(h, value);
+        }
+        let body: Option<String> = if let Some(t) = &req.body {
+            Some(self.render(op, t, &ctx)?)
+        } else if let Some((query, vars)) = &req.graphql {
+            let variables = match vars {
+                Some(t) => {
+                    let text = self.render(op, t, &ctx)?;
+                    serde_json::from_str::<Value>(&text).map_err(|e| {
+                        Failure::new(
+                            ErrorClass::Config,
+                            format!(
+                                "endpoint {}: {op}: variables are not JSON: {e}",
+                                self.endpoint
+                            ),
+                        )
+                    })?
+                }
+                None => json!({}),
+            };
+            Some(json!({"query": query, "variables": variables}).to_string())
+        } else {
+            None
+        };
+        if let Some(b) = &body {
+            rb = rb
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(b.clone());
+        }
+        tracing::debug!(endpoint = %self.endpoint, op, method = %req.method, url = %self.scrub(&url), "http adapter request");
+        let resp = match rb.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                let kind = if e.is_timeout() {
+                    "timed out"
+                } else if e.is_connect() {
+                    "connection failed"
+                } else {
+                    "request failed"
+                };
+                let msg = self.scrub(&format!(
+                    "endpoint {}: {op}: {kind}: {}",
+                    self.endpoint,
+                    error_chain(&e)
+                ));
+                tracing::warn!(endpoint = %self.endpoint, op, error = %msg, request = %self.redact_body(body.as_deref()), "http adapter request failed");
+                return Err(Failure::new(ErrorClass::Transient, msg));
+            }
+        };
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let text = match resp.text().await {
+            Ok(t) => t,
+            Err(e) => {
+                return Err(Failure::new(
+                    ErrorClass::Transient,
+                    self.scrub(&format!(
+                        "endpoint {}: {op}: response body failed: {}",
+                        self.endpoint,
+                        error_chain(&e)
+                    )),
+                ));
+            }
+        };
+        let json: Value = if text.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::Null)
+        };
+        match self.classify(op, status, &headers, &text, &json) {
+            Ok(()) => Ok(Resp { headers, json }),
+            Err(f) => {
+                if f.class != ErrorClass::NotFound {
+                    tracing::warn!(
+                        endpoint = %self.endpoint,
+                        op,
+                        status,
+                        request = %self.redact_body(body.as_deref()),
+                        response = %self.redact_body(Some(&text)),
+                        "http adapter request refused"
+                    );
+                }
+                Err(f)
+            }
+        }
+    }
+
+    /// Status and body checks of a response.
+    fn classify(
+        &self,
+        op: &str,
+        status: u16,
+        headers: &reqwest::header::HeaderMap,
+        text: &str,
+        json: &Value,
+    ) -> Result<(), Failure> {
+        let pc = self.profile.config();
+        let msg = |detail: &str| {
+            // Scrub before cutting: an excerpt must not end in half a secret.
+            self.scrub(&format!(
+                "endpoint {}: {op}: HTTP {status}: {}",
+                self.endpoint,
+                excerpt(&self.scrub(detail))
+            ))
+        };
+        if pc.not_found_statuses.contains(&status) {
+            return Err(Failure::new(ErrorClass::NotFound, msg(text)));
+        }
+        let ok = if pc.ok_statuses.is_empty() {
+            (200..300).contains(&status)
+        } else {
+            pc.ok_statuses.contains(&status)
+        };
+        if !ok {
+            let class = match status {
+                400 | 409 | 422 => ErrorClass::Rejected,
+                401 | 403 => ErrorClass::Auth,
+                429 => ErrorClass::RateLimited,
+                500..=599 => ErrorClass::Transient,
+                _ => ErrorClass::Config,
+            };
+            let retry_after_ms = headers
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .map(|secs| secs.saturating_mul(1000))
+                .unwrap_or(DEFAULT_RETRY_AFTER_MS);
+            return Err(Failure {
+                class,
+                message: msg(text),
+                retry_after_ms,
+            });
+        }
+        for (path, class, source) in &self.profile.errors {
+            let hits: Vec<&Value> = path
+                .query(json)
+                .all()
+                .into_iter()
+                .filter(|v| !is_empty_value(v))
+                .collect();
+            if !hits.is_empty() {
+                let shown = Value::Array(hits.into_iter().cloned().collect()).to_string();
+                return Err(Failure::new(
+                    *class,
+                    msg(&format!("{source} matched: {shown}")),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// A body for a log line: JSON fields that look like credentials blanked, known secrets
+    /// scrubbed, bounded.
+    fn redact_body(&self, body: Option<&str>) -> String {
+        let Some(body) = body else {
+            return String::new();
+        };
+        let text = match serde_json::from_str::<Value>(body) {
+            Ok(mut v) => {
+                redact_json(&mut v);
+                v.to_string()
+            }
+            Err(_) => body.to_owned(),
+        };
+        excerpt(&self.scrub(&text))
+    }
+
+    async fn current_token(&self) -> AdapterResult<Option<(String, u64)>> {
+        if self.profile.login.is_none() {
+            return Ok(None);
+        }
+        let mut guard = self.token.lock().await;
+        if let Some(t) = guard.as_ref()
+            && t.expires_at.is_none_or(|at| Instant::now() < at)
+        {
+            return Ok(Some((t.value.clone(), t.generation)));
+        }
+        let state = self.login().await?;
+        let out = (state.value.clone(), state.generation);
+        *guard = Some(state);
+        Ok(Some(out))
+    }
+
+    async fn invalidate_token(&self, generation: u64) {
+        let mut guard = self.token.lock().await;
+        if guard.as_ref().is_some_and(|t| t.generation == generation) {
+            *guard = None;
+        }
+    }
+
+    async fn login(&self) -> AdapterResult<TokenState> {
+        const OP: &str = "login";
+        let Some(req) = &self.profile.login else {
+            return Err(cfg_err(&self.endpoint, "profile has no login request"));
+        };
+        let resp = self
+            .send(OP, req, &self.base_ctx(), None, &[])
+            .await
+            .map_err(|f| match f.class {
+                ErrorClass::NotFound => AdapterError::Config(f.message),
+                _ => f.into_error(),
+            })?;
+        let auth = &self.profile.config().auth;
+        let token = if let Some(p) = &self.profile.token_path {
+            p.query(&resp.json).first().and_then(scalar_string)
+        } else {
+            auth.token_header
+                .as_deref()
+                .and_then(|h| resp.headers.get(h))
+                .and_then(|v| v.to_str().ok())
+                .map(|s| s.trim().to_owned())
+        };
+        let Some(token) = token.filter(|t| !t.is_empty()) else {
+            return Err(AdapterError::Auth(format!(
+                "endpoint {}: login: the response carries no token (auth.token_path / auth.token_header)",
+                self.endpoint
+            )));
+        };
+        self.redactor.add(&token);
+        let ttl = self
+            .profile
+            .expires_in_path
+            .as_ref()
+            .and_then(|p| p.query(&resp.json).first().and_then(as_i64))
+            .and_then(|s| u64::try_from(s).ok())
+            .or(auth.ttl_secs);
+        let generation = self
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
+        tracing::debug!(endpoint = %self.endpoint, ttl_secs = ?ttl, "http adapter logged in");
+        Ok(TokenState {
+            value: token,
+            // Renew a little early rather than be refused mid-run.
+            expires_at: ttl.map(|s| Instant::now() + Duration::from_secs(s).mul_f64(0.9)),
+            generation,
+        })
+    }
+
+    /// Send with authentication: a refused token is renewed once; a second refusal in a
+    /// row is an [`ErrorClass::Auth`] failure.
+    async fn call(
+        &self,
+        op: &str,
+        req: &CompiledRequest,
+        ctx: &Map<String, Value>,
+        extra_headers: &[(String, String)],
+    ) -> Result<Resp, Failure> {
+        let mut refreshed = false;
+        loop {
+            let token = self.current_token().await.map_err(Failure::from)?;
+            let result = self
+                .send(
+                    op,
+                    req,
+                    ctx,
+                    token.as_ref().map(|t| t.0.as_str()),
+                    extra_headers,
+                )
+                .await;
+            match (result, token) {
+                (Err(f), Some((_, generation))) if f.class == ErrorClass::Auth && !refreshed => {
+                    tracing::info!(endpoint = %self.endpoint, op, "token refused; logging in again");
+                    self.invalidate_token(generation).await;
+                    refreshed = true;
+                }
+                (result, _) => return result,
+            }
+        }
+    }
+
+    fn transient_cache(&self, e: impl fmt::Display) -> AdapterError {
+        AdapterError::Transient(format!("endpoint {}: {e}", self.endpoint))
+    }
+
+    /// The platform's ids of `items` (empty without a lookup): cached ones, then lookups.
+    async fn ids(&self, items: &[Item]) -> AdapterResult<HashMap<String, String>> {
+        if self.profile.lookup.is_none() {
+            return Ok(HashMap::new());
+        }
+        let skus: Vec<String> = items.iter().map(|i| i.sku.clone()).collect();
+        let mut ids = self
+            .cache
+            .get_many(self.profile.name(), &self.endpoint, &skus)
+            .await
+            .map_err(|e| self.transient_cache(e))?;
+        let mut found = Vec::new();
+        let missing: Vec<&Item> = items.iter().filter(|i| !ids.contains_key(&i.sku)).collect();
+        for item in missing {
+            let id = self.lookup(item).await?;
+            found.push((item.sku.clone(), id.clone()));
+            ids.insert(item.sku.clone(), id);
+        }
+        if !found.is_empty() {
+            self.cache
+                .put_many(self.profile.name(), &self.endpoint, &found)
+                .await
+                .map_err(|e| self.transient_cache(e))?;
+        }
+        Ok(ids)
+    }
+
+    async fn lookup(&self, item: &Item) -> AdapterResult<String> {
+        const OP: &str = "lookup";
+        let Some((req, path)) = &self.profile.lookup else {
+            return Err(cfg_err(&self.endpoint, "profile has no lookup"));
+        };
+        let mut ctx = self.base_ctx();
+        ctx.insert("sku".into(), Value::String(item.sku.clone()));
+        ctx.insert(
+            "item".into(),
+            item_value(item, None, self.profile.config().price_decimals),
+        );
+        let unknown = || {
+            AdapterError::Rejected(format!(
+                "endpoint {}: lookup: SKU {:?} is unknown at the platform",
+                self.endpoint, item.sku
+            ))
+        };
+        let resp = match self.call(OP, req, &ctx, &[]).await {
+            Ok(r) => r,
+            Err(f) if f.class == ErrorClass::NotFound => return Err(unknown()),
+            Err(f) => return Err(f.into_error()),
+        };
+        path.query(&resp.json)
+            .first()
+            .and_then(scalar_string)
+            .ok_or_else(unknown)
+    }
+
+    async fn forget_id(&self, sku: &str) -> AdapterResult<()> {
+        self.cache
+            .invalidate(self.profile.name(), &self.endpoint, sku)
+            .await
+            .map_err(|e| self.transient_cache(e))
+    }
+
+    fn take_suspect(&self, key: Uuid) -> bool {
+        self.suspects.lock().is_ok_and(|mut s| s.remove(&key))
+    }
+
+    fn mark_suspect(&self, key: Uuid) {
+        if let Ok(mut s) = self.suspects.lock() {
+            s.insert(key);
+        }
+    }
+
+    fn item_ctx(
+        &self,
+        batch: &Batch,
+        item: &Item,
+        id: Option<&String>,
+        key: String,
+    ) -> Map<String, Value> {
+        let mut ctx = self.base_ctx();
+        ctx.insert("key".into(), Value::String(key));
+        ctx.insert("batch".into(), Self::batch_ctx(batch));
+        ctx.insert("sku".into(), Value::String(item.sku.clone()));
+        ctx.insert(
+            "item".into(),
+            item_value(
+                item,
+                id.map(String::as_str),
+                self.profile.config().price_decimals,
+            ),
+        );
+        if let Some(id) = id {
+            ctx.insert("id".into(), Value::String(id.clone()));
+        }
+        ctx
+    }
+
+    fn receipt_from(&self, path: Option<&JsonPath>, json: &Value, default: String) -> String {
+        path.and_then(|p| p.query(json).first().and_then(scalar_string))
+            .map(|r| self.scrub(&r))
+            .unwrap_or(default)
+    }
+
+    async fn write_item(
+        &self,
+        batch: &Batch,
+        item: &Item,
+        ids: &mut HashMap<String, String>,
+    ) -> AdapterResult<()> {
+        const OP: &str = "upload";
+        let w = &self.profile.config().write;
+        let key = Uuid::new_v5(&batch.key, item.sku.as_bytes()).to_string();
+        let extra: Vec<(String, String)> = w
+            .idempotency_header
+            .iter()
+            .map(|h| (h.clone(), key.clone()))
+            .collect();
+        for attempt in 0..2 {
+            let ctx = self.item_ctx(batch, item, ids.get(&item.sku), key.clone());
+            match self.call(OP, &self.profile.write, &ctx, &extra).await {
+                Ok(_) => return Ok(()),
+                Err(f) if f.class == ErrorClass::NotFound && self.profile.uses_lookup() => {
+                    // The cached id went stale: forget it, look it up again, retry once.
+                    self.forget_id(&item.sku).await?;
+                    ids.remove(&item.sku);
+                    if attempt == 1 {
+                        return Err(AdapterError::Rejected(f.message));
+                    }
+                    let id = self.lookup(item).await?;
+                    self.cache
+                        .put_many(
+                            self.profile.name(),
+                            &self.endpoint,
+                            &[(item.sku.clone(), id.clone())],
+                        )
+                        .await
+                        .map_err(|e| self.transient_cache(e))?;
+                    ids.insert(item.sku.clone(), id);
+                }
+                Err(f) => return Err(f.into_error()),
+            }
+        }
+        Ok(())
+    }
+
+    /// What the platform shows for each item of `batch` (absent SKUs are missing).
+    async fn read_back(
+        &self,
+        batch: &Batch,
+        ids: &HashMap<String, String>,
+    ) -> AdapterResult<HashMap<String, Result<Shown, String>>> {
+        const OP: &str = "verify";
+        let paths = &self.profile.read_paths;
+        let decimals = self.profile.config().price_decimals;
+        let mut out = HashMap::new();
+        match self.profile.config().read.mode {
+            Mode::PerBatch => {
+                let mut ctx = self.base_ctx();
+                ctx.insert("batch".into(), Self::batch_ctx(batch));
+                ctx.insert(
+                    "items".into(),
+                    Value::Array(
+                        batch
+                            .items
+                            .iter()
+                            .map(|i| item_value(i, ids.get(&i.sku).map(String::as_str), decimals))
+                            .collect(),
+                    ),
+                );
+                ctx.insert(
+                    "skus".into(),
+                    Value::Array(
+                        batch
+                            .items
+                            .iter()
+                            .map(|i| Value::String(i.sku.clone()))
+                            .collect(),
+                    ),
+                );
+                let resp = self
+                    .call(OP, &self.profile.read, &ctx, &[])
+                    .await
+                    .map_err(Failure::into_error)?;
+                let records = match &paths.records {
+                    Some(p) => p.query(&resp.json).all(),
+                    None => vec![&resp.json],
+                };
+                let sku_path = paths.sku.as_ref();
+                for rec in records {
+                    // A records path may select the list itself or its elements.
+                    let recs: Vec<&Value> = match rec {
+                        Value::Array(a) => a.iter().collect(),
+                        v => vec![v],
+                    };
+                    for r in recs {
+                        let sku = sku_path.and_then(|p| p.query(r).first().and_then(scalar_string));
+                        if let Some(sku) = sku {
+                            out.insert(sku, self.parse_shown(r));
+                        }
+                    }
+                }
+            }
+            Mode::PerItem => {
+                for item in &batch.items {
+                    let ctx = self.item_ctx(batch, item, ids.get(&item.sku), batch.key.to_string());
+                    match self.call(OP, &self.profile.read, &ctx, &[]).await {
+                        Ok(resp) => {
+                            let rec = match &paths.records {
+                                Some(p) => p.query(&resp.json).first(),
+                                None => Some(&resp.json),
+                            };
+                            if let Some(rec) = rec.filter(|r| !r.is_null()) {
+                                out.insert(item.sku.clone(), self.parse_shown(rec));
+                            }
+                        }
+                        Err(f) if f.class == ErrorClass::NotFound => {
+                            if self.profile.uses_lookup() {
+                                self.forget_id(&item.sku).await?;
+                            }
+                        }
+                        Err(f) => return Err(f.into_error()),
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn parse_shown(&self, rec: &Value) -> Result<Shown, String> {
+        let paths = &self.profile.read_paths;
+        let read = &self.profile.config().read;
+        let decimals = self.profile.config().price_decimals;
+        let price = |v: &Value| parse_price(v, read.price_unit, decimals);
+        let qty = match paths.qty.query(rec).first() {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(as_i64(v).ok_or_else(|| format!("quantity {v} is not an integer"))?),
+        };
+        let tiers = match &paths.tiers {
+            None => None,
+            Some((list, min_qty, p)) => {
+                let mut tiers = Vec::new();
+                for node in list.query(rec).all() {
+                    let elems: Vec<&Value> = match node {
+                        Value::Array(a) => a.iter().collect(),
+                        v => vec![v],
+                    };
+                    for t in elems {
+                        let m =
+                            min_qty.query(t).first().and_then(as_i64).ok_or_else(|| {
+                                format!("tier {t} has no integer minimum quantity")
+                            })?;
+                        let pv = p
+                            .query(t)
+                            .first()
+                            .ok_or_else(|| format!("tier {t} has no price"))?;
+                        tiers.push((m, price(pv)?));
+                    }
+                }
+                tiers.sort();
+                Some(tiers)
+            }
+        };
+        let price = match &paths.price {
+            None => None,
+            Some(p) => match p.query(rec).first() {
+                None | Some(Value::Null) => None,
+                Some(v) => Some(price(v)?),
+            },
+        };
+        let currency = paths
+            .currency
+            .as_ref()
+            .and_then(|p| p.query(rec).first().and_then(scalar_string));
+        Ok(Shown {
+            qty,
+            tiers,
+            price,
+            currency,
+        })
+    }
+
+    /// `None` when `shown` equals `want`, else a description of the difference.
+    fn differs(&self, want: &Item, shown: Option<&Result<Shown, String>>) -> Option<String> {
+        let shown = match shown {
+            None => return Some("shown absent".into()),
+            Some(Err(e)) => return Some(format!("unreadable: {e}")),
+            Some(Ok(s)) => s,
+        };
+        let mut diffs = Vec::new();
+        if shown.qty != Some(want.qty) {
+            diffs.push(format!("qty expected {} shown {:?}", want.qty, shown.qty));
+        }
+        if let Some(tiers) = &shown.tiers {
+            let mut expected: Vec<(i64, i64)> = want
+                .tiers
+                .iter()
+                .map(|t| (i64::from(t.min_qty), t.price_minor))
+                .collect();
+            expected.sort();
+            if *tiers != expected {
+                diffs.push(format!("tiers expected {expected:?} shown {tiers:?}"));
+            }
+        }
+        if self.profile.read_paths.price.is_some()
+            && let Some(first) = want.tiers.first()
+            && shown.price != Some(first.price_minor)
+        {
+            diffs.push(format!(
+                "price expected {} shown {:?}",
+                first.price_minor, shown.price
+            ));
+        }
+        if let Some(cur) = &self.currency
+            && self.profile.read_paths.currency.is_some()
+            && shown.currency.as_deref() != Some(cur.as_str())
+        {
+            diffs.push(format!(
+                "currency expected {cur} shown {:?}",
+                shown.currency
+            ));
+        }
+        if diffs.is_empty() {
+            None
+        } else {
+            Some(diffs.join(", "))
+        }
+    }
+
+    fn compare(
+        &self,
+        items: &[Item],
+        shown: &HashMap<String, Result<Shown, String>>,
+    ) -> Verification {
+        let mut differing = 0usize;
+        let mut details = Vec::new();
+        for want in items {
+            if let Some(d) = self.differs(want, shown.get(&want.sku)) {
+                differing += 1;
+                if details.len() < MAX_MISMATCHES_SHOWN {
+                    details.push(format!("{}: {d}", want.sku));
+                }
+            }
+        }
+        if differing == 0 {
+            return Verification::Verified;
+        }
+        let more = if differing > details.len() {
+            format!("; and {} more", differing - details.len())
+        } else {
+            String::new()
+        };
+        Verification::Mismatch {
+            details: self.scrub(&format!(
+                "{differing} of {} items differ: {}{more}",
+                items.len(),
+                details.join("; ")
+            )),
+        }
+    }
+}
+
+#[async_trait]
+impl PortalAdapter for HttpAdapter {
+    async fn upload(&self, batch: &Batch) -> AdapterResult<Receipt> {
+        const OP: &str = "upload";
+        let suspect = self.take_suspect(batch.key);
+        let mut ids = self.ids(&batch.items).await?;
+        let w = &self.profile.config().write;
+        let default_receipt = batch.key.to_string();
+        match w.mode {
+            Mode::PerItem => {
+                // After an unanswered attempt, write only what does not show yet.
+                let todo: Vec<&Item> = if suspect {
+                    let shown = self.read_back(batch, &ids).await?;
+                    batch
+                        .items
+                        .iter()
+                        .filter(|i| self.differs(i, shown.get(&i.sku)).is_some())
+                        .collect()
+                } else {
+                    batch.items.iter().collect()
+                };
+                tracing::debug!(endpoint = %self.endpoint, key = %batch.key, items = todo.len(), of = batch.items.len(), suspect, "http adapter per-item upload");
+                for item in todo {
+                    self.write_item(batch, item, &mut ids).await?;
+                }
+                Ok(Receipt {
+                    id: default_receipt,
+                })
+            }
+            Mode::PerBatch => {
+                if suspect {
+                    let shown = self.read_back(batch, &ids).await?;
+                    if self.compare(&batch.items, &shown) == Verification::Verified {
+                        tracing::info!(endpoint = %self.endpoint, key = %batch.key, "batch already shows; not sent again");
+                        return Ok(Receipt {
+                            id: default_receipt,
+                        });
+                    }
+                }
+                let per = w.items_per_request.unwrap_or(usize::MAX).max(1);
+                let decimals = self.profile.config().price_decimals;
+                let mut receipt = None;
+                for (i, chunk) in batch.items.chunks(per).enumerate() {
+                    let key = if i == 0 {
+                        batch.key
+                    } else {
+                        Uuid::new_v5(&batch.key, format!("chunk-{i}").as_bytes())
+                    };
+                    let mut ctx = self.base_ctx();
+                    ctx.insert("key".into(), Value::String(key.to_string()));
+                    ctx.insert("batch".into(), Self::batch_ctx(batch));
+                    ctx.insert(
+                        "items".into(),
+                        Value::Array(
+                            chunk
+                                .iter()
+                                .map(|it| {
+                                    item_value(it, ids.get(&it.sku).map(String::as_str), decimals)
+                                })
+                                .collect(),
+                        ),
+                    );
+                    let extra: Vec<(String, String)> = w
+                        .idempotency_header
+                        .iter()
+                        .map(|h| (h.clone(), key.to_string()))
+                        .collect();
+                    match self.call(OP, &self.profile.write, &ctx, &extra).await {
+                        Ok(resp) => {
+                            if receipt.is_none() {
+                                receipt = Some(self.receipt_from(
+                                    self.profile.write_receipt.as_ref(),
+                                    &resp.json,
+                                    default_receipt.clone(),
+                                ));
+                            }
+                        }
+                        Err(f) if f.class == ErrorClass::NotFound && self.profile.uses_lookup() => {
+                            for it in chunk {
+                                self.forget_id(&it.sku).await?;
+                            }
+                            return Err(AdapterError::Transient(format!(
+                                "{}; cached ids forgotten, looked up again on retry",
+                                f.message
+                            )));
+                        }
+                        Err(f) => return Err(f.into_error()),
+                    }
+                }
+                Ok(Receipt {
+                    id: receipt.unwrap_or(default_receipt),
+                })
+            }
+        }
+    }
+
+    async fn verify(&self, batch: &Batch, _receipt: &Receipt) -> AdapterResult<Verification> {
+        if batch.items.is_empty() {
+            return Ok(Verification::Verified);
+        }
+        let ids = self.ids(&batch.items).await?;
+        let shown = self.read_back(batch, &ids).await?;
+        Ok(self.compare(&batch.items, &shown))
+    }
+
+    async fn probe(&self, endpoint: &str, key: Uuid) -> AdapterResult<Option<Receipt>> {
+        const OP: &str = "probe";
+        if endpoint != self.endpoint {
+            tracing::warn!(adapter_endpoint = %self.endpoint, asked = %endpoint, "probe for another endpoint");
+        }
+        let no_idempotency = self.profile.config().write.idempotency_header.is_none();
+        let Some((req, receipt_path)) = &self.profile.probe else {
+            // No way to ask: the upload reads back before it writes anything.
+            if no_idempotency {
+                self.mark_suspect(key);
+            }
+            return Ok(None);
+        };
+        let mut ctx = self.base_ctx();
+        ctx.insert("key".into(), Value::String(key.to_string()));
+        match self.call(OP, req, &ctx, &[]).await {
+            Ok(resp) => Ok(Some(Receipt {
+                id: self.receipt_from(receipt_path.as_ref(), &resp.json, key.to_string()),
+            })),
+            Err(f) if f.class == ErrorClass::NotFound => {
+                if no_idempotency {
+                    self.mark_suspect(key);
+                }
+                Ok(None)
+            }
+            Err(f) => Err(f.into_error()),
+        }
+    }
+}
+
+fn is_empty_value(v: &Value) -> bool {
+    match v {
+        Value::Null | Value::Bool(false) => true,
+        Value::String(s) => s.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.is_empty(),
+        _ => false,
+    }
+}
+
+fn scalar_string(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn as_i64(v: &Value) -> Option<i64> {
+    match v {
+        Value::Number(n) => n.as_i64(),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+/// A price as minor units.
+fn parse_price(v: &Value, unit: PriceUnit, decimals: u32) -> Result<i64, String> {
+    match unit {
+        PriceUnit::Minor => as_i64(v).ok_or_else(|| format!("price {v} is not an integer")),
+        PriceUnit::Decimal => {
+            let text = match v {
+                Value::Number(n) => n.to_string(),
+                Value::String(s) => s.trim().to_owned(),
+                _ => return Err(format!("price {v} is not a number")),
+            };
+            decimal_to_minor(&text, decimals).ok_or_else(|| {
+                format!("price {text:?} is not a decimal with at most {decimals} decimals")
+            })
+        }
+    }
+}
+
+/// `"12.34"`, 2 → 1234. Exact: more significant decimals than `decimals` is an error.
+pub(crate) fn decimal_to_minor(text: &str, decimals: u32) -> Option<i64> {
+    let (neg, digits) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text),
+    };
+    let (int, frac) = digits.split_once('.').unwrap_or((digits, ""));
+    if int.is_empty() && frac.is_empty() {
+        return None;
+    }
+    if !int.chars().all(|c| c.is_ascii_digit()) || !frac.chars().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    let frac = frac.trim_end_matches('0');
+    if frac.len() > decimals as usize {
+        return None;
+    }
+    let scale = 10i64.checked_pow(decimals)?;
+    let int: i64 = if int.is_empty() { 0 } else { int.parse().ok()? };
+    let frac_val: i64 = if frac.is_empty() {
+        0
+    } else {
+        frac.parse::<i64>().ok()? * 10i64.pow(decimals - frac.len() as u32)
+    };
+    let v = int.checked_mul(scale)?.checked_add(frac_val)?;
+    Some(if neg { -v } else { v })
+}
+
+fn redact_json(v: &mut Value) {
+    const SENSITIVE: &[&str] = &[
+        "password",
+        "passwd",
+        "secret",
+        "token",
+        "apikey",
+        "api_key",
+        "authorization",
+        "credential",
+    ];
+    match v {
+        Value::Object(o) => {
+            for (k, val) in o.iter_mut() {
+                let lk = k.to_ascii_lowercase();
+                if SENSITIVE.iter().any(|s| lk.contains(s)) && !val.is_null() {
+                    *val = Value::String(REDACTED.to_owned());
+                } else {
+                    redact_json(val);
+                }
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(redact_json),
+        _ => {}
+    }
+}
+
+fn excerpt(body: &str) -> String {
+    let body = body.trim();
+    let mut out: String = body.chars().take(MAX_EXCERPT_CHARS).collect();
+    if out.len() < body.len() {
+        out.push('…');
+    }
+    out
+}
+
+fn error_chain(e: &reqwest::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimal_conversion_is_exact() {
+        assert_eq!(decimal_to_minor("12.34", 2), Some(1234));
+        assert_eq!(decimal_to_minor("12.3", 2), Some(1230));
+        assert_eq!(decimal_to_minor("12", 2), Some(1200));
+        assert_eq!(decimal_to_minor("12.340", 2), Some(1234));
+        assert_eq!(decimal_to_minor("-0.05", 2), Some(-5));
+        assert_eq!(decimal_to_minor("12.345", 2), None);
+        assert_eq!(decimal_to_minor("1e3", 2), None);
+        assert_eq!(decimal_to_minor("", 2), None);
+        assert_eq!(parse_price(&json!(12.34), PriceUnit::Decimal, 2), Ok(1234));
+        assert_eq!(parse_price(&json!("1234"), PriceUnit::Minor, 2), Ok(1234));
+        assert!(parse_price(&json!("12.5"), PriceUnit::Minor, 2).is_err());
+    }
+
+    #[test]
+    fn json_redaction() {
+        let mut v = json!({"username": "u", "Password": "p4ss", "nested": [{"access_token": "t"}], "qty": 3});
+        redact_json(&mut v);
+        assert_eq!(
+            v,
+            json!({"username": "u", "Password": REDACTED, "nested": [{"access_token": REDACTED}], "qty": 3})
+        );
+    }
+
+    #[test]
+    fn empty_values_do_not_match_error_rules() {
+        for v in [json!(null), json!([]), json!({}), json!(""), json!(false)] {
+            assert!(is_empty_value(&v), "{v}");
+        }
+        for v in [json!([1]), json!({"a": 1}), json!("x"), json!(0)] {
+            assert!(!is_empty_value(&v), "{v}");
+        }
+    }
+}

@@ -1,0 +1,729 @@
+//! [`ApiSimulator`]: a second portal simulator with two commerce-platform API styles, to
+//! exercise the declarative [`http`](crate::http) adapter. Both serve any number of
+//! virtual endpoints on one loopback port; item values are kept in memory.
+//!
+//! Every endpoint has a catalog in which **every SKU exists**: a product is created (with
+//! quantity 0 and no prices) the first time its SKU is looked up, and gets an id of the
+//! form `p-<n>` (REST) / `gid://sim/Product/<n>` (GraphQL). [`ApiSimHandle::renumber`]
+//! gives every product of an endpoint a new id, so cached ids go stale.
+//!
+//! # Per-item REST (`/rest/{endpoint}/…`)
+//!
+//! * `POST /rest/{e}/login` `{"username", "password"}` → `{"access_token", "expires_in"}`,
+//!   the token also in header `X-Auth-Token` (401 on wrong credentials). Every other
+//!   route needs `Authorization: Bearer <token>` with a live token (else 401).
+//! * `GET /rest/{e}/products?sku=S` → `{"products": [{"id", "sku"}]}`.
+//! * `PATCH /rest/{e}/products/{id}` `{"stock": n, "prices": [{"min_qty", "amount":
+//!   "12.34"}]}` → `{"id"}`; 404 for an unknown id; 422 `{"errors": {"stock": [...]}}`
+//!   for a negative stock or a malformed amount. Prices are decimal strings.
+//! * `GET /rest/{e}/products/{id}` → `{"product": {"id", "sku", "stock", "prices",
+//!   "currency"}}` or 404.
+//!
+//! # GraphQL (`POST /graphql/{endpoint}`)
+//!
+//! Header `X-Api-Key` must carry the configured key; otherwise the answer is **200** with
+//! `{"errors": [{"extensions": {"code": "UNAUTHENTICATED"}}]}`. Errors are always reported
+//! in 200 responses. The simulator recognises the operation by its root field and takes
+//! every input from `variables` (it does not execute selection sets):
+//!
+//! * `productBySku(sku: $sku)` → `data.productBySku {id, sku}`;
+//! * `setInventory(id:, quantity:, tiers: [{minQty, amountMinor}])` →
+//!   `data.setInventory {product {id}, userErrors: []}`; a negative quantity gives
+//!   `userErrors: [{field, message}]`; an unknown id gives `errors: [{"extensions":
+//!   {"code": "NOT_FOUND"}}]` and `data.setInventory: null`;
+//! * `product(id:)` → `data.product {id, sku, quantity, tiers [{minQty, amountMinor}],
+//!   currency}` or `null`. Prices are integer minor units.
+//!
+//! # Faults
+//!
+//! * [`ApiSimHandle::lose_next_writes`]: the next writes of an endpoint are **applied, then
+//!   the connection is closed without an answer** (a lost response);
+//! * [`ApiSimHandle::expire_tokens`]: every issued token stops being accepted;
+//! * [`ApiSimHandle::refuse_tokens`]: logins succeed but their tokens are never accepted.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bulwark_workflows::catalog::{Item, PriceTier};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+/// Simulator configuration. Credentials are whatever the test chooses.
+#[derive(Clone, Default)]
+pub struct ApiSimConfig {
+    /// REST login user name.
+    pub username: String,
+    /// REST login password.
+    pub password: String,
+    /// GraphQL `X-Api-Key` value.
+    pub api_key: String,
+    /// Lifetime of REST tokens in seconds (reported as `expires_in`); 0 means 3600.
+    pub token_ttl_secs: u64,
+    /// Currency every product reports.
+    pub currency: String,
+}
+
+impl fmt::Debug for ApiSimConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiSimConfig")
+            .field("username", &self.username)
+            .field("token_ttl_secs", &self.token_ttl_secs)
+            .field("currency", &self.currency)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Live counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiSimStats {
+    /// Successful logins.
+    pub logins: u64,
+    /// Requests refused for authentication (401, or UNAUTHENTICATED in GraphQL).
+    pub auth_refusals: u64,
+    /// Id lookups answered.
+    pub lookups: u64,
+    /// Item writes applied (REST PATCH or GraphQL `setInventory`).
+    pub writes_applied: u64,
+    /// Writes refused (validation, unknown id).
+    pub writes_refused: u64,
+    /// Read-back requests answered.
+    pub reads: u64,
+    /// Responses deliberately lost after applying.
+    pub responses_lost: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Product {
+    id: String,
+    sku: String,
+    qty: i64,
+    tiers: Vec<PriceTier>,
+    writes: u64,
+}
+
+#[derive(Default)]
+struct EpData {
+    /// By SKU.
+    products: HashMap<String, Product>,
+    /// Id → SKU.
+    ids: HashMap<String, String>,
+    lose_writes: u32,
+}
+
+#[derive(Default)]
+struct Counters {
+    logins: AtomicU64,
+    auth_refusals: AtomicU64,
+    lookups: AtomicU64,
+    writes_applied: AtomicU64,
+    writes_refused: AtomicU64,
+    reads: AtomicU64,
+    responses_lost: AtomicU64,
+}
+
+struct Inner {
+    config: ApiSimConfig,
+    endpoints: Mutex<HashMap<String, EpData>>,
+    tokens: Mutex<HashMap<String, (String, Instant)>>,
+    issued: Mutex<Vec<String>>,
+    refuse_tokens: AtomicBool,
+    next_id: AtomicU64,
+    counters: Counters,
+}
+
+type Shared = Arc<Inner>;
+
+impl Inner {
+    fn ttl(&self) -> Duration {
+        Duration::from_secs(if self.config.token_ttl_secs == 0 {
+            3600
+        } else {
+            self.config.token_ttl_secs
+        })
+    }
+
+    fn with_ep<T>(&self, endpoint: &str, f: impl FnOnce(&mut EpData) -> T) -> T {
+        let mut map = self.endpoints.lock().expect("simulator state");
+        f(map.entry(endpoint.to_owned()).or_default())
+    }
+
+    /// The product for `sku`, created on first sight.
+    fn lookup(&self, endpoint: &str, sku: &str, graphql: bool) -> String {
+        self.counters.lookups.fetch_add(1, Ordering::Relaxed);
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        self.with_ep(endpoint, |ep| {
+            if let Some(p) = ep.products.get(sku) {
+                return p.id.clone();
+            }
+            let id = if graphql {
+                format!("gid://sim/Product/{n}")
+            } else {
+                format!("p-{n}")
+            };
+            ep.products.insert(
+                sku.to_owned(),
+                Product {
+                    id: id.clone(),
+                    sku: sku.to_owned(),
+                    qty: 0,
+                    tiers: Vec::new(),
+                    writes: 0,
+                },
+            );
+            ep.ids.insert(id.clone(), sku.to_owned());
+            id
+        })
+    }
+
+    fn bearer_ok(&self, endpoint: &str, headers: &HeaderMap) -> bool {
+        let ok = !self.refuse_tokens.load(Ordering::SeqCst)
+            && headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .is_some_and(|t| {
+                    let tokens = self.tokens.lock().expect("tokens");
+                    tokens
+                        .get(t)
+                        .is_some_and(|(ep, at)| ep == endpoint && at.elapsed() < self.ttl())
+                });
+        if !ok {
+            self.counters.auth_refusals.fetch_add(1, Ordering::Relaxed);
+        }
+        ok
+    }
+
+    /// Apply a write. `Err(None)`: unknown id; `Err(Some(msg))`: validation failed.
+    /// `Ok(lose)`: applied; `lose` says whether to drop the response.
+    fn apply(
+        &self,
+        endpoint: &str,
+        id: &str,
+        qty: i64,
+        tiers: Vec<PriceTier>,
+    ) -> Result<bool, Option<String>> {
+        let result = self.with_ep(endpoint, |ep| {
+            let Some(sku) = ep.ids.get(id).cloned() else {
+                return Err(None);
+            };
+            if qty < 0 {
+                return Err(Some("must not be negative".to_owned()));
+            }
+            let p = ep.products.get_mut(&sku).ok_or(None)?;
+            p.qty = qty;
+            p.tiers = tiers;
+            p.writes += 1;
+            let lose = ep.lose_writes > 0;
+            if lose {
+                ep.lose_writes -= 1;
+            }
+            Ok(lose)
+        });
+        match &result {
+            Ok(_) => self.counters.writes_applied.fetch_add(1, Ordering::Relaxed),
+            Err(_) => self.counters.writes_refused.fetch_add(1, Ordering::Relaxed),
+        };
+        result
+    }
+
+    fn product_by_id(&self, endpoint: &str, id: &str) -> Option<Product> {
+        self.counters.reads.fetch_add(1, Ordering::Relaxed);
+        self.with_ep(endpoint, |ep| {
+            ep.ids.get(id).and_then(|sku| ep.products.get(sku)).cloned()
+        })
+    }
+
+    /// Close the connection without answering (the write was applied).
+    fn lose_response(&self) -> ! {
+        self.counters.responses_lost.fetch_add(1, Ordering::Relaxed);
+        // Unwinding the connection task drops the socket: the client sees the connection
+        // closed before any response. `resume_unwind` skips the panic hook (no noise).
+        std::panic::resume_unwind(Box::new("simulated lost response"))
+    }
+}
+
+fn minor_to_amount(minor: i64) -> String {
+    let sign = if minor < 0 { "-" } else { "" };
+    let a = minor.unsigned_abs();
+    format!("{sign}{}.{:02}", a / 100, a % 100)
+}
+
+fn amount_to_minor(text: &str) -> Option<i64> {
+    let (int, frac) = text.split_once('.')?;
+    if frac.len() != 2 || int.is_empty() || !int.chars().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    if !frac.chars().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    int.parse::<i64>()
+        .ok()?
+        .checked_mul(100)?
+        .checked_add(frac.parse().ok()?)
+}
+
+fn status_json(status: StatusCode, body: Value) -> Response {
+    (status, Json(body)).into_response()
+}
+
+// ---------------------------------------------------------------------------------------
+// REST
+// ---------------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+struct LoginReq {
+    username: String,
+    password: String,
+}
+
+async fn rest_login(
+    State(s): State<Shared>,
+    UrlPath(endpoint): UrlPath<String>,
+    body: Result<Json<LoginReq>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let ok = body
+        .is_ok_and(|Json(b)| b.username == s.config.username && b.password == s.config.password);
+    if !ok {
+        s.counters.auth_refusals.fetch_add(1, Ordering::Relaxed);
+        return status_json(
+            StatusCode::UNAUTHORIZED,
+            json!({"error": "invalid credentials"}),
+        );
+    }
+    let token = format!("tk-{}", Uuid::new_v4().simple());
+    s.tokens
+        .lock()
+        .expect("tokens")
+        .insert(token.clone(), (endpoint, Instant::now()));
+    s.issued.lock().expect("tokens").push(token.clone());
+    s.counters.logins.fetch_add(1, Ordering::Relaxed);
+    (
+        [("x-auth-token", token.clone())],
+        Json(
+            json!({"access_token": token, "token_type": "Bearer", "expires_in": s.ttl().as_secs()}),
+        ),
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+struct SkuQuery {
+    sku: String,
+}
+
+fn unauthorized() -> Response {
+    status_json(
+        StatusCode::UNAUTHORIZED,
+        json!({"error": "invalid or expired token"}),
+    )
+}
+
+async fn rest_lookup(
+    State(s): State<Shared>,
+    UrlPath(endpoint): UrlPath<String>,
+    headers: HeaderMap,
+    Query(q): Query<SkuQuery>,
+) -> Response {
+    if !s.bearer_ok(&endpoint, &headers) {
+        return unauthorized();
+    }
+    let id = s.lookup(&endpoint, &q.sku, false);
+    Json(json!({"products": [{"id": id, "sku": q.sku}]})).into_response()
+}
+
+#[derive(Deserialize)]
+struct RestPrice {
+    min_qty: u32,
+    amount: String,
+}
+
+#[derive(Deserialize)]
+struct RestPatch {
+    stock: i64,
+    #[serde(default)]
+    prices: Vec<RestPrice>,
+}
+
+async fn rest_patch(
+    State(s): State<Shared>,
+    UrlPath((endpoint, id)): UrlPath<(String, String)>,
+    headers: HeaderMap,
+    body: Result<Json<RestPatch>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if !s.bearer_ok(&endpoint, &headers) {
+        return unauthorized();
+    }
+    let Json(body) = match body {
+        Ok(b) => b,
+        Err(e) => {
+            return status_json(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                json!({"errors": {"body": [e.body_text()]}}),
+            );
+        }
+    };
+    let mut tiers = Vec::new();
+    for p in &body.prices {
+        let Some(minor) = amount_to_minor(&p.amount) else {
+            return status_json(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                json!({"errors": {"prices": [format!("amount {:?} is not a decimal with 2 places", p.amount)]}}),
+            );
+        };
+        tiers.push(PriceTier {
+            min_qty: p.min_qty,
+            price_minor: minor,
+        });
+    }
+    match s.apply(&endpoint, &id, body.stock, tiers) {
+        Ok(true) => s.lose_response(),
+        Ok(false) => Json(json!({"id": id})).into_response(),
+        Err(None) => status_json(StatusCode::NOT_FOUND, json!({"error": "no such product"})),
+        Err(Some(m)) => status_json(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json!({"errors": {"stock": [m]}}),
+        ),
+    }
+}
+
+async fn rest_get(
+    State(s): State<Shared>,
+    UrlPath((endpoint, id)): UrlPath<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    if !s.bearer_ok(&endpoint, &headers) {
+        return unauthorized();
+    }
+    match s.product_by_id(&endpoint, &id) {
+        None => status_json(StatusCode::NOT_FOUND, json!({"error": "no such product"})),
+        Some(p) => Json(json!({"product": {
+            "id": p.id,
+            "sku": p.sku,
+            "stock": p.qty,
+            "prices": p.tiers.iter().map(|t| json!({"min_qty": t.min_qty, "amount": minor_to_amount(t.price_minor)})).collect::<Vec<_>>(),
+            "currency": s.config.currency,
+        }}))
+        .into_response(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// GraphQL
+// ---------------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+struct GqlReq {
+    query: String,
+    #[serde(default)]
+    variables: Value,
+}
+
+fn gql_error(code: &str, message: &str) -> Response {
+    Json(json!({"errors": [{"message": message, "extensions": {"code": code}}], "data": null}))
+        .into_response()
+}
+
+async fn graphql(
+    State(s): State<Shared>,
+    UrlPath(endpoint): UrlPath<String>,
+    headers: HeaderMap,
+    body: Result<Json<GqlReq>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let key_ok = headers
+        .get("x-api-key")
+        .is_some_and(|v| v.as_bytes() == s.config.api_key.as_bytes());
+    if !key_ok {
+        s.counters.auth_refusals.fetch_add(1, Ordering::Relaxed);
+        return gql_error("UNAUTHENTICATED", "missing or invalid API key");
+    }
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(e) => return gql_error("BAD_REQUEST", &e.body_text()),
+    };
+    let vars = &req.variables;
+    let var_str = |k: &str| vars.get(k).and_then(Value::as_str).map(str::to_owned);
+    if req.query.contains("setInventory") {
+        let (Some(id), Some(qty)) = (var_str("id"), vars.get("quantity").and_then(Value::as_i64))
+        else {
+            return gql_error("BAD_USER_INPUT", "setInventory needs $id and $quantity");
+        };
+        let mut tiers = Vec::new();
+        for t in vars
+            .get("tiers")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let (Some(m), Some(a)) = (
+                t.get("minQty").and_then(Value::as_u64),
+                t.get("amountMinor").and_then(Value::as_i64),
+            ) else {
+                return gql_error(
+                    "BAD_USER_INPUT",
+                    "tiers need integer minQty and amountMinor",
+                );
+            };
+            tiers.push(PriceTier {
+                min_qty: u32::try_from(m).unwrap_or(u32::MAX),
+                price_minor: a,
+            });
+        }
+        match s.apply(&endpoint, &id, qty, tiers) {
+            Ok(true) => s.lose_response(),
+            Ok(false) => {
+                Json(json!({"data": {"setInventory": {"product": {"id": id}, "userErrors": []}}}))
+                    .into_response()
+            }
+            Err(None) => Json(json!({
+                "errors": [{"message": format!("product {id} not found"), "path": ["setInventory"], "extensions": {"code": "NOT_FOUND"}}],
+                "data": {"setInventory": null}
+            }))
+            .into_response(),
+            Err(Some(m)) => Json(json!({"data": {"setInventory": {
+                "product": null,
+                "userErrors": [{"field": ["quantity"], "message": m}]
+            }}}))
+            .into_response(),
+        }
+    } else if req.query.contains("productBySku") {
+        let Some(sku) = var_str("sku") else {
+            return gql_error("BAD_USER_INPUT", "productBySku needs $sku");
+        };
+        let id = s.lookup(&endpoint, &sku, true);
+        Json(json!({"data": {"productBySku": {"id": id, "sku": sku}}})).into_response()
+    } else if req.query.contains("product(") {
+        let Some(id) = var_str("id") else {
+            return gql_error("BAD_USER_INPUT", "product needs $id");
+        };
+        let product = s.product_by_id(&endpoint, &id).map(|p| {
+            json!({
+                "id": p.id,
+                "sku": p.sku,
+                "quantity": p.qty,
+                "tiers": p.tiers.iter().map(|t| json!({"minQty": t.min_qty, "amountMinor": t.price_minor})).collect::<Vec<_>>(),
+                "currency": s.config.currency,
+            })
+        });
+        Json(json!({"data": {"product": product}})).into_response()
+    } else {
+        gql_error("GRAPHQL_VALIDATION_FAILED", "unknown operation")
+    }
+}
+
+/// The simulator's routes over `state`.
+fn router(state: Shared) -> Router {
+    Router::new()
+        .route("/rest/{endpoint}/login", post(rest_login))
+        .route("/rest/{endpoint}/products", get(rest_lookup))
+        .route(
+            "/rest/{endpoint}/products/{id}",
+            get(rest_get).patch(rest_patch),
+        )
+        .route("/graphql/{endpoint}", post(graphql))
+        .with_state(state)
+}
+
+// ---------------------------------------------------------------------------------------
+// Server
+// ---------------------------------------------------------------------------------------
+
+/// Namespace for [`start`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApiSimulator;
+
+impl ApiSimulator {
+    /// Same as [`start`].
+    pub async fn start(config: ApiSimConfig, addr: SocketAddr) -> std::io::Result<ApiSimHandle> {
+        start(config, addr).await
+    }
+}
+
+/// A running [`ApiSimulator`]; dropping it stops the server in the background.
+pub struct ApiSimHandle {
+    addr: SocketAddr,
+    inner: Shared,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl fmt::Debug for ApiSimHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiSimHandle")
+            .field("addr", &self.addr)
+            .field("config", &self.inner.config)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl ApiSimHandle {
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `base_url` of an endpoint's REST API: `http://{addr}/rest/{endpoint}`.
+    pub fn rest_base_url(&self, endpoint: &str) -> String {
+        format!("http://{}/rest/{endpoint}", self.addr)
+    }
+
+    /// `base_url` of an endpoint's GraphQL API: `http://{addr}/graphql/{endpoint}`.
+    pub fn graphql_url(&self, endpoint: &str) -> String {
+        format!("http://{}/graphql/{endpoint}", self.addr)
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> ApiSimStats {
+        let c = &self.inner.counters;
+        let l = |a: &AtomicU64| a.load(Ordering::SeqCst);
+        ApiSimStats {
+            logins: l(&c.logins),
+            auth_refusals: l(&c.auth_refusals),
+            lookups: l(&c.lookups),
+            writes_applied: l(&c.writes_applied),
+            writes_refused: l(&c.writes_refused),
+            reads: l(&c.reads),
+            responses_lost: l(&c.responses_lost),
+        }
+    }
+
+    /// What an endpoint shows, as catalog items sorted by SKU (products never written
+    /// are included with quantity 0 and no tiers).
+    pub fn items(&self, endpoint: &str) -> Vec<Item> {
+        let mut items: Vec<Item> = self.inner.with_ep(endpoint, |ep| {
+            ep.products
+                .values()
+                .map(|p| Item {
+                    sku: p.sku.clone(),
+                    qty: p.qty,
+                    tiers: p.tiers.clone(),
+                })
+                .collect()
+        });
+        items.sort_by(|a, b| a.sku.cmp(&b.sku));
+        items
+    }
+
+    /// Every token a login issued (to check that none leaks).
+    pub fn issued_tokens(&self) -> Vec<String> {
+        self.inner.issued.lock().expect("tokens").clone()
+    }
+
+    /// How many writes were applied to `sku` at `endpoint`.
+    pub fn writes_for(&self, endpoint: &str, sku: &str) -> u64 {
+        self.inner
+            .with_ep(endpoint, |ep| ep.products.get(sku).map_or(0, |p| p.writes))
+    }
+
+    /// The next `n` writes to `endpoint` are applied, then their connection is closed
+    /// without a response.
+    pub fn lose_next_writes(&self, endpoint: &str, n: u32) {
+        self.inner.with_ep(endpoint, |ep| ep.lose_writes = n);
+    }
+
+    /// Every token issued so far stops being accepted.
+    pub fn expire_tokens(&self) {
+        self.inner.tokens.lock().expect("tokens").clear();
+    }
+
+    /// While `on`, logins succeed but no token is accepted.
+    pub fn refuse_tokens(&self, on: bool) {
+        self.inner.refuse_tokens.store(on, Ordering::SeqCst);
+    }
+
+    /// Give every product of `endpoint` a new id (cached ids go stale).
+    pub fn renumber(&self, endpoint: &str) {
+        let inner = &self.inner;
+        inner.with_ep(endpoint, |ep| {
+            ep.ids.clear();
+            for p in ep.products.values_mut() {
+                let n = inner.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+                p.id = if p.id.starts_with("gid:") {
+                    format!("gid://sim/Product/{n}")
+                } else {
+                    format!("p-{n}")
+                };
+                ep.ids.insert(p.id.clone(), p.sku.clone());
+            }
+        });
+    }
+
+    /// Stop the server (in-flight requests get at most 5 s).
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(mut server) = self.server.take()
+            && tokio::time::timeout(Duration::from_secs(5), &mut server)
+                .await
+                .is_err()
+        {
+            server.abort();
+        }
+    }
+}
+
+impl Drop for ApiSimHandle {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Bind `addr` (port 0 for an ephemeral port) and serve in a background task.
+pub async fn start(config: ApiSimConfig, addr: SocketAddr) -> std::io::Result<ApiSimHandle> {
+    let inner = Arc::new(Inner {
+        config,
+        endpoints: Mutex::new(HashMap::new()),
+        tokens: Mutex::new(HashMap::new()),
+        issued: Mutex::new(Vec::new()),
+        refuse_tokens: AtomicBool::new(false),
+        next_id: AtomicU64::new(0),
+        counters: Counters::default(),
+    });
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let app = router(inner.clone());
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop_rx.await;
+            })
+            .await
+    });
+    tracing::info!(addr = %bound, "API simulator listening");
+    Ok(ApiSimHandle {
+        addr: bound,
+        inner,
+        stop: Some(stop_tx),
+        server: Some(server),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn amounts() {
+        assert_eq!(minor_to_amount(1234), "12.34");
+        assert_eq!(minor_to_amount(5), "0.05");
+        assert_eq!(amount_to_minor("12.34"), Some(1234));
+        assert_eq!(amount_to_minor("0.05"), Some(5));
+        assert_eq!(amount_to_minor("12.3"), None);
+        assert_eq!(amount_to_minor("12"), None);
+    }
+}

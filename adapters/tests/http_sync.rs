@@ -1,0 +1,644 @@
+//! The declarative `http` adapter driven through the real endpoint-sync state machine
+//! (`Bulwark::open` + a sealed snapshot + `sync`) against each simulator API style.
+
+mod http_common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bulwark_adapters::http::{IdCache, MemoryIdCache, SqliteIdCache};
+use bulwark_adapters::sim_api::{self, ApiSimConfig, ApiSimHandle};
+use bulwark_adapters::simulator::{self, SimConfig};
+use bulwark_workflows::app::{Bulwark, SyncReport};
+use bulwark_workflows::catalog::Item;
+use http_common::*;
+
+fn done(report: &SyncReport) -> usize {
+    report.by_status.get("Done").copied().unwrap_or(0)
+}
+
+async fn api_sim(creds: &Creds) -> ApiSimHandle {
+    sim_api::start(
+        ApiSimConfig {
+            username: creds.username.clone(),
+            password: creds.password.clone(),
+            api_key: creds.api_key.clone(),
+            token_ttl_secs: 3600,
+            currency: "EUR".into(),
+        },
+        loopback(),
+    )
+    .await
+    .unwrap()
+}
+
+async fn assert_clean_audit(app: &Bulwark) {
+    let audit = app.audit().await.unwrap();
+    assert!(audit.findings.is_empty(), "{:?}", audit.findings);
+    assert!(audit.journal_rows > 0);
+}
+
+/// What the API simulator shows for the SKUs of `want`.
+fn shown(sim: &ApiSimHandle, endpoint: &str, want: &[Item]) -> Vec<Item> {
+    let skus: Vec<&str> = want.iter().map(|i| i.sku.as_str()).collect();
+    normalized(
+        sim.items(endpoint)
+            .into_iter()
+            .filter(|i| skus.contains(&i.sku.as_str()))
+            .collect(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_rest_with_idempotency_key_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("bulwark.db");
+    let creds = Creds::random();
+    let sim = simulator::start(
+        SimConfig {
+            required_token: Some(creds.portal_token.clone()),
+            ..SimConfig::default()
+        },
+        loopback(),
+    )
+    .await
+    .unwrap();
+    let want = items(45, 0);
+    seed(&db, &want).await;
+    let endpoints: Vec<_> = ["ep-a", "ep-b"]
+        .iter()
+        .map(|id| {
+            endpoint(
+                id,
+                "batch_rest",
+                sim.base_url(id),
+                &[("api_token_env", TOKEN_VAR)],
+            )
+        })
+        .collect();
+    let cache: Arc<dyn IdCache> = Arc::new(MemoryIdCache::new());
+    let mut app = Bulwark::open(&db, registry(cache, creds.secrets()))
+        .await
+        .unwrap();
+    let report = app.sync(&endpoints, &options(20), None).await.unwrap();
+    assert_eq!(done(&report), 2, "{report:?}");
+    assert_eq!(report.uploads, 6, "3 batches per endpoint: {report:?}");
+    let stats = sim.stats();
+    assert_eq!(stats.batches_applied, 6);
+    assert_eq!(stats.duplicates_applied, 0);
+    assert_clean_audit(&app).await;
+
+    // Read what the portal shows through its own query route.
+    let client = reqwest::Client::new();
+    for ep in ["ep-a", "ep-b"] {
+        let body: serde_json::Value = client
+            .post(format!("{}/items/query", sim.base_url(ep)))
+            .bearer_auth(&creds.portal_token)
+            .json(&serde_json::json!({"skus": want.iter().map(|i| &i.sku).collect::<Vec<_>>()}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let got: Vec<Item> = serde_json::from_value(body["items"].clone()).unwrap();
+        assert_eq!(normalized(got), normalized(want.clone()), "{ep}");
+    }
+
+    // A changed snapshot: only the batches with changed values go out.
+    let mut changed = want.clone();
+    changed[3].qty += 100;
+    changed[30].tiers[1].price_minor += 7;
+    seed(&db, &changed).await;
+    let report = app.sync(&endpoints, &options(20), None).await.unwrap();
+    assert_eq!(done(&report), 2, "{report:?}");
+    assert_eq!(report.uploads, 2, "{report:?}");
+    assert_eq!(sim.stats().batches_applied, 8);
+    assert_clean_audit(&app).await;
+    app.close().await;
+    sim.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_item_rest_with_login_and_cached_lookups_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("bulwark.db");
+    let creds = Creds::random();
+    let sim = api_sim(&creds).await;
+    let want = items(12, 0);
+    seed(&db, &want).await;
+    let cache: Arc<dyn IdCache> = Arc::new(SqliteIdCache::connect(&db).await.unwrap());
+    let endpoints = vec![endpoint(
+        "shop-1",
+        "rest_items",
+        sim.rest_base_url("shop-1"),
+        &[REST_CREDS, &[("currency", "EUR")]].concat(),
+    )];
+    let mut app = Bulwark::open(&db, registry(cache.clone(), creds.secrets()))
+        .await
+        .unwrap();
+    let report = app.sync(&endpoints, &options(5), None).await.unwrap();
+    assert_eq!(done(&report), 1, "{report:?}");
+    assert_eq!(shown(&sim, "shop-1", &want), normalized(want.clone()));
+    let stats = sim.stats();
+    assert_eq!(stats.logins, 1, "the token is reused: {stats:?}");
+    assert_eq!(stats.lookups, 12, "{stats:?}");
+    assert_eq!(stats.writes_applied, 12, "{stats:?}");
+    assert_eq!(stats.auth_refusals, 0, "{stats:?}");
+    assert_clean_audit(&app).await;
+
+    // The ids persist in Bulwark's database.
+    let skus: Vec<String> = want.iter().map(|i| i.sku.clone()).collect();
+    let cached = SqliteIdCache::connect(&db)
+        .await
+        .unwrap()
+        .get_many("rest_items", "shop-1", &skus)
+        .await
+        .unwrap();
+    assert_eq!(cached.len(), 12);
+
+    // The platform renumbers its products: the first write gets 404, the stale id is
+    // forgotten, looked up again, and the write retried.
+    sim.renumber("shop-1");
+    let mut changed = want.clone();
+    changed[0].qty = 999;
+    changed[7].tiers[0].price_minor = 1;
+    seed(&db, &changed).await;
+    let report = app.sync(&endpoints, &options(5), None).await.unwrap();
+    assert_eq!(done(&report), 1, "{report:?}");
+    assert_eq!(shown(&sim, "shop-1", &changed), normalized(changed.clone()));
+    let stats = sim.stats();
+    assert_eq!(stats.lookups, 12 + 2, "only the two stale ids: {stats:?}");
+    assert_eq!(stats.writes_refused, 2, "{stats:?}");
+    assert_eq!(stats.writes_applied, 14, "{stats:?}");
+    assert_clean_audit(&app).await;
+    app.close().await;
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graphql_with_errors_in_200_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("bulwark.db");
+    let creds = Creds::random();
+    let sim = api_sim(&creds).await;
+    let want = items(8, 0);
+    seed(&db, &want).await;
+    let cache: Arc<dyn IdCache> = Arc::new(SqliteIdCache::connect(&db).await.unwrap());
+    let good = endpoint("gq-1", "gql", sim.graphql_url("gq-1"), GQL_CREDS);
+    // A wrong key: the platform answers 200 with UNAUTHENTICATED, an auth failure.
+    let secrets = Arc::new(
+        bulwark_adapters::http::MapSecrets::new()
+            .with(API_KEY_VAR, &creds.api_key)
+            .with("WRONG_KEY", "not-the-key"),
+    );
+    let bad = endpoint(
+        "gq-2",
+        "gql",
+        sim.graphql_url("gq-2"),
+        &[("api_key_env", "WRONG_KEY")],
+    );
+    let mut app = Bulwark::open(&db, registry(cache, secrets)).await.unwrap();
+    let report = app
+        .sync(&[good.clone(), bad], &options(3), None)
+        .await
+        .unwrap();
+    assert_eq!(done(&report), 1, "{report:?}");
+    assert_eq!(report.by_status.get("Tripped"), Some(&1), "{report:?}");
+    assert_eq!(shown(&sim, "gq-1", &want), normalized(want.clone()));
+    assert!(sim.items("gq-2").is_empty());
+    let stats = sim.stats();
+    assert_eq!(stats.writes_applied, 8, "{stats:?}");
+    assert_eq!(
+        stats.auth_refusals, 1,
+        "no retry of an auth failure: {stats:?}"
+    );
+    assert!(app.status().await.unwrap().alerts >= 1);
+
+    // NOT_FOUND inside a 200 after the platform renumbered: re-lookup and retry.
+    sim.renumber("gq-1");
+    let mut changed = want.clone();
+    changed[5].qty = 0;
+    seed(&db, &changed).await;
+    let report = app.sync(&[good], &options(3), None).await.unwrap();
+    assert_eq!(done(&report), 1, "{report:?}");
+    assert_eq!(shown(&sim, "gq-1", &changed), normalized(changed.clone()));
+    assert_clean_audit(&app).await;
+    app.close().await;
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graphql_user_errors_are_rejected() {
+    use bulwark_workflows::adapter::AdapterError;
+    let creds = Creds::random();
+    let sim = api_sim(&creds).await;
+    let registry = registry(Arc::new(MemoryIdCache::new()), creds.secrets());
+    let a = registry
+        .build(&endpoint("gq-v", "gql", sim.graphql_url("gq-v"), GQL_CREDS))
+        .unwrap();
+    let mut bad = items(1, 0);
+    bad[0].qty = -1;
+    let batch = bulwark_workflows::catalog::Batch {
+        endpoint: "gq-v".into(),
+        snapshot: 1,
+        index: 0,
+        key: uuid::Uuid::new_v4(),
+        items: bad,
+    };
+    match a.upload(&batch).await {
+        Err(AdapterError::Rejected(m)) => {
+            assert!(
+                m.contains("userErrors") && m.contains("must not be negative"),
+                "{m}"
+            )
+        }
+        other => panic!("expected Rejected, got {other:?}"),
+    }
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_expiry_mid_run_refreshes_once_and_carries_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("bulwark.db");
+    let creds = Creds::random();
+    let sim = Arc::new(api_sim(&creds).await);
+    let want = items(20, 0);
+    seed(&db, &want).await;
+    let endpoints = vec![endpoint(
+        "shop-t",
+        "rest_items",
+        sim.rest_base_url("shop-t"),
+        REST_CREDS,
+    )];
+    let mut app = Bulwark::open(
+        &db,
+        registry(Arc::new(MemoryIdCache::new()), creds.secrets()),
+    )
+    .await
+    .unwrap();
+    let s = sim.clone();
+    // After the third transition (mid-run: 4 batches of 5), every token expires.
+    let progress = Arc::new(OnTransition::new(move |_, n| {
+        if n == 3 {
+            s.expire_tokens();
+        }
+    }));
+    let report = app
+        .sync(&endpoints, &options(5), Some(progress))
+        .await
+        .unwrap();
+    assert_eq!(done(&report), 1, "{report:?}");
+    assert_eq!(shown(&sim, "shop-t", &want), normalized(want.clone()));
+    let stats = sim.stats();
+    assert_eq!(stats.logins, 2, "one refresh: {stats:?}");
+    assert_eq!(stats.auth_refusals, 1, "{stats:?}");
+    assert_eq!(stats.writes_applied, 20, "{stats:?}");
+    assert_clean_audit(&app).await;
+    app.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_401_in_a_row_is_an_auth_failure_that_trips_the_circuit() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("bulwark.db");
+    let creds = Creds::random();
+    let sim = api_sim(&creds).await;
+    sim.refuse_tokens(true);
+    let want = items(4, 0);
+    seed(&db, &want).await;
+    let endpoints = vec![endpoint(
+        "shop-x",
+        "rest_items",
+        sim.rest_base_url("shop-x"),
+        REST_CREDS,
+    )];
+    let mut app = Bulwark::open(
+        &db,
+        registry(Arc::new(MemoryIdCache::new()), creds.secrets()),
+    )
+    .await
+    .unwrap();
+    let report = app.sync(&endpoints, &options(10), None).await.unwrap();
+    assert_eq!(report.by_status.get("Tripped"), Some(&1), "{report:?}");
+    let stats = sim.stats();
+    assert_eq!(stats.logins, 2, "one refresh, then give up: {stats:?}");
+    assert_eq!(stats.auth_refusals, 2, "{stats:?}");
+    assert_eq!(stats.writes_applied, 0);
+    assert!(app.status().await.unwrap().alerts >= 1);
+    assert_clean_audit(&app).await;
+
+    // The circuit is open: a new snapshot skips the endpoint without calling it.
+    let mut changed = want.clone();
+    changed[0].qty += 1;
+    seed(&db, &changed).await;
+    let report = app.sync(&endpoints, &options(10), None).await.unwrap();
+    assert_eq!(report.by_status.get("Skipped"), Some(&1), "{report:?}");
+    assert_eq!(sim.stats().logins, 2);
+    app.close().await;
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_write_response_is_verified_on_replay_and_not_written_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("bulwark.db");
+    let creds = Creds::random();
+    let sim = api_sim(&creds).await;
+    let want = items(6, 0);
+    seed(&db, &want).await;
+    // REST per item: no idempotency key, no probe route; replay must read back.
+    let rest = endpoint(
+        "shop-l",
+        "rest_items",
+        sim.rest_base_url("shop-l"),
+        REST_CREDS,
+    );
+    // GraphQL per item too.
+    let gql = endpoint("gq-l", "gql", sim.graphql_url("gq-l"), GQL_CREDS);
+    sim.lose_next_writes("shop-l", 1);
+    sim.lose_next_writes("gq-l", 1);
+    let mut app = Bulwark::open(
+        &db,
+        registry(Arc::new(MemoryIdCache::new()), creds.secrets()),
+    )
+    .await
+    .unwrap();
+    let report = app.sync(&[rest, gql], &options(6), None).await.unwrap();
+    assert_eq!(done(&report), 2, "{report:?}");
+    assert!(report.probes.0 >= 2, "replays probe first: {report:?}");
+    let stats = sim.stats();
+    assert_eq!(stats.responses_lost, 2, "{stats:?}");
+    assert_eq!(
+        stats.writes_applied, 12,
+        "each item written exactly once: {stats:?}"
+    );
+    for ep in ["shop-l", "gq-l"] {
+        assert_eq!(shown(&sim, ep, &want), normalized(want.clone()), "{ep}");
+        let writes: HashMap<String, u64> = want
+            .iter()
+            .map(|i| (i.sku.clone(), sim.writes_for(ep, &i.sku)))
+            .collect();
+        assert!(writes.values().all(|w| *w == 1), "{ep}: {writes:?}");
+    }
+    assert_clean_audit(&app).await;
+    app.close().await;
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_batch_writes_are_chunked_with_derived_idempotency_keys() {
+    use bulwark_adapters::http::{self, Profiles};
+    use bulwark_workflows::adapter::{AdapterRegistry, Verification};
+    let creds = Creds::random();
+    let sim = simulator::start(
+        SimConfig {
+            required_token: Some(creds.portal_token.clone()),
+            ..SimConfig::default()
+        },
+        loopback(),
+    )
+    .await
+    .unwrap();
+    let chunked = PROFILES.replacen("items_per_request = 500", "items_per_request = 7", 1);
+    assert_ne!(chunked, PROFILES);
+    let mut registry = AdapterRegistry::new();
+    registry.register(
+        http::ADAPTER_NAME,
+        http::factory_with(
+            Arc::new(Profiles::from_toml_str(&chunked).unwrap()),
+            Arc::new(MemoryIdCache::new()),
+            creds.secrets(),
+        ),
+    );
+    let a = registry
+        .build(&endpoint(
+            "ep-c",
+            "batch_rest",
+            sim.base_url("ep-c"),
+            &[("api_token_env", TOKEN_VAR)],
+        ))
+        .unwrap();
+    let batch = bulwark_workflows::catalog::Batch {
+        endpoint: "ep-c".into(),
+        snapshot: 1,
+        index: 0,
+        key: uuid::Uuid::new_v4(),
+        items: items(20, 0),
+    };
+    assert_eq!(a.probe("ep-c", batch.key).await.unwrap(), None);
+    let r = a.upload(&batch).await.unwrap();
+    assert!(r.id.starts_with("r-"), "the platform's receipt: {r:?}");
+    assert_eq!(sim.stats().batches_applied, 3, "20 items in chunks of 7");
+    assert_eq!(a.verify(&batch, &r).await.unwrap(), Verification::Verified);
+    assert_eq!(
+        a.probe("ep-c", batch.key).await.unwrap().map(|r| r.id),
+        Some(r.id.clone())
+    );
+    // A re-send uses the same chunk keys: the platform de-duplicates every chunk.
+    let again = a.upload(&batch).await.unwrap();
+    assert_eq!(again, r);
+    let stats = sim.stats();
+    assert_eq!((stats.batches_applied, stats.deduplicated), (3, 3));
+    sim.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_token_from_a_response_header() {
+    use bulwark_adapters::http::{self, Profiles};
+    use bulwark_workflows::adapter::{AdapterError, AdapterRegistry, Verification};
+    let creds = Creds::random();
+    let sim = api_sim(&creds).await;
+    let by_header = PROFILES.replacen(
+        "token_path = \"$.access_token\"\nexpires_in_path = \"$.expires_in\"",
+        "token_header = \"X-Auth-Token\"",
+        1,
+    );
+    assert_ne!(by_header, PROFILES);
+    let mut registry = AdapterRegistry::new();
+    registry.register(
+        http::ADAPTER_NAME,
+        http::factory_with(
+            Arc::new(Profiles::from_toml_str(&by_header).unwrap()),
+            Arc::new(MemoryIdCache::new()),
+            creds.secrets(),
+        ),
+    );
+    let a = registry
+        .build(&endpoint(
+            "shop-h",
+            "rest_items",
+            sim.rest_base_url("shop-h"),
+            REST_CREDS,
+        ))
+        .unwrap();
+    let batch = bulwark_workflows::catalog::Batch {
+        endpoint: "shop-h".into(),
+        snapshot: 1,
+        index: 0,
+        key: uuid::Uuid::new_v4(),
+        items: items(3, 0),
+    };
+    let r = a.upload(&batch).await.unwrap();
+    assert_eq!(a.verify(&batch, &r).await.unwrap(), Verification::Verified);
+    assert_eq!(sim.stats().logins, 1);
+    assert_eq!(sim.stats().auth_refusals, 0);
+
+    // Wrong credentials: the login itself is refused, an auth failure.
+    let wrong = Arc::new(
+        bulwark_adapters::http::MapSecrets::new()
+            .with(USER_VAR, &creds.username)
+            .with(PASSWORD_VAR, "wrong-password"),
+    );
+    let mut registry = AdapterRegistry::new();
+    registry.register(
+        http::ADAPTER_NAME,
+        http::factory_with(profiles(), Arc::new(MemoryIdCache::new()), wrong),
+    );
+    let a = registry
+        .build(&endpoint(
+            "shop-h",
+            "rest_items",
+            sim.rest_base_url("shop-h"),
+            REST_CREDS,
+        ))
+        .unwrap();
+    match a.upload(&batch).await {
+        Err(AdapterError::Auth(m)) => assert!(m.contains("login") && m.contains("401"), "{m}"),
+        other => panic!("expected Auth, got {other:?}"),
+    }
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_back_compares_quantities_prices_and_currency() {
+    use bulwark_workflows::adapter::Verification;
+    let creds = Creds::random();
+    let sim = api_sim(&creds).await;
+    let registry = registry(Arc::new(MemoryIdCache::new()), creds.secrets());
+    let gql = registry
+        .build(&endpoint("gq-c", "gql", sim.graphql_url("gq-c"), GQL_CREDS))
+        .unwrap();
+    let batch = |items: Vec<Item>| bulwark_workflows::catalog::Batch {
+        endpoint: "gq-c".into(),
+        snapshot: 1,
+        index: 0,
+        key: uuid::Uuid::new_v4(),
+        items,
+    };
+    let b = batch(items(7, 0));
+    let r = gql.upload(&b).await.unwrap();
+    assert_eq!(gql.verify(&b, &r).await.unwrap(), Verification::Verified);
+
+    // Another price, another quantity, a missing tier: each is a mismatch, named.
+    let mut other = items(7, 0);
+    other[1].tiers[1].price_minor += 1;
+    other[2].qty += 1;
+    other[3].tiers.pop();
+    match gql.verify(&batch(other), &r).await.unwrap() {
+        Verification::Mismatch { details } => {
+            assert!(details.starts_with("3 of 7 items differ"), "{details}");
+            assert!(details.contains("S-0001: tiers expected"), "{details}");
+            assert!(
+                details.contains("S-0002: qty expected 4 shown Some(3)"),
+                "{details}"
+            );
+        }
+        v => panic!("{v:?}"),
+    }
+    // The endpoint expects another currency than the platform shows.
+    let usd = registry
+        .build(&endpoint(
+            "gq-c",
+            "gql",
+            sim.graphql_url("gq-c"),
+            &[("api_key_env", API_KEY_VAR), ("currency", "USD")],
+        ))
+        .unwrap();
+    match usd.verify(&b, &r).await.unwrap() {
+        Verification::Mismatch { details } => {
+            assert!(details.contains("currency expected USD"), "{details}")
+        }
+        v => panic!("{v:?}"),
+    }
+
+    // Decimal prices (REST) round-trip exactly.
+    let rest = registry
+        .build(&endpoint(
+            "shop-c",
+            "rest_items",
+            sim.rest_base_url("shop-c"),
+            REST_CREDS,
+        ))
+        .unwrap();
+    let mut odd = items(3, 0);
+    odd[0].tiers[0].price_minor = 5; // "0.05"
+    odd[1].tiers[0].price_minor = 10_000_007; // "100000.07"
+    let b = batch(odd.clone());
+    let r = rest.upload(&b).await.unwrap();
+    assert_eq!(rest.verify(&b, &r).await.unwrap(), Verification::Verified);
+    assert_eq!(shown(&sim, "shop-c", &odd), normalized(odd));
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_write_then_crash_then_a_new_process_reads_back_and_does_not_rewrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("bulwark.db");
+    let creds = Creds::random();
+    let sim = api_sim(&creds).await;
+    let want = items(6, 0);
+    seed(&db, &want).await;
+    let eps = vec![endpoint(
+        "shop-k",
+        "rest_items",
+        sim.rest_base_url("shop-k"),
+        REST_CREDS,
+    )];
+    sim.lose_next_writes("shop-k", 1);
+    let mut slow = options(6);
+    slow.policy.backoff_base_ms = 1_500;
+    slow.policy.backoff_max_ms = 1_500;
+    let mut app = Bulwark::open(
+        &db,
+        registry(Arc::new(MemoryIdCache::new()), creds.secrets()),
+    )
+    .await
+    .unwrap();
+    // The process dies while the sync backs off after the unanswered write.
+    let cut = tokio::time::timeout(
+        std::time::Duration::from_millis(400),
+        app.sync(&eps, &slow, None),
+    )
+    .await;
+    assert!(cut.is_err(), "still backing off: {cut:?}");
+    drop(app);
+    let stats = sim.stats();
+    assert_eq!(
+        (stats.writes_applied, stats.responses_lost),
+        (1, 1),
+        "{stats:?}"
+    );
+
+    // A new process: fresh adapters (no memory of the attempt), same database.
+    let mut app = Bulwark::open(
+        &db,
+        registry(Arc::new(MemoryIdCache::new()), creds.secrets()),
+    )
+    .await
+    .unwrap();
+    let report = app.sync(&eps, &options(6), None).await.unwrap();
+    assert_eq!(report.resumed_runs.len(), 1, "{report:?}");
+    assert_eq!(done(&report), 1, "{report:?}");
+    assert!(report.probes.0 >= 1, "{report:?}");
+    let stats = sim.stats();
+    assert_eq!(stats.writes_applied, 6, "no item written twice: {stats:?}");
+    for item in &want {
+        assert_eq!(sim.writes_for("shop-k", &item.sku), 1, "{}", item.sku);
+    }
+    assert_eq!(shown(&sim, "shop-k", &want), normalized(want.clone()));
+    assert_clean_audit(&app).await;
+    app.close().await;
+    sim.shutdown().await;
+}
