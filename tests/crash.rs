@@ -159,7 +159,7 @@ fn sigkill_at_random_points_applies_every_batch_exactly_once() {
             .await
             .unwrap();
         let states: Vec<(String, String)> = sqlx::query_as(
-            "SELECT subject, status FROM workflows WHERE run_id = (SELECT min(id) FROM runs)",
+            "SELECT subject, status FROM workflows WHERE kind = 'endpoint_sync' AND run_id = (SELECT min(run_id) FROM workflows WHERE kind = 'endpoint_sync')",
         )
         .fetch_all(&mut b)
         .await

@@ -147,3 +147,66 @@ fn demo_handles_7200_endpoints() {
     );
     assert!(out.contains("7197 done, 3 tripped"), "{out}");
 }
+
+#[test]
+fn sync_reads_endpoints_from_a_config_file_and_refuses_a_bad_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = bulwark_tests::bulwark_bin();
+    let run = |args: &[&str]| {
+        let out = Command::new(&bin).args(args).output().unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let legacy = dir.path().join("legacy.db").display().to_string();
+    let db = dir.path().join("b.db").display().to_string();
+    assert!(run(&["generate-legacy", "--skus", "250", "--path", &legacy]).0);
+    assert!(run(&["snapshot", "--db", &db, "--legacy", &legacy]).0);
+    let port = bulwark_tests::free_port();
+    let mut sim = Command::new(&bin)
+        .args([
+            "simulate",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--endpoints",
+            "3",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    bulwark_tests::wait_for_port(port);
+    let config = dir.path().join("bulwark.toml");
+    let mut text = format!("database = \"{db}\"\n[sync]\nbatch_size = 100\n");
+    for i in 1..=3 {
+        text.push_str(&format!(
+            "[[endpoint]]\nid = \"ep-0000{i}\"\nadapter = \"rest\"\nsettings = {{ base_url = \"http://127.0.0.1:{port}/ep/ep-0000{i}\" }}\n"
+        ));
+    }
+    std::fs::write(&config, &text).unwrap();
+    let (ok, out) = run(&["sync", "--config", &config.display().to_string()]);
+    let _ = sim.kill();
+    let _ = sim.wait();
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("3 done, 0 tripped") && out.contains("9 uploads"),
+        "{out}"
+    );
+
+    std::fs::write(
+        &config,
+        text.replace("batch_size = 100", "batch_size = 100\nbatchsize = 5"),
+    )
+    .unwrap();
+    let (ok, out) = run(&["sync", "--config", &config.display().to_string()]);
+    assert!(!ok);
+    assert!(
+        out.contains("bulwark.toml:4:1") && out.contains("batchsize"),
+        "{out}"
+    );
+}

@@ -616,7 +616,10 @@ async fn crash_and_replay(endpoints: u32, batches: u32, crashes: Vec<Crash>) -> 
             // workflow tasks); appends already queued may still commit or be fenced.
         }
         // The lock must be free again the moment the sync future is gone.
-        drop(app.store().lock_for_work().map_err(|e| {
+        let bulwark_engine::Backend::Sqlite(sqlite) = app.backend() else {
+            unreachable!("sqlite test")
+        };
+        drop(sqlite.lock_for_work().map_err(|e| {
             anyhow::anyhow!("round {round}: worker lock still held after the crash: {e}")
         })?);
         drop(app);

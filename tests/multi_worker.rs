@@ -27,31 +27,53 @@ fn bulwark() -> Command {
 
 fn ok(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(out.status.success(), "{cmd:?}: {text}");
     text
 }
 
 fn signal(child: &Child, sig: &str) {
-    let st = Command::new("kill").args([&format!("-{sig}"), &child.id().to_string()]).status().unwrap();
+    let st = Command::new("kill")
+        .args([&format!("-{sig}"), &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(st.success(), "kill -{sig} failed");
 }
 
 #[test]
 fn workers_survive_a_kill_and_a_pause_longer_than_the_lease() {
-    let Some(base) = bulwark_tests::pg_url() else { return };
+    let Some(base) = bulwark_tests::pg_url() else {
+        return;
+    };
     let db = bulwark_tests::pg_schema_url(&base, "workers");
     let dir = tempfile::tempdir().unwrap();
     let legacy = dir.path().join("legacy.db");
     let record = dir.path().join("portal.db");
-    ok(bulwark().args(["generate-legacy", "--skus", &SKUS.to_string(), "--path"]).arg(&legacy));
-    ok(bulwark().args(["snapshot", "--db", &db, "--legacy"]).arg(&legacy));
+    ok(bulwark()
+        .args(["generate-legacy", "--skus", &SKUS.to_string(), "--path"])
+        .arg(&legacy));
+    ok(bulwark()
+        .args(["snapshot", "--db", &db, "--legacy"])
+        .arg(&legacy));
 
     let port = bulwark_tests::free_port();
     let listen = format!("127.0.0.1:{port}");
     let _sim = Proc(
         bulwark()
-            .args(["simulate", "--listen", &listen, "--endpoints", &ENDPOINTS.to_string(), "--latency-ms", "25", "--record"])
+            .args([
+                "simulate",
+                "--listen",
+                &listen,
+                "--endpoints",
+                &ENDPOINTS.to_string(),
+                "--latency-ms",
+                "25",
+                "--record",
+            ])
             .arg(&record)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -60,20 +82,44 @@ fn workers_survive_a_kill_and_a_pause_longer_than_the_lease() {
     );
     bulwark_tests::wait_for_port(port);
     let portal = format!("http://{listen}");
-    let enq = ok(bulwark().args(["sync", "--db", &db, "--portal-url", &portal, "--endpoints", &ENDPOINTS.to_string()]).args([
-        "--batch-size",
-        &BATCH.to_string(),
-    ]));
+    let enq = ok(bulwark()
+        .args([
+            "sync",
+            "--db",
+            &db,
+            "--portal-url",
+            &portal,
+            "--endpoints",
+            &ENDPOINTS.to_string(),
+        ])
+        .args(["--batch-size", &BATCH.to_string()]));
     assert!(enq.contains("enqueued"), "{enq}");
 
-    let logs: Vec<_> = (0..3).map(|i| dir.path().join(format!("worker-{i}.log"))).collect();
+    let logs: Vec<_> = (0..3)
+        .map(|i| dir.path().join(format!("worker-{i}.log")))
+        .collect();
     let mut workers: Vec<Proc> = logs
         .iter()
         .map(|log| {
             Proc(
                 bulwark()
-                    .args(["worker", "--db", &db, "--portal-url", &portal, "--endpoints", &ENDPOINTS.to_string()])
-                    .args(["--batch-size", &BATCH.to_string(), "--max-in-flight", "3", "--capacity", "10"])
+                    .args([
+                        "worker",
+                        "--db",
+                        &db,
+                        "--portal-url",
+                        &portal,
+                        "--endpoints",
+                        &ENDPOINTS.to_string(),
+                    ])
+                    .args([
+                        "--batch-size",
+                        &BATCH.to_string(),
+                        "--max-in-flight",
+                        "3",
+                        "--capacity",
+                        "10",
+                    ])
                     .args(["--lease-ms", "1000", "--exit-when-idle"])
                     .env("BULWARK_LOG", "warn")
                     .stdout(Stdio::null())
@@ -85,11 +131,17 @@ fn workers_survive_a_kill_and_a_pause_longer_than_the_lease() {
         .collect();
 
     std::thread::sleep(Duration::from_millis(600));
-    assert!(workers[0].0.try_wait().unwrap().is_none(), "worker 0 finished too early to be killed");
+    assert!(
+        workers[0].0.try_wait().unwrap().is_none(),
+        "worker 0 finished too early to be killed"
+    );
     workers[0].0.kill().unwrap(); // SIGKILL
     workers[0].0.wait().unwrap();
     std::thread::sleep(Duration::from_millis(200));
-    assert!(workers[1].0.try_wait().unwrap().is_none(), "worker 1 finished too early to be stopped");
+    assert!(
+        workers[1].0.try_wait().unwrap().is_none(),
+        "worker 1 finished too early to be stopped"
+    );
     signal(&workers[1].0, "STOP");
     // Far longer than the lease: worker 2 claims what workers 0 and 1 held.
     std::thread::sleep(Duration::from_millis(6000));
@@ -99,10 +151,17 @@ fn workers_survive_a_kill_and_a_pause_longer_than_the_lease() {
     for (i, w) in workers.iter_mut().enumerate().skip(1) {
         loop {
             if let Some(st) = w.0.try_wait().unwrap() {
-                assert!(st.success(), "worker {i} failed: {}", std::fs::read_to_string(&logs[i]).unwrap());
+                assert!(
+                    st.success(),
+                    "worker {i} failed: {}",
+                    std::fs::read_to_string(&logs[i]).unwrap()
+                );
                 break;
             }
-            assert!(start.elapsed() < Duration::from_secs(120), "worker {i} did not finish");
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "worker {i} did not finish"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -118,23 +177,33 @@ fn workers_survive_a_kill_and_a_pause_longer_than_the_lease() {
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     let applied: Vec<(String, i64, i64)> = rt.block_on(async {
-        let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}", record.display())).await.unwrap();
-        sqlx::query_as("SELECT endpoint, batch_index, count(*) FROM applied GROUP BY endpoint, batch_index")
-            .fetch_all(&mut c)
+        let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}", record.display()))
             .await
-            .unwrap()
+            .unwrap();
+        sqlx::query_as(
+            "SELECT endpoint, batch_index, count(*) FROM applied GROUP BY endpoint, batch_index",
+        )
+        .fetch_all(&mut c)
+        .await
+        .unwrap()
     });
-    let applied: HashMap<(String, i64), i64> = applied.into_iter().map(|(e, b, n)| ((e, b), n)).collect();
+    let applied: HashMap<(String, i64), i64> =
+        applied.into_iter().map(|(e, b, n)| ((e, b), n)).collect();
     for i in 1..=ENDPOINTS {
         for b in 0..i64::from(SKUS / BATCH) {
-            let n = applied.get(&(format!("ep-{i:05}"), b)).copied().unwrap_or(0);
+            let n = applied
+                .get(&(format!("ep-{i:05}"), b))
+                .copied()
+                .unwrap_or(0);
             assert_eq!(n, 1, "ep-{i:05} batch {b} applied {n} times");
         }
     }
     let status = ok(bulwark().args(["status", "--db", &db]));
     assert!(status.contains(&format!("Done={ENDPOINTS}")), "{status}");
     rt.block_on(async {
-        if let bulwark_engine::Backend::Postgres(pg) = bulwark_engine::Backend::open(&db).await.unwrap() {
+        if let bulwark_engine::Backend::Postgres(pg) =
+            bulwark_engine::Backend::open(&db).await.unwrap()
+        {
             pg.drop_schema().await.unwrap();
         }
     });

@@ -25,14 +25,24 @@ impl Fixture {
 
 async fn sqlite() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let backend = Backend::open(&dir.path().join("c.db").display().to_string()).await.unwrap();
-    Fixture { backend, _dir: Some(dir) }
+    let backend = Backend::open(&dir.path().join("c.db").display().to_string())
+        .await
+        .unwrap();
+    Fixture {
+        backend,
+        _dir: Some(dir),
+    }
 }
 
 async fn postgres(tag: &str) -> Option<Fixture> {
     let base = bulwark_tests::pg_url()?;
-    let backend = Backend::open(&bulwark_tests::pg_schema_url(&base, tag)).await.unwrap();
-    Some(Fixture { backend, _dir: None })
+    let backend = Backend::open(&bulwark_tests::pg_schema_url(&base, tag))
+        .await
+        .unwrap();
+    Some(Fixture {
+        backend,
+        _dir: None,
+    })
 }
 
 fn new_wf(subject: &str) -> NewWorkflow {
@@ -61,7 +71,13 @@ fn append(workflow: i64, seq: i64, epoch: i64, state: &str) -> Append {
 }
 
 fn claim(owner: &str, lease_ms: i64) -> ClaimRequest {
-    ClaimRequest { owner: owner.into(), kind: "toy".into(), run: None, lease_ms, limit: None }
+    ClaimRequest {
+        owner: owner.into(),
+        kind: "toy".into(),
+        run: None,
+        lease_ms,
+        limit: None,
+    }
 }
 
 /// Runs each conformance case on both backends.
@@ -92,11 +108,17 @@ conformance!(
 
 async fn created_workflows_have_row_zero(store: Arc<dyn Store>) {
     let run = store.create_run("sync", "{}").await.unwrap();
-    let ids = store.create_workflows(run, &[new_wf("a"), new_wf("b"), new_wf("c")]).await.unwrap();
+    let ids = store
+        .create_workflows(run, &[new_wf("a"), new_wf("b"), new_wf("c")])
+        .await
+        .unwrap();
     assert_eq!(ids.len(), 3);
     assert!(ids.windows(2).all(|w| w[0] < w[1]));
     let rows = store.workflows(Some(run), Some("toy")).await.unwrap();
-    assert_eq!(rows.iter().map(|r| r.subject.as_str()).collect::<Vec<_>>(), ["a", "b", "c"]);
+    assert_eq!(
+        rows.iter().map(|r| r.subject.as_str()).collect::<Vec<_>>(),
+        ["a", "b", "c"]
+    );
     for r in &rows {
         assert_eq!((r.seq, r.epoch, r.terminal), (0, 0, false));
         assert_eq!(r.state_json, "\"Start\"");
@@ -106,7 +128,12 @@ async fn created_workflows_have_row_zero(store: Arc<dyn Store>) {
         assert_eq!((j[0].seq, j[0].event_json.as_deref()), (0, None));
     }
     // A duplicate subject in the same run is refused whole.
-    assert!(store.create_workflows(run, &[new_wf("d"), new_wf("a")]).await.is_err());
+    assert!(
+        store
+            .create_workflows(run, &[new_wf("d"), new_wf("a")])
+            .await
+            .is_err()
+    );
     assert_eq!(store.workflows(Some(run), None).await.unwrap().len(), 3);
 }
 
@@ -118,16 +145,52 @@ async fn appends_are_conditional_on_seq_and_epoch(store: Arc<dyn Store>) {
     let epoch = c[0].epoch;
     assert_eq!(epoch, 1);
     assert_eq!(c[0].state_json, "\"Start\"");
-    assert_eq!(store.append_batch(&[append(id, 1, epoch, "One")]).await.unwrap(), [AppendOutcome::Committed]);
+    assert_eq!(
+        store
+            .append_batch(&[append(id, 1, epoch, "One")])
+            .await
+            .unwrap(),
+        [AppendOutcome::Committed]
+    );
     // Same seq again, a skipped seq, a stale epoch: all refused.
-    assert_eq!(store.append_batch(&[append(id, 1, epoch, "Again")]).await.unwrap(), [AppendOutcome::Fenced]);
-    assert_eq!(store.append_batch(&[append(id, 3, epoch, "Skip")]).await.unwrap(), [AppendOutcome::Fenced]);
-    assert_eq!(store.append_batch(&[append(id, 2, epoch - 1, "Stale")]).await.unwrap(), [AppendOutcome::Fenced]);
-    assert_eq!(store.append_batch(&[append(id, 2, epoch, "End")]).await.unwrap(), [AppendOutcome::Committed]);
+    assert_eq!(
+        store
+            .append_batch(&[append(id, 1, epoch, "Again")])
+            .await
+            .unwrap(),
+        [AppendOutcome::Fenced]
+    );
+    assert_eq!(
+        store
+            .append_batch(&[append(id, 3, epoch, "Skip")])
+            .await
+            .unwrap(),
+        [AppendOutcome::Fenced]
+    );
+    assert_eq!(
+        store
+            .append_batch(&[append(id, 2, epoch - 1, "Stale")])
+            .await
+            .unwrap(),
+        [AppendOutcome::Fenced]
+    );
+    assert_eq!(
+        store
+            .append_batch(&[append(id, 2, epoch, "End")])
+            .await
+            .unwrap(),
+        [AppendOutcome::Committed]
+    );
     let j = store.journal(id).await.unwrap();
-    assert_eq!(j.iter().map(|r| r.state_json.as_str()).collect::<Vec<_>>(), ["\"Start\"", "\"One\"", "\"End\""]);
+    assert_eq!(
+        j.iter().map(|r| r.state_json.as_str()).collect::<Vec<_>>(),
+        ["\"Start\"", "\"One\"", "\"End\""]
+    );
     let w = &store.workflows(Some(run), None).await.unwrap()[0];
-    assert_eq!((w.seq, w.terminal, w.state_json.as_str()), (2, true, "\"End\""));
+    assert_eq!(
+        (w.seq, w.terminal, w.state_json.as_str()),
+        (2, true, "\"End\"")
+    );
     // Terminal workflows are not claimed again.
     assert!(store.claim(&claim("w2", 60_000)).await.unwrap().is_empty());
 }
@@ -136,16 +199,37 @@ async fn a_new_claim_fences_the_previous_holder(store: Arc<dyn Store>) {
     let run = store.create_run("sync", "{}").await.unwrap();
     let id = store.create_workflows(run, &[new_wf("a")]).await.unwrap()[0];
     let first = store.claim(&claim("w1", 50)).await.unwrap()[0].epoch;
-    assert_eq!(store.append_batch(&[append(id, 1, first, "One")]).await.unwrap(), [AppendOutcome::Committed]);
+    assert_eq!(
+        store
+            .append_batch(&[append(id, 1, first, "One")])
+            .await
+            .unwrap(),
+        [AppendOutcome::Committed]
+    );
     tokio::time::sleep(Duration::from_millis(120)).await; // the lease expires
     let second = store.claim(&claim("w2", 60_000)).await.unwrap();
     assert_eq!(second.len(), 1);
     assert_eq!((second[0].seq, second[0].epoch), (1, first + 1));
     assert_eq!(second[0].state_json, "\"One\"");
     // The paused first worker wakes up and tries to go on: refused.
-    assert_eq!(store.append_batch(&[append(id, 2, first, "Late")]).await.unwrap(), [AppendOutcome::Fenced]);
-    assert_eq!(store.renew("w1", &[(id, first)], 60_000).await.unwrap(), Vec::<i64>::new());
-    assert_eq!(store.append_batch(&[append(id, 2, first + 1, "Two")]).await.unwrap(), [AppendOutcome::Committed]);
+    assert_eq!(
+        store
+            .append_batch(&[append(id, 2, first, "Late")])
+            .await
+            .unwrap(),
+        [AppendOutcome::Fenced]
+    );
+    assert_eq!(
+        store.renew("w1", &[(id, first)], 60_000).await.unwrap(),
+        Vec::<i64>::new()
+    );
+    assert_eq!(
+        store
+            .append_batch(&[append(id, 2, first + 1, "Two")])
+            .await
+            .unwrap(),
+        [AppendOutcome::Committed]
+    );
     assert_eq!(store.journal(id).await.unwrap().len(), 3);
 }
 
@@ -156,37 +240,74 @@ async fn a_group_commit_mixes_outcomes_without_traces_of_refused_appends(store: 
     let claimed = store.claim(&claim("w1", 60_000)).await.unwrap();
     assert_eq!(claimed.len(), 1200);
     // Every third append carries a stale epoch.
-    let batch: Vec<Append> =
-        ids.iter().enumerate().map(|(i, id)| append(*id, 1, if i % 3 == 0 { 0 } else { 1 }, "One")).collect();
+    let batch: Vec<Append> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| append(*id, 1, if i % 3 == 0 { 0 } else { 1 }, "One"))
+        .collect();
     let out = store.append_batch(&batch).await.unwrap();
     for (i, o) in out.iter().enumerate() {
-        let want = if i % 3 == 0 { AppendOutcome::Fenced } else { AppendOutcome::Committed };
+        let want = if i % 3 == 0 {
+            AppendOutcome::Fenced
+        } else {
+            AppendOutcome::Committed
+        };
         assert_eq!(*o, want, "append {i}");
     }
     assert_eq!(store.journal_len().await.unwrap(), 1200 + 800);
     let rows = store.journal_range(ids[0], ids[5] + 1).await.unwrap();
     let seqs: Vec<(i64, i64)> = rows.iter().map(|r| (r.workflow - ids[0], r.seq)).collect();
-    assert_eq!(seqs, [(0, 0), (1, 0), (1, 1), (2, 0), (2, 1), (3, 0), (4, 0), (4, 1), (5, 0), (5, 1)]);
+    assert_eq!(
+        seqs,
+        [
+            (0, 0),
+            (1, 0),
+            (1, 1),
+            (2, 0),
+            (2, 1),
+            (3, 0),
+            (4, 0),
+            (4, 1),
+            (5, 0),
+            (5, 1)
+        ]
+    );
 }
 
 async fn alerts_and_circuits_commit_with_their_transition(store: Arc<dyn Store>) {
     let run = store.create_run("sync", "{}").await.unwrap();
-    let id = store.create_workflows(run, &[new_wf("ep-1")]).await.unwrap()[0];
+    let id = store
+        .create_workflows(run, &[new_wf("ep-1")])
+        .await
+        .unwrap()[0];
     let epoch = store.claim(&claim("w1", 60_000)).await.unwrap()[0].epoch;
-    let alert =
-        NewAlert { kind: "tripped".into(), subject: "ep-1".into(), message: "tripped".into(), open_circuit_ms: Some(60_000) };
+    let alert = NewAlert {
+        kind: "tripped".into(),
+        subject: "ep-1".into(),
+        message: "tripped".into(),
+        open_circuit_ms: Some(60_000),
+    };
     // A refused append records no alert.
     let mut stale = append(id, 1, epoch + 5, "End");
     stale.alert = Some(alert.clone());
-    assert_eq!(store.append_batch(&[stale]).await.unwrap(), [AppendOutcome::Fenced]);
+    assert_eq!(
+        store.append_batch(&[stale]).await.unwrap(),
+        [AppendOutcome::Fenced]
+    );
     assert!(store.alerts(10).await.unwrap().is_empty());
     assert!(store.open_circuits().await.unwrap().is_empty());
     let mut ok = append(id, 1, epoch, "End");
     ok.alert = Some(alert);
-    assert_eq!(store.append_batch(&[ok]).await.unwrap(), [AppendOutcome::Committed]);
+    assert_eq!(
+        store.append_batch(&[ok]).await.unwrap(),
+        [AppendOutcome::Committed]
+    );
     let alerts = store.alerts(10).await.unwrap();
     assert_eq!(alerts.len(), 1);
-    assert_eq!((alerts[0].subject.as_str(), alerts[0].workflow), ("ep-1", Some(id)));
+    assert_eq!(
+        (alerts[0].subject.as_str(), alerts[0].workflow),
+        ("ep-1", Some(id))
+    );
     assert!(store.open_circuits().await.unwrap().contains_key("ep-1"));
     assert!(store.reset_circuit("ep-1").await.unwrap());
     assert!(!store.reset_circuit("ep-1").await.unwrap());
@@ -195,13 +316,28 @@ async fn alerts_and_circuits_commit_with_their_transition(store: Arc<dyn Store>)
 
 async fn renew_and_release_respect_ownership(store: Arc<dyn Store>) {
     let run = store.create_run("sync", "{}").await.unwrap();
-    let ids = store.create_workflows(run, &[new_wf("a"), new_wf("b")]).await.unwrap();
-    let c = store.claim(&ClaimRequest { limit: Some(1), ..claim("w1", 60_000) }).await.unwrap();
+    let ids = store
+        .create_workflows(run, &[new_wf("a"), new_wf("b")])
+        .await
+        .unwrap();
+    let c = store
+        .claim(&ClaimRequest {
+            limit: Some(1),
+            ..claim("w1", 60_000)
+        })
+        .await
+        .unwrap();
     assert_eq!(c.len(), 1);
     assert_eq!(c[0].id, ids[0]);
     let held = [(c[0].id, c[0].epoch)];
-    assert_eq!(store.renew("w1", &held, 60_000).await.unwrap(), vec![ids[0]]);
-    assert!(store.renew("w2", &held, 60_000).await.unwrap().is_empty(), "not w2's lease");
+    assert_eq!(
+        store.renew("w1", &held, 60_000).await.unwrap(),
+        vec![ids[0]]
+    );
+    assert!(
+        store.renew("w2", &held, 60_000).await.unwrap().is_empty(),
+        "not w2's lease"
+    );
     store.release("w1", &held).await.unwrap();
     let again = store.claim(&claim("w2", 60_000)).await.unwrap();
     assert_eq!(again.iter().map(|w| w.id).collect::<Vec<_>>(), ids);
@@ -210,13 +346,32 @@ async fn renew_and_release_respect_ownership(store: Arc<dyn Store>) {
 
 async fn runs_finish_and_count_states(store: Arc<dyn Store>) {
     let run = store.create_run("sync", "{\"x\":1}").await.unwrap();
-    let ids = store.create_workflows(run, &[new_wf("a"), new_wf("b")]).await.unwrap();
+    let ids = store
+        .create_workflows(run, &[new_wf("a"), new_wf("b")])
+        .await
+        .unwrap();
     let epoch = store.claim(&claim("w1", 60_000)).await.unwrap()[0].epoch;
-    store.append_batch(&[append(ids[0], 1, epoch, "End")]).await.unwrap();
-    let counts: std::collections::HashMap<String, i64> = store.status_counts(Some(run)).await.unwrap().into_iter().collect();
+    store
+        .append_batch(&[append(ids[0], 1, epoch, "End")])
+        .await
+        .unwrap();
+    let counts: std::collections::HashMap<String, i64> = store
+        .status_counts(Some(run))
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
     assert_eq!((counts["Moving"], counts["Start"]), (1, 1));
     let r = &store.runs().await.unwrap()[0];
-    assert_eq!((r.id, r.status.as_str(), r.params_json.as_str(), r.finished_at), (run, "running", "{\"x\":1}", None));
+    assert_eq!(
+        (
+            r.id,
+            r.status.as_str(),
+            r.params_json.as_str(),
+            r.finished_at
+        ),
+        (run, "running", "{\"x\":1}", None)
+    );
     store.finish_run(run, "finished").await.unwrap();
     let r = &store.runs().await.unwrap()[0];
     assert_eq!(r.status, "finished");

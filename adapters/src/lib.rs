@@ -31,6 +31,7 @@ pub mod rest;
 pub mod sim_api;
 pub mod sim_webui;
 pub mod simulator;
+pub mod sql_source;
 pub mod webdriver;
 
 use bulwark_workflows::adapter::AdapterRegistry;

@@ -2,20 +2,20 @@
 //! thin wrapper over a library call.
 
 mod bench;
+mod config;
 mod demo;
 mod progress;
+mod snapshot_cmd;
 mod worker;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
-use bulwark_adapters::legacy::{SourceMapping, SqliteSource, generate_demo_legacy};
+use bulwark_adapters::legacy::generate_demo_legacy;
 use bulwark_adapters::simulator::{self, Fault, SimConfig};
 use bulwark_workflows::adapter::EndpointConfig;
 use bulwark_workflows::app::Bulwark;
-use bulwark_workflows::snapshot::SnapshotOptions;
 use bulwark_workflows::sync::SyncOptions;
 use clap::{Parser, Subcommand};
 
@@ -31,7 +31,7 @@ struct Cli {
 pub(crate) struct DbArg {
     /// Bulwark's own database: a SQLite file path (the embedded default) or a
     /// `postgres://user@host:port/db[?schema=NAME]` URL (several workers).
-    #[arg(long, env = "BULWARK_DB", default_value = "bulwark-data/bulwark.db")]
+    #[arg(long, env = "BULWARK_DB", default_value = DEFAULT_DB)]
     pub(crate) db: String,
 }
 
@@ -40,9 +40,61 @@ pub(crate) struct EndpointArgs {
     /// Number of simulated endpoints (ids ep-00001 …) served under --portal-url.
     #[arg(long, default_value_t = 500)]
     pub(crate) endpoints: u32,
-    /// Base URL of the portal (the simulator serves /ep/{id}/…).
+    /// Base URL of the portal (the simulator serves /ep/{id}/…). Not needed when the
+    /// endpoints come from --config.
     #[arg(long)]
-    pub(crate) portal_url: String,
+    pub(crate) portal_url: Option<String>,
+    /// Configuration file (database, [sync] limits and policy, endpoints, adapter
+    /// resources); see docs/configuration.md.
+    #[arg(long, env = "BULWARK_CONFIG")]
+    pub(crate) config: Option<PathBuf>,
+}
+
+/// Default database path (a config file's `database` applies when --db is left at it).
+pub(crate) const DEFAULT_DB: &str = "bulwark-data/bulwark.db";
+
+/// What a sync or worker runs with: database, endpoints, options and adapters.
+pub(crate) struct Setup {
+    pub(crate) db: String,
+    pub(crate) endpoints: Vec<EndpointConfig>,
+    pub(crate) options: bulwark_workflows::sync::SyncOptions,
+    pub(crate) registry: bulwark_workflows::adapter::AdapterRegistry,
+}
+
+/// Resolve the database, endpoints and options from --config, or from the simulated
+/// portal flags.
+pub(crate) async fn setup(db: &DbArg, endpoints: &EndpointArgs, sync: &SyncArgs) -> Result<Setup> {
+    if let Some(path) = &endpoints.config {
+        let config = config::Config::load(path)?;
+        let db = match (&config.database, db.db.as_str()) {
+            (Some(from_file), DEFAULT_DB) => from_file.clone(),
+            _ => db.db.clone(),
+        };
+        ensure_db_parent(&db)?;
+        let mut eps = config.endpoints();
+        if let Some(url) = &endpoints.portal_url {
+            eps.extend(demo_endpoints(endpoints.endpoints, url));
+        }
+        let registry = config.registry(&db).await?;
+        return Ok(Setup {
+            db,
+            endpoints: eps,
+            options: config.sync_options(),
+            registry,
+        });
+    }
+    let Some(url) = &endpoints.portal_url else {
+        anyhow::bail!(
+            "give --config FILE (endpoints from a configuration file) or --portal-url URL (simulated endpoints)"
+        )
+    };
+    ensure_db_parent(&db.db)?;
+    Ok(Setup {
+        db: db.db.clone(),
+        endpoints: demo_endpoints(endpoints.endpoints, url),
+        options: sync_options(sync),
+        registry: bulwark_adapters::default_registry(),
+    })
 }
 
 #[derive(Debug, clap::Args, Clone)]
@@ -72,19 +124,12 @@ enum Command {
         #[arg(long, default_value_t = 42)]
         seed: u64,
     },
-    /// Snapshot a legacy SQLite database into staging (the only read of the source).
+    /// Snapshot a legacy source (SQLite, PostgreSQL, MySQL/MariaDB) into staging (the only read of the source).
     Snapshot {
         #[command(flatten)]
         db: DbArg,
-        /// The legacy database (opened read-only).
-        #[arg(long)]
-        legacy: PathBuf,
-        /// Rows per query.
-        #[arg(long, default_value_t = 1000)]
-        page_size: u32,
-        /// Pause between pages, in milliseconds.
-        #[arg(long, default_value_t = 0)]
-        pause_ms: u64,
+        #[command(flatten)]
+        args: snapshot_cmd::SnapshotArgs,
     },
     /// Resume unfinished syncs, then sync every endpoint to the newest sealed snapshot.
     /// On PostgreSQL it enqueues the run for `bulwark worker` processes instead.
@@ -252,32 +297,8 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
                 path.display()
             );
         }
-        Command::Snapshot {
-            db,
-            legacy,
-            page_size,
-            pause_ms,
-        } => {
-            ensure_db_parent(&db.db)?;
-            let app = Bulwark::open(&db.db, bulwark_adapters::default_registry()).await?;
-            let source = SqliteSource::open(&legacy, &SourceMapping::default()).await?;
-            let options = SnapshotOptions {
-                page_size,
-                pause: Duration::from_millis(pause_ms),
-                ..Default::default()
-            };
-            let r = app.snapshot(&source, &options).await?;
-            println!(
-                "snapshot {}: {} rows read, {} accepted, {} rejected, {} queries sent to the source, {:.2}s, hash {}",
-                r.id,
-                r.rows_read,
-                r.accepted,
-                r.rejected,
-                r.queries,
-                r.seconds,
-                r.content_hash.unwrap_or_default()
-            );
-            app.close().await;
+        Command::Snapshot { db, args } => {
+            snapshot_cmd::run(&db.db, args).await?;
         }
         Command::Sync {
             db,
@@ -285,15 +306,14 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             sync,
             wait,
         } => {
-            if is_postgres(&db.db) {
-                return worker::enqueue(&db.db, &endpoints, &sync, wait).await;
+            let setup = setup(&db, &endpoints, &sync).await?;
+            if is_postgres(&setup.db) {
+                return worker::enqueue(setup, wait).await;
             }
-            ensure_db_parent(&db.db)?;
-            let mut app = Bulwark::open(&db.db, bulwark_adapters::default_registry()).await?;
-            let eps = demo_endpoints(endpoints.endpoints, &endpoints.portal_url);
+            let mut app = Bulwark::open(&setup.db, setup.registry).await?;
             let bar = progress::Progress::new();
             let report = app
-                .sync(&eps, &sync_options(&sync), Some(bar.clone()))
+                .sync(&setup.endpoints, &setup.options, Some(bar.clone()))
                 .await?;
             bar.finish();
             progress::print_summary(&report);

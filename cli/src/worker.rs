@@ -11,22 +11,17 @@ use bulwark_engine::WorkOptions;
 use bulwark_workflows::adapter::{AdapterRegistry, EndpointConfig, PortalAdapter};
 use bulwark_workflows::app::Bulwark;
 
-use crate::{
-    DbArg, EndpointArgs, SyncArgs, demo_endpoints, ensure_db_parent, progress, sync_options,
-};
+use crate::{DbArg, EndpointArgs, SyncArgs, ensure_db_parent, progress, sync_options};
 
 /// Options of `bulwark worker`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct WorkerArgs {
     #[command(flatten)]
     db: DbArg,
-    /// Number of simulated endpoints (ids ep-00001 …).
-    #[arg(long, default_value_t = 500)]
-    endpoints: u32,
-    /// Base URL of the portal (required with --sink rest).
-    #[arg(long)]
-    portal_url: Option<String>,
-    /// Where batches go: `rest` (the portal) or `memory` (an in-process sink, for W1).
+    #[command(flatten)]
+    endpoints: EndpointArgs,
+    /// Where batches go: `rest` (the configured or simulated endpoints) or `memory` (an
+    /// in-process sink, for W1).
     #[arg(long, default_value = "rest")]
     sink: String,
     #[command(flatten)]
@@ -62,24 +57,19 @@ pub(crate) fn memory_setup(n: u32) -> (AdapterRegistry, Vec<EndpointConfig>, Arc
 }
 
 pub(crate) async fn run(args: WorkerArgs) -> Result<ExitCode> {
-    ensure_db_parent(&args.db.db)?;
-    let (registry, endpoints) = match args.sink.as_str() {
+    let (db, registry, endpoints, options) = match args.sink.as_str() {
         "memory" => {
-            let (r, e, _) = memory_setup(args.endpoints);
-            (r, e)
+            ensure_db_parent(&args.db.db)?;
+            let (r, e, _) = memory_setup(args.endpoints.endpoints);
+            (args.db.db.clone(), r, e, sync_options(&args.sync))
         }
         "rest" => {
-            let Some(url) = &args.portal_url else {
-                anyhow::bail!("--portal-url is required with --sink rest")
-            };
-            (
-                bulwark_adapters::default_registry(),
-                demo_endpoints(args.endpoints, url),
-            )
+            let s = crate::setup(&args.db, &args.endpoints, &args.sync).await?;
+            (s.db, s.registry, s.endpoints, s.options)
         }
         other => anyhow::bail!("unknown --sink {other:?} (rest or memory)"),
     };
-    let mut app = Bulwark::open(&args.db.db, registry).await?;
+    let mut app = Bulwark::open(&db, registry).await?;
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
@@ -98,7 +88,7 @@ pub(crate) async fn run(args: WorkerArgs) -> Result<ExitCode> {
     eprintln!(
         "worker {} on {} ({} endpoints)",
         app.worker_id(),
-        args.db.db,
+        bulwark_engine::postgres::redact_url(&db),
         endpoints.len()
     );
     let work = WorkOptions {
@@ -107,14 +97,7 @@ pub(crate) async fn run(args: WorkerArgs) -> Result<ExitCode> {
         ..Default::default()
     };
     let report = app
-        .work(
-            &endpoints,
-            &sync_options(&args.sync),
-            work,
-            args.lease_ms,
-            stop,
-            None,
-        )
+        .work(&endpoints, &options, work, args.lease_ms, stop, None)
         .await?;
     progress::print_summary_worker(&report);
     app.close().await;
@@ -122,15 +105,9 @@ pub(crate) async fn run(args: WorkerArgs) -> Result<ExitCode> {
 }
 
 /// `bulwark sync` on PostgreSQL: plan the run for the workers; optionally wait for it.
-pub(crate) async fn enqueue(
-    db: &str,
-    endpoints: &EndpointArgs,
-    sync: &SyncArgs,
-    wait: bool,
-) -> Result<ExitCode> {
-    let app = Bulwark::open(db, bulwark_adapters::default_registry()).await?;
-    let eps = demo_endpoints(endpoints.endpoints, &endpoints.portal_url);
-    let Some(plan) = app.enqueue(&eps, &sync_options(sync)).await? else {
+pub(crate) async fn enqueue(setup: crate::Setup, wait: bool) -> Result<ExitCode> {
+    let app = Bulwark::open(&setup.db, setup.registry).await?;
+    let Some(plan) = app.enqueue(&setup.endpoints, &setup.options).await? else {
         println!("no sealed snapshot yet: run `bulwark snapshot` first");
         return Ok(ExitCode::from(1));
     };

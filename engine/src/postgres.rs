@@ -189,44 +189,30 @@ impl Store for PostgresStore {
         run: RunId,
         workflows: &[NewWorkflow],
     ) -> Result<Vec<WorkflowId>> {
-        let now = now_ms();
         let mut tx = self.pool.begin().await?;
-        let kinds: Vec<&str> = workflows.iter().map(|w| w.kind.as_str()).collect();
-        let subjects: Vec<&str> = workflows.iter().map(|w| w.subject.as_str()).collect();
-        let statuses: Vec<&str> = workflows.iter().map(|w| w.status.as_str()).collect();
-        let ids: Vec<i64> = sqlx::query_scalar(
-            "INSERT INTO workflows (run_id, kind, subject, status, seq, created_at, updated_at)
-             SELECT $1, k, s, st, 0, $5, $5 FROM unnest($2::text[], $3::text[], $4::text[]) WITH ORDINALITY AS t(k, s, st, n)
-             ORDER BY n RETURNING id",
-        )
-        .bind(run)
-        .bind(&kinds)
-        .bind(&subjects)
-        .bind(&statuses)
-        .bind(now)
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut ids = ids;
-        ids.sort_unstable();
-        let inputs: Vec<&str> = workflows.iter().map(|w| w.input_json.as_str()).collect();
-        let states: Vec<&str> = workflows.iter().map(|w| w.state_json.as_str()).collect();
-        sqlx::query("INSERT INTO workflow_inputs (workflow_id, input_json) SELECT * FROM unnest($1::bigint[], $2::text[])")
-            .bind(&ids)
-            .bind(&inputs)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(
-            "INSERT INTO journal (workflow_id, seq, at, worker, epoch, event_json, state_json)
-             SELECT id, 0, $3, 'create', 0, NULL, st FROM unnest($1::bigint[], $2::text[]) AS t(id, st)",
-        )
-        .bind(&ids)
-        .bind(&states)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
+        let ids = insert_workflows(&mut tx, run, workflows).await?;
         tx.commit().await?;
         self.notify().await;
         Ok(ids)
+    }
+
+    async fn start_run(
+        &self,
+        kind: &str,
+        params_json: &str,
+        workflows: &[NewWorkflow],
+    ) -> Result<(RunId, Vec<WorkflowId>)> {
+        let mut tx = self.pool.begin().await?;
+        let run: RunId = sqlx::query_scalar("INSERT INTO runs (kind, status, params_json, created_at) VALUES ($1, 'running', $2, $3) RETURNING id")
+            .bind(kind)
+            .bind(params_json)
+            .bind(now_ms())
+            .fetch_one(&mut *tx)
+            .await?;
+        let ids = insert_workflows(&mut tx, run, workflows).await?;
+        tx.commit().await?;
+        self.notify().await;
+        Ok((run, ids))
     }
 
     async fn claim(&self, request: &ClaimRequest) -> Result<Vec<ClaimedWorkflow>> {
@@ -555,4 +541,47 @@ impl Store for PostgresStore {
             .rows_affected();
         Ok(n > 0)
     }
+}
+
+/// Insert workflows (and their journal row 0) inside an open transaction.
+async fn insert_workflows(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    run: RunId,
+    workflows: &[NewWorkflow],
+) -> Result<Vec<WorkflowId>> {
+    let now = now_ms();
+    let kinds: Vec<&str> = workflows.iter().map(|w| w.kind.as_str()).collect();
+    let subjects: Vec<&str> = workflows.iter().map(|w| w.subject.as_str()).collect();
+    let statuses: Vec<&str> = workflows.iter().map(|w| w.status.as_str()).collect();
+    let ids: Vec<i64> = sqlx::query_scalar(
+        "INSERT INTO workflows (run_id, kind, subject, status, seq, created_at, updated_at)
+         SELECT $1, k, s, st, 0, $5, $5 FROM unnest($2::text[], $3::text[], $4::text[]) WITH ORDINALITY AS t(k, s, st, n)
+         ORDER BY n RETURNING id",
+    )
+    .bind(run)
+    .bind(&kinds)
+    .bind(&subjects)
+    .bind(&statuses)
+    .bind(now)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut ids = ids;
+    ids.sort_unstable();
+    let inputs: Vec<&str> = workflows.iter().map(|w| w.input_json.as_str()).collect();
+    let states: Vec<&str> = workflows.iter().map(|w| w.state_json.as_str()).collect();
+    sqlx::query("INSERT INTO workflow_inputs (workflow_id, input_json) SELECT * FROM unnest($1::bigint[], $2::text[])")
+        .bind(&ids)
+        .bind(&inputs)
+        .execute(&mut **tx)
+        .await?;
+    sqlx::query(
+        "INSERT INTO journal (workflow_id, seq, at, worker, epoch, event_json, state_json)
+         SELECT id, 0, $3, 'create', 0, NULL, st FROM unnest($1::bigint[], $2::text[]) AS t(id, st)",
+    )
+    .bind(&ids)
+    .bind(&states)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    Ok(ids)
 }

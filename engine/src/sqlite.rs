@@ -158,57 +158,30 @@ impl Store for SqliteStore {
         run: RunId,
         workflows: &[NewWorkflow],
     ) -> Result<Vec<WorkflowId>> {
-        let now = now_ms();
         let mut tx = self.pool.begin().await?;
-        let mut ids = Vec::with_capacity(workflows.len());
-        for chunk in workflows.chunks(CHUNK) {
-            let sql = format!(
-                "INSERT INTO workflows (run_id, kind, subject, status, seq, created_at, updated_at) VALUES {} RETURNING id",
-                placeholders(chunk.len(), 7)
-            );
-            let mut q = sqlx::query_scalar::<_, i64>(AssertSqlSafe(sql));
-            for w in chunk {
-                q = q
-                    .bind(run)
-                    .bind(&w.kind)
-                    .bind(&w.subject)
-                    .bind(w.status.as_str())
-                    .bind(0i64)
-                    .bind(now)
-                    .bind(now);
-            }
-            let mut got = q.fetch_all(&mut *tx).await?;
-            got.sort_unstable();
-            let sql = format!(
-                "INSERT INTO journal (workflow_id, seq, at, worker, epoch, event_json, state_json) VALUES {}",
-                placeholders(chunk.len(), 7)
-            );
-            let mut q = sqlx::query(AssertSqlSafe(sql));
-            for (id, w) in got.iter().zip(chunk) {
-                q = q
-                    .bind(id)
-                    .bind(0i64)
-                    .bind(now)
-                    .bind("create")
-                    .bind(0i64)
-                    .bind(None::<String>)
-                    .bind(&w.state_json);
-            }
-            q.execute(&mut *tx).await?;
-            // Inputs live apart from the hot workflow row, which every transition rewrites.
-            let sql = format!(
-                "INSERT INTO workflow_inputs (workflow_id, input_json) VALUES {}",
-                placeholders(chunk.len(), 2)
-            );
-            let mut q = sqlx::query(AssertSqlSafe(sql));
-            for (id, w) in got.iter().zip(chunk) {
-                q = q.bind(id).bind(&w.input_json);
-            }
-            q.execute(&mut *tx).await?;
-            ids.extend(got);
-        }
+        let ids = insert_workflows(&mut tx, run, workflows).await?;
         tx.commit().await?;
+
         Ok(ids)
+    }
+
+    async fn start_run(
+        &self,
+        kind: &str,
+        params_json: &str,
+        workflows: &[NewWorkflow],
+    ) -> Result<(RunId, Vec<WorkflowId>)> {
+        let mut tx = self.pool.begin().await?;
+        let run: RunId = sqlx::query_scalar("INSERT INTO runs (kind, status, params_json, created_at) VALUES (?, 'running', ?, ?) RETURNING id")
+            .bind(kind)
+            .bind(params_json)
+            .bind(now_ms())
+            .fetch_one(&mut *tx)
+            .await?;
+        let ids = insert_workflows(&mut tx, run, workflows).await?;
+        tx.commit().await?;
+
+        Ok((run, ids))
     }
 
     async fn claim(&self, request: &ClaimRequest) -> Result<Vec<ClaimedWorkflow>> {
@@ -541,4 +514,61 @@ impl Store for SqliteStore {
             .rows_affected();
         Ok(n > 0)
     }
+}
+
+/// Insert workflows (and their journal row 0) inside an open transaction.
+async fn insert_workflows(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    run: RunId,
+    workflows: &[NewWorkflow],
+) -> Result<Vec<WorkflowId>> {
+    let now = now_ms();
+    let mut ids = Vec::with_capacity(workflows.len());
+    for chunk in workflows.chunks(CHUNK) {
+        let sql = format!(
+            "INSERT INTO workflows (run_id, kind, subject, status, seq, created_at, updated_at) VALUES {} RETURNING id",
+            placeholders(chunk.len(), 7)
+        );
+        let mut q = sqlx::query_scalar::<_, i64>(AssertSqlSafe(sql));
+        for w in chunk {
+            q = q
+                .bind(run)
+                .bind(&w.kind)
+                .bind(&w.subject)
+                .bind(w.status.as_str())
+                .bind(0i64)
+                .bind(now)
+                .bind(now);
+        }
+        let mut got = q.fetch_all(&mut **tx).await?;
+        got.sort_unstable();
+        let sql = format!(
+            "INSERT INTO journal (workflow_id, seq, at, worker, epoch, event_json, state_json) VALUES {}",
+            placeholders(chunk.len(), 7)
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for (id, w) in got.iter().zip(chunk) {
+            q = q
+                .bind(id)
+                .bind(0i64)
+                .bind(now)
+                .bind("create")
+                .bind(0i64)
+                .bind(None::<String>)
+                .bind(&w.state_json);
+        }
+        q.execute(&mut **tx).await?;
+        // Inputs live apart from the hot workflow row, which every transition rewrites.
+        let sql = format!(
+            "INSERT INTO workflow_inputs (workflow_id, input_json) VALUES {}",
+            placeholders(chunk.len(), 2)
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for (id, w) in got.iter().zip(chunk) {
+            q = q.bind(id).bind(&w.input_json);
+        }
+        q.execute(&mut **tx).await?;
+        ids.extend(got);
+    }
+    Ok(ids)
 }

@@ -204,6 +204,14 @@ pub trait Store: Send + Sync + 'static {
         run: RunId,
         workflows: &[NewWorkflow],
     ) -> Result<Vec<WorkflowId>>;
+    /// Create a run and its workflows in one transaction: a crash never leaves a run
+    /// without its workflows.
+    async fn start_run(
+        &self,
+        kind: &str,
+        params_json: &str,
+        workflows: &[NewWorkflow],
+    ) -> Result<(RunId, Vec<WorkflowId>)>;
     /// Claim unfinished workflows of `kind` (optionally of one run) for `owner`, bumping
     /// each one's lease epoch so that any previous holder is fenced off.
     async fn claim(&self, request: &ClaimRequest) -> Result<Vec<ClaimedWorkflow>>;

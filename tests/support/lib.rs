@@ -62,17 +62,44 @@ pub fn pg_url() -> Option<String> {
     let skip = std::env::var("BULWARK_SKIP_POSTGRES").is_ok_and(|v| v == "1");
     let ci = std::env::var("CI").is_ok_and(|v| v == "true");
     if skip {
-        assert!(!ci, "BULWARK_SKIP_POSTGRES=1 is not allowed in CI: PostgreSQL tests are mandatory there");
+        assert!(
+            !ci,
+            "BULWARK_SKIP_POSTGRES=1 is not allowed in CI: PostgreSQL tests are mandatory there"
+        );
         eprintln!("skipping: BULWARK_SKIP_POSTGRES=1");
         return None;
     }
-    Some(std::env::var("BULWARK_TEST_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into()))
+    Some(
+        std::env::var("BULWARK_TEST_PG_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into()),
+    )
 }
 
 /// A PostgreSQL URL with a fresh schema of its own (`schema=NAME`), unique per call.
 pub fn pg_schema_url(base: &str, tag: &str) -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
-    let schema = format!("t_{tag}_{}_{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
-    format!("{base}{}schema={schema}", if base.contains('?') { '&' } else { '?' })
+    let schema = format!(
+        "t_{tag}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    );
+    format!(
+        "{base}{}schema={schema}",
+        if base.contains('?') { '&' } else { '?' }
+    )
+}
+
+/// The MariaDB/MySQL server tests use: `BULWARK_TEST_MYSQL_URL`, default
+/// `mysql://root@127.0.0.1:3306/test`. Returns `None` (the test then skips) only when
+/// `BULWARK_SKIP_MYSQL=1` is set outside CI; in CI (`CI=true`) MariaDB tests are mandatory.
+pub fn mysql_url() -> Option<String> {
+    let skip = std::env::var("BULWARK_SKIP_MYSQL").is_ok_and(|v| v == "1");
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    if skip {
+        assert!(!ci, "BULWARK_SKIP_MYSQL=1 is not allowed in CI: MariaDB tests are mandatory there");
+        eprintln!("skipping: BULWARK_SKIP_MYSQL=1");
+        return None;
+    }
+    Some(std::env::var("BULWARK_TEST_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into()))
 }

@@ -14,3 +14,4 @@ pub mod sync;
 pub use error::{Result, SyncError};
 pub mod app;
 pub mod snapshot;
+pub mod snapshot_flow;

@@ -1,14 +1,14 @@
 //! Snapshots: the one gentle read of the legacy source. Pages through it by key, validates
 //! every row, writes accepted items to staging and seals the snapshot with a content hash.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::Serialize;
 
 use crate::catalog::{Item, PriceTier};
-use crate::error::{Result, SyncError};
-use crate::staging::{SealStats, Staging};
+use crate::error::Result;
+use crate::staging::Staging;
 
 /// A row as the source returned it, before validation (values as text so that bad data can
 /// be reported rather than crash the read).
@@ -147,82 +147,21 @@ pub fn validate(row: &RawRow, tier_min_qty: &[u32]) -> std::result::Result<Item,
     })
 }
 
-/// Take a snapshot of `source` into `staging`: page by key, validate, write, seal.
+/// Take a snapshot of `source` into `staging`: page by key, validate, write, seal. A thin
+/// wrapper over the journaled [`crate::snapshot_flow`] workflow with an always-open window:
+/// it resumes this source's unfinished snapshot (after a crash) or starts a new one.
 pub async fn take_snapshot(
     source: &dyn LegacySource,
     staging: &Staging,
     options: &SnapshotOptions,
 ) -> Result<SnapshotReport> {
-    if options.page_size == 0 {
-        return Err(SyncError::Config(
-            "snapshot page_size must be at least 1".into(),
-        ));
-    }
-    let started = Instant::now();
-    let queries_before = source.queries();
-    let id = staging.begin_snapshot(&source.describe()).await?;
-    let mut after: Option<String> = None;
-    let (mut read, mut accepted, mut rejected) = (0i64, 0i64, 0i64);
-    let mut seen = std::collections::HashSet::new();
-    loop {
-        let rows = source.page(after.as_deref(), options.page_size).await?;
-        let n = rows.len();
-        let mut items = Vec::with_capacity(n);
-        let mut rejects = Vec::new();
-        for row in &rows {
-            read += 1;
-            match validate(row, &options.tier_min_qty) {
-                Ok(item) if !seen.insert(item.sku.clone()) => {
-                    rejects.push((row.key.clone(), format!("duplicate SKU {:?}", item.sku)))
-                }
-                Ok(item) => items.push(item),
-                Err(reason) => rejects.push((row.key.clone(), reason)),
-            }
-        }
-        accepted += items.len() as i64;
-        rejected += rejects.len() as i64;
-        staging.write_page(id, &items, &rejects).await?;
-        after = rows.last().map(|r| r.key.clone());
-        if (n as u32) < options.page_size {
-            break;
-        }
-        if !options.pause.is_zero() {
-            tokio::time::sleep(options.pause).await;
-        }
-    }
-    let queries = source.queries() - queries_before;
-    let stats = SealStats {
-        rows_read: read,
-        rows_rejected: rejected,
-        queries: queries as i64,
-    };
-    let share = if read == 0 {
-        0.0
-    } else {
-        rejected as f64 / read as f64
-    };
-    if share > options.max_rejected_share {
-        staging.abort(id, stats).await?;
-        return Err(SyncError::Source {
-            source_name: source.describe(),
-            detail: format!(
-                "snapshot {id} aborted: {rejected} of {read} rows rejected ({:.1}% > {:.1}% allowed); see snapshot_rejects",
-                share * 100.0,
-                options.max_rejected_share * 100.0
-            ),
-        });
-    }
-    let hash = staging.seal(id, stats).await?;
-    Ok(SnapshotReport {
-        id,
-        rows_read: read,
-        accepted,
-        rejected,
-        queries,
-        seconds: started.elapsed().as_secs_f64(),
-        content_hash: Some(hash),
-        sealed: true,
-    })
+    crate::snapshot_flow::run_snapshot(
+        source,
+        staging,
+        options,
+        &crate::snapshot_flow::FlowOptions::default(),
+    )
+    .await
 }
 
 #[cfg(test)]

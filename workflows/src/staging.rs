@@ -148,6 +148,97 @@ impl Staging {
         Ok(())
     }
 
+    /// The source row keys of the items of `snapshot` with these SKUs (SKU → row key).
+    /// Used to tell a duplicate SKU (another row) from the same row written again.
+    pub async fn item_keys(
+        &self,
+        snapshot: i64,
+        skus: &[String],
+    ) -> Result<HashMap<String, String>> {
+        let mut out = HashMap::new();
+        for chunk in skus.chunks(500) {
+            if chunk.is_empty() {
+                continue;
+            }
+            let params = (0..chunk.len())
+                .map(|i| format!("${}", i + 2))
+                .collect::<Vec<_>>()
+                .join(",");
+            let sql = format!(
+                "SELECT sku, COALESCE(row_key, sku) FROM snapshot_items WHERE snapshot_id = $1 AND sku IN ({params})"
+            );
+            let rows: Vec<(String, String)> = on_db!(self.db, |pool| {
+                let mut q = sqlx::query_as(AssertSqlSafe(sql.clone())).bind(snapshot);
+                for sku in chunk {
+                    q = q.bind(sku);
+                }
+                q.fetch_all(pool).await?
+            });
+            out.extend(rows);
+        }
+        Ok(out)
+    }
+
+    /// Write one page idempotently, in one transaction: accepted items (with the key of the
+    /// source row each came from) and rejected rows. Writing the same page twice (a page
+    /// re-read after a crash) changes nothing (`ON CONFLICT DO NOTHING`, on both backends).
+    pub async fn write_page_keyed(
+        &self,
+        snapshot: i64,
+        items: &[(String, Item)],
+        rejects: &[(String, String)],
+    ) -> Result<()> {
+        on_db!(self.db, |pool| {
+            let mut tx = pool.begin().await?;
+            for chunk in items.chunks(500) {
+                let sql = format!(
+                    "INSERT INTO snapshot_items (snapshot_id, sku, qty, tiers_json, row_key) VALUES {} ON CONFLICT DO NOTHING",
+                    numbered(chunk.len(), 5)
+                );
+                let mut q = sqlx::query(AssertSqlSafe(sql));
+                for (key, it) in chunk {
+                    q = q
+                        .bind(snapshot)
+                        .bind(&it.sku)
+                        .bind(it.qty)
+                        .bind(serde_json::to_string(&it.tiers).expect("tiers serialise"))
+                        .bind(key);
+                }
+                q.execute(&mut *tx).await?;
+            }
+            for (key, reason) in rejects {
+                sqlx::query("INSERT INTO snapshot_rejects (snapshot_id, row_key, reason) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
+                    .bind(snapshot)
+                    .bind(key)
+                    .bind(reason)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+
+    /// The rejected rows of a snapshot: (row key, reason), ordered by row key.
+    pub async fn rejects(&self, snapshot: i64) -> Result<Vec<(String, String)>> {
+        const SQL: &str = "SELECT row_key, reason FROM snapshot_rejects WHERE snapshot_id = $1";
+        let mut rows: Vec<(String, String)> = on_db!(self.db, |pool| sqlx::query_as(SQL)
+            .bind(snapshot)
+            .fetch_all(pool)
+            .await?);
+        rows.sort();
+        Ok(rows)
+    }
+
+    /// One snapshot's bookkeeping row.
+    pub async fn snapshot(&self, snapshot: i64) -> Result<Option<SnapshotRow>> {
+        Ok(self
+            .snapshots()
+            .await?
+            .into_iter()
+            .find(|s| s.id == snapshot))
+    }
+
     /// Seal a snapshot: compute its content hash and make it visible to sync runs.
     pub async fn seal(&self, snapshot: i64, stats: SealStats) -> Result<String> {
         let items = self.items(snapshot).await?;

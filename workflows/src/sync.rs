@@ -184,8 +184,7 @@ pub async fn plan_run(
         return Ok(plan);
     }
     let params = serde_json::json!({ "snapshot": snapshot, "batch_size": options.batch_size, "endpoints": endpoints.len() });
-    let run = store.create_run("sync", &params.to_string()).await?;
-    store.create_workflows(run, &new).await?;
+    let (run, _) = store.start_run("sync", &params.to_string(), &new).await?;
     plan.run = Some(run);
     Ok(plan)
 }

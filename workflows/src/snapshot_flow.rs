@@ -1,0 +1,868 @@
+//! The `Snapshot` workflow: the one gentle read of the legacy source as a journaled state
+//! machine on the engine (kind `"snapshot"`).
+//!
+//! ```text
+//!            Page (full)                         Page (short: the last one)
+//!   Paging ──────────────▶ Paging(cursor') ───────────────────────────▶ Finishing
+//!     │  ▲                                                                 │
+//!     │  │ WindowOpened                                         Sealed /   │ Aborted
+//!     ▼  │                                                                 ▼
+//!   Paused{cursor, resume_at}                                   Sealed  |  Aborted
+//!     (WindowClosed: outside the window)
+//! ```
+//!
+//! Every page is read by key (`key > cursor ORDER BY key LIMIT page_size`), validated and
+//! written to staging idempotently *before* its `Page` event is journaled; a crash between
+//! the two re-reads the same page (same cursor) and re-writes it with no effect, so a
+//! resumed snapshot seals with the same content hash as an uninterrupted one. Between pages
+//! it pauses (`pause_ms`); outside its window (cron start + maximum duration) it parks in
+//! `Paused` until the next window opens and continues from its cursor.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use bulwark_engine::{
+    Effects, Journal, JournalConfig, Machine, NewWorkflow, RunId, Runtime, RuntimeConfig,
+    Transition, TransitionError, WorkflowCtx, now_ms,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Mutex, mpsc, oneshot};
+
+use crate::error::{Result, SyncError};
+use crate::snapshot::{LegacySource, RawRow, SnapshotOptions, SnapshotReport, validate};
+use crate::staging::{SealStats, Staging};
+
+/// When a snapshot may read the source: windows opening at each occurrence of a cron
+/// expression (5 fields, or 6 with seconds first) and lasting at most `max_duration_ms`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotWindow {
+    /// Cron expression of the window starts, in UTC (e.g. `"0 2 * * *"`: 02:00 daily).
+    pub cron: String,
+    /// How long each window stays open, in milliseconds.
+    pub max_duration_ms: i64,
+}
+
+/// Whether the window is open at `at_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WindowStatus {
+    /// Open until this time (ms).
+    OpenUntil(i64),
+    /// Closed; the next window opens at this time (ms).
+    ClosedUntil(i64),
+}
+
+impl SnapshotWindow {
+    fn parse(&self) -> Result<croner::Cron> {
+        croner::Cron::new(&self.cron)
+            .with_seconds_optional()
+            .parse()
+            .map_err(|e| SyncError::Config(format!("snapshot window cron {:?}: {e}", self.cron)))
+    }
+
+    /// Check the expression and duration.
+    pub fn validate(&self) -> Result<()> {
+        if self.max_duration_ms <= 0 {
+            return Err(SyncError::Config(
+                "snapshot window: max duration must be positive".into(),
+            ));
+        }
+        self.parse().map(|_| ())
+    }
+
+    /// Is the window open at `at_ms`? (The latest start at or before `at_ms` plus the
+    /// duration decides; otherwise the next start.)
+    pub fn status(&self, at_ms: i64) -> Result<WindowStatus> {
+        let cron = self.parse()?;
+        let to_dt = |ms: i64| {
+            chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms)
+                .ok_or_else(|| SyncError::Config(format!("time {ms} out of range")))
+        };
+        let now = to_dt(at_ms)?;
+        let from = to_dt(at_ms - self.max_duration_ms)?;
+        let mut open_until = None;
+        let mut t = from;
+        loop {
+            let next = cron
+                .find_next_occurrence(&t, false)
+                .map_err(|e| SyncError::Config(format!("snapshot window: {e}")))?;
+            if next > now {
+                break;
+            }
+            open_until = Some(next.timestamp_millis() + self.max_duration_ms);
+            t = next;
+        }
+        match open_until {
+            Some(until) if until > at_ms => Ok(WindowStatus::OpenUntil(until)),
+            _ => {
+                let next = cron
+                    .find_next_occurrence(&now, false)
+                    .map_err(|e| SyncError::Config(format!("snapshot window: {e}")))?;
+                Ok(WindowStatus::ClosedUntil(next.timestamp_millis()))
+            }
+        }
+    }
+}
+
+/// Immutable input of one snapshot workflow.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotInput {
+    /// The staging snapshot being filled.
+    pub snapshot: i64,
+    /// Source description (no credentials).
+    pub source: String,
+    /// Rows per page.
+    pub page_size: u32,
+    /// Pause between pages, in milliseconds.
+    pub pause_ms: u64,
+    /// Minimum quantities of the price tiers, in tier order.
+    pub tier_min_qty: Vec<u32>,
+    /// Abort if more than this share of rows is rejected.
+    pub max_rejected_share: f64,
+    /// When the source may be read (always, if absent).
+    #[serde(default)]
+    pub window: Option<SnapshotWindow>,
+}
+
+/// Running counters, journaled with every page.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotCounts {
+    /// Rows read.
+    pub read: i64,
+    /// Rows accepted.
+    pub accepted: i64,
+    /// Rows rejected.
+    pub rejected: i64,
+    /// Page queries sent to the source (journaled pages).
+    pub queries: i64,
+    /// Times the workflow paused at a window's end.
+    pub pauses: i64,
+}
+
+/// Persisted state of a snapshot workflow. Variant names are schema.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapshotState {
+    /// Reading the page after `cursor` (from the start if `None`).
+    Paging {
+        /// Key of the last row written.
+        cursor: Option<String>,
+        /// Index of the next page.
+        page_no: u32,
+        /// Counters so far.
+        counts: SnapshotCounts,
+    },
+    /// Outside the window: waits until `resume_at`, then continues after `cursor`.
+    Paused {
+        /// Key of the last row written.
+        cursor: Option<String>,
+        /// Index of the next page.
+        page_no: u32,
+        /// Counters so far.
+        counts: SnapshotCounts,
+        /// When the next window opens (ms).
+        resume_at: i64,
+    },
+    /// Every page read: sealing (or aborting) the snapshot.
+    Finishing {
+        /// Final counters.
+        counts: SnapshotCounts,
+    },
+    /// Sealed: visible to sync runs.
+    Sealed {
+        /// Final counters.
+        counts: SnapshotCounts,
+        /// Content hash.
+        hash: String,
+    },
+    /// Aborted (too many rejected rows); never synced.
+    Aborted {
+        /// Final counters.
+        counts: SnapshotCounts,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Facts fed to a snapshot workflow.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapshotEvent {
+    /// A page was read and written to staging.
+    Page {
+        /// Rows the query returned.
+        rows: u32,
+        /// Rows accepted.
+        accepted: u32,
+        /// Rows rejected.
+        rejected: u32,
+        /// Key of the page's last row.
+        last_key: Option<String>,
+    },
+    /// The window is closed (checked at `at_ms`); it opens again at `next_open_ms`.
+    WindowClosed {
+        /// When this was found (ms).
+        at_ms: i64,
+        /// When the next window opens (ms).
+        next_open_ms: i64,
+    },
+    /// The window opened again.
+    WindowOpened {
+        /// When (ms).
+        at_ms: i64,
+    },
+    /// The snapshot was sealed with this content hash.
+    Sealed {
+        /// Content hash.
+        hash: String,
+    },
+    /// The snapshot was aborted.
+    Aborted {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Effects of a snapshot workflow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SnapshotCommand {
+    /// Read (after the window check and the pause) the page after `cursor`.
+    Page {
+        /// Key of the last row written.
+        cursor: Option<String>,
+        /// Index of the page.
+        page_no: u32,
+    },
+    /// Sleep until the window opens.
+    WaitWindow {
+        /// When (ms).
+        resume_at: i64,
+    },
+    /// Seal the snapshot, or abort it if too many rows were rejected.
+    Finish {
+        /// Final counters.
+        counts: SnapshotCounts,
+    },
+}
+
+/// The snapshot state machine.
+#[derive(Debug)]
+pub struct SnapshotFlow;
+
+fn illegal(state: &SnapshotState, event: &SnapshotEvent, reason: &str) -> TransitionError {
+    TransitionError {
+        state: SnapshotFlow::status(state).into(),
+        event: format!("{event:?}"),
+        reason: reason.into(),
+    }
+}
+
+/// Share of rejected rows above which the snapshot aborts, and the reason, if it does.
+pub fn abort_reason(input: &SnapshotInput, counts: &SnapshotCounts) -> Option<String> {
+    let share = if counts.read == 0 {
+        0.0
+    } else {
+        counts.rejected as f64 / counts.read as f64
+    };
+    (share > input.max_rejected_share).then(|| {
+        format!(
+            "snapshot {} aborted: {} of {} rows rejected ({:.1}% > {:.1}% allowed); see snapshot_rejects",
+            input.snapshot,
+            counts.rejected,
+            counts.read,
+            share * 100.0,
+            input.max_rejected_share * 100.0
+        )
+    })
+}
+
+impl Machine for SnapshotFlow {
+    const KIND: &'static str = "snapshot";
+    type Input = SnapshotInput;
+    type State = SnapshotState;
+    type Event = SnapshotEvent;
+    type Command = SnapshotCommand;
+
+    fn initial(_input: &SnapshotInput) -> SnapshotState {
+        SnapshotState::Paging {
+            cursor: None,
+            page_no: 0,
+            counts: SnapshotCounts::default(),
+        }
+    }
+
+    fn apply(
+        input: &SnapshotInput,
+        state: &SnapshotState,
+        event: &SnapshotEvent,
+    ) -> std::result::Result<Transition<SnapshotState, SnapshotCommand>, TransitionError> {
+        use SnapshotEvent as E;
+        use SnapshotState as S;
+        match (state, event) {
+            (
+                S::Paging {
+                    cursor,
+                    page_no,
+                    counts,
+                },
+                E::Page {
+                    rows,
+                    accepted,
+                    rejected,
+                    last_key,
+                },
+            ) => {
+                if accepted + rejected != *rows {
+                    return Err(illegal(state, event, "accepted + rejected != rows"));
+                }
+                let mut counts = *counts;
+                counts.read += i64::from(*rows);
+                counts.accepted += i64::from(*accepted);
+                counts.rejected += i64::from(*rejected);
+                counts.queries += 1;
+                if *rows < input.page_size {
+                    return Ok(Transition {
+                        state: S::Finishing { counts },
+                        commands: vec![SnapshotCommand::Finish { counts }],
+                    });
+                }
+                let cursor = last_key.clone().or_else(|| cursor.clone());
+                Ok(Transition {
+                    state: S::Paging {
+                        cursor: cursor.clone(),
+                        page_no: page_no + 1,
+                        counts,
+                    },
+                    commands: vec![SnapshotCommand::Page {
+                        cursor,
+                        page_no: page_no + 1,
+                    }],
+                })
+            }
+            (
+                S::Paging {
+                    cursor,
+                    page_no,
+                    counts,
+                },
+                E::WindowClosed { next_open_ms, .. },
+            ) => {
+                let mut counts = *counts;
+                counts.pauses += 1;
+                Ok(Transition {
+                    state: S::Paused {
+                        cursor: cursor.clone(),
+                        page_no: *page_no,
+                        counts,
+                        resume_at: *next_open_ms,
+                    },
+                    commands: vec![SnapshotCommand::WaitWindow {
+                        resume_at: *next_open_ms,
+                    }],
+                })
+            }
+            (
+                S::Paused {
+                    cursor,
+                    page_no,
+                    counts,
+                    ..
+                },
+                E::WindowOpened { .. },
+            ) => Ok(Transition {
+                state: S::Paging {
+                    cursor: cursor.clone(),
+                    page_no: *page_no,
+                    counts: *counts,
+                },
+                commands: vec![SnapshotCommand::Page {
+                    cursor: cursor.clone(),
+                    page_no: *page_no,
+                }],
+            }),
+            (S::Finishing { counts }, E::Sealed { hash }) => Ok(Transition {
+                state: S::Sealed {
+                    counts: *counts,
+                    hash: hash.clone(),
+                },
+                commands: vec![],
+            }),
+            (S::Finishing { counts }, E::Aborted { reason }) => Ok(Transition {
+                state: S::Aborted {
+                    counts: *counts,
+                    reason: reason.clone(),
+                },
+                commands: vec![],
+            }),
+            _ => Err(illegal(state, event, "not accepted in this state")),
+        }
+    }
+
+    fn resume(_input: &SnapshotInput, state: &SnapshotState) -> Vec<SnapshotCommand> {
+        match state {
+            SnapshotState::Paging {
+                cursor, page_no, ..
+            } => vec![SnapshotCommand::Page {
+                cursor: cursor.clone(),
+                page_no: *page_no,
+            }],
+            SnapshotState::Paused { resume_at, .. } => vec![SnapshotCommand::WaitWindow {
+                resume_at: *resume_at,
+            }],
+            SnapshotState::Finishing { counts } => {
+                vec![SnapshotCommand::Finish { counts: *counts }]
+            }
+            SnapshotState::Sealed { .. } | SnapshotState::Aborted { .. } => vec![],
+        }
+    }
+
+    fn status(state: &SnapshotState) -> &'static str {
+        match state {
+            SnapshotState::Paging { .. } => "Paging",
+            SnapshotState::Paused { .. } => "Paused",
+            SnapshotState::Finishing { .. } => "Finishing",
+            SnapshotState::Sealed { .. } => "Sealed",
+            SnapshotState::Aborted { .. } => "Aborted",
+        }
+    }
+
+    fn is_terminal(state: &SnapshotState) -> bool {
+        matches!(
+            state,
+            SnapshotState::Sealed { .. } | SnapshotState::Aborted { .. }
+        )
+    }
+
+    fn wake_at(state: &SnapshotState) -> Option<i64> {
+        match state {
+            SnapshotState::Paused { resume_at, .. } => Some(*resume_at),
+            _ => None,
+        }
+    }
+}
+
+/// Validate a page's rows against each other and against what staging already holds.
+/// Returns accepted items (with their row keys) and rejects (row key, reason).
+async fn check_page(
+    staging: &Staging,
+    input: &SnapshotInput,
+    rows: &[RawRow],
+) -> Result<(Vec<(String, crate::catalog::Item)>, Vec<(String, String)>)> {
+    let mut items = Vec::with_capacity(rows.len());
+    let mut rejects = Vec::new();
+    let mut seen = HashSet::new();
+    for row in rows {
+        match validate(row, &input.tier_min_qty) {
+            Ok(item) if !seen.insert(item.sku.clone()) => {
+                rejects.push((row.key.clone(), format!("duplicate SKU {:?}", item.sku)))
+            }
+            Ok(item) => items.push((row.key.clone(), item)),
+            Err(reason) => rejects.push((row.key.clone(), reason)),
+        }
+    }
+    // A SKU already staged by *another* row (an earlier page) is a duplicate; the same
+    // row written again (this page re-read after a crash) is not.
+    let skus: Vec<String> = items.iter().map(|(_, it)| it.sku.clone()).collect();
+    let staged = staging.item_keys(input.snapshot, &skus).await?;
+    let mut accepted = Vec::with_capacity(items.len());
+    for (key, item) in items {
+        match staged.get(&item.sku) {
+            Some(k) if *k != key => {
+                rejects.push((key, format!("duplicate SKU {:?}", item.sku)));
+            }
+            _ => accepted.push((key, item)),
+        }
+    }
+    Ok((accepted, rejects))
+}
+
+/// Executes snapshot commands against a source and staging.
+pub struct SnapshotEffects {
+    source: Arc<dyn LegacySource>,
+    staging: Staging,
+    /// The last source or staging error (the workflow stopped, unfinished, on it).
+    pub error: std::sync::Mutex<Option<String>>,
+}
+
+impl SnapshotEffects {
+    /// Effects reading `source` into `staging`.
+    pub fn new(source: Arc<dyn LegacySource>, staging: Staging) -> Self {
+        Self {
+            source,
+            staging,
+            error: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn now(&self) -> i64 {
+        now_ms()
+    }
+
+    fn fail(&self, e: impl std::fmt::Display) -> Option<SnapshotEvent> {
+        tracing::error!(error = %e, "snapshot stopped");
+        *self.error.lock().expect("error") = Some(e.to_string());
+        None
+    }
+}
+
+#[async_trait]
+impl Effects<SnapshotFlow> for SnapshotEffects {
+    async fn execute(
+        &self,
+        ctx: &WorkflowCtx<SnapshotFlow>,
+        _state: &SnapshotState,
+        command: SnapshotCommand,
+    ) -> Option<SnapshotEvent> {
+        let input = &ctx.input;
+        match command {
+            SnapshotCommand::Page { cursor, page_no } => {
+                if page_no > 0 && input.pause_ms > 0 {
+                    tokio::time::sleep(std::time::Duration::from_millis(input.pause_ms)).await;
+                }
+                if let Some(window) = &input.window {
+                    let at_ms = self.now();
+                    match window.status(at_ms) {
+                        Ok(WindowStatus::OpenUntil(_)) => {}
+                        Ok(WindowStatus::ClosedUntil(next_open_ms)) => {
+                            tracing::info!(
+                                snapshot = input.snapshot,
+                                page_no,
+                                next_open_ms,
+                                "window closed; snapshot paused"
+                            );
+                            return Some(SnapshotEvent::WindowClosed {
+                                at_ms,
+                                next_open_ms,
+                            });
+                        }
+                        Err(e) => return self.fail(e),
+                    }
+                }
+                let rows = match self.source.page(cursor.as_deref(), input.page_size).await {
+                    Ok(rows) => rows,
+                    Err(e) => return self.fail(e),
+                };
+                // Keyset contract: keys strictly increase and follow the cursor.
+                let mut prev = cursor.clone();
+                for r in &rows {
+                    if prev.as_ref().is_some_and(|p| r.key <= *p) {
+                        return self.fail(SyncError::Source {
+                            source_name: self.source.describe(),
+                            detail: format!(
+                                "keyset contract broken: key {:?} after {:?} (rows must be ordered by a unique key)",
+                                r.key,
+                                prev.unwrap_or_default()
+                            ),
+                        });
+                    }
+                    prev = Some(r.key.clone());
+                }
+                if rows.len() > input.page_size as usize {
+                    return self.fail(SyncError::Source {
+                        source_name: self.source.describe(),
+                        detail: format!("page of {} rows > limit {}", rows.len(), input.page_size),
+                    });
+                }
+                let (items, rejects) = match check_page(&self.staging, input, &rows).await {
+                    Ok(x) => x,
+                    Err(e) => return self.fail(e),
+                };
+                if let Err(e) = self
+                    .staging
+                    .write_page_keyed(input.snapshot, &items, &rejects)
+                    .await
+                {
+                    return self.fail(e);
+                }
+                Some(SnapshotEvent::Page {
+                    rows: rows.len() as u32,
+                    accepted: items.len() as u32,
+                    rejected: rejects.len() as u32,
+                    last_key: rows.last().map(|r| r.key.clone()),
+                })
+            }
+            SnapshotCommand::WaitWindow { resume_at } => {
+                let wait = resume_at - self.now();
+                if wait > 0 {
+                    tokio::time::sleep(std::time::Duration::from_millis(wait as u64)).await;
+                }
+                Some(SnapshotEvent::WindowOpened { at_ms: self.now() })
+            }
+            SnapshotCommand::Finish { counts } => {
+                let stats = SealStats {
+                    rows_read: counts.read,
+                    rows_rejected: counts.rejected,
+                    queries: counts.queries,
+                };
+                if let Some(reason) = abort_reason(input, &counts) {
+                    return match self.staging.abort(input.snapshot, stats).await {
+                        Ok(()) => Some(SnapshotEvent::Aborted { reason }),
+                        Err(e) => self.fail(e),
+                    };
+                }
+                match self.staging.seal(input.snapshot, stats).await {
+                    Ok(hash) => Some(SnapshotEvent::Sealed { hash }),
+                    Err(e) => self.fail(e),
+                }
+            }
+        }
+    }
+}
+
+/// A borrowed source served to the (`'static`) runtime over a channel: requests are
+/// answered by the task that owns the borrow, while the runtime runs beside it.
+struct SourceProxy {
+    describe: String,
+    tx: mpsc::UnboundedSender<(Option<String>, u32, oneshot::Sender<Result<Vec<RawRow>>>)>,
+}
+
+#[async_trait]
+impl LegacySource for SourceProxy {
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+    async fn page(&self, after: Option<&str>, limit: u32) -> Result<Vec<RawRow>> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send((after.map(str::to_string), limit, tx))
+            .map_err(|_| SyncError::Config("snapshot source closed".into()))?;
+        rx.await
+            .map_err(|_| SyncError::Config("snapshot source closed".into()))?
+    }
+    fn queries(&self) -> u64 {
+        0
+    }
+}
+
+/// Settings of a snapshot workflow beyond [`SnapshotOptions`].
+#[derive(Debug, Clone, Default)]
+pub struct FlowOptions {
+    /// The read window (always open if `None`).
+    pub window: Option<SnapshotWindow>,
+}
+
+/// An unfinished snapshot workflow of this source, if any: (run, snapshot id).
+async fn unfinished(staging: &Staging, source: &str) -> Result<Option<(RunId, i64)>> {
+    let store = staging.backend().store();
+    for w in store.workflows(None, Some(SnapshotFlow::KIND)).await? {
+        if w.terminal {
+            continue;
+        }
+        let input: SnapshotInput = serde_json::from_str(&w.input_json).map_err(|e| {
+            SyncError::Corrupt(format!(
+                "snapshot workflow {}: input does not decode: {e}",
+                w.id
+            ))
+        })?;
+        if input.source == source {
+            return Ok(Some((w.run_id, input.snapshot)));
+        }
+    }
+    Ok(None)
+}
+
+static LOCK: Mutex<()> = Mutex::const_new(());
+
+/// Take a snapshot of `source` as a journaled workflow: resume this source's unfinished
+/// snapshot workflow (after a crash: from its journaled cursor), or start a new one, and
+/// drive it to the end (waiting for windows if it has one).
+pub async fn run_snapshot(
+    source: &dyn LegacySource,
+    staging: &Staging,
+    options: &SnapshotOptions,
+    flow: &FlowOptions,
+) -> Result<SnapshotReport> {
+    if options.page_size == 0 {
+        return Err(SyncError::Config(
+            "snapshot page_size must be at least 1".into(),
+        ));
+    }
+    if let Some(w) = &flow.window {
+        w.validate()?;
+    }
+    let _guard = LOCK.lock().await;
+    let started = Instant::now();
+    let queries_before = source.queries();
+    let describe = source.describe();
+    let store = staging.backend().store();
+    let (run, snapshot) = match unfinished(staging, &describe).await? {
+        Some(found) => {
+            tracing::info!(snapshot = found.1, "resuming an unfinished snapshot");
+            found
+        }
+        None => {
+            let snapshot = staging.begin_snapshot(&describe).await?;
+            let input = SnapshotInput {
+                snapshot,
+                source: describe.clone(),
+                page_size: options.page_size,
+                pause_ms: options.pause.as_millis() as u64,
+                tier_min_qty: options.tier_min_qty.clone(),
+                max_rejected_share: options.max_rejected_share,
+                window: flow.window.clone(),
+            };
+            let state = SnapshotFlow::initial(&input);
+            let params = serde_json::json!({ "snapshot": snapshot, "source": describe });
+            let run = store.create_run("snapshot", &params.to_string()).await?;
+            store
+                .create_workflows(
+                    run,
+                    &[NewWorkflow {
+                        kind: SnapshotFlow::KIND.into(),
+                        subject: format!("snapshot-{snapshot}"),
+                        input_json: serde_json::to_string(&input).expect("input serialises"),
+                        state_json: serde_json::to_string(&state).expect("state serialises"),
+                        status: SnapshotFlow::status(&state).into(),
+                    }],
+                )
+                .await?;
+            (run, snapshot)
+        }
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let proxy: Arc<dyn LegacySource> = Arc::new(SourceProxy {
+        describe: describe.clone(),
+        tx,
+    });
+    let effects = Arc::new(SnapshotEffects::new(proxy, staging.clone()));
+    let journal = Journal::start(store.clone(), JournalConfig::default());
+    let runtime = Runtime::<SnapshotFlow>::new(
+        store.clone(),
+        journal,
+        RuntimeConfig {
+            worker: format!("snapshot-{}", std::process::id()),
+            ..RuntimeConfig::default()
+        },
+    );
+    let drive = runtime.run(Some(run), effects.clone(), None);
+    tokio::pin!(drive);
+    let outcome = loop {
+        tokio::select! {
+            outcome = &mut drive => break outcome?,
+            Some((after, limit, reply)) = rx.recv() => {
+                let _ = reply.send(source.page(after.as_deref(), limit).await);
+            }
+        }
+    };
+    if let Some((id, why)) = outcome.refused.first() {
+        return Err(SyncError::Corrupt(format!(
+            "snapshot workflow {id} refused: {why}"
+        )));
+    }
+    let rows = store.workflows(Some(run), Some(SnapshotFlow::KIND)).await?;
+    let row = rows
+        .first()
+        .ok_or_else(|| SyncError::Corrupt(format!("snapshot run {run} has no workflow")))?;
+    let state: SnapshotState = serde_json::from_str(&row.state_json)
+        .map_err(|e| SyncError::Corrupt(format!("snapshot state does not decode: {e}")))?;
+    let queries = source.queries() - queries_before;
+    match state {
+        SnapshotState::Sealed { counts, hash } => Ok(SnapshotReport {
+            id: snapshot,
+            rows_read: counts.read,
+            accepted: counts.accepted,
+            rejected: counts.rejected,
+            queries,
+            seconds: started.elapsed().as_secs_f64(),
+            content_hash: Some(hash),
+            sealed: true,
+        }),
+        SnapshotState::Aborted { reason, .. } => Err(SyncError::Source {
+            source_name: describe,
+            detail: reason,
+        }),
+        other => {
+            let why = effects.error.lock().expect("error").clone();
+            Err(SyncError::Source {
+                source_name: describe,
+                detail: format!(
+                    "snapshot {snapshot} stopped in state {}: {}; run `bulwark snapshot` again to resume from its cursor",
+                    SnapshotFlow::status(&other),
+                    why.unwrap_or_else(|| "stopped".into())
+                ),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_status_follows_cron_and_duration() {
+        let w = SnapshotWindow {
+            cron: "0 2 * * *".into(),
+            max_duration_ms: 3_600_000,
+        };
+        let day = 86_400_000i64;
+        let two = 2 * 3_600_000i64;
+        assert_eq!(
+            w.status(10 * day + two + 1000).unwrap(),
+            WindowStatus::OpenUntil(10 * day + two + 3_600_000)
+        );
+        assert_eq!(
+            w.status(10 * day + two + 3_600_000).unwrap(),
+            WindowStatus::ClosedUntil(11 * day + two)
+        );
+        assert_eq!(
+            w.status(10 * day).unwrap(),
+            WindowStatus::ClosedUntil(10 * day + two)
+        );
+        assert!(
+            SnapshotWindow {
+                cron: "nope".into(),
+                max_duration_ms: 1
+            }
+            .validate()
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn machine_pages_pauses_and_finishes() {
+        let input = SnapshotInput {
+            snapshot: 1,
+            source: "s".into(),
+            page_size: 2,
+            pause_ms: 0,
+            tier_min_qty: vec![1],
+            max_rejected_share: 0.5,
+            window: None,
+        };
+        let s0 = SnapshotFlow::initial(&input);
+        let page = |rows, last: &str| SnapshotEvent::Page {
+            rows,
+            accepted: rows,
+            rejected: 0,
+            last_key: Some(last.into()),
+        };
+        let t = SnapshotFlow::apply(&input, &s0, &page(2, "b")).unwrap();
+        assert!(
+            matches!(&t.state, SnapshotState::Paging { cursor: Some(c), page_no: 1, .. } if c == "b")
+        );
+        let p = SnapshotFlow::apply(
+            &input,
+            &t.state,
+            &SnapshotEvent::WindowClosed {
+                at_ms: 0,
+                next_open_ms: 99,
+            },
+        )
+        .unwrap();
+        assert_eq!(SnapshotFlow::wake_at(&p.state), Some(99));
+        assert!(SnapshotFlow::apply(&input, &p.state, &page(1, "c")).is_err());
+        let r = SnapshotFlow::apply(&input, &p.state, &SnapshotEvent::WindowOpened { at_ms: 99 })
+            .unwrap();
+        assert_eq!(
+            r.commands,
+            vec![SnapshotCommand::Page {
+                cursor: Some("b".into()),
+                page_no: 1
+            }]
+        );
+        let f = SnapshotFlow::apply(&input, &r.state, &page(1, "c")).unwrap();
+        assert!(
+            matches!(f.state, SnapshotState::Finishing { counts } if counts.read == 3 && counts.queries == 2 && counts.pauses == 1)
+        );
+    }
+}
