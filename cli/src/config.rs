@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
-use bulwark_adapters::http::{self, IdCache, MemoryIdCache, Profiles, SqliteIdCache};
+use bulwark_adapters::http::{self, IdCache, PgIdCache, Profiles, SqliteIdCache};
 use bulwark_workflows::adapter::{AdapterRegistry, EndpointConfig};
 use bulwark_workflows::endpoint_sync::SyncPolicy;
 use bulwark_workflows::sync::SyncOptions;
@@ -186,7 +186,10 @@ impl Config {
             let profiles =
                 Profiles::load(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
             let cache: Arc<dyn IdCache> = if crate::is_postgres(db) {
-                Arc::new(MemoryIdCache::new())
+                match bulwark_engine::Backend::open(db).await? {
+                    bulwark_engine::Backend::Postgres(pg) => Arc::new(PgIdCache::new(pg.pool().clone())),
+                    bulwark_engine::Backend::Sqlite(_) => unreachable!("a postgres URL opens PostgreSQL"),
+                }
             } else {
                 Arc::new(
                     SqliteIdCache::connect(db.strip_prefix("sqlite://").unwrap_or(db))

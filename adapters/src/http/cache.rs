@@ -235,3 +235,74 @@ impl IdCache for SqliteIdCache {
         Ok(())
     }
 }
+
+/// An [`IdCache`] in Bulwark's PostgreSQL database (table `adapter_id_cache`, created by
+/// `migrations/postgres/0002_http_lookup_cache.sql`), shared by every worker.
+#[derive(Debug, Clone)]
+pub struct PgIdCache {
+    pool: sqlx::PgPool,
+}
+
+impl PgIdCache {
+    /// A cache over `pool` (the store's pool: `PostgresStore::pool`).
+    pub fn new(pool: sqlx::PgPool) -> Self {
+        Self { pool }
+    }
+}
+
+#[async_trait]
+impl IdCache for PgIdCache {
+    async fn get_many(
+        &self,
+        profile: &str,
+        endpoint: &str,
+        skus: &[String],
+    ) -> Result<HashMap<String, String>, CacheError> {
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT sku, remote_id FROM adapter_id_cache WHERE profile = $1 AND endpoint = $2 AND sku = ANY($3)",
+        )
+        .bind(profile)
+        .bind(endpoint)
+        .bind(skus)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| CacheError(e.to_string()))?;
+        Ok(rows.into_iter().collect())
+    }
+
+    async fn put_many(
+        &self,
+        profile: &str,
+        endpoint: &str,
+        ids: &[(String, String)],
+    ) -> Result<(), CacheError> {
+        let skus: Vec<&str> = ids.iter().map(|(s, _)| s.as_str()).collect();
+        let remote: Vec<&str> = ids.iter().map(|(_, r)| r.as_str()).collect();
+        sqlx::query(
+            "INSERT INTO adapter_id_cache (profile, endpoint, sku, remote_id, updated_at)
+             SELECT $1, $2, s, r, $5 FROM unnest($3::text[], $4::text[]) AS t(s, r)
+             ON CONFLICT (profile, endpoint, sku) DO UPDATE SET remote_id = excluded.remote_id,
+                 updated_at = excluded.updated_at",
+        )
+        .bind(profile)
+        .bind(endpoint)
+        .bind(&skus)
+        .bind(&remote)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await
+        .map_err(|e| CacheError(e.to_string()))?;
+        Ok(())
+    }
+
+    async fn invalidate(&self, profile: &str, endpoint: &str, sku: &str) -> Result<(), CacheError> {
+        sqlx::query("DELETE FROM adapter_id_cache WHERE profile = $1 AND endpoint = $2 AND sku = $3")
+            .bind(profile)
+            .bind(endpoint)
+            .bind(sku)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| CacheError(e.to_string()))?;
+        Ok(())
+    }
+}

@@ -35,7 +35,7 @@ pub use adapter::{
     DEFAULT_RETRY_AFTER_MS, DEFAULT_TIMEOUT_MS, HttpAdapter, MAX_EXCERPT_CHARS,
     MAX_MISMATCHES_SHOWN,
 };
-pub use cache::{CacheError, IdCache, MemoryIdCache, SqliteIdCache};
+pub use cache::{CacheError, IdCache, MemoryIdCache, PgIdCache, SqliteIdCache};
 pub use profile::{
     AuthConfig, AuthKind, ErrorClass, ErrorRule, GraphqlConfig, LookupConfig, Mode, PriceUnit,
     ProbeConfig, Profile, ProfileConfig, ProfileError, Profiles, ReadConfig, RequestConfig,
