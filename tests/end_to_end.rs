@@ -126,6 +126,42 @@ fn demo_syncs_everything_then_nothing_then_only_the_delta() {
     );
     let (ok, audit) = query(&["audit"], &db);
     assert!(ok && audit.contains(": 0 finding(s)"), "{audit}");
+
+    // Operator commands, plain and --json.
+    let (ok, runs) = query(&["runs", "--json"], &db);
+    assert!(ok, "{runs}");
+    let runs: serde_json::Value = serde_json::from_str(&runs).unwrap();
+    let first_sync = runs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["kind"] == "sync")
+        .map(|r| r["id"].as_i64().unwrap())
+        .min()
+        .unwrap();
+    let (ok, run) = query(&["run", &first_sync.to_string()], &db);
+    assert!(ok && run.contains("Done=57 Tripped=3"), "{run}");
+    let (ok, tripped) = query(&["endpoints", "--tripped", "--json"], &db);
+    assert!(ok, "{tripped}");
+    let tripped: serde_json::Value = serde_json::from_str(&tripped).unwrap();
+    let ids: Vec<&str> = tripped
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["endpoint"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 3, "{tripped}");
+    let (ok, done) = query(&["endpoints", "--state", "done"], &db);
+    assert!(ok && done.lines().count() == 58, "{done}");
+    let (ok, one) = query(&["endpoint", ids[0]], &db);
+    assert!(
+        ok && one.contains("circuit open until") && one.contains("Tripped"),
+        "{one}"
+    );
+    let (ok, reset) = query(&["reset-circuit", ids[0]], &db);
+    assert!(ok && reset.contains("closed"), "{reset}");
+    let (ok, one) = query(&["endpoint", ids[0], "--json"], &db);
+    assert!(ok && one.contains("\"circuit_open_until\": null"), "{one}");
 }
 
 #[test]

@@ -4,8 +4,10 @@
 mod bench;
 mod config;
 mod demo;
+mod ops;
 mod progress;
 mod snapshot_cmd;
+mod webui_cmd;
 mod worker;
 
 use std::net::SocketAddr;
@@ -165,6 +167,9 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         latency_ms: u64,
     },
+    /// Run the web-UI portal simulator (for the `webdriver` adapter) until SIGTERM/SIGINT;
+    /// optionally write its recipes to disk and serve its state as JSON.
+    SimulateWebui(webui_cmd::SimulateWebUiArgs),
     /// Runs and per-state endpoint counts.
     Status {
         #[command(flatten)]
@@ -173,6 +178,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    #[command(flatten)]
+    Ops(ops::Ops),
     /// Recent alerts.
     Alerts {
         #[command(flatten)]
@@ -350,6 +357,7 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
                 progress::print_status(&status);
             }
         }
+        Command::Ops(op) => return ops::run(op).await,
         Command::Alerts { db, limit } => {
             let app = Bulwark::open(&db.db, bulwark_adapters::default_registry()).await?;
             for a in bulwark_engine::Store::alerts(app.store().as_ref(), limit).await? {
@@ -383,6 +391,7 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             }
         }
         Command::Bench(args) => bench::run(args).await?,
+        Command::SimulateWebui(args) => webui_cmd::run(args).await?,
         Command::Worker(args) => return worker::run(args).await,
     }
     Ok(ExitCode::SUCCESS)

@@ -97,6 +97,10 @@ where
             found,
             known,
         }),
+        Err(sqlx::migrate::MigrateError::VersionMismatch(v)) => Err(EngineError::Other(format!(
+            "database {shown}: its migration {v} differs from this Bulwark's (written by a development build?); \
+             refusing to touch it"
+        ))),
         Err(e) => Err(e.into()),
     }
 }

@@ -1,0 +1,312 @@
+//! Operator read commands: runs, one run, endpoints, one endpoint's history, alerts and
+//! closing a circuit by hand. Each has `--json`; tables fit 80 columns.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+
+use anyhow::{Result, bail};
+use bulwark_engine::{Store, WorkflowRow};
+use bulwark_workflows::app::Bulwark;
+use serde::Serialize;
+
+use crate::{DbArg, chrono_ms};
+
+/// Operator commands.
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum Ops {
+    /// Runs, newest first, with endpoint counts by state.
+    Runs {
+        #[command(flatten)]
+        db: DbArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One run: its endpoints that are not Done, and counts by state.
+    Run {
+        /// The run id.
+        id: i64,
+        #[command(flatten)]
+        db: DbArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Endpoints with their latest sync state.
+    Endpoints {
+        #[command(flatten)]
+        db: DbArg,
+        /// Only endpoints in this state (Done, Tripped, Skipped, Uploading, …).
+        #[arg(long)]
+        state: Option<String>,
+        /// Only tripped endpoints (with the last error).
+        #[arg(long)]
+        tripped: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One endpoint: its runs and the journaled transitions of its latest sync.
+    Endpoint {
+        /// The endpoint id.
+        id: String,
+        #[command(flatten)]
+        db: DbArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Close an endpoint's circuit by hand (the next run syncs it again).
+    ResetCircuit {
+        /// The endpoint id.
+        id: String,
+        #[command(flatten)]
+        db: DbArg,
+    },
+}
+
+#[derive(Debug, Serialize)]
+struct EndpointLine {
+    endpoint: String,
+    run: i64,
+    workflow: i64,
+    state: String,
+    detail: String,
+}
+
+fn detail(w: &WorkflowRow) -> String {
+    let v: serde_json::Value = serde_json::from_str(&w.state_json).unwrap_or_default();
+    let inner = v
+        .as_object()
+        .and_then(|o| o.values().next())
+        .cloned()
+        .unwrap_or_default();
+    match w.status.as_str() {
+        "Tripped" | "Skipped" => inner
+            .get("reason")
+            .and_then(|r| r.as_str())
+            .unwrap_or("")
+            .to_string(),
+        "Done" => format!(
+            "{} batches, {} items",
+            inner.get("batches").and_then(|b| b.as_u64()).unwrap_or(0),
+            inner.get("items").and_then(|b| b.as_u64()).unwrap_or(0)
+        ),
+        _ => inner
+            .get("batch")
+            .map(|b| format!("batch {b}"))
+            .unwrap_or_default(),
+    }
+}
+
+fn cut(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        format!("{}…", s.chars().take(n - 1).collect::<String>())
+    }
+}
+
+async fn open(db: &DbArg) -> Result<Bulwark> {
+    Ok(Bulwark::open(&db.db, bulwark_adapters::default_registry()).await?)
+}
+
+/// Latest endpoint-sync workflow per endpoint.
+async fn latest(store: &dyn Store) -> Result<BTreeMap<String, WorkflowRow>> {
+    let mut by: BTreeMap<String, WorkflowRow> = BTreeMap::new();
+    for w in store.workflows(None, Some("endpoint_sync")).await? {
+        if by.get(&w.subject).is_none_or(|old| old.id < w.id) {
+            by.insert(w.subject.clone(), w);
+        }
+    }
+    Ok(by)
+}
+
+fn line(w: &WorkflowRow) -> EndpointLine {
+    EndpointLine {
+        endpoint: w.subject.clone(),
+        run: w.run_id,
+        workflow: w.id,
+        state: w.status.clone(),
+        detail: detail(w),
+    }
+}
+
+fn print_lines(lines: &[EndpointLine]) {
+    println!("{:<16} {:>5} {:<10} detail", "endpoint", "run", "state");
+    for l in lines {
+        println!(
+            "{:<16} {:>5} {:<10} {}",
+            cut(&l.endpoint, 16),
+            l.run,
+            l.state,
+            cut(&l.detail, 45)
+        );
+    }
+}
+
+pub(crate) async fn run(op: Ops) -> Result<ExitCode> {
+    match op {
+        Ops::Runs { db, json } => {
+            let app = open(&db).await?;
+            let status = app.status().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status.runs)?);
+            } else {
+                println!(
+                    "{:>5}  {:<8} {:<9} {:<19}  states",
+                    "run", "kind", "status", "created"
+                );
+                for r in &status.runs {
+                    let states: Vec<String> =
+                        r.states.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    println!(
+                        "{:>5}  {:<8} {:<9} {:<19}  {}",
+                        r.id,
+                        r.kind,
+                        r.status,
+                        chrono_ms(r.created_at),
+                        cut(&states.join(" "), 32)
+                    );
+                }
+            }
+        }
+        Ops::Run { id, db, json } => {
+            let app = open(&db).await?;
+            let store = app.store();
+            let Some(run) = store.runs().await?.into_iter().find(|r| r.id == id) else {
+                bail!("no run {id}")
+            };
+            let rows = store.workflows(Some(id), None).await?;
+            let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+            for w in &rows {
+                *counts.entry(w.status.clone()).or_default() += 1;
+            }
+            let open_lines: Vec<EndpointLine> = rows
+                .iter()
+                .filter(|w| w.status != "Done")
+                .map(line)
+                .collect();
+            if json {
+                let v = serde_json::json!({ "run": run, "states": counts, "not_done": open_lines });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let states: Vec<String> = counts.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                println!(
+                    "run {id} ({}) {}: {}",
+                    run.kind,
+                    run.status,
+                    states.join(" ")
+                );
+                if !open_lines.is_empty() {
+                    print_lines(&open_lines);
+                }
+            }
+        }
+        Ops::Endpoints {
+            db,
+            state,
+            tripped,
+            json,
+        } => {
+            let app = open(&db).await?;
+            let store = app.store();
+            let lines: Vec<EndpointLine> = if tripped {
+                // Tripped: the circuit is open (later runs skip it) or the latest sync
+                // tripped; the detail is the error that tripped it.
+                let open = store.open_circuits().await?;
+                let mut last_trip: BTreeMap<String, WorkflowRow> = BTreeMap::new();
+                for w in store.workflows(None, Some("endpoint_sync")).await? {
+                    if w.status == "Tripped" {
+                        last_trip.insert(w.subject.clone(), w);
+                    }
+                }
+                latest(store.as_ref())
+                    .await?
+                    .values()
+                    .filter(|w| w.status == "Tripped" || open.contains_key(&w.subject))
+                    .map(|w| {
+                        last_trip
+                            .get(&w.subject)
+                            .map(line)
+                            .unwrap_or_else(|| line(w))
+                    })
+                    .collect()
+            } else {
+                latest(store.as_ref())
+                    .await?
+                    .values()
+                    .filter(|w| {
+                        state
+                            .as_deref()
+                            .is_none_or(|s| w.status.eq_ignore_ascii_case(s))
+                    })
+                    .map(line)
+                    .collect()
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&lines)?);
+            } else {
+                print_lines(&lines);
+            }
+        }
+        Ops::Endpoint { id, db, json } => {
+            let app = open(&db).await?;
+            let store = app.store();
+            let rows: Vec<WorkflowRow> = store
+                .workflows(None, Some("endpoint_sync"))
+                .await?
+                .into_iter()
+                .filter(|w| w.subject == id)
+                .collect();
+            let Some(last) = rows.last() else {
+                bail!("no endpoint {id:?} in any run")
+            };
+            let journal = store.journal(last.id).await?;
+            let circuit = store.open_circuits().await?.get(&id).copied();
+            if json {
+                let v = serde_json::json!({
+                    "endpoint": id,
+                    "runs": rows.iter().map(line).collect::<Vec<_>>(),
+                    "circuit_open_until": circuit,
+                    "journal": journal,
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "endpoint {id}: circuit {}",
+                    circuit
+                        .map(|t| format!("open until {}", chrono_ms(t)))
+                        .unwrap_or("closed".into())
+                );
+                print_lines(&rows.iter().map(line).collect::<Vec<_>>());
+                println!("latest sync (workflow {}):", last.id);
+                for j in &journal {
+                    let state: serde_json::Value =
+                        serde_json::from_str(&j.state_json).unwrap_or_default();
+                    let name = state
+                        .as_object()
+                        .and_then(|o| o.keys().next().cloned())
+                        .unwrap_or_default();
+                    let event = j.event_json.as_deref().unwrap_or("(created)");
+                    println!(
+                        "{:>4} {} {:<10} {}",
+                        j.seq,
+                        chrono_ms(j.at),
+                        name,
+                        cut(event, 44)
+                    );
+                }
+            }
+        }
+        Ops::ResetCircuit { id, db } => {
+            let app = open(&db).await?;
+            if app.store().reset_circuit(&id).await? {
+                println!("circuit of {id} closed; the next run syncs it again");
+            } else {
+                println!("circuit of {id} was not open");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
