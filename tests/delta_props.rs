@@ -11,11 +11,12 @@ use bulwark_workflows::adapter::{
 };
 use bulwark_workflows::app::Bulwark;
 use bulwark_workflows::catalog::{Batch, Item, PriceTier};
+use bulwark_workflows::mapping::EndpointMapping;
 use bulwark_workflows::staging::SealStats;
 use bulwark_workflows::sync::SyncOptions;
 use proptest::prelude::*;
 
-type Shown = Arc<Mutex<BTreeMap<String, Item>>>;
+type Shown = Arc<Mutex<BTreeMap<String, BTreeMap<String, Item>>>>;
 
 struct Recorder {
     shown: Shown,
@@ -26,8 +27,9 @@ struct Recorder {
 impl PortalAdapter for Recorder {
     async fn upload(&self, batch: &Batch) -> AdapterResult<Receipt> {
         let mut shown = self.shown.lock().unwrap();
+        let view = shown.entry(batch.endpoint.clone()).or_default();
         for it in &batch.items {
-            shown.insert(it.sku.clone(), it.clone());
+            view.insert(it.sku.clone(), it.clone());
         }
         *self.sent.lock().unwrap() += batch.items.len() as u64;
         Ok(Receipt {
@@ -72,10 +74,66 @@ fn items(c: &BTreeMap<String, (i64, Vec<i64>)>) -> Vec<(String, Item)> {
         .collect()
 }
 
+fn mapping() -> impl Strategy<Value = EndpointMapping> {
+    (
+        prop::collection::vec(
+            prop::sample::select(vec!["S0", "S01", "S02", "S03", "S04", "S05"]),
+            0..3,
+        ),
+        prop::collection::btree_map(
+            (0u32..60).prop_map(|i| format!("S{i:03}")),
+            "[a-z]{6}",
+            0..10,
+        ),
+        prop::option::of(prop::sample::select(vec![
+            vec![0usize],
+            vec![1],
+            vec![1, 0],
+        ])),
+        prop::option::of(500_000i64..2_000_000),
+        0i64..5000,
+        0i64..10,
+    )
+        .prop_map(|(prefixes, aliases, tiers, fx, markup, round)| {
+            // Aliases must be unique codes.
+            let mut seen = std::collections::HashSet::new();
+            let aliases = aliases
+                .into_iter()
+                .filter(|(_, a)| seen.insert(a.clone()))
+                .map(|(k, a)| (k, format!("P-{a}")))
+                .collect();
+            EndpointMapping {
+                sku_prefixes: prefixes.into_iter().map(String::from).collect(),
+                aliases,
+                tiers,
+                currency: fx.map(|_| "EUR".into()),
+                fx_rate_ppm: fx,
+                markup_bp: markup,
+                round_to_minor: round,
+                ..Default::default()
+            }
+        })
+}
+
+fn mapped(
+    m: Option<&EndpointMapping>,
+    cat: &BTreeMap<String, (i64, Vec<i64>)>,
+) -> BTreeMap<String, Item> {
+    let plain: Vec<Item> = items(cat).into_iter().map(|(_, i)| i).collect();
+    match m {
+        Some(m) => m.apply(&plain),
+        None => plain,
+    }
+    .into_iter()
+    .map(|i| (i.sku.clone(), i))
+    .collect()
+}
+
 async fn case(
     a: BTreeMap<String, (i64, Vec<i64>)>,
     b: BTreeMap<String, (i64, Vec<i64>)>,
     batch_size: u32,
+    m: EndpointMapping,
 ) {
     let dir = tempfile::tempdir().unwrap();
     let shown: Shown = Arc::default();
@@ -89,12 +147,26 @@ async fn case(
         "rec",
         Arc::new(move |_: &EndpointConfig| Ok(rec.clone() as Arc<dyn PortalAdapter>)),
     );
-    let mut app = Bulwark::open(dir.path().join("b.db"), registry).await.unwrap();
-    let eps = vec![EndpointConfig {
-        id: "ep".into(),
-        adapter: "rec".into(),
-        settings: HashMap::new(),
-    }];
+    let mut app = Bulwark::open(dir.path().join("b.db"), registry)
+        .await
+        .unwrap();
+    let eps = vec![
+        EndpointConfig {
+            id: "plain".into(),
+            adapter: "rec".into(),
+            settings: HashMap::new(),
+        },
+        EndpointConfig {
+            id: "mapped".into(),
+            adapter: "rec".into(),
+            settings: [(
+                bulwark_workflows::mapping::SETTINGS_KEY.to_string(),
+                serde_json::to_string(&m).unwrap(),
+            )]
+            .into(),
+        },
+    ];
+    let ms: [(&str, Option<&EndpointMapping>); 2] = [("plain", None), ("mapped", Some(&m))];
     let options = SyncOptions {
         batch_size,
         ..Default::default()
@@ -102,31 +174,44 @@ async fn case(
     for (n, cat) in [&a, &b].into_iter().enumerate() {
         let staging = app.staging().clone();
         let id = staging.begin_snapshot("prop").await.unwrap();
-        staging.write_page_keyed(id, &items(cat), &[]).await.unwrap();
         staging
-            .seal(id, SealStats::default())
+            .write_page_keyed(id, &items(cat), &[])
             .await
             .unwrap();
+        staging.seal(id, SealStats::default()).await.unwrap();
         *sent.lock().unwrap() = 0;
         app.sync(&eps, &options, None).await.unwrap();
-        let view = shown.lock().unwrap().clone();
-        // The view equals the snapshot, plus earlier SKUs now at quantity 0.
-        let mut want: BTreeMap<String, Item> = items(cat).into_iter().collect();
-        for (sku, it) in &view {
-            if !cat.contains_key(sku) {
-                assert_eq!(it.qty, 0, "{sku} gone from snapshot {n} but shown with stock");
-                want.insert(sku.clone(), it.clone());
+        let sent_now = *sent.lock().unwrap();
+        let mut expected_sent = 0u64;
+        for (ep, map) in ms {
+            let view = shown.lock().unwrap().get(ep).cloned().unwrap_or_default();
+            let want_now = mapped(map, cat);
+            // The view equals the mapped snapshot, plus earlier codes now at quantity 0.
+            let mut want = want_now.clone();
+            for (sku, it) in &view {
+                if !want_now.contains_key(sku) {
+                    assert_eq!(
+                        it.qty, 0,
+                        "{ep}: {sku} gone from snapshot {n} but shown with stock"
+                    );
+                    want.insert(sku.clone(), it.clone());
+                }
             }
+            assert_eq!(view, want, "{ep}, snapshot {n}");
+            expected_sent += if n == 1 {
+                // Only changes: new or changed mapped values, and codes gone.
+                let old = mapped(map, &a);
+                (want_now
+                    .iter()
+                    .filter(|(k, v)| old.get(*k) != Some(v))
+                    .count()
+                    + old.keys().filter(|k| !want_now.contains_key(*k)).count())
+                    as u64
+            } else {
+                want_now.len() as u64
+            };
         }
-        assert_eq!(view, want, "snapshot {n}");
-        if n == 1 {
-            // Only changes were sent: new, changed, and removed-with-stock SKUs.
-            let changed = b.iter().filter(|(k, v)| a.get(*k) != Some(v)).count()
-                + a.keys().filter(|k| !b.contains_key(*k)).count();
-            assert_eq!(*sent.lock().unwrap(), changed as u64);
-        } else {
-            assert_eq!(*sent.lock().unwrap(), a.len() as u64);
-        }
+        assert_eq!(sent_now, expected_sent, "items sent for snapshot {n}");
     }
     app.close().await;
 }
@@ -138,8 +223,22 @@ proptest! {
         a in catalog(),
         b in catalog(),
         batch_size in 1u32..8,
+        m in mapping(),
     ) {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        rt.block_on(case(a, b, batch_size));
+        rt.block_on(case(a, b, batch_size, m));
     }
+}
+
+#[test]
+fn sync_inputs_journaled_before_mappings_still_decode() {
+    let old = r#"{"endpoint":"ep-1","snapshot":2,"base":1,"batch_size":500,
+        "batches":[{"hash":"ab","items":3}],
+        "policy":SERIALIZED}"#;
+    let policy =
+        serde_json::to_string(&bulwark_workflows::endpoint_sync::SyncPolicy::default()).unwrap();
+    let input: bulwark_workflows::endpoint_sync::SyncInput =
+        serde_json::from_str(&old.replace("SERIALIZED", &policy)).unwrap();
+    assert_eq!(input.mapping, None);
+    assert_eq!(input.batches.len(), 1);
 }

@@ -62,6 +62,8 @@ fn demo_syncs_everything_then_nothing_then_only_the_delta() {
         "100",
         "--broken",
         "3",
+        "--browser-endpoints",
+        "0",
     ];
 
     let first = bulwark(&[&["demo"][..], &common].concat(), &data);
@@ -178,6 +180,8 @@ fn demo_handles_7200_endpoints() {
             "100",
             "--broken",
             "3",
+            "--browser-endpoints",
+            "0",
         ],
         &dir.path().join("d"),
     );
@@ -245,4 +249,31 @@ fn sync_reads_endpoints_from_a_config_file_and_refuses_a_bad_one() {
         out.contains("bulwark.toml:4:1") && out.contains("batchsize"),
         "{out}"
     );
+}
+
+#[test]
+fn demo_includes_browser_endpoints_synced_through_chromium() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d");
+    let args = [
+        "demo",
+        "--endpoints",
+        "4",
+        "--skus",
+        "60",
+        "--batch-size",
+        "30",
+        "--broken",
+        "0",
+        "--browser-endpoints",
+        "2",
+    ];
+    let out = bulwark(&args, &data);
+    assert!(
+        out.contains("2 browser endpoint(s) synced through Chromium"),
+        "{out}"
+    );
+    assert!(out.contains("6 done, 0 tripped"), "{out}");
+    let again = bulwark(&args, &data);
+    assert!(again.contains("0 uploads, 0 verifies"), "{again}");
 }

@@ -69,6 +69,7 @@ fn sync_input() -> impl Strategy<Value = SyncInput> {
                     .map(|(hash, items)| BatchPlan { hash, items })
                     .collect(),
                 policy,
+                mapping: None,
             },
         )
 }

@@ -8,12 +8,19 @@ use std::time::Duration;
 
 fn snapshot_cmd(legacy: &Path, db: &Path) -> Command {
     let mut c = Command::new(bulwark_tests::bulwark_bin());
-    c.args(["snapshot", "--page-size", "50", "--pause-ms", "25", "--legacy"])
-        .arg(legacy)
-        .arg("--db")
-        .arg(db)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    c.args([
+        "snapshot",
+        "--page-size",
+        "50",
+        "--pause-ms",
+        "25",
+        "--legacy",
+    ])
+    .arg(legacy)
+    .arg("--db")
+    .arg(db)
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     c
 }
 
@@ -29,7 +36,12 @@ fn finish(legacy: &Path, db: &Path) -> String {
 }
 
 fn field<'a>(line: &'a str, after: &str) -> &'a str {
-    line.split(after).nth(1).unwrap().split([' ', ',', '\n']).next().unwrap()
+    line.split(after)
+        .nth(1)
+        .unwrap()
+        .split([' ', ',', '\n'])
+        .next()
+        .unwrap()
 }
 
 /// (workflow status, page_no) of the snapshot workflow, if one exists.
@@ -74,20 +86,27 @@ fn killed_snapshot_resumes_from_its_cursor_with_the_same_hash() {
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         loop {
             std::thread::sleep(Duration::from_millis(40));
-            if let Some((status, seq)) = progress(&db) {
-                if status == "Paging" && seq >= last_seq + 5 + round {
-                    break;
-                }
+            if let Some((status, seq)) = progress(&db)
+                && status == "Paging"
+                && seq >= last_seq + 5 + round
+            {
+                break;
             }
             assert!(std::time::Instant::now() < deadline, "no progress");
-            assert!(child.try_wait().unwrap().is_none(), "finished before the kill");
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "finished before the kill"
+            );
         }
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         kills += 1;
         let (status, seq) = progress(&db).unwrap();
         assert_eq!(status, "Paging", "killed mid-way");
-        assert!(seq > last_seq, "resumed and made progress ({seq} <= {last_seq})");
+        assert!(
+            seq > last_seq,
+            "resumed and made progress ({seq} <= {last_seq})"
+        );
         last_seq = seq;
     }
     assert_eq!(kills, 4);
@@ -95,6 +114,9 @@ fn killed_snapshot_resumes_from_its_cursor_with_the_same_hash() {
     // Same snapshot id (resumed, not restarted), same counts, same hash.
     assert_eq!(field(&clean, "snapshot "), field(&crashed, "snapshot "));
     assert_eq!(field(&clean, "hash "), field(&crashed, "hash "));
-    assert!(crashed.contains("3000 rows read, 3000 accepted, 0 rejected"), "{crashed}");
+    assert!(
+        crashed.contains("3000 rows read, 3000 accepted, 0 rejected"),
+        "{crashed}"
+    );
     assert_eq!(field(&clean, "hash ").len(), 64);
 }

@@ -67,27 +67,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
     let mut app = Bulwark::open(&db, registry).await?;
 
     // One item per batch: W1 measures the engine, not payload handling.
-    let snapshot = app.staging().begin_snapshot("bench").await?;
-    let items: Vec<Item> = (0..args.batches)
-        .map(|i| Item {
-            sku: format!("B-{i:04}"),
-            qty: i64::from(i),
-            tiers: vec![PriceTier {
-                min_qty: 1,
-                price_minor: 100,
-            }],
-        })
-        .collect();
-    app.staging().write_page(snapshot, &items, &[]).await?;
-    app.staging()
-        .seal(
-            snapshot,
-            SealStats {
-                rows_read: items.len() as i64,
-                ..Default::default()
-            },
-        )
-        .await?;
+    seed(&app, args.batches).await?;
     let endpoints: Vec<EndpointConfig> = (1..=args.endpoints)
         .map(|i| EndpointConfig {
             id: format!("ep-{i:05}"),

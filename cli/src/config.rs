@@ -187,8 +187,12 @@ impl Config {
                 Profiles::load(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
             let cache: Arc<dyn IdCache> = if crate::is_postgres(db) {
                 match bulwark_engine::Backend::open(db).await? {
-                    bulwark_engine::Backend::Postgres(pg) => Arc::new(PgIdCache::new(pg.pool().clone())),
-                    bulwark_engine::Backend::Sqlite(_) => unreachable!("a postgres URL opens PostgreSQL"),
+                    bulwark_engine::Backend::Postgres(pg) => {
+                        Arc::new(PgIdCache::new(pg.pool().clone()))
+                    }
+                    bulwark_engine::Backend::Sqlite(_) => {
+                        unreachable!("a postgres URL opens PostgreSQL")
+                    }
                 }
             } else {
                 Arc::new(

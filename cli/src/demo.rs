@@ -34,6 +34,10 @@ pub(crate) struct DemoArgs {
     /// Delete the data directory first and start over.
     #[arg(long)]
     fresh: bool,
+    /// Browser endpoints (portals with only a web UI, synced through Chromium) added when
+    /// Chromium and chromedriver are installed.
+    #[arg(long, default_value_t = 2)]
+    browser_endpoints: u32,
     /// Rows per query when snapshotting the legacy database.
     #[arg(long, default_value_t = 1000)]
     page_size: u32,
@@ -105,7 +109,27 @@ pub(crate) async fn run(args: DemoArgs) -> Result<()> {
         args.broken.min(args.endpoints)
     );
 
-    let endpoints = demo_endpoints(args.endpoints, &portal);
+    let mut endpoints = demo_endpoints(args.endpoints, &portal);
+    let mut registry_extra = None;
+    let mut web_sim = None;
+    if args.browser_endpoints > 0 {
+        match browser_endpoints(&args.data_dir, args.browser_endpoints).await? {
+            Ok((eps, factory, sim)) => {
+                println!(
+                    "   + web-UI portal simulator on http://{}: {} browser endpoint(s) synced through Chromium",
+                    sim.addr(),
+                    eps.len()
+                );
+                endpoints.extend(eps);
+                registry_extra = Some(factory);
+                web_sim = Some(sim);
+            }
+            Err(why) => println!("   (no browser endpoints: {why})"),
+        }
+    }
+    if let Some(factory) = registry_extra {
+        app.register_adapter("webdriver", factory);
+    }
     let bar = progress::Progress::new();
     let report = app
         .sync(&endpoints, &sync_options(&args.sync), Some(bar.clone()))
@@ -124,6 +148,67 @@ pub(crate) async fn run(args: DemoArgs) -> Result<()> {
     );
     println!("legacy database queries during the sync: 0 (sync reads staging only)");
     sim.shutdown().await?;
+    drop(web_sim);
     app.close().await;
     Ok(())
+}
+
+/// Web-UI portals for the demo, synced through Chromium with the manifest-upload recipe.
+/// `Ok(Err(why))` when Chromium or chromedriver is missing.
+async fn browser_endpoints(
+    data_dir: &std::path::Path,
+    n: u32,
+) -> Result<
+    std::result::Result<
+        (
+            Vec<bulwark_workflows::adapter::EndpointConfig>,
+            bulwark_workflows::adapter::AdapterFactory,
+            bulwark_adapters::sim_webui::WebSimHandle,
+        ),
+        String,
+    >,
+> {
+    use bulwark_adapters::sim_webui::{self, WebPortal};
+    use bulwark_adapters::webdriver::{self, MapSecrets, PoolConfig, WebDriverPool};
+    let config = PoolConfig::from_env();
+    if let Err(why) = config.check_available() {
+        return Ok(Err(why));
+    }
+    // Demo credentials for the demo's own portals; real ones come from the environment.
+    let (user, pass) = ("demo-user", "demo-password");
+    let ids: Vec<String> = (1..=n).map(|i| format!("web-{i}")).collect();
+    let portals = ids
+        .iter()
+        .map(|id| WebPortal::new(id, user, pass))
+        .collect();
+    let sim = sim_webui::start(portals, "127.0.0.1:0".parse().expect("loopback")).await?;
+    let recipes = data_dir.join("recipes");
+    std::fs::create_dir_all(&recipes)?;
+    let recipe = recipes.join("manifest.toml");
+    std::fs::write(&recipe, sim_webui::MANIFEST_RECIPE)?;
+    let endpoints = ids
+        .iter()
+        .map(|id| bulwark_workflows::adapter::EndpointConfig {
+            id: id.clone(),
+            adapter: "webdriver".into(),
+            settings: [
+                ("recipe".to_string(), recipe.display().to_string()),
+                ("base_url".to_string(), sim.base_url(id)),
+                (
+                    "artifacts_dir".to_string(),
+                    data_dir.join("artifacts").display().to_string(),
+                ),
+            ]
+            .into(),
+        })
+        .collect();
+    let secrets = MapSecrets(
+        [
+            ("BULWARK_SIM_USER".to_string(), user.to_string()),
+            ("BULWARK_SIM_PASS".to_string(), pass.to_string()),
+        ]
+        .into(),
+    );
+    let factory = webdriver::factory(WebDriverPool::new(config), std::sync::Arc::new(secrets));
+    Ok(Ok((endpoints, factory, sim)))
 }

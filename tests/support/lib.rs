@@ -97,9 +97,15 @@ pub fn mysql_url() -> Option<String> {
     let skip = std::env::var("BULWARK_SKIP_MYSQL").is_ok_and(|v| v == "1");
     let ci = std::env::var("CI").is_ok_and(|v| v == "true");
     if skip {
-        assert!(!ci, "BULWARK_SKIP_MYSQL=1 is not allowed in CI: MariaDB tests are mandatory there");
+        assert!(
+            !ci,
+            "BULWARK_SKIP_MYSQL=1 is not allowed in CI: MariaDB tests are mandatory there"
+        );
         eprintln!("skipping: BULWARK_SKIP_MYSQL=1");
         return None;
     }
-    Some(std::env::var("BULWARK_TEST_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into()))
+    Some(
+        std::env::var("BULWARK_TEST_MYSQL_URL")
+            .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into()),
+    )
 }

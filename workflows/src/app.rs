@@ -111,6 +111,11 @@ impl Bulwark {
         self.store.clone()
     }
 
+    /// Register (or replace) an adapter factory after opening.
+    pub fn register_adapter(&mut self, name: &str, factory: crate::adapter::AdapterFactory) {
+        self.registry.register(name, factory);
+    }
+
     /// The backend (for the concrete pool).
     pub fn backend(&self) -> &Backend {
         &self.backend
@@ -146,16 +151,19 @@ impl Bulwark {
         take_snapshot(source, &self.staging, options).await
     }
 
-    /// Resume every unfinished sync (replaying it from the journal), then plan and run a
-    /// new sync of `endpoints` towards the newest sealed snapshot.
-    pub async fn sync(
-        &mut self,
+    /// What `sync` and `work` share: the worker lock (embedded databases: one process at a
+    /// time), the snapshot diffs, and effects over every endpoint's adapter (built now, so a
+    /// bad endpoint fails before anything runs).
+    async fn prepare(
+        &self,
         endpoints: &[EndpointConfig],
         options: &SyncOptions,
-        progress: Option<Arc<dyn SyncProgress>>,
-    ) -> Result<SyncReport> {
-        let started = Instant::now();
-        let _lock = match &self.backend {
+    ) -> Result<(
+        Option<bulwark_engine::sqlite::WorkerLock>,
+        Arc<DiffCache>,
+        Arc<SyncEffects>,
+    )> {
+        let lock = match &self.backend {
             Backend::Sqlite(s) => Some(s.lock_for_work()?),
             Backend::Postgres(_) => None,
         };
@@ -171,6 +179,19 @@ impl Bulwark {
             diffs.clone(),
             options.max_in_flight,
         ));
+        Ok((lock, diffs, effects))
+    }
+
+    /// Resume every unfinished sync (replaying it from the journal), then plan and run a
+    /// new sync of `endpoints` towards the newest sealed snapshot.
+    pub async fn sync(
+        &mut self,
+        endpoints: &[EndpointConfig],
+        options: &SyncOptions,
+        progress: Option<Arc<dyn SyncProgress>>,
+    ) -> Result<SyncReport> {
+        let started = Instant::now();
+        let (_lock, diffs, effects) = self.prepare(endpoints, options).await?;
         let runtime = Runtime::<EndpointSync>::new(
             self.store.clone(),
             self.journal(),
@@ -340,22 +361,7 @@ impl Bulwark {
         progress: Option<Arc<dyn SyncProgress>>,
     ) -> Result<SyncReport> {
         let started = Instant::now();
-        let _lock = match &self.backend {
-            Backend::Sqlite(s) => Some(s.lock_for_work()?),
-            Backend::Postgres(_) => None,
-        };
-        let mut adapters: HashMap<String, Arc<dyn PortalAdapter>> = HashMap::new();
-        for ep in endpoints {
-            adapters.insert(ep.id.clone(), self.registry.build(ep)?);
-        }
-        let diffs = Arc::new(DiffCache::new(self.staging.clone()));
-        let open_circuits = self.store.open_circuits().await?;
-        let effects = Arc::new(SyncEffects::new(
-            adapters,
-            open_circuits,
-            diffs,
-            options.max_in_flight,
-        ));
+        let (_lock, _, effects) = self.prepare(endpoints, options).await?;
         let runtime = Runtime::<EndpointSync>::new(
             self.store.clone(),
             self.journal(),

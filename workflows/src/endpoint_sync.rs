@@ -73,6 +73,10 @@ pub struct SyncInput {
     pub batches: Vec<BatchPlan>,
     /// Retry and circuit policy.
     pub policy: SyncPolicy,
+    /// The endpoint's mapping when the run was planned (`None`: identity). Defaulted so
+    /// that journals written before mappings existed still decode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mapping: Option<crate::mapping::EndpointMapping>,
 }
 
 impl SyncInput {

@@ -19,6 +19,7 @@ fn input(batches: u32) -> SyncInput {
             })
             .collect(),
         policy: SyncPolicy::default(),
+        mapping: None,
     }
 }
 

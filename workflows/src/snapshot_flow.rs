@@ -608,11 +608,14 @@ impl Effects<SnapshotFlow> for SnapshotEffects {
     }
 }
 
+/// A page request to the task that owns a borrowed source: (after, limit, reply).
+type PageRequest = (Option<String>, u32, oneshot::Sender<Result<Vec<RawRow>>>);
+
 /// A borrowed source served to the (`'static`) runtime over a channel: requests are
 /// answered by the task that owns the borrow, while the runtime runs beside it.
 struct SourceProxy {
     describe: String,
-    tx: mpsc::UnboundedSender<(Option<String>, u32, oneshot::Sender<Result<Vec<RawRow>>>)>,
+    tx: mpsc::UnboundedSender<PageRequest>,
 }
 
 #[async_trait]
@@ -755,6 +758,13 @@ pub async fn run_snapshot(
     let state: SnapshotState = serde_json::from_str(&row.state_json)
         .map_err(|e| SyncError::Corrupt(format!("snapshot state does not decode: {e}")))?;
     let queries = source.queries() - queries_before;
+    if SnapshotFlow::is_terminal(&state) {
+        let status = match state {
+            SnapshotState::Sealed { .. } => "finished",
+            _ => "aborted",
+        };
+        store.finish_run(run, status).await?;
+    }
     match state {
         SnapshotState::Sealed { counts, hash } => Ok(SnapshotReport {
             id: snapshot,

@@ -16,6 +16,7 @@ use crate::adapter::{AdapterError, EndpointConfig, PortalAdapter, Verification};
 use crate::catalog::{Batch, Item, payload_hash};
 use crate::endpoint_sync::{BatchPlan, Command, EndpointSync, Event, State, SyncInput, SyncPolicy};
 use crate::error::{Result, SyncError};
+use crate::mapping::EndpointMapping;
 use crate::staging::{Staging, diff};
 
 /// Options of a sync run.
@@ -56,12 +57,15 @@ pub struct Plan {
     pub items: u64,
 }
 
+/// (base, target, mapping cache key) of a cached diff.
+type DiffKey = (Option<i64>, i64, Option<String>);
+
 /// Diffs between snapshots, computed once and shared by every endpoint with the same base.
 #[derive(Debug)]
 pub struct DiffCache {
     staging: Staging,
     snapshots: Mutex<HashMap<i64, Arc<Vec<Item>>>>,
-    diffs: Mutex<HashMap<(Option<i64>, i64), Arc<Vec<Item>>>>,
+    diffs: Mutex<HashMap<DiffKey, Arc<Vec<Item>>>>,
 }
 
 impl DiffCache {
@@ -89,22 +93,40 @@ impl DiffCache {
 
     /// The items to send to move an endpoint from `base` to `target`.
     pub async fn diff(&self, base: Option<i64>, target: i64) -> Result<Arc<Vec<Item>>> {
+        self.diff_mapped(base, target, None).await
+    }
+
+    /// The mapped items to send to move an endpoint with `mapping` from `base` to
+    /// `target`. Cached by (base, target, mapping): identical mappings share a diff.
+    pub async fn diff_mapped(
+        &self,
+        base: Option<i64>,
+        target: i64,
+        mapping: Option<&EndpointMapping>,
+    ) -> Result<Arc<Vec<Item>>> {
+        let key = (base, target, mapping.map(EndpointMapping::cache_key));
         let mut diffs = self.diffs.lock().await;
-        if let Some(d) = diffs.get(&(base, target)) {
+        if let Some(d) = diffs.get(&key) {
             return Ok(d.clone());
         }
-        let t = self.snapshot(target).await?;
+        let map = |items: Arc<Vec<Item>>| match mapping {
+            Some(m) => Arc::new(m.apply(&items)),
+            None => items,
+        };
+        let t = map(self.snapshot(target).await?);
         let d = match base {
-            Some(b) => Arc::new(diff(Some(&self.snapshot(b).await?), &t)),
+            Some(b) => Arc::new(diff(Some(&map(self.snapshot(b).await?)), &t)),
             None => t,
         };
-        diffs.insert((base, target), d.clone());
+        diffs.insert(key, d.clone());
         Ok(d)
     }
 
     /// Items of batch `index` of `input`.
     pub async fn batch_items(&self, input: &SyncInput, index: u32) -> Result<Vec<Item>> {
-        let all = self.diff(input.base, input.snapshot).await?;
+        let all = self
+            .diff_mapped(input.base, input.snapshot, input.mapping.as_ref())
+            .await?;
         let bs = input.batch_size as usize;
         let start = index as usize * bs;
         let end = (start + bs).min(all.len());
@@ -148,7 +170,8 @@ pub async fn plan_run(
     let mut new = Vec::new();
     for ep in endpoints {
         let base = confirmed.get(&ep.id).copied();
-        let items = diffs.diff(base, snapshot).await?;
+        let mapping = EndpointMapping::from_settings(&ep.settings)?;
+        let items = diffs.diff_mapped(base, snapshot, mapping.as_ref()).await?;
         if base == Some(snapshot) || items.is_empty() {
             plan.up_to_date += 1;
             continue;
@@ -169,6 +192,7 @@ pub async fn plan_run(
             batch_size: options.batch_size,
             batches,
             policy: options.policy.clone(),
+            mapping,
         };
         let state = EndpointSync::initial(&input);
         new.push(NewWorkflow {

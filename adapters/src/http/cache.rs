@@ -296,13 +296,15 @@ impl IdCache for PgIdCache {
     }
 
     async fn invalidate(&self, profile: &str, endpoint: &str, sku: &str) -> Result<(), CacheError> {
-        sqlx::query("DELETE FROM adapter_id_cache WHERE profile = $1 AND endpoint = $2 AND sku = $3")
-            .bind(profile)
-            .bind(endpoint)
-            .bind(sku)
-            .execute(&self.pool)
-            .await
-            .map_err(|e| CacheError(e.to_string()))?;
+        sqlx::query(
+            "DELETE FROM adapter_id_cache WHERE profile = $1 AND endpoint = $2 AND sku = $3",
+        )
+        .bind(profile)
+        .bind(endpoint)
+        .bind(sku)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| CacheError(e.to_string()))?;
         Ok(())
     }
 }
