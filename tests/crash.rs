@@ -40,7 +40,7 @@ impl Drop for KillOnDrop {
 #[test]
 fn sigkill_at_random_points_applies_every_batch_exactly_once() {
     let dir = tempfile::Builder::new()
-        .keep(std::env::var("KEEP").is_ok())
+        .disable_cleanup(std::env::var("KEEP").is_ok())
         .tempdir()
         .unwrap();
     if std::env::var("KEEP").is_ok() {

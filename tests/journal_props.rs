@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use bulwark_adapters::memory::MemoryPortal;
 use bulwark_engine::audit::check_workflow;
-use bulwark_engine::{JournalRow, Machine, Store, WorkflowRow, check_journal};
+use bulwark_engine::{JournalRow, Machine, WorkflowRow, check_journal};
 use bulwark_tests::crash_portal::{CrashingPortal, memory_endpoints, registry_for, seed_snapshot};
 use bulwark_workflows::adapter::{AdapterError, PortalAdapter, Receipt};
 use bulwark_workflows::app::Bulwark;
