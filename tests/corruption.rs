@@ -185,3 +185,40 @@ async fn corrupt_journal_rows_are_reported_and_refused_by_replay() {
         "no new run may start while workflows are refused"
     );
 }
+
+/// A changed mapping invalidates what the endpoint confirmed: the next sync sends every
+/// mapped item again (not a diff computed under the old mapping).
+#[tokio::test]
+async fn a_changed_mapping_forces_a_full_send() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("bulwark.db");
+    seed_snapshot(&db, 5).await.unwrap();
+    let sink = Arc::new(MemoryPortal::new());
+    let mut app = Bulwark::open(&db, registry_for(sink.clone()))
+        .await
+        .unwrap();
+    let options = SyncOptions {
+        batch_size: 10,
+        ..Default::default()
+    };
+    let mut eps = memory_endpoints(1);
+    let first = app.sync(&eps, &options, None).await.unwrap();
+    assert_eq!(first.uploads, 1);
+    let again = app.sync(&eps, &options, None).await.unwrap();
+    assert_eq!(again.uploads, 0, "nothing changed");
+    eps[0]
+        .settings
+        .insert("mapping".into(), "{\"markup_bp\": 1000}".into());
+    let remapped = app.sync(&eps, &options, None).await.unwrap();
+    assert_eq!(
+        remapped.plan.as_ref().map(|p| p.items),
+        Some(5),
+        "{remapped:?}"
+    );
+    assert_eq!(remapped.uploads, 1);
+    let settled = app.sync(&eps, &options, None).await.unwrap();
+    assert_eq!(
+        settled.uploads, 0,
+        "the new mapping is now what the endpoint confirmed"
+    );
+}

@@ -354,21 +354,39 @@ impl Staging {
         Ok(rows.into_iter().collect())
     }
 
-    /// Record that these endpoints now show these snapshots (idempotent).
-    pub async fn confirm(&self, run: i64, confirmed: &[(String, i64)]) -> Result<()> {
+    /// The snapshot each endpoint last confirmed, and the mapping key it was sent under.
+    pub async fn confirmed_with_mapping(&self) -> Result<HashMap<String, (i64, Option<String>)>> {
+        const SQL: &str = "SELECT endpoint_id, snapshot_id, mapping_key FROM endpoint_confirmed";
+        let rows: Vec<(String, i64, Option<String>)> =
+            on_db!(self.db, |pool| sqlx::query_as(SQL).fetch_all(pool).await?);
+        Ok(rows.into_iter().map(|(e, s, m)| (e, (s, m))).collect())
+    }
+
+    /// Record that these endpoints now show these snapshots under these mappings
+    /// (idempotent).
+    pub async fn confirm(
+        &self,
+        run: i64,
+        confirmed: &[(String, i64, Option<String>)],
+    ) -> Result<()> {
         let now = bulwark_engine::now_ms();
         on_db!(self.db, |pool| {
             let mut tx = pool.begin().await?;
             for chunk in confirmed.chunks(500) {
                 let sql = format!(
-                    "INSERT INTO endpoint_confirmed (endpoint_id, snapshot_id, run_id, at) VALUES {}
+                    "INSERT INTO endpoint_confirmed (endpoint_id, snapshot_id, run_id, at, mapping_key) VALUES {}
                      ON CONFLICT (endpoint_id) DO UPDATE SET snapshot_id = excluded.snapshot_id,
-                         run_id = excluded.run_id, at = excluded.at",
-                    numbered(chunk.len(), 4)
+                         run_id = excluded.run_id, at = excluded.at, mapping_key = excluded.mapping_key",
+                    numbered(chunk.len(), 5)
                 );
                 let mut q = sqlx::query(AssertSqlSafe(sql));
-                for (endpoint, snapshot) in chunk {
-                    q = q.bind(endpoint).bind(snapshot).bind(run).bind(now);
+                for (endpoint, snapshot, mapping) in chunk {
+                    q = q
+                        .bind(endpoint)
+                        .bind(snapshot)
+                        .bind(run)
+                        .bind(now)
+                        .bind(mapping);
                 }
                 q.execute(&mut *tx).await?;
             }

@@ -162,15 +162,21 @@ pub async fn plan_run(
             "snapshot {snapshot} is not sealed; sync runs read sealed snapshots only"
         )));
     }
-    let confirmed = staging.confirmed().await?;
+    let confirmed = staging.confirmed_with_mapping().await?;
     let mut plan = Plan {
         snapshot,
         ..Default::default()
     };
     let mut new = Vec::new();
     for ep in endpoints {
-        let base = confirmed.get(&ep.id).copied();
         let mapping = EndpointMapping::from_settings(&ep.settings)?;
+        // What the endpoint confirmed is a diff base only under the mapping it was sent
+        // with; a changed mapping means a full send.
+        let key = mapping.as_ref().map(EndpointMapping::cache_key);
+        let base = confirmed
+            .get(&ep.id)
+            .filter(|(_, k)| *k == key)
+            .map(|(s, _)| *s);
         let items = diffs.diff_mapped(base, snapshot, mapping.as_ref()).await?;
         if base == Some(snapshot) || items.is_empty() {
             plan.up_to_date += 1;
@@ -432,7 +438,8 @@ pub async fn finalize(store: &dyn Store, staging: &Staging, run: RunId) -> Resul
         let input: SyncInput = serde_json::from_str(&w.input_json).map_err(|e| {
             SyncError::Corrupt(format!("workflow {}: input does not decode: {e}", w.id))
         })?;
-        confirmed.push((input.endpoint, input.snapshot));
+        let key = input.mapping.as_ref().map(EndpointMapping::cache_key);
+        confirmed.push((input.endpoint, input.snapshot, key));
     }
     staging.confirm(run, &confirmed).await?;
     store.finish_run(run, "finished").await?;
