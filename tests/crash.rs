@@ -3,8 +3,9 @@
 //! that every (endpoint, batch) was applied exactly once, nothing was lost, and the
 //! journal audits clean.
 
+use bulwark_tests::{KillOnDrop, bulwark, run_ok};
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
@@ -13,29 +14,6 @@ use sqlx::Connection;
 const ENDPOINTS: u32 = 40;
 const SKUS: u32 = 2000;
 const BATCH: u32 = 100;
-
-fn bulwark() -> Command {
-    Command::new(bulwark_tests::bulwark_bin())
-}
-
-fn run_ok(cmd: &mut Command) -> String {
-    let out = cmd.output().expect("spawn bulwark");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-struct KillOnDrop(Child);
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[test]
 fn sigkill_at_random_points_applies_every_batch_exactly_once() {

@@ -9,6 +9,7 @@
 //! in a process group of its own and the test kills that group and every descendant it
 //! saw (each run starts its own chromedriver on a fresh port anyway).
 
+use bulwark_tests::{KillOnDrop, bulwark, run_ok};
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
@@ -23,30 +24,6 @@ const BATCH: u32 = 10;
 const PORTALS: [&str; 2] = ["portal-1", "portal-2"];
 const USER: &str = "bulwark-test";
 const PASS: &str = "not-a-real-secret";
-
-fn bulwark() -> Command {
-    Command::new(bulwark_tests::bulwark_bin())
-}
-
-fn run_ok(cmd: &mut Command) -> String {
-    let out = cmd.output().expect("spawn bulwark");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// The simulator process, stopped with SIGKILL when the test ends (pass or fail).
-struct KillOnDrop(Child);
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// `GET http://127.0.0.1:{port}/state` from `bulwark simulate-webui --state-listen`.
 fn sim_state(port: u16) -> serde_json::Value {

@@ -109,3 +109,31 @@ pub fn mysql_url() -> Option<String> {
             .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into()),
     )
 }
+
+/// A command running the `bulwark` binary.
+pub fn bulwark() -> std::process::Command {
+    std::process::Command::new(bulwark_bin())
+}
+
+/// Run `cmd`, require success, and return its standard output (both streams are shown on
+/// failure).
+pub fn run_ok(cmd: &mut std::process::Command) -> String {
+    let out = cmd.output().expect("spawn bulwark");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A child process killed (SIGKILL) and reaped when the test ends, pass or fail.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
