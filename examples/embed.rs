@@ -114,12 +114,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let endpoints: Vec<EndpointConfig> = (1..=3)
         .map(|i| EndpointConfig {
+            policy: None,
             id: format!("shop-{i}"),
             adapter: "my-shop".into(),
             settings: Default::default(),
         })
         .collect();
     let options = SyncOptions {
+        limits: Default::default(),
         batch_size: 10,
         ..Default::default()
     };

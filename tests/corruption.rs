@@ -72,6 +72,7 @@ async fn crash_midway(db: &std::path::Path, sink: Arc<MemoryPortal>, calls: u64)
     let portal = Arc::new(CrashingPortal::new(sink, Some(calls), false));
     let mut app = Bulwark::open(db, registry_for(portal)).await.unwrap();
     let options = SyncOptions {
+        limits: Default::default(),
         batch_size: 1,
         ..Default::default()
     };
@@ -144,6 +145,7 @@ async fn corrupt_journal_rows_are_reported_and_refused_by_replay() {
         .await
         .unwrap();
     let options = SyncOptions {
+        limits: Default::default(),
         batch_size: 1,
         ..Default::default()
     };
@@ -198,6 +200,7 @@ async fn a_changed_mapping_forces_a_full_send() {
         .await
         .unwrap();
     let options = SyncOptions {
+        limits: Default::default(),
         batch_size: 10,
         ..Default::default()
     };

@@ -152,11 +152,13 @@ async fn case(
         .unwrap();
     let eps = vec![
         EndpointConfig {
+            policy: None,
             id: "plain".into(),
             adapter: "rec".into(),
             settings: HashMap::new(),
         },
         EndpointConfig {
+            policy: None,
             id: "mapped".into(),
             adapter: "rec".into(),
             settings: [(
@@ -168,6 +170,7 @@ async fn case(
     ];
     let ms: [(&str, Option<&EndpointMapping>); 2] = [("plain", None), ("mapped", Some(&m))];
     let options = SyncOptions {
+        limits: Default::default(),
         batch_size,
         ..Default::default()
     };

@@ -121,11 +121,12 @@ fn demo_syncs_everything_then_nothing_then_only_the_delta() {
     assert!(ok, "{alerts}");
     assert_eq!(
         alerts
-            .matches("tripped after 3 consecutive failed validation")
+            .matches("opened after 3 consecutive failed validation")
             .count(),
         3,
         "{alerts}"
     );
+    assert_eq!(alerts.matches("run_tripped").count(), 1, "{alerts}");
     let (ok, audit) = query(&["audit"], &db);
     assert!(ok && audit.contains(": 0 finding(s)"), "{audit}");
 
@@ -157,13 +158,29 @@ fn demo_syncs_everything_then_nothing_then_only_the_delta() {
     assert!(ok && done.lines().count() == 58, "{done}");
     let (ok, one) = query(&["endpoint", ids[0]], &db);
     assert!(
-        ok && one.contains("circuit open until") && one.contains("Tripped"),
+        ok && one.contains("circuit open (opened")
+            && one.contains("after 3 failure(s), opening #1")
+            && one.contains("last error: batch 0")
+            && one.contains("Tripped"),
         "{one}"
     );
     let (ok, reset) = query(&["reset-circuit", ids[0]], &db);
     assert!(ok && reset.contains("closed"), "{reset}");
     let (ok, one) = query(&["endpoint", ids[0], "--json"], &db);
     assert!(ok && one.contains("\"circuit_open_until\": null"), "{one}");
+    assert!(one.contains("\"state\": \"closed\""), "{one}");
+    let (ok, alerts) = query(&["alerts", "--json"], &db);
+    assert!(ok, "{alerts}");
+    let alerts: serde_json::Value = serde_json::from_str(&alerts).unwrap();
+    let newest = &alerts[0];
+    assert_eq!(newest["kind"], "circuit_closed", "{alerts}");
+    assert_eq!(newest["subject"], ids[0], "{alerts}");
+    assert!(
+        newest["message"]
+            .as_str()
+            .unwrap()
+            .contains("reset by an operator")
+    );
 }
 
 #[test]

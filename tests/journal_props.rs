@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use bulwark_adapters::memory::MemoryPortal;
 use bulwark_engine::audit::check_workflow;
-use bulwark_engine::{JournalRow, Machine, WorkflowRow, check_journal};
+use bulwark_engine::{CircuitChange, JournalRow, Machine, WorkflowRow, check_journal};
 use bulwark_tests::crash_portal::{CrashingPortal, memory_endpoints, registry_for, seed_snapshot};
 use bulwark_workflows::adapter::{AdapterError, PortalAdapter, Receipt};
 use bulwark_workflows::app::Bulwark;
@@ -44,6 +44,8 @@ fn policy() -> impl Strategy<Value = SyncPolicy> {
                     backoff_base_ms,
                     backoff_max_ms,
                     cooldown_ms,
+                    max_cooldown_ms: cooldown_ms.saturating_mul(4),
+                    attempt_timeout_ms: 60_000,
                 }
             },
         )
@@ -97,8 +99,8 @@ fn receipt() -> impl Strategy<Value = Receipt> {
 /// Any event at all.
 fn event() -> impl Strategy<Value = Event> {
     prop_oneof![
-        2 => (at_ms(), proptest::bool::weighted(0.1))
-            .prop_map(|(at_ms, circuit_open)| Event::Begin { at_ms, circuit_open }),
+        2 => (at_ms(), proptest::bool::weighted(0.1), proptest::bool::weighted(0.2))
+            .prop_map(|(at_ms, circuit_open, probe)| Event::Begin { at_ms, circuit_open, probe }),
         4 => receipt().prop_map(|receipt| Event::Uploaded { receipt }),
         3 => (at_ms(), adapter_error()).prop_map(|(at_ms, error)| Event::UploadFailed { at_ms, error }),
         3 => proptest::option::of(receipt()).prop_map(|found| Event::Probed { found }),
@@ -146,10 +148,18 @@ impl Step {
         };
         let (at_ms, error, receipt) = (self.at_ms, self.error.clone(), self.receipt.clone());
         let choices: Vec<Event> = match state {
-            State::Pending {} => vec![Event::Begin {
-                at_ms,
-                circuit_open: false,
-            }],
+            State::Pending {} => vec![
+                Event::Begin {
+                    at_ms,
+                    circuit_open: false,
+                    probe: false,
+                },
+                Event::Begin {
+                    at_ms,
+                    circuit_open: false,
+                    probe: true,
+                },
+            ],
             State::Uploading { .. } => vec![
                 Event::Uploaded {
                     receipt: receipt.clone(),
@@ -330,12 +340,27 @@ fn check_transition(
             prop_assert!(*until >= *at_ms + honoured);
         }
     }
-    // An alert accompanies exactly the transitions into Tripped.
-    let alert = EndpointSync::alert(input, prev, next);
+    // The circuit opens with exactly the transitions into Tripped, and closes with exactly
+    // the first batch's verification.
+    let notice = EndpointSync::notice(input, prev, event, next);
     prop_assert_eq!(
-        alert.is_some(),
+        matches!(notice.circuit, Some(CircuitChange::Open { .. })),
         matches!(next, State::Tripped { .. }) && !matches!(prev, State::Tripped { .. })
     );
+    prop_assert_eq!(
+        notice.circuit == Some(CircuitChange::Close),
+        matches!(
+            (prev, event),
+            (State::Verifying { batch: 0, .. }, Event::Verified)
+        )
+    );
+    if let Some(CircuitChange::Open {
+        failures, policy, ..
+    }) = &notice.circuit
+    {
+        prop_assert_eq!(*policy, input.policy.circuit());
+        prop_assert!(*failures >= 1);
+    }
     Ok(())
 }
 
@@ -491,7 +516,7 @@ proptest! {
             4 => {
                 prop_assume!(k > 0);
                 let prev: State = serde_json::from_str(&rows[k - 1].state_json).unwrap();
-                let forged = [Event::Verified, Event::TimerFired, Event::Begin { at_ms: 0, circuit_open: true }]
+                let forged = [Event::Verified, Event::TimerFired, Event::Begin { at_ms: 0, circuit_open: true, probe: false }]
                     .into_iter()
                     .find(|e| {
                         let recorded: State = serde_json::from_str(&rows[k].state_json).unwrap();
@@ -565,6 +590,7 @@ async fn crash_and_replay(endpoints: u32, batches: u32, crashes: Vec<Crash>) -> 
     let sink = Arc::new(MemoryPortal::new());
     let eps = memory_endpoints(endpoints);
     let options = SyncOptions {
+        limits: Default::default(),
         batch_size: 1,
         ..Default::default()
     };

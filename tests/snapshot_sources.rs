@@ -69,6 +69,7 @@ fn registry(shown: Shown) -> AdapterRegistry {
 fn endpoints(n: usize) -> Vec<EndpointConfig> {
     (0..n)
         .map(|i| EndpointConfig {
+            policy: None,
             id: format!("ep-{i}"),
             adapter: "rec".into(),
             settings: HashMap::new(),

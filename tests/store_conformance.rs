@@ -4,7 +4,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bulwark_engine::{Append, AppendOutcome, Backend, ClaimRequest, NewAlert, NewWorkflow, Store};
+use bulwark_engine::{
+    Admission, AlertLevel, Append, AppendOutcome, Backend, CircuitChange, CircuitPolicy,
+    CircuitWrite, ClaimRequest, NewAlert, NewWorkflow, Store,
+};
 
 struct Fixture {
     backend: Backend,
@@ -66,7 +69,8 @@ fn append(workflow: i64, seq: i64, epoch: i64, state: &str) -> Append {
         status: "Moving",
         terminal: state == "End",
         wake_at: None,
-        alert: None,
+        alerts: Vec::new(),
+        circuit: None,
     }
 }
 
@@ -102,8 +106,11 @@ conformance!(
     a_new_claim_fences_the_previous_holder,
     a_group_commit_mixes_outcomes_without_traces_of_refused_appends,
     alerts_and_circuits_commit_with_their_transition,
+    reopened_circuits_back_off_and_successes_close_them,
     renew_and_release_respect_ownership,
     runs_finish_and_count_states,
+    alert_deliveries_are_leased_retried_and_given_up,
+    schedules_advance_once_per_tick,
 );
 
 async fn created_workflows_have_row_zero(store: Arc<dyn Store>) {
@@ -274,6 +281,17 @@ async fn a_group_commit_mixes_outcomes_without_traces_of_refused_appends(store: 
     );
 }
 
+fn open_change(policy: CircuitPolicy) -> CircuitWrite {
+    CircuitWrite {
+        subject: "ep-1".into(),
+        change: CircuitChange::Open {
+            failures: 3,
+            reason: "batch 0: rejected".into(),
+            policy,
+        },
+    }
+}
+
 async fn alerts_and_circuits_commit_with_their_transition(store: Arc<dyn Store>) {
     let run = store.create_run("sync", "{}").await.unwrap();
     let id = store
@@ -282,36 +300,270 @@ async fn alerts_and_circuits_commit_with_their_transition(store: Arc<dyn Store>)
         .unwrap()[0];
     let epoch = store.claim(&claim("w1", 60_000)).await.unwrap()[0].epoch;
     let alert = NewAlert {
-        kind: "tripped".into(),
+        kind: "retries_exhausted".into(),
+        level: AlertLevel::Warn,
         subject: "ep-1".into(),
-        message: "tripped".into(),
-        open_circuit_ms: Some(60_000),
+        message: "5 attempts failed".into(),
     };
-    // A refused append records no alert.
+    let policy = CircuitPolicy {
+        threshold: 3,
+        cooldown_ms: 60_000,
+        max_cooldown_ms: 600_000,
+    };
+    // A refused append records no alert and opens no circuit.
     let mut stale = append(id, 1, epoch + 5, "End");
-    stale.alert = Some(alert.clone());
+    stale.alerts = vec![alert.clone()];
+    stale.circuit = Some(open_change(policy));
     assert_eq!(
         store.append_batch(&[stale]).await.unwrap(),
         [AppendOutcome::Fenced]
     );
     assert!(store.alerts(10).await.unwrap().is_empty());
-    assert!(store.open_circuits().await.unwrap().is_empty());
+    assert!(store.circuits().await.unwrap().is_empty());
     let mut ok = append(id, 1, epoch, "End");
-    ok.alert = Some(alert);
+    ok.alerts = vec![alert];
+    ok.circuit = Some(open_change(policy));
+    let before = bulwark_engine::now_ms();
     assert_eq!(
         store.append_batch(&[ok]).await.unwrap(),
         [AppendOutcome::Committed]
     );
+    // Both alerts of the one transition: the machine's and the circuit's.
     let alerts = store.alerts(10).await.unwrap();
-    assert_eq!(alerts.len(), 1);
+    let kinds: Vec<(&str, AlertLevel)> =
+        alerts.iter().map(|a| (a.kind.as_str(), a.level)).collect();
     assert_eq!(
-        (alerts[0].subject.as_str(), alerts[0].workflow),
-        ("ep-1", Some(id))
+        kinds,
+        [
+            ("circuit_opened", AlertLevel::Error),
+            ("retries_exhausted", AlertLevel::Warn)
+        ]
     );
-    assert!(store.open_circuits().await.unwrap().contains_key("ep-1"));
-    assert!(store.reset_circuit("ep-1").await.unwrap());
-    assert!(!store.reset_circuit("ep-1").await.unwrap());
-    assert!(store.open_circuits().await.unwrap().is_empty());
+    assert!(
+        alerts
+            .iter()
+            .all(|a| a.subject == "ep-1" && a.workflow == Some(id))
+    );
+    assert!(
+        alerts[0].message.contains("rejected"),
+        "{}",
+        alerts[0].message
+    );
+    let c = &store.circuits().await.unwrap()[0];
+    assert_eq!(
+        (c.subject.as_str(), c.open, c.failures, c.opens),
+        ("ep-1", true, 3, 1)
+    );
+    assert!(c.retry_at >= before + 60_000 && c.retry_at <= bulwark_engine::now_ms() + 60_000);
+    assert!(matches!(
+        c.admission(bulwark_engine::now_ms()),
+        Admission::Open { .. }
+    ));
+    assert_eq!(c.admission(c.retry_at), Admission::HalfOpen);
+    assert!(
+        store
+            .reset_circuit("ep-1", "reset by operator")
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .reset_circuit("ep-1", "reset by operator")
+            .await
+            .unwrap()
+    );
+    let c = &store.circuits().await.unwrap()[0];
+    assert_eq!((c.open, c.opens), (false, 0));
+    let alerts = store.alerts(10).await.unwrap();
+    assert_eq!(
+        alerts.len(),
+        3,
+        "one circuit_closed alert for the one reset"
+    );
+    assert_eq!(
+        (alerts[0].kind.as_str(), alerts[0].workflow),
+        ("circuit_closed", None)
+    );
+    assert!(alerts[0].message.contains("reset by operator"));
+}
+
+async fn reopened_circuits_back_off_and_successes_close_them(store: Arc<dyn Store>) {
+    let run = store.create_run("sync", "{}").await.unwrap();
+    let ids = store
+        .create_workflows(run, &[new_wf("ep-1"), new_wf("ep-2")])
+        .await
+        .unwrap();
+    let claimed = store.claim(&claim("w1", 60_000)).await.unwrap();
+    let (e1, e2) = (claimed[0].epoch, claimed[1].epoch);
+    let policy = CircuitPolicy {
+        threshold: 3,
+        cooldown_ms: 1_000,
+        max_cooldown_ms: 3_000,
+    };
+    // Opened three times in a row (failed probes): 1 s, 2 s, then capped at 3 s.
+    for (seq, expected) in [(1, 1_000), (2, 2_000), (3, 3_000)] {
+        let mut a = append(ids[0], seq, e1, "Moving");
+        a.circuit = Some(open_change(policy));
+        store.append_batch(&[a]).await.unwrap();
+        let c = &store.circuits().await.unwrap()[0];
+        assert_eq!(c.opens as i64, seq);
+        assert_eq!(c.retry_at - c.opened_at, expected);
+    }
+    // A success of another subject touches nothing; ep-1's success closes ep-1, once.
+    let close = |id, seq, epoch, subject: &str| {
+        let mut a = append(id, seq, epoch, "Moving");
+        a.circuit = Some(CircuitWrite {
+            subject: subject.into(),
+            change: CircuitChange::Close,
+        });
+        a
+    };
+    store
+        .append_batch(&[close(ids[1], 1, e2, "ep-2")])
+        .await
+        .unwrap();
+    assert!(store.circuits().await.unwrap()[0].open);
+    store
+        .append_batch(&[close(ids[0], 4, e1, "ep-1"), close(ids[1], 2, e2, "ep-2")])
+        .await
+        .unwrap();
+    store
+        .append_batch(&[close(ids[0], 5, e1, "ep-1")])
+        .await
+        .unwrap();
+    let c = &store.circuits().await.unwrap()[0];
+    assert_eq!((c.open, c.opens), (false, 0));
+    let closed: Vec<_> = store
+        .alerts(20)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|a| a.kind == "circuit_closed")
+        .collect();
+    assert_eq!(closed.len(), 1);
+    assert_eq!(
+        (closed[0].subject.as_str(), closed[0].workflow),
+        ("ep-1", Some(ids[0]))
+    );
+    // Opening after a close starts from the first cooldown again.
+    let mut a = append(ids[0], 6, e1, "Moving");
+    a.circuit = Some(open_change(policy));
+    store.append_batch(&[a]).await.unwrap();
+    let c = &store.circuits().await.unwrap()[0];
+    assert_eq!((c.opens, c.retry_at - c.opened_at), (1, 1_000));
+}
+
+async fn alert_deliveries_are_leased_retried_and_given_up(store: Arc<dyn Store>) {
+    let run = store.create_run("sync", "{}").await.unwrap();
+    let alert = |n: u32| NewAlert {
+        kind: "run_tripped".into(),
+        level: AlertLevel::Warn,
+        subject: format!("run:{n}"),
+        message: "m".into(),
+    };
+    assert!(
+        store
+            .finish_run(run, "finished", Some(alert(1)))
+            .await
+            .unwrap()
+    );
+    // Finishing again records nothing.
+    assert!(
+        !store
+            .finish_run(run, "finished", Some(alert(2)))
+            .await
+            .unwrap()
+    );
+    let all = store.alerts(10).await.unwrap();
+    assert_eq!(all.len(), 1);
+    let first = store.claim_alert_deliveries(0, 50, 3, 10).await.unwrap();
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].delivery_attempts, 1);
+    // Leased: not handed out again until its retry time.
+    assert!(
+        store
+            .claim_alert_deliveries(0, 50, 3, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    store
+        .record_alert_delivery(first[0].id, Err("connection refused".into()))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    let second = store.claim_alert_deliveries(0, 50, 3, 10).await.unwrap();
+    assert_eq!(second.len(), 1);
+    assert_eq!(
+        second[0].delivery_error.as_deref(),
+        Some("connection refused")
+    );
+    store
+        .record_alert_delivery(second[0].id, Ok(()))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert!(
+        store
+            .claim_alert_deliveries(0, 50, 3, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(store.alerts(1).await.unwrap()[0].delivered_at.is_some());
+    // Alerts older than `since` are not delivered; after max_attempts one is given up.
+    let run2 = store.create_run("sync", "{}").await.unwrap();
+    store
+        .finish_run(run2, "finished", Some(alert(3)))
+        .await
+        .unwrap();
+    assert!(
+        store
+            .claim_alert_deliveries(bulwark_engine::now_ms() + 60_000, 1, 3, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    for _ in 0..2 {
+        assert_eq!(
+            store
+                .claim_alert_deliveries(0, 1, 2, 10)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    assert!(
+        store
+            .claim_alert_deliveries(0, 1, 2, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+async fn schedules_advance_once_per_tick(store: Arc<dyn Store>) {
+    assert_eq!(store.schedule_tick("sync").await.unwrap(), None);
+    assert!(store.advance_schedule("sync", None, 100).await.unwrap());
+    assert!(!store.advance_schedule("sync", None, 100).await.unwrap());
+    assert_eq!(store.schedule_tick("sync").await.unwrap(), Some(100));
+    // Two workers race for the same tick: one wins.
+    assert!(
+        store
+            .advance_schedule("sync", Some(100), 200)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .advance_schedule("sync", Some(100), 200)
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.schedule_tick("sync").await.unwrap(), Some(200));
+    assert_eq!(store.schedule_tick("snapshot").await.unwrap(), None);
 }
 
 async fn renew_and_release_respect_ownership(store: Arc<dyn Store>) {
@@ -372,7 +624,7 @@ async fn runs_finish_and_count_states(store: Arc<dyn Store>) {
         ),
         (run, "running", "{\"x\":1}", None)
     );
-    store.finish_run(run, "finished").await.unwrap();
+    assert!(store.finish_run(run, "finished", None).await.unwrap());
     let r = &store.runs().await.unwrap()[0];
     assert_eq!(r.status, "finished");
     assert!(r.finished_at.is_some());

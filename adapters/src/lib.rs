@@ -17,6 +17,7 @@
 //!   loopback that serves many virtual endpoints on one port, with fault profiles and an
 //!   optional durable (SQLite) record of deliveries and applied batches used to assert
 //!   exactly-once delivery.
+//! * [`webhook`] — [`WebhookSink`](webhook::WebhookSink), alerts POSTed as JSON.
 //! * [`memory`] — [`MemoryPortal`](memory::MemoryPortal), a fast in-process adapter for
 //!   engine benchmarks. It is not registered by name; build it programmatically and
 //!   register it yourself if needed.
@@ -33,6 +34,7 @@ pub mod sim_webui;
 pub mod simulator;
 pub mod sql_source;
 pub mod webdriver;
+pub mod webhook;
 
 use bulwark_workflows::adapter::AdapterRegistry;
 

@@ -529,6 +529,7 @@ mod tests {
     #[test]
     fn config_errors() {
         let mut cfg = EndpointConfig {
+            policy: None,
             id: "ep-x".into(),
             adapter: "rest".into(),
             settings: HashMap::new(),

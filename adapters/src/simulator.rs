@@ -90,10 +90,17 @@ pub enum Fault {
     /// Each request fails with probability `p_error`, with one of (equally likely):
     /// 500 before processing; 429 with `Retry-After: 1` before processing; 500 *after*
     /// processing (a lost acknowledgement: an upload is applied but the client sees an
-    /// error); or a stall of [`FLAKY_STALL_MS`] after processing, then 503.
+    /// error); a stall of [`FLAKY_STALL_MS`] after processing, then 503 (a client with a
+    /// shorter timeout sees a timeout); or a connection reset before processing (the
+    /// connection is aborted mid-response).
     Flaky {
         /// Probability (0..=1) that a request fails.
         p_error: f64,
+    },
+    /// Healthy, but every request takes `latency_ms` (a slow portal).
+    Slow {
+        /// Added latency per request, in milliseconds.
+        latency_ms: u64,
     },
 }
 
@@ -334,6 +341,20 @@ async fn writer_loop(
 struct EndpointData {
     items: HashMap<String, Item>,
     applied: HashMap<Uuid, Arc<str>>,
+    /// Upload deliveries received (well-formed; including rejected and duplicate ones).
+    deliveries: u64,
+    /// Times each (snapshot, batch index) was applied (under distinct keys).
+    applied_batches: std::collections::BTreeMap<(i64, u32), u32>,
+}
+
+/// What one endpoint of a simulator received (since it started; kept in memory).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointReport {
+    /// Upload deliveries received (including rejected and duplicate ones).
+    pub deliveries: u64,
+    /// Times each (snapshot, batch index) was applied under a distinct key: 1 each when
+    /// every batch landed exactly once.
+    pub applied_batches: Vec<((i64, u32), u32)>,
 }
 
 type Slot = Arc<tokio::sync::Mutex<EndpointData>>;
@@ -356,6 +377,7 @@ struct Inner {
     hasher: std::collections::hash_map::RandomState,
     counters: Counters,
     writer: Option<Writer>,
+    overrides: Mutex<HashMap<String, Fault>>,
 }
 
 /// The shared state of a simulator; cheap to clone. Build it with [`SimState::open`] and
@@ -435,6 +457,7 @@ impl SimState {
                 hasher,
                 counters: Counters::default(),
                 writer,
+                overrides: Mutex::default(),
             }),
         })
     }
@@ -501,6 +524,38 @@ impl SimState {
             .map_err(|_| "durable writer stopped".to_owned())?
     }
 
+    /// Change `endpoint`'s fault from now on (e.g. heal a broken endpoint).
+    pub fn set_fault(&self, endpoint: &str, fault: Fault) {
+        self.inner
+            .overrides
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(endpoint.to_string(), fault);
+    }
+
+    /// The fault that applies to `endpoint` now.
+    pub fn fault_for(&self, endpoint: &str) -> Fault {
+        let overrides = self
+            .inner
+            .overrides
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        overrides
+            .get(endpoint)
+            .unwrap_or_else(|| self.inner.config.fault_for(endpoint))
+            .clone()
+    }
+
+    /// What `endpoint` received so far.
+    pub async fn endpoint_report(&self, endpoint: &str) -> EndpointReport {
+        let slot = self.slot(endpoint);
+        let data = slot.lock().await;
+        EndpointReport {
+            deliveries: data.deliveries,
+            applied_batches: data.applied_batches.iter().map(|(k, v)| (*k, *v)).collect(),
+        }
+    }
+
     /// Common request preamble: count, latency, auth, fault dice.
     async fn admit(&self, endpoint: &str, headers: &HeaderMap) -> Result<(Fault, After), Response> {
         let inner = &self.inner;
@@ -519,13 +574,16 @@ impl SimState {
                 ));
             }
         }
-        let fault = inner.config.fault_for(endpoint).clone();
+        let fault = self.fault_for(endpoint);
+        if let Fault::Slow { latency_ms } = fault {
+            tokio::time::sleep(Duration::from_millis(latency_ms)).await;
+        }
         let mut after = After::Normal;
         if let Fault::Flaky { p_error } = fault {
             let roll = {
                 let mut rng = rand::rng();
                 if rng.random_bool(p_error.clamp(0.0, 1.0)) {
-                    Some(rng.random_range(0..4u8))
+                    Some(rng.random_range(0..5u8))
                 } else {
                     None
                 }
@@ -544,7 +602,8 @@ impl SimState {
                         return Err(resp);
                     }
                     2 => after = After::LostAck,
-                    _ => after = After::Stall,
+                    3 => after = After::Stall,
+                    _ => return Err(reset()),
                 }
             }
         }
@@ -576,6 +635,18 @@ impl After {
     }
 }
 
+/// A response whose body fails at once: hyper aborts the connection mid-response, which
+/// the client sees as a reset connection.
+fn reset() -> Response {
+    let body = axum::body::Body::from_stream(futures::stream::once(async {
+        Err::<axum::body::Bytes, _>(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "injected connection reset",
+        ))
+    }));
+    (StatusCode::OK, body).into_response()
+}
+
 fn error(status: StatusCode, message: &str) -> Response {
     (status, Json(json!({ "error": message }))).into_response()
 }
@@ -595,7 +666,6 @@ fn now_ms() -> i64 {
 struct UploadReq {
     key: Uuid,
     #[serde(default)]
-    #[allow(dead_code)]
     snapshot: i64,
     #[serde(default)]
     index: u32,
@@ -664,6 +734,7 @@ async fn upload_to_completion(
     let slot = state.slot(&endpoint);
     let resp = {
         let mut data = slot.lock().await;
+        data.deliveries += 1;
         if fault == Fault::Reject {
             if let Err(e) = state.persist(vec![delivery]).await {
                 return error(
@@ -713,6 +784,10 @@ async fn upload_to_completion(
             if data.applied.insert(req.key, receipt.clone()).is_some() {
                 counters.duplicates_applied.fetch_add(1, Ordering::Relaxed);
             }
+            *data
+                .applied_batches
+                .entry((req.snapshot, req.index))
+                .or_default() += 1;
             counters.batches_applied.fetch_add(1, Ordering::Relaxed);
             (StatusCode::CREATED, Json(json!({ "receipt": &*receipt }))).into_response()
         }
@@ -768,6 +843,22 @@ async fn probe(
     after.finish(resp).await
 }
 
+async fn set_fault(
+    State(state): State<SimState>,
+    UrlPath(endpoint): UrlPath<String>,
+    Json(fault): Json<Fault>,
+) -> StatusCode {
+    state.set_fault(&endpoint, fault);
+    StatusCode::NO_CONTENT
+}
+
+async fn endpoint_report(
+    State(state): State<SimState>,
+    UrlPath(endpoint): UrlPath<String>,
+) -> Json<EndpointReport> {
+    Json(state.endpoint_report(&endpoint).await)
+}
+
 /// The simulator's routes (`/ep/{endpoint}/batches`, `/ep/{endpoint}/items/query`,
 /// `/ep/{endpoint}/uploads/{key}`) over `state`, for embedding in another axum server.
 pub fn router(state: SimState) -> Router {
@@ -775,6 +866,8 @@ pub fn router(state: SimState) -> Router {
         .route("/ep/{endpoint}/batches", post(upload))
         .route("/ep/{endpoint}/items/query", post(query))
         .route("/ep/{endpoint}/uploads/{key}", get(probe))
+        .route("/admin/faults/{endpoint}", axum::routing::put(set_fault))
+        .route("/admin/endpoints/{endpoint}", get(endpoint_report))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }

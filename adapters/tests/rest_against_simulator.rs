@@ -55,6 +55,7 @@ fn config(id: &str, base_url: String, extra: &[(&str, &str)]) -> EndpointConfig 
         settings.insert((*k).to_owned(), (*v).to_owned());
     }
     EndpointConfig {
+        policy: None,
         id: id.into(),
         adapter: "rest".into(),
         settings,

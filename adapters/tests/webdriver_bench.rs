@@ -140,6 +140,7 @@ fn endpoint(
     dir: &std::path::Path,
 ) -> EndpointConfig {
     EndpointConfig {
+        policy: None,
         id: format!("b{i}"),
         adapter: "webdriver".into(),
         settings: HashMap::from([

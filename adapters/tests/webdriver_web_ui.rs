@@ -124,6 +124,7 @@ impl Fixture {
             settings.insert((*k).to_owned(), (*v).to_owned());
         }
         EndpointConfig {
+            policy: None,
             id: id.into(),
             adapter: "webdriver".into(),
             settings,
@@ -226,6 +227,7 @@ fn assert_no_secrets_in_logs() {
 
 fn options() -> SyncOptions {
     SyncOptions {
+        limits: Default::default(),
         batch_size: 3,
         max_in_flight: 2,
         ..Default::default()

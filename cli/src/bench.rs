@@ -70,12 +70,14 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
     seed(&app, args.batches).await?;
     let endpoints: Vec<EndpointConfig> = (1..=args.endpoints)
         .map(|i| EndpointConfig {
+            policy: None,
             id: format!("ep-{i:05}"),
             adapter: "memory".into(),
             settings: Default::default(),
         })
         .collect();
     let options = SyncOptions {
+        limits: Default::default(),
         batch_size: 1,
         max_in_flight: 1 << 20,
         ..Default::default()
@@ -190,6 +192,7 @@ async fn run_postgres(url: &str, workers: usize, args: &BenchArgs) -> Result<()>
     let app = Bulwark::open(&db, registry).await?;
     seed(&app, args.batches).await?;
     let options = SyncOptions {
+        limits: Default::default(),
         batch_size: 1,
         max_in_flight: 1 << 20,
         ..Default::default()

@@ -1,17 +1,21 @@
-//! `bulwark.toml`: the database, sync limits, the retry/circuit policy, adapter resources
-//! (HTTP platform profiles) and the endpoints. Unknown keys, bad values and broken
-//! endpoints fail at load, naming the file, line and key.
+//! `bulwark.toml`: the database, sync limits, the retry/circuit policy, per-endpoint and
+//! per-host limits, alerts (webhook), schedules, the legacy source of scheduled snapshots,
+//! adapter resources (HTTP platform profiles) and the endpoints. Unknown keys, bad values,
+//! bad cron expressions, impossible limits and broken endpoints fail at load, naming the
+//! file, line and key.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow};
 use bulwark_adapters::http::{self, IdCache, PgIdCache, Profiles, SqliteIdCache};
 use bulwark_workflows::adapter::{AdapterRegistry, EndpointConfig};
 use bulwark_workflows::endpoint_sync::SyncPolicy;
-use bulwark_workflows::sync::SyncOptions;
+use bulwark_workflows::sync::{HostLimits, Limits, SyncOptions};
 use serde::Deserialize;
+
+use crate::snapshot_cmd::SourceSection;
 
 /// The whole file.
 #[derive(Debug, Deserialize)]
@@ -21,6 +25,14 @@ pub(crate) struct Config {
     pub(crate) database: Option<String>,
     #[serde(default)]
     pub(crate) sync: SyncSection,
+    #[serde(default)]
+    limits: LimitsSection,
+    #[serde(default)]
+    pub(crate) alerts: AlertsSection,
+    #[serde(default)]
+    pub(crate) schedule: ScheduleSection,
+    /// The legacy source read by scheduled snapshots.
+    pub(crate) source: Option<SourceSection>,
     pub(crate) http: Option<HttpSection>,
     /// Endpoints listed inline.
     #[serde(default, rename = "endpoint")]
@@ -32,7 +44,7 @@ pub(crate) struct Config {
     dir: PathBuf,
 }
 
-/// `[sync]`: batch size, concurrency, retry and circuit policy.
+/// `[sync]`: batch size, global concurrency, retry and circuit policy.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(crate) struct SyncSection {
@@ -43,6 +55,8 @@ pub(crate) struct SyncSection {
     backoff_base_ms: u64,
     backoff_max_ms: u64,
     cooldown_ms: u64,
+    max_cooldown_ms: u64,
+    attempt_timeout_ms: u64,
 }
 
 impl Default for SyncSection {
@@ -56,7 +70,133 @@ impl Default for SyncSection {
             backoff_base_ms: o.policy.backoff_base_ms,
             backoff_max_ms: o.policy.backoff_max_ms,
             cooldown_ms: o.policy.cooldown_ms,
+            max_cooldown_ms: o.policy.max_cooldown_ms,
+            attempt_timeout_ms: o.policy.attempt_timeout_ms,
         }
+    }
+}
+
+impl SyncSection {
+    fn policy(&self) -> SyncPolicy {
+        SyncPolicy {
+            max_failures: self.max_failures,
+            max_attempts: self.max_attempts,
+            backoff_base_ms: self.backoff_base_ms,
+            backoff_max_ms: self.backoff_max_ms,
+            cooldown_ms: self.cooldown_ms,
+            max_cooldown_ms: self.max_cooldown_ms,
+            attempt_timeout_ms: self.attempt_timeout_ms,
+        }
+    }
+}
+
+/// An endpoint's `policy = { … }`: any `[sync]` policy key, overriding it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyOverrides {
+    max_failures: Option<u32>,
+    max_attempts: Option<u32>,
+    backoff_base_ms: Option<u64>,
+    backoff_max_ms: Option<u64>,
+    cooldown_ms: Option<u64>,
+    max_cooldown_ms: Option<u64>,
+    attempt_timeout_ms: Option<u64>,
+}
+
+impl PolicyOverrides {
+    fn apply(&self, mut p: SyncPolicy) -> SyncPolicy {
+        macro_rules! over {
+            ($($f:ident),*) => { $( if let Some(v) = self.$f { p.$f = v; } )* };
+        }
+        over!(
+            max_failures,
+            max_attempts,
+            backoff_base_ms,
+            backoff_max_ms,
+            cooldown_ms,
+            max_cooldown_ms,
+            attempt_timeout_ms
+        );
+        p
+    }
+}
+
+/// `[limits]`: per-endpoint and per-host concurrency and rates.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct LimitsSection {
+    per_endpoint: usize,
+    per_host: Option<usize>,
+    host_rate_per_sec: Option<u32>,
+    host: HashMap<String, HostSection>,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        Self {
+            per_endpoint: Limits::default().per_endpoint,
+            per_host: None,
+            host_rate_per_sec: None,
+            host: HashMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HostSection {
+    max_in_flight: Option<usize>,
+    rate_per_sec: Option<u32>,
+}
+
+/// `[alerts]`: the optional webhook every alert is POSTed to.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct AlertsSection {
+    /// Webhook URL.
+    pub(crate) webhook_url: Option<String>,
+    /// Environment variable holding the webhook URL (URLs often carry a token).
+    pub(crate) webhook_url_env: Option<String>,
+    /// Per-request timeout.
+    pub(crate) webhook_timeout_ms: u64,
+    /// Attempts per alert before it is given up.
+    pub(crate) webhook_max_attempts: u32,
+    /// First retry delay (doubling).
+    pub(crate) webhook_retry_ms: u64,
+}
+
+impl Default for AlertsSection {
+    fn default() -> Self {
+        Self {
+            webhook_url: None,
+            webhook_url_env: None,
+            webhook_timeout_ms: 5_000,
+            webhook_max_attempts: 10,
+            webhook_retry_ms: 1_000,
+        }
+    }
+}
+
+/// `[schedule]`: cron expressions (UTC; 5 fields, or 6 with seconds first) of the
+/// worker's snapshots and sync runs, each independent of the other.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ScheduleSection {
+    /// When to take a snapshot of `[source]`.
+    pub(crate) snapshot: Option<CronExpr>,
+    /// When to start a sync run towards the newest sealed snapshot.
+    pub(crate) sync: Option<CronExpr>,
+}
+
+/// A cron expression, checked when the file is read (so an error names its line).
+#[derive(Debug, Clone)]
+pub(crate) struct CronExpr(pub(crate) String);
+
+impl<'de> Deserialize<'de> for CronExpr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        bulwark_engine::schedule::parse_cron(&s).map_err(serde::de::Error::custom)?;
+        Ok(Self(s))
     }
 }
 
@@ -73,7 +213,8 @@ struct EndpointEntry {
     id: String,
     adapter: String,
     #[serde(default)]
-    settings: std::collections::HashMap<String, String>,
+    settings: HashMap<String, String>,
+    policy: Option<PolicyOverrides>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -96,83 +237,226 @@ fn position(path: &Path, text: &str, offset: usize) -> String {
     format!("{}:{line}:{col}", path.display())
 }
 
-fn parse<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    toml::from_str(&text).map_err(|e| {
-        let at = e
-            .span()
-            .map(|s| position(path, &text, s.start))
-            .unwrap_or_else(|| path.display().to_string());
-        anyhow::anyhow!("{at}: {}", e.message())
-    })
+/// A parsed file with its text, to point errors found after parsing at their key.
+struct Source {
+    path: PathBuf,
+    text: String,
+}
+
+impl Source {
+    fn read(path: &Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            text,
+        })
+    }
+
+    fn parse<T: serde::de::DeserializeOwned>(&self) -> Result<T> {
+        toml::from_str(&self.text).map_err(|e| {
+            let at = e
+                .span()
+                .map(|s| position(&self.path, &self.text, s.start))
+                .unwrap_or_else(|| self.path.display().to_string());
+            anyhow!("{at}: {}", e.message())
+        })
+    }
+
+    /// "file:line:col: key: message", at the key `path` (e.g. `["sync", "batch_size"]`)
+    /// if the file has it, else at its table, else at the file.
+    fn error(&self, key: &[&str], message: impl std::fmt::Display) -> anyhow::Error {
+        let doc = toml::de::DeTable::parse(&self.text).ok();
+        let mut at = None;
+        let mut table = doc.as_ref().map(|d| d.get_ref());
+        for k in key {
+            let Some((span, value)) = table.and_then(|t| {
+                t.iter()
+                    .find(|(name, _)| name.get_ref().as_ref() == *k)
+                    .map(|(name, v)| (name.span(), v.get_ref()))
+            }) else {
+                break;
+            };
+            at = Some(span.start);
+            table = value.as_table();
+        }
+        let place = at
+            .map(|o| position(&self.path, &self.text, o))
+            .unwrap_or_else(|| self.path.display().to_string());
+        anyhow!("{place}: {}: {message}", key.join("."))
+    }
 }
 
 impl Config {
     /// Load and validate `path`.
     pub(crate) fn load(path: &Path) -> Result<Self> {
-        let mut config: Config = parse(path)?;
+        let src = Source::read(path)?;
+        let mut config: Config = src.parse()?;
         config.dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let s = &config.sync;
-        let file = path.display();
         if s.batch_size == 0 {
-            bail!("{file}: [sync] batch_size must be at least 1");
+            return Err(src.error(&["sync", "batch_size"], "must be at least 1"));
         }
         if s.max_in_flight == 0 {
-            bail!("{file}: [sync] max_in_flight must be at least 1");
+            return Err(src.error(&["sync", "max_in_flight"], "must be at least 1"));
         }
-        if s.max_failures == 0 || s.max_attempts == 0 {
-            bail!("{file}: [sync] max_failures and max_attempts must be at least 1");
+        if let Err(e) = s.policy().validate() {
+            let key = e.split_whitespace().next().unwrap_or("").to_string();
+            return Err(src.error(&["sync", &key], e));
         }
-        if s.backoff_base_ms > s.backoff_max_ms {
-            bail!(
-                "{file}: [sync] backoff_base_ms ({}) exceeds backoff_max_ms ({})",
-                s.backoff_base_ms,
-                s.backoff_max_ms
-            );
+        let l = &config.limits;
+        for (key, bad) in [
+            ("per_endpoint", l.per_endpoint == 0),
+            ("per_host", l.per_host == Some(0)),
+            ("host_rate_per_sec", l.host_rate_per_sec == Some(0)),
+        ] {
+            if bad {
+                return Err(src.error(&["limits", key], "must be at least 1"));
+            }
         }
+        for (host, h) in &l.host {
+            for (key, bad) in [
+                ("max_in_flight", h.max_in_flight == Some(0)),
+                ("rate_per_sec", h.rate_per_sec == Some(0)),
+            ] {
+                if bad {
+                    return Err(src.error(&["limits", "host", host, key], "must be at least 1"));
+                }
+            }
+        }
+        let a = &config.alerts;
+        if a.webhook_url.is_some() && a.webhook_url_env.is_some() {
+            return Err(src.error(
+                &["alerts", "webhook_url_env"],
+                "give webhook_url or webhook_url_env, not both",
+            ));
+        }
+        for (key, bad) in [
+            ("webhook_timeout_ms", a.webhook_timeout_ms == 0),
+            ("webhook_max_attempts", a.webhook_max_attempts == 0),
+            ("webhook_retry_ms", a.webhook_retry_ms == 0),
+        ] {
+            if bad {
+                return Err(src.error(&["alerts", key], "must be at least 1"));
+            }
+        }
+        if let Some(u) = &a.webhook_url
+            && !(u.starts_with("http://") || u.starts_with("https://"))
+        {
+            return Err(src.error(
+                &["alerts", "webhook_url"],
+                "must be an http:// or https:// URL",
+            ));
+        }
+        if config.schedule.snapshot.is_some() && config.source.is_none() {
+            return Err(src.error(
+                &["schedule", "snapshot"],
+                "a snapshot schedule needs a [source] to read",
+            ));
+        }
+        if let Some(source) = &config.source
+            && let Err((key, e)) = source.validate()
+        {
+            return Err(src.error(&["source", key], e));
+        }
+        let policy = config.sync.policy();
+        let check_endpoints = |entries: &[EndpointEntry], src: &Source| -> Result<()> {
+            for (i, e) in entries.iter().enumerate() {
+                if let Some(p) = &e.policy
+                    && let Err(err) = p.apply(policy.clone()).validate()
+                {
+                    return Err(anyhow!(
+                        "{}: endpoint {:?} (entry {}): policy: {err}",
+                        src.path.display(),
+                        e.id,
+                        i + 1
+                    ));
+                }
+            }
+            Ok(())
+        };
+        check_endpoints(&config.endpoints, &src)?;
         if let Some(extra) = &config.endpoints_file {
-            let extra_path = config.dir.join(extra);
-            let more: EndpointsFile = parse(&extra_path)?;
+            let extra_src = Source::read(&config.dir.join(extra))?;
+            let more: EndpointsFile = extra_src.parse()?;
+            check_endpoints(&more.endpoints, &extra_src)?;
             config.endpoints.extend(more.endpoints);
         }
         let mut seen = HashSet::new();
         for e in &config.endpoints {
             if e.id.trim().is_empty() {
-                bail!("{file}: an [[endpoint]] has an empty id");
+                return Err(anyhow!(
+                    "{}: an [[endpoint]] has an empty id",
+                    path.display()
+                ));
             }
             if !seen.insert(e.id.clone()) {
-                bail!("{file}: endpoint id {:?} appears twice", e.id);
+                return Err(anyhow!(
+                    "{}: endpoint id {:?} appears twice",
+                    path.display(),
+                    e.id
+                ));
             }
         }
         Ok(config)
     }
 
-    /// The endpoints, as adapters see them.
+    /// The directory the file is in (relative paths in it are relative to it).
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The endpoints, as adapters see them (with their own policy, if they override it).
     pub(crate) fn endpoints(&self) -> Vec<EndpointConfig> {
+        let policy = self.sync.policy();
         self.endpoints
             .iter()
             .map(|e| EndpointConfig {
                 id: e.id.clone(),
                 adapter: e.adapter.clone(),
                 settings: e.settings.clone(),
+                policy: e.policy.as_ref().map(|p| p.apply(policy.clone())),
             })
             .collect()
     }
 
-    /// Sync options from `[sync]`.
+    /// Sync options from `[sync]` and `[limits]`.
     pub(crate) fn sync_options(&self) -> SyncOptions {
         let s = &self.sync;
+        let l = &self.limits;
         SyncOptions {
             batch_size: s.batch_size,
             max_in_flight: s.max_in_flight,
-            policy: SyncPolicy {
-                max_failures: s.max_failures,
-                max_attempts: s.max_attempts,
-                backoff_base_ms: s.backoff_base_ms,
-                backoff_max_ms: s.backoff_max_ms,
-                cooldown_ms: s.cooldown_ms,
+            policy: s.policy(),
+            limits: Limits {
+                per_endpoint: l.per_endpoint,
+                per_host: l.per_host,
+                host_rate_per_sec: l.host_rate_per_sec,
+                hosts: l
+                    .host
+                    .iter()
+                    .map(|(k, h)| {
+                        (
+                            k.to_ascii_lowercase(),
+                            HostLimits {
+                                max_in_flight: h.max_in_flight,
+                                rate_per_sec: h.rate_per_sec,
+                            },
+                        )
+                    })
+                    .collect(),
             },
+        }
+    }
+
+    /// The webhook URL, if one is configured (read from its variable if so configured).
+    pub(crate) fn webhook_url(&self) -> Result<Option<String>> {
+        match (&self.alerts.webhook_url, &self.alerts.webhook_url_env) {
+            (Some(u), _) => Ok(Some(u.clone())),
+            (None, Some(var)) => std::env::var(var)
+                .map(Some)
+                .map_err(|_| anyhow!("[alerts] webhook_url_env: variable {var} is not set")),
+            (None, None) => Ok(None),
         }
     }
 
@@ -183,8 +467,7 @@ impl Config {
         let mut registry = bulwark_adapters::default_registry();
         if let Some(h) = &self.http {
             let path = self.dir.join(&h.profiles);
-            let profiles =
-                Profiles::load(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            let profiles = Profiles::load(&path).map_err(|e| anyhow!("{}: {e}", path.display()))?;
             let cache: Arc<dyn IdCache> = if crate::is_postgres(db) {
                 match bulwark_engine::Backend::open(db).await? {
                     bulwark_engine::Backend::Postgres(pg) => {
@@ -198,7 +481,7 @@ impl Config {
                 Arc::new(
                     SqliteIdCache::connect(db.strip_prefix("sqlite://").unwrap_or(db))
                         .await
-                        .map_err(|e| anyhow::anyhow!("{e}"))?,
+                        .map_err(|e| anyhow!("{e}"))?,
                 )
             };
             registry.register(http::ADAPTER_NAME, http::factory(Arc::new(profiles), cache));
@@ -206,7 +489,7 @@ impl Config {
         for e in self.endpoints() {
             registry
                 .build(&e)
-                .map_err(|err| anyhow::anyhow!("endpoint {:?}: {err}", e.id))?;
+                .map_err(|err| anyhow!("endpoint {:?}: {err}", e.id))?;
         }
         Ok(registry)
     }
@@ -220,6 +503,12 @@ mod tests {
         let p = dir.join(name);
         std::fs::write(&p, text).unwrap();
         p
+    }
+
+    fn load_err(text: &str) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "bulwark.toml", text);
+        Config::load(&p).unwrap_err().to_string()
     }
 
     #[tokio::test]
@@ -236,40 +525,134 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_named_with_file_and_line() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = write(
-            dir.path(),
-            "bulwark.toml",
-            "[sync]\nbatch_size = 10\nbatch_sise = 3\n",
-        );
-        let err = Config::load(&p).unwrap_err().to_string();
+        let err = load_err("[sync]\nbatch_size = 10\nbatch_sise = 3\n");
         assert!(
             err.contains("bulwark.toml:3:1") && err.contains("batch_sise"),
+            "{err}"
+        );
+        let err = load_err("[limits]\nper_endpont = 2\n");
+        assert!(
+            err.contains("bulwark.toml:2:1") && err.contains("per_endpont"),
             "{err}"
         );
     }
 
     #[test]
-    fn impossible_limits_and_duplicate_endpoints_are_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = write(dir.path(), "a.toml", "[sync]\nmax_in_flight = 0\n");
+    fn bad_cron_expressions_are_named_with_line_and_key() {
+        let err = load_err("[schedule]\nsync = \"*/15 * * * *\"\n[schedule.x]\n");
+        assert!(err.contains("bulwark.toml:3"), "{err}");
+        let err = load_err("# c\n[schedule]\nsync = \"every tuesday\"\n");
         assert!(
-            Config::load(&p)
-                .unwrap_err()
-                .to_string()
-                .contains("max_in_flight")
+            err.contains("bulwark.toml:3:8") && err.contains("cron"),
+            "{err}"
         );
+        let err = load_err("[schedule]\nsnapshot = \"0 2 * * *\"\n");
+        assert!(
+            err.contains("bulwark.toml:2:1")
+                && err.contains("schedule.snapshot")
+                && err.contains("[source]"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn impossible_limits_are_named_with_line_and_key() {
+        let err = load_err("[sync]\nmax_in_flight = 0\n");
+        assert!(
+            err.contains("bulwark.toml:2:1") && err.contains("sync.max_in_flight"),
+            "{err}"
+        );
+        let err =
+            load_err("[sync]\nbatch_size = 5\n\nbackoff_base_ms = 9000\nbackoff_max_ms = 10\n");
+        assert!(
+            err.contains("bulwark.toml:4:1") && err.contains("sync.backoff_base_ms"),
+            "{err}"
+        );
+        let err = load_err("[limits]\nper_endpoint = 1\nper_host = 0\n");
+        assert!(
+            err.contains("bulwark.toml:3:1") && err.contains("limits.per_host"),
+            "{err}"
+        );
+        let err = load_err("[limits.host.\"a.example\"]\nrate_per_sec = 0\n");
+        assert!(
+            err.contains("bulwark.toml:2:1") && err.contains("limits.host.a.example.rate_per_sec"),
+            "{err}"
+        );
+        let err = load_err("[alerts]\nwebhook_url = \"ftp://x\"\n");
+        assert!(
+            err.contains("bulwark.toml:2:1") && err.contains("webhook_url"),
+            "{err}"
+        );
+        let err = load_err(
+            "[[endpoint]]\nid = \"e\"\nadapter = \"rest\"\npolicy = { max_attempts = 0 }\n",
+        );
+        assert!(
+            err.contains("\"e\"") && err.contains("max_attempts"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn limits_policy_overrides_and_schedules_are_read() {
+        let dir = tempfile::tempdir().unwrap();
         let p = write(
             dir.path(),
-            "b.toml",
+            "bulwark.toml",
+            r#"
+[sync]
+max_attempts = 4
+[limits]
+per_endpoint = 2
+per_host = 8
+host_rate_per_sec = 50
+[limits.host."Portal.Example:8443"]
+max_in_flight = 2
+[schedule]
+sync = "*/5 * * * * *"
+[alerts]
+webhook_url = "http://127.0.0.1:9/hook"
+[[endpoint]]
+id = "a"
+adapter = "rest"
+settings = { base_url = "http://127.0.0.1:9/ep/a" }
+policy = { max_attempts = 9, cooldown_ms = 1000 }
+[[endpoint]]
+id = "b"
+adapter = "rest"
+settings = { base_url = "http://127.0.0.1:9/ep/b" }
+"#,
+        );
+        let c = Config::load(&p).unwrap();
+        let o = c.sync_options();
+        assert_eq!(
+            (
+                o.limits.per_endpoint,
+                o.limits.per_host,
+                o.limits.host_rate_per_sec
+            ),
+            (2, Some(8), Some(50))
+        );
+        assert_eq!(o.limits.hosts["portal.example:8443"].max_in_flight, Some(2));
+        let eps = c.endpoints();
+        let a = eps[0].policy.as_ref().unwrap();
+        assert_eq!(
+            (a.max_attempts, a.cooldown_ms, a.max_failures),
+            (9, 1000, 3)
+        );
+        assert!(eps[1].policy.is_none());
+        assert_eq!(c.schedule.sync.as_ref().unwrap().0, "*/5 * * * * *");
+        assert_eq!(
+            c.webhook_url().unwrap().as_deref(),
+            Some("http://127.0.0.1:9/hook")
+        );
+    }
+
+    #[test]
+    fn duplicate_endpoints_are_refused() {
+        let err = load_err(
             "[[endpoint]]\nid = \"x\"\nadapter = \"rest\"\n[[endpoint]]\nid = \"x\"\nadapter = \"rest\"\n",
         );
-        assert!(
-            Config::load(&p)
-                .unwrap_err()
-                .to_string()
-                .contains("appears twice")
-        );
+        assert!(err.contains("appears twice"), "{err}");
     }
 
     #[tokio::test]

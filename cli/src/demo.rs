@@ -189,6 +189,7 @@ async fn browser_endpoints(
     let endpoints = ids
         .iter()
         .map(|id| bulwark_workflows::adapter::EndpointConfig {
+            policy: None,
             id: id.clone(),
             adapter: "webdriver".into(),
             settings: [

@@ -61,6 +61,8 @@ pub(crate) struct Setup {
     pub(crate) endpoints: Vec<EndpointConfig>,
     pub(crate) options: bulwark_workflows::sync::SyncOptions,
     pub(crate) registry: bulwark_workflows::adapter::AdapterRegistry,
+    /// The configuration file, if the endpoints came from one.
+    pub(crate) config: Option<config::Config>,
 }
 
 /// Resolve the database, endpoints and options from --config, or from the simulated
@@ -83,6 +85,7 @@ pub(crate) async fn setup(db: &DbArg, endpoints: &EndpointArgs, sync: &SyncArgs)
             endpoints: eps,
             options: config.sync_options(),
             registry,
+            config: Some(config),
         });
     }
     let Some(url) = &endpoints.portal_url else {
@@ -96,6 +99,7 @@ pub(crate) async fn setup(db: &DbArg, endpoints: &EndpointArgs, sync: &SyncArgs)
         endpoints: demo_endpoints(endpoints.endpoints, url),
         options: sync_options(sync),
         registry: bulwark_adapters::default_registry(),
+        config: None,
     })
 }
 
@@ -180,13 +184,17 @@ enum Command {
     },
     #[command(flatten)]
     Ops(ops::Ops),
-    /// Recent alerts.
+    /// Recent alerts, newest first: circuits opened and closed, exhausted retries, runs
+    /// that finished with tripped endpoints (and whether the webhook got them).
     Alerts {
         #[command(flatten)]
         db: DbArg,
         /// How many.
         #[arg(long, default_value_t = 50)]
         limit: i64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Re-fold every journal through the transition function and report any illegal or
     /// inconsistent transition. Exits 1 when something is found.
@@ -207,6 +215,7 @@ pub(crate) fn demo_endpoints(n: u32, portal: &str) -> Vec<EndpointConfig> {
         .map(|i| {
             let id = endpoint_id(i);
             EndpointConfig {
+                policy: None,
                 adapter: "rest".into(),
                 settings: [(
                     "base_url".to_string(),
@@ -243,6 +252,7 @@ pub(crate) fn broken_profiles(n: u32, broken: u32) -> std::collections::HashMap<
 
 pub(crate) fn sync_options(args: &SyncArgs) -> SyncOptions {
     SyncOptions {
+        limits: Default::default(),
         batch_size: args.batch_size,
         max_in_flight: args.max_in_flight,
         ..SyncOptions::default()
@@ -317,12 +327,19 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             if is_postgres(&setup.db) {
                 return worker::enqueue(setup, wait).await;
             }
+            let alerts = worker::AlertDelivery::start(setup.config.as_ref(), &setup.db).await?;
             let mut app = Bulwark::open(&setup.db, setup.registry).await?;
             let bar = progress::Progress::new();
             let report = app
                 .sync(&setup.endpoints, &setup.options, Some(bar.clone()))
-                .await?;
+                .await;
             bar.finish();
+            // Alerts of this run get a few seconds to reach the webhook; what does not is
+            // delivered by the next sync or worker (the alerts table is the outbox).
+            if let Some(a) = alerts {
+                a.stop(std::time::Duration::from_secs(5)).await;
+            }
+            let report = report?;
             progress::print_summary(&report);
             app.close().await;
             if !report.refused.is_empty() || report.unfinished > 0 {
@@ -358,16 +375,22 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             }
         }
         Command::Ops(op) => return ops::run(op).await,
-        Command::Alerts { db, limit } => {
+        Command::Alerts { db, limit, json } => {
             let app = Bulwark::open(&db.db, bulwark_adapters::default_registry()).await?;
-            for a in bulwark_engine::Store::alerts(app.store().as_ref(), limit).await? {
-                println!(
-                    "{}  {:<8} {:<10} {}",
-                    chrono_ms(a.at),
-                    a.kind,
-                    a.subject,
-                    a.message
-                );
+            let alerts = bulwark_engine::Store::alerts(app.store().as_ref(), limit).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&alerts)?);
+            } else {
+                for a in alerts {
+                    println!(
+                        "{} {:<5} {:<17} {:<12} {}",
+                        chrono_ms(a.at),
+                        a.level.as_str(),
+                        a.kind,
+                        a.subject,
+                        a.message
+                    );
+                }
             }
         }
         Command::Audit { db, json } => {

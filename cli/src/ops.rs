@@ -214,7 +214,14 @@ pub(crate) async fn run(op: Ops) -> Result<ExitCode> {
             let lines: Vec<EndpointLine> = if tripped {
                 // Tripped: the circuit is open (later runs skip it) or the latest sync
                 // tripped; the detail is the error that tripped it.
-                let open = store.open_circuits().await?;
+                let now = bulwark_engine::now_ms();
+                let open: std::collections::HashSet<String> = store
+                    .circuits()
+                    .await?
+                    .into_iter()
+                    .filter(|c| c.open && c.admission(now) != bulwark_engine::Admission::Closed)
+                    .map(|c| c.subject)
+                    .collect();
                 let mut last_trip: BTreeMap<String, WorkflowRow> = BTreeMap::new();
                 for w in store.workflows(None, Some("endpoint_sync")).await? {
                     if w.status == "Tripped" {
@@ -224,7 +231,7 @@ pub(crate) async fn run(op: Ops) -> Result<ExitCode> {
                 latest(store.as_ref())
                     .await?
                     .values()
-                    .filter(|w| w.status == "Tripped" || open.contains_key(&w.subject))
+                    .filter(|w| w.status == "Tripped" || open.contains(&w.subject))
                     .map(|w| {
                         last_trip
                             .get(&w.subject)
@@ -263,22 +270,50 @@ pub(crate) async fn run(op: Ops) -> Result<ExitCode> {
                 bail!("no endpoint {id:?} in any run")
             };
             let journal = store.journal(last.id).await?;
-            let circuit = store.open_circuits().await?.get(&id).copied();
+            let circuit = store
+                .circuits()
+                .await?
+                .into_iter()
+                .find(|c| c.subject == id);
+            let now = bulwark_engine::now_ms();
             if json {
                 let v = serde_json::json!({
                     "endpoint": id,
                     "runs": rows.iter().map(line).collect::<Vec<_>>(),
-                    "circuit_open_until": circuit,
+                    "circuit": circuit.as_ref().map(|c| serde_json::json!({
+                        "state": c.state_name(now),
+                        "failures": c.failures,
+                        "opens": c.opens,
+                        "opened_at": c.opened_at,
+                        "retry_at": c.retry_at,
+                        "reason": c.reason,
+                    })),
+                    "circuit_open_until": circuit.as_ref().filter(|c| c.open).map(|c| c.retry_at),
                     "journal": journal,
                 });
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 println!(
                     "endpoint {id}: circuit {}",
-                    circuit
-                        .map(|t| format!("open until {}", chrono_ms(t)))
-                        .unwrap_or("closed".into())
+                    match &circuit {
+                        Some(c) if c.open => format!(
+                            "{} (opened {} after {} failure(s), opening #{}; probe from {})",
+                            c.state_name(now),
+                            chrono_ms(c.opened_at),
+                            c.failures,
+                            c.opens,
+                            chrono_ms(c.retry_at)
+                        ),
+                        _ => "closed".into(),
+                    }
                 );
+                if let Some(reason) = circuit
+                    .as_ref()
+                    .filter(|c| c.open)
+                    .and_then(|c| c.reason.as_deref())
+                {
+                    println!("  last error: {}", cut(reason, 66));
+                }
                 print_lines(&rows.iter().map(line).collect::<Vec<_>>());
                 println!("latest sync (workflow {}):", last.id);
                 for j in &journal {
@@ -301,7 +336,11 @@ pub(crate) async fn run(op: Ops) -> Result<ExitCode> {
         }
         Ops::ResetCircuit { id, db } => {
             let app = open(&db).await?;
-            if app.store().reset_circuit(&id).await? {
+            if app
+                .store()
+                .reset_circuit(&id, "reset by an operator (bulwark reset-circuit)")
+                .await?
+            {
                 println!("circuit of {id} closed; the next run syncs it again");
             } else {
                 println!("circuit of {id} was not open");

@@ -58,58 +58,192 @@ pub(crate) struct SnapshotArgs {
     max_rejected_share: f64,
 }
 
+/// `[source]` of `bulwark.toml`: the legacy source scheduled snapshots read, with the
+/// same keys (and defaults) as `bulwark snapshot`'s flags.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct SourceSection {
+    /// A SQLite path, `postgres://…` or `mysql://…` (opened read-only).
+    url: Option<String>,
+    /// Environment variable holding the URL (it may carry a password).
+    url_env: Option<String>,
+    table: String,
+    sku_column: String,
+    qty_column: String,
+    price_columns: Vec<String>,
+    query: Option<String>,
+    tier_min_qty: Vec<u32>,
+    page_size: u32,
+    pause_ms: u64,
+    window_cron: Option<String>,
+    window_ms: Option<i64>,
+    max_rejected_share: f64,
+}
+
+impl Default for SourceSection {
+    fn default() -> Self {
+        let o = SnapshotOptions::default();
+        Self {
+            url: None,
+            url_env: None,
+            table: "products".into(),
+            sku_column: "sku".into(),
+            qty_column: "qty".into(),
+            price_columns: vec!["price_1".into(), "price_2".into(), "price_3".into()],
+            query: None,
+            tier_min_qty: o.tier_min_qty.clone(),
+            page_size: o.page_size,
+            pause_ms: o.pause.as_millis() as u64,
+            window_cron: None,
+            window_ms: None,
+            max_rejected_share: o.max_rejected_share,
+        }
+    }
+}
+
+impl SourceSection {
+    /// Check the section; on error, the key at fault and why.
+    pub(crate) fn validate(&self) -> std::result::Result<(), (&'static str, String)> {
+        if self.url.is_some() == self.url_env.is_some() {
+            return Err(("url", "give exactly one of url and url_env".into()));
+        }
+        if self.page_size == 0 {
+            return Err(("page_size", "must be at least 1".into()));
+        }
+        if self.query.is_none() && self.price_columns.len() != self.tier_min_qty.len() {
+            return Err((
+                "tier_min_qty",
+                format!(
+                    "{} price columns but {} tier minimum quantities",
+                    self.price_columns.len(),
+                    self.tier_min_qty.len()
+                ),
+            ));
+        }
+        match (&self.window_cron, self.window_ms) {
+            (Some(c), Some(ms)) => {
+                bulwark_engine::schedule::parse_cron(c).map_err(|e| ("window_cron", e))?;
+                if ms <= 0 {
+                    return Err(("window_ms", "must be at least 1".into()));
+                }
+            }
+            (None, None) => {}
+            _ => {
+                return Err((
+                    "window_cron",
+                    "window_cron and window_ms go together".into(),
+                ));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.max_rejected_share) {
+            return Err(("max_rejected_share", "must be between 0 and 1".into()));
+        }
+        Ok(())
+    }
+
+    /// The snapshot this section describes.
+    pub(crate) fn plan(&self, dir: &std::path::Path) -> Result<SnapshotPlan> {
+        let url = match (&self.url, &self.url_env) {
+            (Some(u), _) => u.clone(),
+            (None, Some(var)) => std::env::var(var)
+                .map_err(|_| anyhow::anyhow!("[source] url_env: variable {var} is not set"))?,
+            (None, None) => bail!("[source] needs url or url_env"),
+        };
+        // A relative SQLite path is relative to the configuration file.
+        let url = if url.contains("://") || std::path::Path::new(&url).is_absolute() {
+            url
+        } else {
+            dir.join(&url).display().to_string()
+        };
+        SnapshotArgs {
+            legacy: None,
+            source_url: Some(url),
+            table: self.table.clone(),
+            sku_column: self.sku_column.clone(),
+            qty_column: self.qty_column.clone(),
+            price_columns: self.price_columns.clone(),
+            query: self.query.clone(),
+            tier_min_qty: self.tier_min_qty.clone(),
+            page_size: self.page_size,
+            pause_ms: self.pause_ms,
+            window_cron: self.window_cron.clone(),
+            window_ms: self.window_ms,
+            max_rejected_share: self.max_rejected_share,
+        }
+        .plan()
+    }
+}
+
+/// A snapshot to take: where from, what to read, how gently.
+pub(crate) struct SnapshotPlan {
+    url: String,
+    spec: SourceSpec,
+    flow: FlowOptions,
+    options: SnapshotOptions,
+}
+
+impl SnapshotArgs {
+    fn plan(self) -> Result<SnapshotPlan> {
+        let args = self;
+        let url = match (&args.legacy, &args.source_url) {
+            (Some(p), _) => p.display().to_string(),
+            (None, Some(u)) => u.clone(),
+            (None, None) => bail!("give the source with --source-url URL (or --legacy PATH)"),
+        };
+        let spec = match &args.query {
+            Some(sql) => SourceSpec::Query(SourceQuery {
+                sql: sql.clone(),
+                tiers: args.tier_min_qty.len(),
+            }),
+            None => {
+                if args.price_columns.len() != args.tier_min_qty.len() {
+                    bail!(
+                        "{} price columns but {} tier minimum quantities",
+                        args.price_columns.len(),
+                        args.tier_min_qty.len()
+                    );
+                }
+                SourceSpec::Table(SourceMapping {
+                    table: args.table.clone(),
+                    sku_column: args.sku_column.clone(),
+                    qty_column: args.qty_column.clone(),
+                    price_columns: args.price_columns.clone(),
+                })
+            }
+        };
+        let flow = FlowOptions {
+            window: match (args.window_cron, args.window_ms) {
+                (Some(cron), Some(max_duration_ms)) => Some(SnapshotWindow {
+                    cron,
+                    max_duration_ms,
+                }),
+                _ => None,
+            },
+        };
+        let options = SnapshotOptions {
+            page_size: args.page_size,
+            pause: Duration::from_millis(args.pause_ms),
+            tier_min_qty: args.tier_min_qty,
+            max_rejected_share: args.max_rejected_share,
+        };
+        Ok(SnapshotPlan {
+            url,
+            spec,
+            flow,
+            options,
+        })
+    }
+}
+
 /// Run `bulwark snapshot`: resume this source's unfinished snapshot or start one, drive it
 /// to the end, print what it cost the source.
 pub(crate) async fn run(db: &str, args: SnapshotArgs) -> Result<()> {
-    let url = match (&args.legacy, &args.source_url) {
-        (Some(p), _) => p.display().to_string(),
-        (None, Some(u)) => u.clone(),
-        (None, None) => bail!("give the source with --source-url URL (or --legacy PATH)"),
-    };
-    let spec = match &args.query {
-        Some(sql) => SourceSpec::Query(SourceQuery {
-            sql: sql.clone(),
-            tiers: args.tier_min_qty.len(),
-        }),
-        None => {
-            if args.price_columns.len() != args.tier_min_qty.len() {
-                bail!(
-                    "{} price columns but {} tier minimum quantities",
-                    args.price_columns.len(),
-                    args.tier_min_qty.len()
-                );
-            }
-            SourceSpec::Table(SourceMapping {
-                table: args.table.clone(),
-                sku_column: args.sku_column.clone(),
-                qty_column: args.qty_column.clone(),
-                price_columns: args.price_columns.clone(),
-            })
-        }
-    };
-    let flow = FlowOptions {
-        window: match (args.window_cron, args.window_ms) {
-            (Some(cron), Some(max_duration_ms)) => Some(SnapshotWindow {
-                cron,
-                max_duration_ms,
-            }),
-            _ => None,
-        },
-    };
-    let options = SnapshotOptions {
-        page_size: args.page_size,
-        pause: Duration::from_millis(args.pause_ms),
-        tier_min_qty: args.tier_min_qty,
-        max_rejected_share: args.max_rejected_share,
-    };
+    let plan = args.plan()?;
     crate::ensure_db_parent(db)?;
     let app = Bulwark::open(db, bulwark_adapters::default_registry()).await?;
-    let source = open_source(&url, &spec)
-        .await
-        .with_context(|| format!("opening the source {url:?}"))?;
-    let result = run_snapshot(source.as_ref(), app.staging(), &options, &flow).await;
+    let r = take(&app, &plan).await;
     app.close().await;
-    let r = result?;
+    let r = r?;
     println!(
         "snapshot {}: {} rows read, {} accepted, {} rejected, {} queries sent to the source, {:.2}s, hash {}",
         r.id,
@@ -121,4 +255,19 @@ pub(crate) async fn run(db: &str, args: SnapshotArgs) -> Result<()> {
         r.content_hash.unwrap_or_default()
     );
     Ok(())
+}
+
+/// Take (or resume) the snapshot `plan` describes into `app`'s staging.
+pub(crate) async fn take(
+    app: &Bulwark,
+    plan: &SnapshotPlan,
+) -> Result<bulwark_workflows::snapshot::SnapshotReport> {
+    let url = &plan.url;
+    let source = open_source(url, &plan.spec).await.with_context(|| {
+        format!(
+            "opening the source {}",
+            bulwark_engine::postgres::redact_url(url)
+        )
+    })?;
+    Ok(run_snapshot(source.as_ref(), app.staging(), &plan.options, &plan.flow).await?)
 }

@@ -1,4 +1,5 @@
-//! `bulwark worker` and `bulwark sync` on a shared (PostgreSQL) database.
+//! `bulwark worker` (scheduler, claims, replay, alert delivery) and `bulwark sync` on a
+//! shared (PostgreSQL) database.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -8,9 +9,13 @@ use std::time::Duration;
 use anyhow::Result;
 use bulwark_adapters::memory::MemoryPortal;
 use bulwark_engine::WorkOptions;
+use bulwark_engine::alerts::{DeliveryOptions, deliver_alerts};
+use bulwark_engine::schedule::{BoxFuture, Schedule, run_schedules};
 use bulwark_workflows::adapter::{AdapterRegistry, EndpointConfig, PortalAdapter};
 use bulwark_workflows::app::Bulwark;
+use bulwark_workflows::sync::SyncOptions;
 
+use crate::config::Config;
 use crate::{DbArg, EndpointArgs, SyncArgs, ensure_db_parent, progress, sync_options};
 
 /// Options of `bulwark worker`.
@@ -32,7 +37,7 @@ pub(crate) struct WorkerArgs {
     /// Lease length in milliseconds (heartbeats renew it every third of that).
     #[arg(long, default_value_t = 30_000)]
     lease_ms: i64,
-    /// Exit once every run is finished and nothing is claimable.
+    /// Exit once every run is finished and nothing is claimable (not with schedules).
     #[arg(long)]
     exit_when_idle: bool,
 }
@@ -48,6 +53,7 @@ pub(crate) fn memory_setup(n: u32) -> (AdapterRegistry, Vec<EndpointConfig>, Arc
     );
     let endpoints = (1..=n)
         .map(|i| EndpointConfig {
+            policy: None,
             id: crate::endpoint_id(i),
             adapter: "memory".into(),
             settings: Default::default(),
@@ -56,20 +62,160 @@ pub(crate) fn memory_setup(n: u32) -> (AdapterRegistry, Vec<EndpointConfig>, Arc
     (registry, endpoints, sink)
 }
 
+/// The webhook delivery task of a configuration that has one.
+pub(crate) struct AlertDelivery {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+    app: Bulwark,
+}
+
+impl AlertDelivery {
+    /// Start delivering alerts of `db` to the configured webhook (None: no webhook).
+    pub(crate) async fn start(config: Option<&Config>, db: &str) -> Result<Option<Self>> {
+        let Some(config) = config else {
+            return Ok(None);
+        };
+        let Some(url) = config.webhook_url()? else {
+            return Ok(None);
+        };
+        let a = &config.alerts;
+        let sink = bulwark_adapters::webhook::WebhookSink::new(
+            &url,
+            Duration::from_millis(a.webhook_timeout_ms),
+        )
+        .map_err(|e| anyhow::anyhow!("[alerts]: {e}"))?;
+        let app = Bulwark::open(db, bulwark_adapters::default_registry()).await?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let options = DeliveryOptions {
+            retry: Duration::from_millis(a.webhook_retry_ms),
+            max_attempts: a.webhook_max_attempts,
+            ..Default::default()
+        };
+        let task = tokio::spawn(deliver_alerts(
+            app.store(),
+            Arc::new(sink),
+            options,
+            stop.clone(),
+        ));
+        Ok(Some(Self { stop, task, app }))
+    }
+
+    /// Stop, giving what is being delivered at most `grace` to finish.
+    pub(crate) async fn stop(self, grace: Duration) {
+        // Let alerts committed just now go out before the flag is seen.
+        tokio::time::sleep(Duration::from_millis(600).min(grace)).await;
+        self.stop.store(true, Ordering::Relaxed);
+        let mut task = self.task;
+        if tokio::time::timeout(grace, &mut task).await.is_err() {
+            task.abort();
+        }
+        self.app.close().await;
+    }
+}
+
+/// The configured schedules (`[schedule]`), firing snapshots of `[source]` and sync runs.
+fn schedules(
+    config: &Config,
+    db: &str,
+    endpoints: &[EndpointConfig],
+    options: &SyncOptions,
+    stop: Arc<AtomicBool>,
+) -> Result<Option<impl std::future::Future<Output = ()> + use<>>> {
+    let mut list = Vec::new();
+    if let Some(c) = &config.schedule.snapshot {
+        list.push(Schedule::new("snapshot", &c.0).map_err(anyhow::Error::msg)?);
+    }
+    if let Some(c) = &config.schedule.sync {
+        list.push(Schedule::new("sync", &c.0).map_err(anyhow::Error::msg)?);
+    }
+    if list.is_empty() {
+        return Ok(None);
+    }
+    let snapshot = match &config.source {
+        Some(s) => Some(Arc::new(s.plan(config.dir())?)),
+        None => None,
+    };
+    let (db, endpoints, options) = (
+        Arc::new(db.to_string()),
+        Arc::new(endpoints.to_vec()),
+        Arc::new(options.clone()),
+    );
+    let store_db = db.clone();
+    Ok(Some(async move {
+        let app = match Bulwark::open(store_db.as_str(), bulwark_adapters::default_registry()).await
+        {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!(error = %e, "scheduler: cannot open the database");
+                return;
+            }
+        };
+        let fire = move |name: String| -> BoxFuture {
+            let (db, endpoints, options, snapshot) = (
+                db.clone(),
+                endpoints.clone(),
+                options.clone(),
+                snapshot.clone(),
+            );
+            Box::pin(async move {
+                let app = match Bulwark::open(db.as_str(), bulwark_adapters::default_registry())
+                    .await
+                {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::error!(schedule = %name, error = %e, "cannot open the database");
+                        return;
+                    }
+                };
+                match name.as_str() {
+                    "snapshot" => {
+                        let Some(plan) = snapshot else { return };
+                        match crate::snapshot_cmd::take(&app, &plan).await {
+                            Ok(r) => eprintln!(
+                                "scheduled snapshot {}: {} rows read, {} accepted, {} rejected, {} queries",
+                                r.id, r.rows_read, r.accepted, r.rejected, r.queries
+                            ),
+                            Err(e) => {
+                                tracing::error!(error = %format!("{e:#}"), "scheduled snapshot failed")
+                            }
+                        }
+                    }
+                    _ => match app.enqueue(&endpoints, &options).await {
+                        Ok(Some(plan)) => match plan.run {
+                            Some(run) => eprintln!(
+                                "scheduled sync: run {run} enqueued ({} endpoint(s) to sync, {} up to date, {} still syncing)",
+                                plan.workflows, plan.up_to_date, plan.busy
+                            ),
+                            None => eprintln!(
+                                "scheduled sync: nothing to do for snapshot {} ({} endpoint(s) up to date, {} still syncing)",
+                                plan.snapshot, plan.up_to_date, plan.busy
+                            ),
+                        },
+                        Ok(None) => eprintln!("scheduled sync: no sealed snapshot yet"),
+                        Err(e) => tracing::error!(error = %e, "scheduled sync failed"),
+                    },
+                }
+                app.close().await;
+            })
+        };
+        run_schedules(app.store(), list, fire, stop).await;
+        app.close().await;
+    }))
+}
+
 pub(crate) async fn run(args: WorkerArgs) -> Result<ExitCode> {
-    let (db, registry, endpoints, options) = match args.sink.as_str() {
+    let (db, registry, endpoints, options, config) = match args.sink.as_str() {
         "memory" => {
             ensure_db_parent(&args.db.db)?;
             let (r, e, _) = memory_setup(args.endpoints.endpoints);
-            (args.db.db.clone(), r, e, sync_options(&args.sync))
+            (args.db.db.clone(), r, e, sync_options(&args.sync), None)
         }
         "rest" => {
             let s = crate::setup(&args.db, &args.endpoints, &args.sync).await?;
-            (s.db, s.registry, s.endpoints, s.options)
+            (s.db, s.registry, s.endpoints, s.options, s.config)
         }
         other => anyhow::bail!("unknown --sink {other:?} (rest or memory)"),
     };
-    let mut app = Bulwark::open(&db, registry).await?;
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
@@ -85,20 +231,53 @@ pub(crate) async fn run(args: WorkerArgs) -> Result<ExitCode> {
             stop.store(true, Ordering::Relaxed);
         });
     }
+    let scheduler = match &config {
+        Some(c) => schedules(c, &db, &endpoints, &options, stop.clone())?,
+        None => None,
+    };
+    if scheduler.is_some() && args.exit_when_idle {
+        anyhow::bail!(
+            "--exit-when-idle does not go with [schedule]: a scheduled worker runs until stopped"
+        );
+    }
+    let alerts = AlertDelivery::start(config.as_ref(), &db).await?;
+    let mut app = Bulwark::open(&db, registry).await?;
     eprintln!(
-        "worker {} on {} ({} endpoints)",
+        "worker {} on {} ({} endpoints{}{})",
         app.worker_id(),
         bulwark_engine::postgres::redact_url(&db),
-        endpoints.len()
+        endpoints.len(),
+        if scheduler.is_some() {
+            ", schedules on"
+        } else {
+            ""
+        },
+        if alerts.is_some() { ", webhook on" } else { "" },
     );
+    let scheduler = scheduler.map(tokio::spawn);
     let work = WorkOptions {
         capacity: args.capacity,
         exit_when_idle: args.exit_when_idle,
         ..Default::default()
     };
     let report = app
-        .work(&endpoints, &options, work, args.lease_ms, stop, None)
-        .await?;
+        .work(
+            &endpoints,
+            &options,
+            work,
+            args.lease_ms,
+            stop.clone(),
+            None,
+        )
+        .await;
+    stop.store(true, Ordering::Relaxed);
+    if let Some(s) = scheduler {
+        let _ = s.await;
+    }
+    if let Some(a) = alerts {
+        a.stop(Duration::from_secs(5)).await;
+    }
+    let report = report?;
     progress::print_summary_worker(&report);
     app.close().await;
     Ok(ExitCode::SUCCESS)

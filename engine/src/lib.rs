@@ -14,25 +14,41 @@
 //! - replay is a fold of the journal through the machine's transition function; any
 //!   disagreement (bad JSON, a gap, an illegal transition) refuses the workflow by id.
 
+// Column lists shared by both stores' queries (macros, so that `concat!` keeps the SQL static).
+macro_rules! alert_columns {
+    () => {
+        "id, at, kind, level, subject, workflow_id, message, delivered_at, delivery_attempts, delivery_error"
+    };
+}
+macro_rules! circuit_columns {
+    () => {
+        "subject, state, failures, opens, opened_at, retry_at, reason"
+    };
+}
+
+pub mod alerts;
 pub mod audit;
+pub mod circuit;
 pub mod error;
 pub mod journal;
 pub mod machine;
 pub mod postgres;
 pub mod runtime;
+pub mod schedule;
 pub mod sqlite;
 pub mod store;
 
 pub use audit::{Finding, check_journal};
+pub use circuit::{Admission, CircuitChange, CircuitPolicy, CircuitRow};
 pub use error::{EngineError, Result};
 pub use journal::{Journal, JournalConfig};
-pub use machine::{Machine, Transition, TransitionError};
+pub use machine::{Alert, Machine, Notice, Transition, TransitionError};
 pub use postgres::PostgresStore;
 pub use runtime::{Effects, RunOutcome, Runtime, RuntimeConfig, WorkOptions, WorkflowCtx};
 pub use sqlite::SqliteStore;
 pub use store::{
-    Append, AppendOutcome, ClaimRequest, ClaimedWorkflow, JournalRow, NewAlert, NewWorkflow, RunId,
-    RunRow, Store, WorkflowId, WorkflowRow, now_ms,
+    AlertLevel, AlertRow, Append, AppendOutcome, CircuitWrite, ClaimRequest, ClaimedWorkflow,
+    JournalRow, NewAlert, NewWorkflow, RunId, RunRow, Store, WorkflowId, WorkflowRow, now_ms,
 };
 
 /// An opened backend: the generic store plus the concrete pool, for domain crates that

@@ -4,6 +4,9 @@ use std::fmt::Debug;
 
 use serde::{Serialize, de::DeserializeOwned};
 
+use crate::circuit::CircuitChange;
+use crate::store::AlertLevel;
+
 /// The result of applying an event: the next state and the effects to run once that state
 /// is durably journaled.
 #[derive(Debug, Clone, PartialEq)]
@@ -60,13 +63,35 @@ pub trait Machine: Send + Sync + 'static {
     fn wake_at(_state: &Self::State) -> Option<i64> {
         None
     }
-    /// An alert to record atomically with entering `state` from `previous`, if any, and
-    /// for how long (ms) it opens the subject's circuit.
-    fn alert(
+    /// What entering `state` from `previous` through `event` records besides the
+    /// transition itself, in the same transaction: alerts about the workflow's subject
+    /// and a change to the subject's circuit.
+    fn notice(
         _input: &Self::Input,
         _previous: &Self::State,
+        _event: &Self::Event,
         _state: &Self::State,
-    ) -> Option<(String, Option<i64>)> {
-        None
+    ) -> Notice {
+        Notice::default()
     }
+}
+
+/// Records a transition commits with itself (see [`Machine::notice`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Notice {
+    /// Alerts about the workflow's subject.
+    pub alerts: Vec<Alert>,
+    /// What happens to the subject's circuit.
+    pub circuit: Option<CircuitChange>,
+}
+
+/// An alert a machine raises about its workflow's subject.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Alert {
+    /// Kind, e.g. `retries_exhausted`.
+    pub kind: &'static str,
+    /// Severity.
+    pub level: AlertLevel,
+    /// Message (no secrets).
+    pub message: String,
 }

@@ -11,6 +11,7 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Row};
 use tokio::sync::Mutex;
 
+use crate::circuit::{CircuitChange, CircuitRow};
 use crate::error::{EngineError, Result};
 use crate::store::*;
 
@@ -366,6 +367,8 @@ impl Store for PostgresStore {
         .await?;
         let landed: std::collections::HashSet<i64> = landed.into_iter().collect();
         let mut outcomes = Vec::with_capacity(appends.len());
+        let mut raised: Vec<NewAlert> = Vec::new();
+        let mut closes: Vec<(&str, WorkflowId, i64)> = Vec::new();
         for a in appends {
             let ok = landed.contains(&a.workflow);
             outcomes.push(if ok {
@@ -373,33 +376,93 @@ impl Store for PostgresStore {
             } else {
                 AppendOutcome::Fenced
             });
-            if let (true, Some(alert)) = (ok, &a.alert) {
-                sqlx::query(
-                    "INSERT INTO alerts (at, kind, subject, workflow_id, seq, message) VALUES ($1, $2, $3, $4, $5, $6)
-                     ON CONFLICT (workflow_id, seq) DO NOTHING",
-                )
-                .bind(now)
-                .bind(&alert.kind)
-                .bind(&alert.subject)
-                .bind(a.workflow)
-                .bind(a.seq)
-                .bind(&alert.message)
-                .execute(&mut *tx)
-                .await?;
-                if let Some(ms) = alert.open_circuit_ms {
+            if !ok {
+                continue;
+            }
+            for alert in &a.alerts {
+                insert_alert(&mut tx, now, alert, Some((a.workflow, a.seq))).await?;
+                raised.push(alert.clone());
+            }
+            match &a.circuit {
+                Some(CircuitWrite {
+                    subject,
+                    change:
+                        CircuitChange::Open {
+                            failures,
+                            reason,
+                            policy,
+                        },
+                }) => {
+                    // Lock the row (if any) so that two workers opening it agree on `opens`.
+                    let previous = sqlx::query(concat!(
+                        "SELECT ",
+                        circuit_columns!(),
+                        " FROM circuits WHERE subject = $1 FOR UPDATE"
+                    ))
+                    .bind(subject)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .as_ref()
+                    .map(circuit_from);
+                    let row = CircuitRow::opened(
+                        previous.as_ref(),
+                        subject,
+                        now,
+                        *failures,
+                        reason,
+                        policy,
+                    );
                     sqlx::query(
-                        "INSERT INTO circuits (subject, state, opened_at, retry_at) VALUES ($1, 'open', $2, $3)
-                         ON CONFLICT (subject) DO UPDATE SET state = 'open', opened_at = excluded.opened_at, retry_at = excluded.retry_at",
+                        "INSERT INTO circuits (subject, state, opened_at, retry_at, failures, opens, reason)
+                         VALUES ($1, 'open', $2, $3, $4, $5, $6)
+                         ON CONFLICT (subject) DO UPDATE SET state = 'open', opened_at = excluded.opened_at,
+                             retry_at = excluded.retry_at, failures = excluded.failures,
+                             opens = excluded.opens, reason = excluded.reason",
                     )
-                    .bind(&alert.subject)
-                    .bind(now)
-                    .bind(now + ms)
+                    .bind(subject)
+                    .bind(row.opened_at)
+                    .bind(row.retry_at)
+                    .bind(i64::from(row.failures))
+                    .bind(i64::from(row.opens))
+                    .bind(&row.reason)
                     .execute(&mut *tx)
                     .await?;
+                    let alert = row.opened_alert();
+                    insert_alert(&mut tx, now, &alert, Some((a.workflow, a.seq))).await?;
+                    raised.push(alert);
                 }
+                Some(CircuitWrite {
+                    subject,
+                    change: CircuitChange::Close,
+                }) => {
+                    closes.push((subject.as_str(), a.workflow, a.seq));
+                }
+                None => {}
+            }
+        }
+        // Successes close open circuits; almost always none is open, so one statement
+        // finds the few that are.
+        if !closes.is_empty() {
+            let subjects: Vec<&str> = closes.iter().map(|c| c.0).collect();
+            let closed: Vec<String> = sqlx::query_scalar(
+                "UPDATE circuits SET state = 'closed', opens = 0, failures = 0
+                 WHERE state = 'open' AND subject = ANY($1) RETURNING subject",
+            )
+            .bind(&subjects)
+            .fetch_all(&mut *tx)
+            .await?;
+            for subject in closed {
+                let (_, workflow, seq) = closes
+                    .iter()
+                    .find(|c| c.0 == subject)
+                    .expect("a closed subject was asked for");
+                let alert = crate::circuit::closed_alert(&subject, "a probe batch was verified");
+                insert_alert(&mut tx, now, &alert, Some((*workflow, *seq))).await?;
+                raised.push(alert);
             }
         }
         tx.commit().await?;
+        raised.iter().for_each(crate::circuit::trace_alert);
         Ok(outcomes)
     }
 
@@ -476,6 +539,16 @@ impl Store for PostgresStore {
             .collect())
     }
 
+    async fn open_subjects(&self, kind: &str) -> Result<std::collections::HashSet<String>> {
+        let rows: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT subject FROM workflows WHERE terminal = 0 AND kind = $1",
+        )
+        .bind(kind)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().collect())
+    }
+
     async fn status_counts(&self, run: Option<RunId>) -> Result<Vec<(String, i64)>> {
         let rows = sqlx::query(
             "SELECT status, count(*) FROM workflows WHERE ($1::bigint IS NULL OR run_id = $1) GROUP BY status ORDER BY status",
@@ -486,34 +559,121 @@ impl Store for PostgresStore {
         Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
-    async fn finish_run(&self, run: RunId, status: &str) -> Result<()> {
-        sqlx::query(
-            "UPDATE runs SET status = $1, finished_at = coalesce(finished_at, $2) WHERE id = $3",
+    async fn finish_run(&self, run: RunId, status: &str, alert: Option<NewAlert>) -> Result<bool> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        let n = sqlx::query(
+            "UPDATE runs SET status = $1, finished_at = coalesce(finished_at, $2) WHERE id = $3 AND status = 'running'",
         )
         .bind(status)
-        .bind(now_ms())
+        .bind(now)
         .bind(run)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if n > 0
+            && let Some(alert) = &alert
+        {
+            insert_alert(&mut tx, now, alert, None).await?;
+        }
+        tx.commit().await?;
+        if n > 0
+            && let Some(alert) = &alert
+        {
+            crate::circuit::trace_alert(alert);
+        }
+        Ok(n > 0)
     }
 
     async fn alerts(&self, limit: i64) -> Result<Vec<AlertRow>> {
-        let rows = sqlx::query("SELECT id, at, kind, subject, workflow_id, message FROM alerts ORDER BY id DESC LIMIT $1")
-            .bind(limit)
-            .fetch_all(&self.pool)
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            alert_columns!(),
+            " FROM alerts ORDER BY id DESC LIMIT $1"
+        ))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(alert_row).collect())
+    }
+
+    async fn claim_alert_deliveries(
+        &self,
+        since: i64,
+        retry_ms: i64,
+        max_attempts: i64,
+        limit: i64,
+    ) -> Result<Vec<AlertRow>> {
+        let now = now_ms();
+        let rows = sqlx::query(concat!(
+            "UPDATE alerts SET delivery_attempts = delivery_attempts + 1,
+                 next_delivery_at = $1 + LEAST(600000, $2::bigint << LEAST(delivery_attempts, 20)::int)
+             WHERE id IN (SELECT id FROM alerts WHERE delivered_at IS NULL AND at >= $3
+                              AND delivery_attempts < $4 AND coalesce(next_delivery_at, 0) <= $1
+                          ORDER BY id LIMIT $5 FOR UPDATE SKIP LOCKED)
+             RETURNING ",
+            alert_columns!()
+        ))
+        .bind(now)
+        .bind(retry_ms)
+        .bind(since)
+        .bind(max_attempts)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out: Vec<AlertRow> = rows.iter().map(alert_row).collect();
+        out.sort_by_key(|a| a.id);
+        Ok(out)
+    }
+
+    async fn record_alert_delivery(
+        &self,
+        id: i64,
+        outcome: std::result::Result<(), String>,
+    ) -> Result<()> {
+        let (delivered, error) = match outcome {
+            Ok(()) => (Some(now_ms()), None),
+            Err(e) => (None, Some(e)),
+        };
+        sqlx::query("UPDATE alerts SET delivered_at = $1, delivery_error = $2 WHERE id = $3")
+            .bind(delivered)
+            .bind(error)
+            .bind(id)
+            .execute(&self.pool)
             .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| AlertRow {
-                id: r.get(0),
-                at: r.get(1),
-                kind: r.get(2),
-                subject: r.get(3),
-                workflow: r.get(4),
-                message: r.get(5),
-            })
-            .collect())
+        Ok(())
+    }
+
+    async fn schedule_tick(&self, name: &str) -> Result<Option<i64>> {
+        Ok(
+            sqlx::query_scalar("SELECT last_tick FROM schedules WHERE name = $1")
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn advance_schedule(&self, name: &str, previous: Option<i64>, tick: i64) -> Result<bool> {
+        let n = match previous {
+            None => sqlx::query(
+                "INSERT INTO schedules (name, last_tick, updated_at) VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING",
+            )
+            .bind(name)
+            .bind(tick)
+            .bind(now_ms())
+            .execute(&self.pool)
+            .await?,
+            Some(p) => sqlx::query(
+                "UPDATE schedules SET last_tick = $1, updated_at = $2 WHERE name = $3 AND last_tick = $4",
+            )
+            .bind(tick)
+            .bind(now_ms())
+            .bind(name)
+            .bind(p)
+            .execute(&self.pool)
+            .await?,
+        };
+        Ok(n.rows_affected() > 0)
     }
 
     async fn journal_len(&self) -> Result<i64> {
@@ -522,25 +682,88 @@ impl Store for PostgresStore {
             .await?)
     }
 
-    async fn open_circuits(&self) -> Result<HashMap<String, i64>> {
-        let rows = sqlx::query(
-            "SELECT subject, retry_at FROM circuits WHERE state = 'open' AND retry_at > $1",
-        )
-        .bind(now_ms())
+    async fn circuits(&self) -> Result<Vec<CircuitRow>> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            circuit_columns!(),
+            " FROM circuits ORDER BY subject"
+        ))
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+        Ok(rows.iter().map(circuit_from).collect())
     }
 
-    async fn reset_circuit(&self, subject: &str) -> Result<bool> {
-        let n = sqlx::query("UPDATE circuits SET state = 'closed', retry_at = $1 WHERE subject = $2 AND state = 'open'")
-            .bind(now_ms())
-            .bind(subject)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
+    async fn reset_circuit(&self, subject: &str, by: &str) -> Result<bool> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        let n = sqlx::query(
+            "UPDATE circuits SET state = 'closed', opens = 0, failures = 0, retry_at = $1 WHERE subject = $2 AND state = 'open'",
+        )
+        .bind(now)
+        .bind(subject)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let alert = crate::circuit::closed_alert(subject, by);
+        if n > 0 {
+            insert_alert(&mut tx, now, &alert, None).await?;
+        }
+        tx.commit().await?;
+        if n > 0 {
+            crate::circuit::trace_alert(&alert);
+        }
         Ok(n > 0)
     }
+}
+
+fn alert_row(r: &sqlx::postgres::PgRow) -> AlertRow {
+    AlertRow {
+        id: r.get(0),
+        at: r.get(1),
+        kind: r.get(2),
+        level: AlertLevel::parse(r.get(3)),
+        subject: r.get(4),
+        workflow: r.get(5),
+        message: r.get(6),
+        delivered_at: r.get(7),
+        delivery_attempts: r.get(8),
+        delivery_error: r.get(9),
+    }
+}
+
+fn circuit_from(r: &sqlx::postgres::PgRow) -> CircuitRow {
+    CircuitRow {
+        subject: r.get(0),
+        open: r.get::<String, _>(1) == "open",
+        failures: r.get::<i64, _>(2).max(0) as u32,
+        opens: r.get::<i64, _>(3).max(0) as u32,
+        opened_at: r.get(4),
+        retry_at: r.get(5),
+        reason: r.get(6),
+    }
+}
+
+/// Record an alert (raised by the transition `at`, if any) inside an open transaction.
+async fn insert_alert(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    now: i64,
+    alert: &NewAlert,
+    at: Option<(WorkflowId, i64)>,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO alerts (at, kind, level, subject, workflow_id, seq, message) VALUES ($1, $2, $3, $4, $5, $6, $7)
+         ON CONFLICT (workflow_id, seq, kind) DO NOTHING",
+    )
+    .bind(now)
+    .bind(&alert.kind)
+    .bind(alert.level.as_str())
+    .bind(&alert.subject)
+    .bind(at.map(|a| a.0))
+    .bind(at.map(|a| a.1))
+    .bind(&alert.message)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 /// Insert workflows (and their journal row 0) inside an open transaction.

@@ -13,7 +13,9 @@ use crate::audit;
 use crate::error::{EngineError, Result};
 use crate::journal::Journal;
 use crate::machine::Machine;
-use crate::store::{Append, AppendOutcome, NewAlert, RunId, Store, WorkflowId, WorkflowRow};
+use crate::store::{
+    Append, AppendOutcome, CircuitWrite, NewAlert, RunId, Store, WorkflowId, WorkflowRow,
+};
 
 /// What a running workflow knows about itself.
 #[derive(Debug)]
@@ -454,13 +456,7 @@ async fn drive<M: Machine>(
                 workflow: ctx.id,
                 source,
             })?;
-        let alert =
-            M::alert(&ctx.input, &state, &next.state).map(|(message, open_circuit_ms)| NewAlert {
-                kind: M::status(&next.state).to_lowercase(),
-                subject: ctx.subject.clone(),
-                message,
-                open_circuit_ms,
-            });
+        let notice = M::notice(&ctx.input, &state, &event, &next.state);
         let append = Append {
             workflow: ctx.id,
             seq: seq + 1,
@@ -477,7 +473,20 @@ async fn drive<M: Machine>(
             status: M::status(&next.state),
             terminal: M::is_terminal(&next.state),
             wake_at: M::wake_at(&next.state),
-            alert,
+            alerts: notice
+                .alerts
+                .into_iter()
+                .map(|a| NewAlert {
+                    kind: a.kind.to_string(),
+                    level: a.level,
+                    subject: ctx.subject.clone(),
+                    message: a.message,
+                })
+                .collect(),
+            circuit: notice.circuit.map(|change| CircuitWrite {
+                subject: ctx.subject.clone(),
+                change,
+            }),
         };
         // Journal before effect: the commands of `next` run only once it is durable.
         match journal.append(append).await? {

@@ -11,6 +11,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{AssertSqlSafe, Connection, Row};
 
+use crate::circuit::{CircuitChange, CircuitRow};
 use crate::error::{EngineError, Result};
 use crate::store::*;
 
@@ -187,22 +188,27 @@ impl Store for SqliteStore {
     async fn claim(&self, request: &ClaimRequest) -> Result<Vec<ClaimedWorkflow>> {
         // An embedded database is worked on by one process at a time (see
         // `lock_for_work`), so every lease found here belonged to a process that died:
-        // claim regardless of `lease_until`.
+        // claim regardless of `lease_until` — except this worker's own live leases: a
+        // long-running worker claims again as room frees up, and must not fence itself.
         let (owner, kind, run) = (&request.owner, &request.kind, request.run);
+        let now = now_ms();
         let limit = request.limit.map(|l| l as i64).unwrap_or(-1);
         let lease_ms = request.lease_ms;
         let mut tx = self.pool.begin().await?;
         let rows = sqlx::query(
             "UPDATE workflows SET lease_owner = ?, lease_epoch = lease_epoch + 1, lease_until = ?
              WHERE id IN (SELECT id FROM workflows WHERE terminal = 0 AND kind = ? AND (? IS NULL OR run_id = ?)
+                              AND (lease_owner IS NOT ? OR lease_until < ?)
                           ORDER BY id LIMIT ?)
              RETURNING id, run_id, subject, seq, lease_epoch",
         )
         .bind(owner)
-        .bind(now_ms() + lease_ms)
+        .bind(now + lease_ms)
         .bind(kind)
         .bind(run)
         .bind(run)
+        .bind(owner)
+        .bind(now)
         .bind(limit)
         .fetch_all(&mut *tx)
         .await?;
@@ -289,6 +295,7 @@ impl Store for SqliteStore {
     async fn append_batch(&self, appends: &[Append]) -> Result<Vec<AppendOutcome>> {
         let now = now_ms();
         let mut outcomes = vec![AppendOutcome::Fenced; appends.len()];
+        let mut raised: Vec<NewAlert> = Vec::new();
         let mut tx = self.pool.begin().await?;
         for (base, chunk) in appends
             .chunks(CHUNK)
@@ -341,35 +348,84 @@ impl Store for SqliteStore {
                     .bind(&a.state_json);
             }
             q.execute(&mut *tx).await?;
+            let mut closes: Vec<&Append> = Vec::new();
             for (i, a) in &landed {
                 outcomes[base + i] = AppendOutcome::Committed;
-                if let Some(alert) = &a.alert {
-                    sqlx::query(
-                        "INSERT OR IGNORE INTO alerts (at, kind, subject, workflow_id, seq, message) VALUES (?, ?, ?, ?, ?, ?)",
-                    )
-                    .bind(now)
-                    .bind(&alert.kind)
-                    .bind(&alert.subject)
-                    .bind(a.workflow)
-                    .bind(a.seq)
-                    .bind(&alert.message)
-                    .execute(&mut *tx)
-                    .await?;
-                    if let Some(ms) = alert.open_circuit_ms {
+                for alert in &a.alerts {
+                    insert_alert(&mut tx, now, alert, Some((a.workflow, a.seq))).await?;
+                    raised.push(alert.clone());
+                }
+                match &a.circuit {
+                    Some(CircuitWrite {
+                        subject,
+                        change:
+                            CircuitChange::Open {
+                                failures,
+                                reason,
+                                policy,
+                            },
+                    }) => {
+                        let previous = circuit_row(&mut tx, subject).await?;
+                        let row = CircuitRow::opened(
+                            previous.as_ref(),
+                            subject,
+                            now,
+                            *failures,
+                            reason,
+                            policy,
+                        );
                         sqlx::query(
-                            "INSERT INTO circuits (subject, state, opened_at, retry_at) VALUES (?, 'open', ?, ?)
-                             ON CONFLICT (subject) DO UPDATE SET state = 'open', opened_at = excluded.opened_at, retry_at = excluded.retry_at",
+                            "INSERT INTO circuits (subject, state, opened_at, retry_at, failures, opens, reason)
+                             VALUES (?, 'open', ?, ?, ?, ?, ?)
+                             ON CONFLICT (subject) DO UPDATE SET state = 'open', opened_at = excluded.opened_at,
+                                 retry_at = excluded.retry_at, failures = excluded.failures,
+                                 opens = excluded.opens, reason = excluded.reason",
                         )
-                        .bind(&alert.subject)
-                        .bind(now)
-                        .bind(now + ms)
+                        .bind(subject)
+                        .bind(row.opened_at)
+                        .bind(row.retry_at)
+                        .bind(i64::from(row.failures))
+                        .bind(i64::from(row.opens))
+                        .bind(&row.reason)
                         .execute(&mut *tx)
                         .await?;
+                        let alert = row.opened_alert();
+                        insert_alert(&mut tx, now, &alert, Some((a.workflow, a.seq))).await?;
+                        raised.push(alert);
                     }
+                    Some(CircuitWrite {
+                        change: CircuitChange::Close,
+                        ..
+                    }) => closes.push(a),
+                    None => {}
+                }
+            }
+            // Successes close open circuits; almost always none is open, so one statement
+            // finds the few that are.
+            if !closes.is_empty() {
+                let sql = format!(
+                    "UPDATE circuits SET state = 'closed', opens = 0, failures = 0
+                     WHERE state = 'open' AND subject IN ({}) RETURNING subject",
+                    vec!["?"; closes.len()].join(",")
+                );
+                let mut q = sqlx::query_scalar::<_, String>(AssertSqlSafe(sql));
+                for a in &closes {
+                    q = q.bind(a.circuit.as_ref().map(|c| c.subject.as_str()));
+                }
+                for subject in q.fetch_all(&mut *tx).await? {
+                    let a = closes
+                        .iter()
+                        .find(|a| a.circuit.as_ref().is_some_and(|c| c.subject == subject))
+                        .expect("a closed subject was asked for");
+                    let alert =
+                        crate::circuit::closed_alert(&subject, "a probe batch was verified");
+                    insert_alert(&mut tx, now, &alert, Some((a.workflow, a.seq))).await?;
+                    raised.push(alert);
                 }
             }
         }
         tx.commit().await?;
+        raised.iter().for_each(crate::circuit::trace_alert);
         Ok(outcomes)
     }
 
@@ -448,6 +504,16 @@ impl Store for SqliteStore {
             .collect())
     }
 
+    async fn open_subjects(&self, kind: &str) -> Result<std::collections::HashSet<String>> {
+        let rows: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT subject FROM workflows WHERE terminal = 0 AND kind = ?",
+        )
+        .bind(kind)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().collect())
+    }
+
     async fn status_counts(&self, run: Option<RunId>) -> Result<Vec<(String, i64)>> {
         let rows = sqlx::query(
             "SELECT status, count(*) FROM workflows WHERE (? IS NULL OR run_id = ?) GROUP BY status ORDER BY status",
@@ -459,34 +525,122 @@ impl Store for SqliteStore {
         Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
-    async fn finish_run(&self, run: RunId, status: &str) -> Result<()> {
-        sqlx::query(
-            "UPDATE runs SET status = ?, finished_at = coalesce(finished_at, ?) WHERE id = ?",
+    async fn finish_run(&self, run: RunId, status: &str, alert: Option<NewAlert>) -> Result<bool> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        let n = sqlx::query(
+            "UPDATE runs SET status = ?, finished_at = coalesce(finished_at, ?) WHERE id = ? AND status = 'running'",
         )
         .bind(status)
-        .bind(now_ms())
+        .bind(now)
         .bind(run)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if n > 0
+            && let Some(alert) = &alert
+        {
+            insert_alert(&mut tx, now, alert, None).await?;
+        }
+        tx.commit().await?;
+        if n > 0
+            && let Some(alert) = &alert
+        {
+            crate::circuit::trace_alert(alert);
+        }
+        Ok(n > 0)
     }
 
     async fn alerts(&self, limit: i64) -> Result<Vec<AlertRow>> {
-        let rows = sqlx::query("SELECT id, at, kind, subject, workflow_id, message FROM alerts ORDER BY id DESC LIMIT ?")
-            .bind(limit)
-            .fetch_all(&self.pool)
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            alert_columns!(),
+            " FROM alerts ORDER BY id DESC LIMIT ?"
+        ))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(alert_row).collect())
+    }
+
+    async fn claim_alert_deliveries(
+        &self,
+        since: i64,
+        retry_ms: i64,
+        max_attempts: i64,
+        limit: i64,
+    ) -> Result<Vec<AlertRow>> {
+        let now = now_ms();
+        let rows = sqlx::query(concat!(
+            "UPDATE alerts SET delivery_attempts = delivery_attempts + 1,
+                 next_delivery_at = ? + min(600000, ? << min(delivery_attempts, 20))
+             WHERE id IN (SELECT id FROM alerts WHERE delivered_at IS NULL AND at >= ?
+                              AND delivery_attempts < ? AND coalesce(next_delivery_at, 0) <= ?
+                          ORDER BY id LIMIT ?)
+             RETURNING ",
+            alert_columns!()
+        ))
+        .bind(now)
+        .bind(retry_ms)
+        .bind(since)
+        .bind(max_attempts)
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out: Vec<AlertRow> = rows.iter().map(alert_row).collect();
+        out.sort_by_key(|a| a.id);
+        Ok(out)
+    }
+
+    async fn record_alert_delivery(
+        &self,
+        id: i64,
+        outcome: std::result::Result<(), String>,
+    ) -> Result<()> {
+        let (delivered, error) = match outcome {
+            Ok(()) => (Some(now_ms()), None),
+            Err(e) => (None, Some(e)),
+        };
+        sqlx::query("UPDATE alerts SET delivered_at = ?, delivery_error = ? WHERE id = ?")
+            .bind(delivered)
+            .bind(error)
+            .bind(id)
+            .execute(&self.pool)
             .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| AlertRow {
-                id: r.get(0),
-                at: r.get(1),
-                kind: r.get(2),
-                subject: r.get(3),
-                workflow: r.get(4),
-                message: r.get(5),
-            })
-            .collect())
+        Ok(())
+    }
+
+    async fn schedule_tick(&self, name: &str) -> Result<Option<i64>> {
+        Ok(
+            sqlx::query_scalar("SELECT last_tick FROM schedules WHERE name = ?")
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn advance_schedule(&self, name: &str, previous: Option<i64>, tick: i64) -> Result<bool> {
+        let n = match previous {
+            None => sqlx::query(
+                "INSERT INTO schedules (name, last_tick, updated_at) VALUES (?, ?, ?) ON CONFLICT (name) DO NOTHING",
+            )
+            .bind(name)
+            .bind(tick)
+            .bind(now_ms())
+            .execute(&self.pool)
+            .await?,
+            Some(p) => sqlx::query(
+                "UPDATE schedules SET last_tick = ?, updated_at = ? WHERE name = ? AND last_tick = ?",
+            )
+            .bind(tick)
+            .bind(now_ms())
+            .bind(name)
+            .bind(p)
+            .execute(&self.pool)
+            .await?,
+        };
+        Ok(n.rows_affected() > 0)
     }
 
     async fn journal_len(&self) -> Result<i64> {
@@ -495,25 +649,102 @@ impl Store for SqliteStore {
             .await?)
     }
 
-    async fn open_circuits(&self) -> Result<std::collections::HashMap<String, i64>> {
-        let rows = sqlx::query(
-            "SELECT subject, retry_at FROM circuits WHERE state = 'open' AND retry_at > ?",
-        )
-        .bind(now_ms())
+    async fn circuits(&self) -> Result<Vec<CircuitRow>> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            circuit_columns!(),
+            " FROM circuits ORDER BY subject"
+        ))
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+        Ok(rows.iter().map(circuit_from).collect())
     }
 
-    async fn reset_circuit(&self, subject: &str) -> Result<bool> {
-        let n = sqlx::query("UPDATE circuits SET state = 'closed', retry_at = ? WHERE subject = ? AND state = 'open'")
-            .bind(now_ms())
-            .bind(subject)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
+    async fn reset_circuit(&self, subject: &str, by: &str) -> Result<bool> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        let n = sqlx::query(
+            "UPDATE circuits SET state = 'closed', opens = 0, failures = 0, retry_at = ? WHERE subject = ? AND state = 'open'",
+        )
+        .bind(now)
+        .bind(subject)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let alert = crate::circuit::closed_alert(subject, by);
+        if n > 0 {
+            insert_alert(&mut tx, now, &alert, None).await?;
+        }
+        tx.commit().await?;
+        if n > 0 {
+            crate::circuit::trace_alert(&alert);
+        }
         Ok(n > 0)
     }
+}
+
+fn alert_row(r: &sqlx::sqlite::SqliteRow) -> AlertRow {
+    AlertRow {
+        id: r.get(0),
+        at: r.get(1),
+        kind: r.get(2),
+        level: AlertLevel::parse(r.get(3)),
+        subject: r.get(4),
+        workflow: r.get(5),
+        message: r.get(6),
+        delivered_at: r.get(7),
+        delivery_attempts: r.get(8),
+        delivery_error: r.get(9),
+    }
+}
+
+fn circuit_from(r: &sqlx::sqlite::SqliteRow) -> CircuitRow {
+    CircuitRow {
+        subject: r.get(0),
+        open: r.get::<String, _>(1) == "open",
+        failures: r.get::<i64, _>(2).max(0) as u32,
+        opens: r.get::<i64, _>(3).max(0) as u32,
+        opened_at: r.get(4),
+        retry_at: r.get(5),
+        reason: r.get(6),
+    }
+}
+
+async fn circuit_row(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    subject: &str,
+) -> Result<Option<CircuitRow>> {
+    let row = sqlx::query(concat!(
+        "SELECT ",
+        circuit_columns!(),
+        " FROM circuits WHERE subject = ?"
+    ))
+    .bind(subject)
+    .fetch_optional(&mut **tx)
+    .await?;
+    Ok(row.as_ref().map(circuit_from))
+}
+
+/// Record an alert (raised by the transition `at`, if any) inside an open transaction.
+async fn insert_alert(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    now: i64,
+    alert: &NewAlert,
+    at: Option<(WorkflowId, i64)>,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT OR IGNORE INTO alerts (at, kind, level, subject, workflow_id, seq, message) VALUES (?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(now)
+    .bind(&alert.kind)
+    .bind(alert.level.as_str())
+    .bind(&alert.subject)
+    .bind(at.map(|a| a.0))
+    .bind(at.map(|a| a.1))
+    .bind(&alert.message)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 /// Insert workflows (and their journal row 0) inside an open transaction.

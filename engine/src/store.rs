@@ -3,6 +3,7 @@
 use async_trait::async_trait;
 use serde::Serialize;
 
+use crate::circuit::CircuitRow;
 use crate::error::Result;
 
 /// Identifier of a workflow row.
@@ -64,17 +65,53 @@ pub struct ClaimedWorkflow {
     pub epoch: i64,
 }
 
-/// An alert to record in the same transaction as a transition.
+/// How serious an alert is (also the level of its tracing event).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AlertLevel {
+    /// Needs a look (retries exhausted, a run finished with tripped endpoints).
+    Warn,
+    /// Something is failing (a circuit opened).
+    Error,
+}
+
+impl AlertLevel {
+    /// `warn` or `error`, as stored.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Warn => "warn",
+            Self::Error => "error",
+        }
+    }
+
+    /// Parse a stored level (anything unknown reads as `error`).
+    pub fn parse(s: &str) -> Self {
+        if s == "warn" { Self::Warn } else { Self::Error }
+    }
+}
+
+/// An alert to record (in the same transaction as the transition or operation that
+/// raised it).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct NewAlert {
-    /// Alert kind, e.g. `tripped`.
+    /// Alert kind: `circuit_opened`, `circuit_closed`, `retries_exhausted`,
+    /// `run_tripped`, or a machine's own.
     pub kind: String,
-    /// Subject, e.g. the endpoint id.
+    /// Severity.
+    pub level: AlertLevel,
+    /// Subject, e.g. the endpoint id or `run:7`.
     pub subject: String,
     /// Human-readable message (never contains secrets).
     pub message: String,
-    /// Open the subject's circuit for this many milliseconds (in the same transaction).
-    pub open_circuit_ms: Option<i64>,
+}
+
+/// A change to the circuit of the appending workflow's subject.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CircuitWrite {
+    /// The subject.
+    pub subject: String,
+    /// What happens to its circuit.
+    pub change: crate::circuit::CircuitChange,
 }
 
 /// One conditional journal append: it lands only if the workflow is still at `seq - 1`
@@ -99,8 +136,11 @@ pub struct Append {
     pub terminal: bool,
     /// Wake-up time of the resulting state, if it sleeps.
     pub wake_at: Option<i64>,
-    /// Alert raised by this transition.
-    pub alert: Option<NewAlert>,
+    /// Alerts raised by this transition.
+    pub alerts: Vec<NewAlert>,
+    /// What this transition does to its subject's circuit (committed with it; the store
+    /// records the `circuit_opened` / `circuit_closed` alert that goes with it).
+    pub circuit: Option<CircuitWrite>,
 }
 
 /// The fate of one [`Append`].
@@ -182,12 +222,20 @@ pub struct AlertRow {
     pub at: i64,
     /// Kind.
     pub kind: String,
+    /// Severity.
+    pub level: AlertLevel,
     /// Subject.
     pub subject: String,
     /// Workflow that raised it, if any.
     pub workflow: Option<WorkflowId>,
     /// Message.
     pub message: String,
+    /// When the webhook received it (ms), if it did.
+    pub delivered_at: Option<i64>,
+    /// Webhook delivery attempts so far.
+    pub delivery_attempts: i64,
+    /// The last delivery error, if any.
+    pub delivery_error: Option<String>,
 }
 
 /// Durable storage for runs, workflows, the journal and alerts.
@@ -240,16 +288,42 @@ pub trait Store: Send + Sync + 'static {
     async fn workflows(&self, run: Option<RunId>, kind: Option<&str>) -> Result<Vec<WorkflowRow>>;
     /// All runs, newest first.
     async fn runs(&self) -> Result<Vec<RunRow>>;
+    /// Subjects with an unfinished workflow of `kind` (in any run).
+    async fn open_subjects(&self, kind: &str) -> Result<std::collections::HashSet<String>>;
     /// Count workflows by status for a run (or all).
     async fn status_counts(&self, run: Option<RunId>) -> Result<Vec<(String, i64)>>;
-    /// Mark a run finished (or cancelled).
-    async fn finish_run(&self, run: RunId, status: &str) -> Result<()>;
+    /// Mark a run finished (or cancelled), recording `alert` in the same transaction if
+    /// this call is the one that ends it. Returns whether it did (false: already ended).
+    async fn finish_run(&self, run: RunId, status: &str, alert: Option<NewAlert>) -> Result<bool>;
     /// Alerts, newest first.
     async fn alerts(&self, limit: i64) -> Result<Vec<AlertRow>>;
     /// Count journal rows.
     async fn journal_len(&self) -> Result<i64>;
-    /// Open circuits: subject → time (ms) until which it stays open.
-    async fn open_circuits(&self) -> Result<std::collections::HashMap<String, i64>>;
-    /// Close a subject's circuit by hand. Returns whether one was open.
-    async fn reset_circuit(&self, subject: &str) -> Result<bool>;
+    /// Every circuit ever opened (closed ones included), by subject.
+    async fn circuits(&self) -> Result<Vec<CircuitRow>>;
+    /// Close a subject's circuit by hand (`by`: who or why, for the alert it records).
+    /// Returns whether one was open.
+    async fn reset_circuit(&self, subject: &str, by: &str) -> Result<bool>;
+    /// Take up to `limit` alerts raised at or after `since` (ms) that the webhook has not
+    /// received, and whose next attempt is due; each is leased until its next attempt
+    /// (doubling from `retry_ms`, at most ten minutes) and its attempt count goes up.
+    /// Alerts with `max_attempts` attempts are given up.
+    async fn claim_alert_deliveries(
+        &self,
+        since: i64,
+        retry_ms: i64,
+        max_attempts: i64,
+        limit: i64,
+    ) -> Result<Vec<AlertRow>>;
+    /// Record the outcome of delivering alert `id` (`Err`: the error, no secrets).
+    async fn record_alert_delivery(
+        &self,
+        id: i64,
+        outcome: std::result::Result<(), String>,
+    ) -> Result<()>;
+    /// The tick a schedule last fired at (ms), if it ever did.
+    async fn schedule_tick(&self, name: &str) -> Result<Option<i64>>;
+    /// Move schedule `name` from tick `previous` to `tick` if no one else did: the one
+    /// caller that gets `true` fires it.
+    async fn advance_schedule(&self, name: &str, previous: Option<i64>, tick: i64) -> Result<bool>;
 }

@@ -104,6 +104,7 @@ pub fn registry_for(portal: Arc<dyn PortalAdapter>) -> AdapterRegistry {
 pub fn memory_endpoints(n: u32) -> Vec<EndpointConfig> {
     (1..=n)
         .map(|i| EndpointConfig {
+            policy: None,
             id: format!("ep-{i:03}"),
             adapter: "memory".into(),
             settings: Default::default(),

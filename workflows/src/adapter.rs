@@ -84,6 +84,9 @@ pub struct EndpointConfig {
     /// environment variable name, never stored here.
     #[serde(default)]
     pub settings: HashMap<String, String>,
+    /// This endpoint's retry and circuit policy, if it differs from the run's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<crate::endpoint_sync::SyncPolicy>,
 }
 
 /// Builds an adapter for an endpoint.

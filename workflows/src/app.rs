@@ -168,16 +168,21 @@ impl Bulwark {
             Backend::Postgres(_) => None,
         };
         let mut adapters: HashMap<String, Arc<dyn PortalAdapter>> = HashMap::new();
+        let mut hosts = HashMap::new();
         for ep in endpoints {
             adapters.insert(ep.id.clone(), self.registry.build(ep)?);
+            if let Some(h) = crate::sync::endpoint_host(ep) {
+                hosts.insert(ep.id.clone(), h);
+            }
         }
         let diffs = Arc::new(DiffCache::new(self.staging.clone()));
-        let open_circuits = self.store.open_circuits().await?;
-        let effects = Arc::new(SyncEffects::new(
+        let effects = Arc::new(SyncEffects::with_limits(
             adapters,
-            open_circuits,
+            self.store.clone(),
             diffs.clone(),
             options.max_in_flight,
+            options.limits.clone(),
+            hosts,
         ));
         Ok((lock, diffs, effects))
     }
@@ -192,11 +197,15 @@ impl Bulwark {
     ) -> Result<SyncReport> {
         let started = Instant::now();
         let (_lock, diffs, effects) = self.prepare(endpoints, options).await?;
+        // A fresh identity per call: a sync resumes everything a previous one left,
+        // including one abandoned earlier in this very process (its leases look live).
+        static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let call = CALLS.fetch_add(1, Ordering::Relaxed);
         let runtime = Runtime::<EndpointSync>::new(
             self.store.clone(),
             self.journal(),
             RuntimeConfig {
-                worker: self.worker.clone(),
+                worker: format!("{}.{call}", self.worker),
                 ..RuntimeConfig::default()
             },
         );

@@ -13,7 +13,10 @@
 //! The machine is pure: everything time-dependent (`at_ms`) arrives inside events, and
 //! effects leave as [`Command`]s for the runtime.
 
-use bulwark_engine::{Machine, Transition, TransitionError};
+use bulwark_engine::circuit::Count;
+use bulwark_engine::{
+    Alert, AlertLevel, CircuitChange, CircuitPolicy, Machine, Notice, Transition, TransitionError,
+};
 use serde::{Deserialize, Serialize};
 use statig::blocking::{IntoStateMachineExt, *};
 use uuid::Uuid;
@@ -32,8 +35,24 @@ pub struct SyncPolicy {
     pub backoff_base_ms: u64,
     /// Largest retry delay.
     pub backoff_max_ms: u64,
-    /// How long a tripped endpoint's circuit stays open (later runs skip it).
+    /// How long a tripped endpoint's circuit first stays open (later runs skip it); each
+    /// failed half-open probe doubles it, up to `max_cooldown_ms`.
     pub cooldown_ms: u64,
+    /// Longest cooldown (defaulted for journals written before it existed).
+    #[serde(default = "default_max_cooldown_ms")]
+    pub max_cooldown_ms: u64,
+    /// Longest wait for one adapter call before it counts as a transient failure
+    /// (a timeout). Defaulted for journals written before it existed.
+    #[serde(default = "default_attempt_timeout_ms")]
+    pub attempt_timeout_ms: u64,
+}
+
+fn default_max_cooldown_ms() -> u64 {
+    86_400_000
+}
+
+fn default_attempt_timeout_ms() -> u64 {
+    60_000
 }
 
 impl Default for SyncPolicy {
@@ -44,7 +63,46 @@ impl Default for SyncPolicy {
             backoff_base_ms: 200,
             backoff_max_ms: 30_000,
             cooldown_ms: 3_600_000,
+            max_cooldown_ms: default_max_cooldown_ms(),
+            attempt_timeout_ms: default_attempt_timeout_ms(),
         }
+    }
+}
+
+impl SyncPolicy {
+    /// The circuit-breaker part of the policy.
+    pub fn circuit(&self) -> CircuitPolicy {
+        CircuitPolicy {
+            threshold: self.max_failures,
+            cooldown_ms: self.cooldown_ms,
+            max_cooldown_ms: self.max_cooldown_ms,
+        }
+    }
+
+    /// Check that the policy can work; names the first impossible value.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_failures == 0 {
+            return Err("max_failures must be at least 1".into());
+        }
+        if self.max_attempts == 0 {
+            return Err("max_attempts must be at least 1".into());
+        }
+        if self.backoff_base_ms > self.backoff_max_ms {
+            return Err(format!(
+                "backoff_base_ms ({}) exceeds backoff_max_ms ({})",
+                self.backoff_base_ms, self.backoff_max_ms
+            ));
+        }
+        if self.cooldown_ms > self.max_cooldown_ms {
+            return Err(format!(
+                "cooldown_ms ({}) exceeds max_cooldown_ms ({})",
+                self.cooldown_ms, self.max_cooldown_ms
+            ));
+        }
+        if self.attempt_timeout_ms == 0 {
+            return Err("attempt_timeout_ms must be at least 1".into());
+        }
+        Ok(())
     }
 }
 
@@ -126,6 +184,10 @@ pub enum Event {
         at_ms: i64,
         /// The endpoint's circuit is open: skip it.
         circuit_open: bool,
+        /// The circuit is half-open: the first batch is a probe, and one failed
+        /// validation opens it again. (Defaulted: journals from before it decode.)
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        probe: bool,
     },
     /// The endpoint accepted the upload.
     Uploaded {
@@ -227,18 +289,20 @@ fn exhausted(
     error: &AdapterError,
     receipt: Option<Receipt>,
 ) -> Outcome<State> {
-    let failures = failures + 1;
     let step = if receipt.is_some() {
         "verify"
     } else {
         "upload"
     };
-    if failures >= ctx.input.policy.max_failures {
-        return Transition(State::tripped(
-            format!("batch {batch}: {step}: retries exhausted: {error}"),
-            failures,
-        ));
-    }
+    let failures = match ctx.input.policy.circuit().count_failure(failures) {
+        Count::Open(failures) => {
+            return Transition(State::tripped(
+                format!("batch {batch}: {step}: retries exhausted: {error}"),
+                failures,
+            ));
+        }
+        Count::Below(failures) => failures,
+    };
     let until = ctx.input.retry_at(at_ms, 2, key, error);
     ctx.commands.push(Command::Sleep { until });
     Transition(State::backoff(
@@ -254,10 +318,12 @@ fn failed(
     failures: u32,
     reason: String,
 ) -> Outcome<State> {
-    let failures = failures + 1;
-    if failures >= ctx.input.policy.max_failures {
-        return Transition(State::tripped(format!("batch {batch}: {reason}"), failures));
-    }
+    let failures = match ctx.input.policy.circuit().count_failure(failures) {
+        Count::Open(failures) => {
+            return Transition(State::tripped(format!("batch {batch}: {reason}"), failures));
+        }
+        Count::Below(failures) => failures,
+    };
     // Re-send under a fresh key: the endpoint must not dedupe it against the bad attempt.
     let generation = generation + 1;
     let key = ctx.input.key(batch, generation);
@@ -265,14 +331,16 @@ fn failed(
     Transition(State::uploading(batch, 1, generation, failures, key))
 }
 
-fn next_batch(ctx: &mut Ctx<'_>, batch: u32) -> Outcome<State> {
+/// Start batch `batch` (with `failures` consecutive failed validations already counted:
+/// 0, or one short of the threshold for a half-open probe).
+fn next_batch(ctx: &mut Ctx<'_>, batch: u32, failures: u32) -> Outcome<State> {
     let n = ctx.input.batches.len() as u32;
     if batch >= n {
         return Transition(State::done(n, ctx.input.items()));
     }
     let key = ctx.input.key(batch, 0);
     ctx.commands.push(Command::Upload { batch, key });
-    Transition(State::uploading(batch, 1, 0, 0, key))
+    Transition(State::uploading(batch, 1, 0, failures, key))
 }
 
 #[state_machine(
@@ -290,8 +358,16 @@ impl EndpointSync {
             } => Transition(State::skipped("circuit open".into())),
             Event::Begin {
                 circuit_open: false,
+                probe,
                 ..
-            } => next_batch(context, 0),
+            } => {
+                let failures = if *probe {
+                    context.input.policy.circuit().probe_failures()
+                } else {
+                    0
+                };
+                next_batch(context, 0, failures)
+            }
             _ => Super,
         }
     }
@@ -382,7 +458,7 @@ impl EndpointSync {
         let (batch, attempt, generation, failures, key) =
             (*batch, *attempt, *generation, *failures, *key);
         match event {
-            Event::Verified => next_batch(context, batch + 1),
+            Event::Verified => next_batch(context, batch + 1, 0),
             Event::Mismatch { details } => failed(
                 context,
                 batch,
@@ -635,18 +711,57 @@ impl Machine for EndpointSync {
         }
     }
 
-    fn alert(input: &SyncInput, previous: &State, state: &State) -> Option<(String, Option<i64>)> {
-        match (previous, state) {
-            (State::Tripped { .. }, _) => None,
-            (_, State::Tripped { reason, failures }) => Some((
-                format!(
-                    "endpoint {} tripped after {failures} consecutive failed validation(s): {reason}",
-                    input.endpoint
-                ),
-                Some(input.policy.cooldown_ms as i64),
-            )),
-            _ => None,
+    fn notice(input: &SyncInput, previous: &State, event: &Event, state: &State) -> Notice {
+        let mut notice = Notice::default();
+        match (previous, event, state) {
+            (State::Tripped { .. }, _, _) => {}
+            (_, _, State::Tripped { reason, failures }) => {
+                notice.circuit = Some(CircuitChange::Open {
+                    failures: *failures,
+                    reason: reason.clone(),
+                    policy: input.policy.circuit(),
+                });
+            }
+            // The first batch verified: the endpoint works, so an open (half-open)
+            // circuit closes. Later batches need not say it again.
+            (State::Verifying { batch: 0, .. }, Event::Verified, _) => {
+                notice.circuit = Some(CircuitChange::Close);
+            }
+            _ => {}
         }
+        // Transient failures that outlasted max_attempts count as a failed validation.
+        if let (
+            Event::UploadFailed { error, .. } | Event::VerifyFailed { error, .. },
+            Some(before),
+            Some(after),
+        ) = (event, failures_of(previous), failures_of(state))
+            && after > before
+            && matches!(
+                error,
+                AdapterError::Transient(_) | AdapterError::RateLimited { .. }
+            )
+        {
+            notice.alerts.push(Alert {
+                kind: "retries_exhausted",
+                level: AlertLevel::Warn,
+                message: format!(
+                    "endpoint {}: {} attempts failed ({error}); counted as failed validation {after} of {}",
+                    input.endpoint, input.policy.max_attempts, input.policy.max_failures
+                ),
+            });
+        }
+        notice
+    }
+}
+
+/// Consecutive failed validations counted in `state`, where it counts them.
+fn failures_of(state: &State) -> Option<u32> {
+    match state {
+        State::Uploading { failures, .. }
+        | State::Verifying { failures, .. }
+        | State::Backoff { failures, .. }
+        | State::Tripped { failures, .. } => Some(*failures),
+        _ => None,
     }
 }
 

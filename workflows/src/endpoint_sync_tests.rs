@@ -27,6 +27,14 @@ fn receipt(id: &str) -> Receipt {
     Receipt { id: id.into() }
 }
 
+/// Entering `next` from `s` opens the endpoint's circuit.
+fn opens_circuit(inp: &SyncInput, s: &State, next: &State) -> bool {
+    matches!(
+        EndpointSync::notice(inp, s, &Event::TimerFired, next).circuit,
+        Some(CircuitChange::Open { .. })
+    )
+}
+
 fn uploading(inp: &SyncInput, batch: u32, attempt: u32, generation: u32, failures: u32) -> State {
     State::Uploading {
         batch,
@@ -113,10 +121,12 @@ fn all_events() -> Vec<Event> {
         Event::Begin {
             at_ms: AT,
             circuit_open: false,
+            probe: false,
         },
         Event::Begin {
             at_ms: AT,
             circuit_open: true,
+            probe: false,
         },
         Event::Uploaded {
             receipt: receipt("x"),
@@ -180,6 +190,7 @@ fn begin_with_open_circuit_skips() {
         Event::Begin {
             at_ms: AT,
             circuit_open: true,
+            probe: false,
         },
     );
     assert_eq!(
@@ -201,6 +212,7 @@ fn begin_with_no_batches_is_done_at_once() {
         Event::Begin {
             at_ms: AT,
             circuit_open: false,
+            probe: false,
         },
     );
     assert_eq!(
@@ -222,6 +234,7 @@ fn begin_uploads_batch_zero_under_generation_zero_key() {
         Event::Begin {
             at_ms: AT,
             circuit_open: false,
+            probe: false,
         },
     );
     let key = inp.key(0, 0);
@@ -486,7 +499,14 @@ fn rejected_upload_counts_a_failure_and_resends_under_a_new_key() {
         }
     );
     assert_eq!(t.commands, vec![Command::Upload { batch: 0, key }]);
-    assert!(EndpointSync::alert(&inp, &s, &t.state).is_none());
+    let ev = Event::UploadFailed {
+        at_ms: AT,
+        error: AdapterError::Rejected("bad sku".into()),
+    };
+    assert_eq!(
+        EndpointSync::notice(&inp, &s, &ev, &t.state),
+        Notice::default()
+    );
 }
 
 #[test]
@@ -528,14 +548,111 @@ fn third_consecutive_failure_trips_and_alerts() {
     );
     assert!(t.commands.is_empty());
     assert!(EndpointSync::is_terminal(&t.state));
-    let (message, cooldown) = EndpointSync::alert(&inp, &s, &t.state).expect("an alert");
-    assert!(
-        message.contains("ep-1") && message.contains('3'),
-        "{message}"
+    let ev = Event::UploadFailed {
+        at_ms: AT,
+        error: AdapterError::Rejected("no".into()),
+    };
+    // Tripping opens the circuit (the store records the circuit_opened alert with it).
+    let notice = EndpointSync::notice(&inp, &s, &ev, &t.state);
+    assert_eq!(
+        notice.circuit,
+        Some(CircuitChange::Open {
+            failures: 3,
+            reason: reason.clone(),
+            policy: inp.policy.circuit()
+        })
     );
-    assert_eq!(cooldown, Some(inp.policy.cooldown_ms as i64));
-    // Re-entering Tripped from Tripped does not alert twice.
-    assert!(EndpointSync::alert(&inp, &t.state, &t.state).is_none());
+    assert!(notice.alerts.is_empty(), "{notice:?}");
+    // Re-entering Tripped from Tripped does not open it twice.
+    assert_eq!(
+        EndpointSync::notice(&inp, &t.state, &ev, &t.state),
+        Notice::default()
+    );
+}
+
+#[test]
+fn a_half_open_probe_trips_on_its_first_failed_validation_and_closes_on_success() {
+    let inp = input(2);
+    let begin = Event::Begin {
+        at_ms: AT,
+        circuit_open: false,
+        probe: true,
+    };
+    let t = apply(&inp, &State::pending(), begin);
+    let key = inp.key(0, 0);
+    assert_eq!(t.state, uploading(&inp, 0, 1, 0, 2));
+    assert_eq!(t.commands, vec![Command::Upload { batch: 0, key }]);
+    // One rejection re-opens the circuit.
+    let ev = Event::UploadFailed {
+        at_ms: AT,
+        error: AdapterError::Rejected("still broken".into()),
+    };
+    let tripped = apply(&inp, &t.state, ev.clone());
+    assert!(
+        matches!(tripped.state, State::Tripped { failures: 3, .. }),
+        "{:?}",
+        tripped.state
+    );
+    assert!(matches!(
+        EndpointSync::notice(&inp, &t.state, &ev, &tripped.state).circuit,
+        Some(CircuitChange::Open { failures: 3, .. })
+    ));
+    // A verified first batch closes it, and the next batch starts from zero failures.
+    let up = apply(
+        &inp,
+        &t.state,
+        Event::Uploaded {
+            receipt: receipt("r"),
+        },
+    );
+    let next = apply(&inp, &up.state, Event::Verified);
+    assert_eq!(next.state, uploading(&inp, 1, 1, 0, 0));
+    assert_eq!(
+        EndpointSync::notice(&inp, &up.state, &Event::Verified, &next.state).circuit,
+        Some(CircuitChange::Close)
+    );
+    // Verifying a later batch says nothing more about the circuit.
+    let up2 = apply(
+        &inp,
+        &next.state,
+        Event::Uploaded {
+            receipt: receipt("r2"),
+        },
+    );
+    let done = apply(&inp, &up2.state, Event::Verified);
+    assert_eq!(
+        EndpointSync::notice(&inp, &up2.state, &Event::Verified, &done.state),
+        Notice::default()
+    );
+}
+
+#[test]
+fn exhausted_retries_raise_an_alert() {
+    let inp = input(2);
+    let max = inp.policy.max_attempts;
+    let s = uploading(&inp, 0, max, 0, 0);
+    let ev = Event::UploadFailed {
+        at_ms: AT,
+        error: AdapterError::Transient("503".into()),
+    };
+    let t = apply(&inp, &s, ev.clone());
+    assert!(
+        matches!(t.state, State::Backoff { failures: 1, .. }),
+        "{:?}",
+        t.state
+    );
+    let notice = EndpointSync::notice(&inp, &s, &ev, &t.state);
+    assert_eq!(notice.alerts.len(), 1, "{notice:?}");
+    assert_eq!(notice.alerts[0].kind, "retries_exhausted");
+    assert!(notice.alerts[0].message.contains("ep-1"), "{notice:?}");
+    // A retry below max_attempts is not an alert.
+    let s = uploading(&inp, 0, 1, 0, 0);
+    let t = apply(&inp, &s, ev.clone());
+    assert!(
+        EndpointSync::notice(&inp, &s, &ev, &t.state)
+            .alerts
+            .is_empty()
+    );
 }
 
 #[test]
@@ -563,7 +680,7 @@ fn auth_and_config_errors_trip_immediately() {
             assert_eq!(*failures, f0 + 1);
             assert!(reason.contains(&error.to_string()), "{reason}");
             assert!(t.commands.is_empty());
-            assert!(EndpointSync::alert(&inp, &s, &t.state).is_some());
+            assert!(opens_circuit(&inp, &s, &t.state));
         }
         // Verifying too.
         let s = verifying(&inp, 0, 1, 0, 0);
@@ -622,7 +739,7 @@ fn verified_last_batch_is_done_with_totals() {
     );
     assert!(t.commands.is_empty());
     assert!(EndpointSync::is_terminal(&t.state));
-    assert!(EndpointSync::alert(&inp, &s, &t.state).is_none());
+    assert!(!opens_circuit(&inp, &s, &t.state));
 }
 
 #[test]
@@ -654,7 +771,7 @@ fn mismatch_counts_a_failure_and_resends_under_a_new_key() {
     };
     assert_eq!(*failures, 3);
     assert!(reason.contains("verify: qty 3 != 4"), "{reason}");
-    assert!(EndpointSync::alert(&inp, &s, &t.state).is_some());
+    assert!(opens_circuit(&inp, &s, &t.state));
 }
 
 #[test]
@@ -786,7 +903,7 @@ fn cancel_from_every_non_terminal_state() {
         assert_eq!(t.state, State::Cancelled {}, "from {s:?}");
         assert!(t.commands.is_empty());
         assert!(EndpointSync::is_terminal(&t.state));
-        assert!(EndpointSync::alert(&inp, &s, &t.state).is_none());
+        assert!(!opens_circuit(&inp, &s, &t.state));
     }
 }
 
@@ -1002,6 +1119,7 @@ fn a_full_happy_run_folds_to_done() {
         Event::Begin {
             at_ms: AT,
             circuit_open: false,
+            probe: false,
         },
     );
     for b in 0..3u32 {

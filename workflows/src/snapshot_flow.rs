@@ -763,7 +763,7 @@ pub async fn run_snapshot(
             SnapshotState::Sealed { .. } => "finished",
             _ => "aborted",
         };
-        store.finish_run(run, status).await?;
+        store.finish_run(run, status, None).await?;
     }
     match state {
         SnapshotState::Sealed { counts, hash } => Ok(SnapshotReport {

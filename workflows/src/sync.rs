@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use bulwark_engine::{
-    Effects, Machine, NewWorkflow, RunId, RunOutcome, Runtime, Store, WorkflowCtx, now_ms,
+    Admission, AlertLevel, CircuitRow, Effects, Machine, NewAlert, NewWorkflow, RunId, RunOutcome,
+    Runtime, Store, WorkflowCtx, now_ms,
 };
 use serde::Serialize;
 use tokio::sync::{Mutex, Semaphore};
@@ -24,10 +25,12 @@ use crate::staging::{Staging, diff};
 pub struct SyncOptions {
     /// Items per batch.
     pub batch_size: u32,
-    /// Retry and circuit policy.
+    /// Retry and circuit policy (endpoints may override it: [`EndpointConfig::policy`]).
     pub policy: SyncPolicy,
     /// Most adapter calls in flight at once (across all endpoints).
     pub max_in_flight: usize,
+    /// Per-endpoint and per-host limits.
+    pub limits: Limits,
 }
 
 impl Default for SyncOptions {
@@ -36,7 +39,64 @@ impl Default for SyncOptions {
             batch_size: 500,
             policy: SyncPolicy::default(),
             max_in_flight: 64,
+            limits: Limits::default(),
         }
+    }
+}
+
+/// Concurrency and rate limits below the global cap. Many virtual endpoints often share
+/// one host: a host's limits bound all of them together.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// Adapter calls in flight per endpoint (1 keeps an endpoint's calls strictly ordered,
+    /// also across runs).
+    pub per_endpoint: usize,
+    /// Adapter calls in flight per host (`None`: only the global cap).
+    pub per_host: Option<usize>,
+    /// Adapter calls started per second per host (`None`: unlimited).
+    pub host_rate_per_sec: Option<u32>,
+    /// Overrides for named hosts (`host` or `host:port`, as in the endpoint's URL).
+    pub hosts: HashMap<String, HostLimits>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            per_endpoint: 1,
+            per_host: None,
+            host_rate_per_sec: None,
+            hosts: HashMap::new(),
+        }
+    }
+}
+
+/// Limits of one host.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct HostLimits {
+    /// Calls in flight (`None`: the default `per_host`).
+    pub max_in_flight: Option<usize>,
+    /// Calls started per second (`None`: the default `host_rate_per_sec`).
+    pub rate_per_sec: Option<u32>,
+}
+
+impl Limits {
+    /// Check that the limits can work; names the first impossible value.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.per_endpoint == 0 {
+            return Err("per_endpoint must be at least 1".into());
+        }
+        if self.per_host == Some(0) {
+            return Err("per_host must be at least 1".into());
+        }
+        if self.host_rate_per_sec == Some(0) {
+            return Err("host_rate_per_sec must be at least 1".into());
+        }
+        for (host, h) in &self.hosts {
+            if h.max_in_flight == Some(0) || h.rate_per_sec == Some(0) {
+                return Err(format!("host {host:?}: limits must be at least 1"));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -51,6 +111,8 @@ pub struct Plan {
     pub workflows: usize,
     /// Endpoints already showing the target snapshot.
     pub up_to_date: usize,
+    /// Endpoints left out because a sync of theirs is still running (one at a time).
+    pub busy: usize,
     /// Batches planned.
     pub batches: u64,
     /// Items planned.
@@ -152,23 +214,33 @@ pub async fn plan_run(
     if options.batch_size == 0 {
         return Err(SyncError::Config("batch_size must be at least 1".into()));
     }
-    if options.policy.max_failures == 0 || options.policy.max_attempts == 0 {
-        return Err(SyncError::Config(
-            "policy: max_failures and max_attempts must be at least 1".into(),
-        ));
-    }
+    options
+        .policy
+        .validate()
+        .map_err(|e| SyncError::Config(format!("policy: {e}")))?;
+    options
+        .limits
+        .validate()
+        .map_err(|e| SyncError::Config(format!("limits: {e}")))?;
     if !staging.is_sealed(snapshot).await? {
         return Err(SyncError::Config(format!(
             "snapshot {snapshot} is not sealed; sync runs read sealed snapshots only"
         )));
     }
     let confirmed = staging.confirmed_with_mapping().await?;
+    let busy = store.open_subjects(EndpointSync::KIND).await?;
     let mut plan = Plan {
         snapshot,
         ..Default::default()
     };
     let mut new = Vec::new();
     for ep in endpoints {
+        // One sync per endpoint at a time: its batches stay ordered, and a run enqueued
+        // while the previous one still works does not send the same batches again.
+        if busy.contains(&ep.id) {
+            plan.busy += 1;
+            continue;
+        }
         let mapping = EndpointMapping::from_settings(&ep.settings)?;
         // What the endpoint confirmed is a diff base only under the mapping it was sent
         // with; a changed mapping means a full send.
@@ -197,7 +269,15 @@ pub async fn plan_run(
             base,
             batch_size: options.batch_size,
             batches,
-            policy: options.policy.clone(),
+            policy: match &ep.policy {
+                Some(p) => {
+                    p.validate().map_err(|e| {
+                        SyncError::Config(format!("endpoint {:?}: policy: {e}", ep.id))
+                    })?;
+                    p.clone()
+                }
+                None => options.policy.clone(),
+            },
             mapping,
         };
         let state = EndpointSync::initial(&input);
@@ -232,31 +312,190 @@ pub struct EffectStats {
     pub probe_hits: AtomicU64,
 }
 
-/// Executes endpoint-sync commands with portal adapters.
+/// Executes endpoint-sync commands with portal adapters, under the circuits and limits.
 pub struct SyncEffects {
     adapters: HashMap<String, Arc<dyn PortalAdapter>>,
-    open_circuits: HashMap<String, i64>,
+    circuits: CircuitView,
     diffs: Arc<DiffCache>,
     in_flight: Semaphore,
+    gates: Gates,
     /// Call counters.
     pub stats: EffectStats,
 }
 
+/// The shared circuits, read through a short-lived cache: a run's thousands of Begin
+/// commands cost one query, and a circuit opened by another worker is seen within
+/// [`CircuitView::TTL`].
+struct CircuitView {
+    store: Arc<dyn Store>,
+    cache: Mutex<Option<(std::time::Instant, Arc<HashMap<String, CircuitRow>>)>>,
+}
+
+impl CircuitView {
+    const TTL: std::time::Duration = std::time::Duration::from_millis(500);
+
+    async fn admission(&self, endpoint: &str, now: i64) -> Admission {
+        let mut cache = self.cache.lock().await;
+        let fresh = cache.as_ref().filter(|(at, _)| at.elapsed() < Self::TTL);
+        let map = match fresh {
+            Some((_, map)) => map.clone(),
+            None => match self.store.circuits().await {
+                Ok(rows) => {
+                    let map: Arc<HashMap<String, CircuitRow>> =
+                        Arc::new(rows.into_iter().map(|c| (c.subject.clone(), c)).collect());
+                    *cache = Some((std::time::Instant::now(), map.clone()));
+                    map
+                }
+                Err(e) => {
+                    // Unknown circuit state: keep what we knew rather than guess closed.
+                    tracing::warn!(error = %e, "reading circuits failed");
+                    cache.as_ref().map(|(_, m)| m.clone()).unwrap_or_default()
+                }
+            },
+        };
+        map.get(endpoint)
+            .map_or(Admission::Closed, |c| c.admission(now))
+    }
+}
+
+/// Per-endpoint and per-host slots and per-host rate limiters. A call takes its
+/// endpoint's slot, then its host's slot and rate token, then a global slot: a slow
+/// endpoint holds only its own slots, and waiting on a busy host holds no global slot.
+struct Gates {
+    limits: Limits,
+    endpoint: std::sync::Mutex<HashMap<String, Arc<Semaphore>>>,
+    host_of: HashMap<String, String>,
+    host: HashMap<String, Arc<Semaphore>>,
+    rate: HashMap<String, Arc<governor::DefaultDirectRateLimiter>>,
+}
+
+impl Gates {
+    fn new(limits: Limits, hosts: HashMap<String, String>) -> Self {
+        let mut host = HashMap::new();
+        let mut rate = HashMap::new();
+        for h in hosts.values() {
+            let o = limits.hosts.get(h).copied().unwrap_or_default();
+            if let Some(n) = o.max_in_flight.or(limits.per_host) {
+                host.entry(h.clone())
+                    .or_insert_with(|| Arc::new(Semaphore::new(n.max(1))));
+            }
+            if let Some(r) = o.rate_per_sec.or(limits.host_rate_per_sec) {
+                let quota = governor::Quota::per_second(
+                    std::num::NonZeroU32::new(r.max(1)).expect("at least 1"),
+                )
+                .allow_burst(std::num::NonZeroU32::MIN);
+                rate.entry(h.clone())
+                    .or_insert_with(|| Arc::new(governor::RateLimiter::direct(quota)));
+            }
+        }
+        Self {
+            limits,
+            endpoint: std::sync::Mutex::default(),
+            host_of: hosts,
+            host,
+            rate,
+        }
+    }
+
+    /// Wait for the endpoint's and its host's slots and rate token.
+    async fn enter(
+        &self,
+        endpoint: &str,
+    ) -> (
+        Option<tokio::sync::OwnedSemaphorePermit>,
+        Option<tokio::sync::OwnedSemaphorePermit>,
+    ) {
+        let slot = self
+            .endpoint
+            .lock()
+            .expect("endpoint slots")
+            .entry(endpoint.to_string())
+            .or_insert_with(|| Arc::new(Semaphore::new(self.limits.per_endpoint.max(1))))
+            .clone();
+        let mine = slot.acquire_owned().await.ok();
+        let host = self.host_of.get(endpoint);
+        let theirs = match host.and_then(|h| self.host.get(h)) {
+            Some(s) => s.clone().acquire_owned().await.ok(),
+            None => None,
+        };
+        if let Some(r) = host.and_then(|h| self.rate.get(h)) {
+            r.until_ready().await;
+        }
+        (mine, theirs)
+    }
+}
+
+/// The host part (`host[:port]`) of an endpoint's `base_url`, or its `host` setting:
+/// what per-host limits group endpoints by.
+pub fn endpoint_host(ep: &EndpointConfig) -> Option<String> {
+    if let Some(h) = ep.settings.get("host") {
+        return Some(h.clone());
+    }
+    let url = ep.settings.get("base_url")?;
+    let rest = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    (!host.is_empty()).then(|| host.to_ascii_lowercase())
+}
+
 impl SyncEffects {
-    /// Effects over the given adapters (by endpoint id).
+    /// Effects over the given adapters (by endpoint id), reading circuits from `store`.
     pub fn new(
         adapters: HashMap<String, Arc<dyn PortalAdapter>>,
-        open_circuits: HashMap<String, i64>,
+        store: Arc<dyn Store>,
         diffs: Arc<DiffCache>,
         max_in_flight: usize,
     ) -> Self {
+        Self::with_limits(
+            adapters,
+            store,
+            diffs,
+            max_in_flight,
+            Limits::default(),
+            HashMap::new(),
+        )
+    }
+
+    /// Effects with per-endpoint and per-host limits; `hosts` maps endpoint ids to the
+    /// host they share limits with ([`endpoint_host`]).
+    pub fn with_limits(
+        adapters: HashMap<String, Arc<dyn PortalAdapter>>,
+        store: Arc<dyn Store>,
+        diffs: Arc<DiffCache>,
+        max_in_flight: usize,
+        limits: Limits,
+        hosts: HashMap<String, String>,
+    ) -> Self {
         Self {
             adapters,
-            open_circuits,
+            circuits: CircuitView {
+                store,
+                cache: Mutex::new(None),
+            },
             diffs,
             in_flight: Semaphore::new(max_in_flight.max(1)),
+            gates: Gates::new(limits, hosts),
             stats: EffectStats::default(),
         }
+    }
+
+    /// Run one adapter call under the endpoint's, its host's and the global limits, and
+    /// the policy's per-attempt timeout (a timeout is a transient failure).
+    async fn call<T>(
+        &self,
+        input: &SyncInput,
+        call: impl std::future::Future<Output = std::result::Result<T, AdapterError>>,
+    ) -> Option<std::result::Result<T, AdapterError>> {
+        let _gates = self.gates.enter(&input.endpoint).await;
+        let _global = self.in_flight.acquire().await.ok()?;
+        let limit = std::time::Duration::from_millis(input.policy.attempt_timeout_ms.max(1));
+        Some(match tokio::time::timeout(limit, call).await {
+            Ok(r) => r,
+            Err(_) => Err(AdapterError::Transient(format!(
+                "no answer within {} ms (attempt timeout)",
+                limit.as_millis()
+            ))),
+        })
     }
 
     async fn batch(
@@ -306,13 +545,11 @@ impl Effects<EndpointSync> for SyncEffects {
         match command {
             Command::Begin => {
                 let at_ms = now_ms();
-                let circuit_open = self
-                    .open_circuits
-                    .get(&input.endpoint)
-                    .is_some_and(|until| *until > at_ms);
+                let admission = self.circuits.admission(&input.endpoint, at_ms).await;
                 Some(Event::Begin {
                     at_ms,
-                    circuit_open,
+                    circuit_open: matches!(admission, Admission::Open { .. }),
+                    probe: admission == Admission::HalfOpen,
                 })
             }
             Command::Sleep { until } => {
@@ -330,9 +567,9 @@ impl Effects<EndpointSync> for SyncEffects {
                         return None;
                     }
                 };
-                let _permit = self.in_flight.acquire().await.ok()?;
+                let result = self.call(input, adapter.upload(&b)).await?;
                 self.stats.uploads.fetch_add(1, Ordering::Relaxed);
-                Some(match adapter.upload(&b).await {
+                Some(match result {
                     Ok(receipt) => Event::Uploaded { receipt },
                     Err(error) => Event::UploadFailed {
                         at_ms: now_ms(),
@@ -341,9 +578,11 @@ impl Effects<EndpointSync> for SyncEffects {
                 })
             }
             Command::Probe { key, .. } => {
-                let _permit = self.in_flight.acquire().await.ok()?;
+                let result = self
+                    .call(input, adapter.probe(&input.endpoint, key))
+                    .await?;
                 self.stats.probes.fetch_add(1, Ordering::Relaxed);
-                Some(match adapter.probe(&input.endpoint, key).await {
+                Some(match result {
                     Ok(found) => {
                         if found.is_some() {
                             self.stats.probe_hits.fetch_add(1, Ordering::Relaxed);
@@ -368,9 +607,9 @@ impl Effects<EndpointSync> for SyncEffects {
                         return None;
                     }
                 };
-                let _permit = self.in_flight.acquire().await.ok()?;
+                let result = self.call(input, adapter.verify(&b, &receipt)).await?;
                 self.stats.verifies.fetch_add(1, Ordering::Relaxed);
-                Some(match adapter.verify(&b, &receipt).await {
+                Some(match result {
                     Ok(Verification::Verified) => Event::Verified,
                     Ok(Verification::Mismatch { details }) => Event::Mismatch { details },
                     Err(error) => Event::VerifyFailed {
@@ -442,6 +681,31 @@ pub async fn finalize(store: &dyn Store, staging: &Staging, run: RunId) -> Resul
         confirmed.push((input.endpoint, input.snapshot, key));
     }
     staging.confirm(run, &confirmed).await?;
-    store.finish_run(run, "finished").await?;
+    let tripped: Vec<&str> = rows
+        .iter()
+        .filter(|w| w.status == "Tripped")
+        .map(|w| w.subject.as_str())
+        .collect();
+    let alert = (!tripped.is_empty()).then(|| {
+        let shown: Vec<&str> = tripped.iter().copied().take(10).collect();
+        let more = tripped.len().saturating_sub(shown.len());
+        NewAlert {
+            kind: "run_tripped".into(),
+            level: AlertLevel::Warn,
+            subject: format!("run:{run}"),
+            message: format!(
+                "run {run} finished with {} of {} endpoint(s) tripped: {}{}",
+                tripped.len(),
+                rows.len(),
+                shown.join(", "),
+                if more > 0 {
+                    format!(" and {more} more")
+                } else {
+                    String::new()
+                }
+            ),
+        }
+    });
+    store.finish_run(run, "finished", alert).await?;
     Ok(true)
 }

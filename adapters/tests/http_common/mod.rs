@@ -92,6 +92,7 @@ pub fn endpoint(
         settings.insert((*k).to_owned(), (*v).to_owned());
     }
     EndpointConfig {
+        policy: None,
         id: id.into(),
         adapter: http::ADAPTER_NAME.into(),
         settings,
@@ -101,6 +102,7 @@ pub fn endpoint(
 /// Sync options with fast retries.
 pub fn options(batch_size: u32) -> SyncOptions {
     SyncOptions {
+        limits: Default::default(),
         batch_size,
         policy: SyncPolicy {
             backoff_base_ms: 10,
