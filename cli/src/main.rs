@@ -150,6 +150,27 @@ enum Command {
         #[arg(long)]
         wait: bool,
     },
+    /// Resume and finish what a crash or stop left unfinished (replaying each endpoint
+    /// sync from its journal, verifying before any re-send), without starting a new run.
+    Replay {
+        #[command(flatten)]
+        db: DbArg,
+        #[command(flatten)]
+        endpoints: EndpointArgs,
+        #[command(flatten)]
+        sync: SyncArgs,
+    },
+    /// Cancel a sync run: its unfinished endpoint syncs end Cancelled (a worker driving
+    /// one drops it), what finished stays confirmed.
+    Cancel {
+        /// The run id.
+        run: i64,
+        #[command(flatten)]
+        db: DbArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Work on a shared database until SIGTERM/SIGINT: claim endpoint syncs of any run,
     /// keep their leases alive, drive them, finalize runs.
     Worker(worker::WorkerArgs),
@@ -343,6 +364,50 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             progress::print_summary(&report);
             app.close().await;
             if !report.refused.is_empty() || report.unfinished > 0 {
+                return Ok(ExitCode::from(1));
+            }
+        }
+        Command::Replay {
+            db,
+            endpoints,
+            sync,
+        } => {
+            let setup = setup(&db, &endpoints, &sync).await?;
+            let mut app = Bulwark::open(&setup.db, setup.registry).await?;
+            let bar = progress::Progress::new();
+            let report = app
+                .replay(&setup.endpoints, &setup.options, Some(bar.clone()))
+                .await;
+            bar.finish();
+            let report = report?;
+            if report.workflows == 0 {
+                println!("nothing to replay: no unfinished endpoint sync");
+            } else {
+                progress::print_summary(&report);
+            }
+            app.close().await;
+            if !report.refused.is_empty() || report.unfinished > 0 {
+                return Ok(ExitCode::from(1));
+            }
+        }
+        Command::Cancel { run, db, json } => {
+            let mut app = Bulwark::open(&db.db, bulwark_adapters::default_registry()).await?;
+            let r = app.cancel(run).await;
+            app.close().await;
+            let r = r?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "run {run}: {} endpoint sync(s) cancelled{}",
+                    r.cancelled,
+                    if r.finished { "; run cancelled" } else { "" }
+                );
+                for (w, why) in &r.refused {
+                    println!("  workflow {w} not cancelled: {why}");
+                }
+            }
+            if !r.finished {
                 return Ok(ExitCode::from(1));
             }
         }

@@ -185,6 +185,109 @@ impl<M: Machine> Runtime<M> {
     }
 }
 
+impl<M: Machine> Runtime<M> {
+    /// Feed `event` (e.g. an operator's cancel) to every unfinished workflow of `run`:
+    /// claim them (fencing off any worker that holds them, which then drops them), replay
+    /// each from its journal, apply the event and journal the result. Workflows that
+    /// refuse the event are left as they are and reported. Returns how many took it.
+    pub async fn signal_run(
+        &self,
+        run: RunId,
+        event: M::Event,
+    ) -> Result<(usize, Vec<(WorkflowId, String)>)> {
+        let claimed = self
+            .store
+            .claim(&crate::store::ClaimRequest {
+                owner: self.config.worker.clone(),
+                kind: M::KIND.to_string(),
+                run: Some(run),
+                lease_ms: self.config.lease_ms,
+                limit: None,
+            })
+            .await?;
+        let worker: Arc<str> = Arc::from(self.config.worker.as_str());
+        let event_json = serde_json::to_string(&event).map_err(|source| EngineError::Json {
+            what: "event".into(),
+            source,
+        })?;
+        let (mut taken, mut refused) = (0, Vec::new());
+        let mut held = Vec::new();
+        for w in claimed {
+            held.push((w.id, w.epoch));
+            let row = WorkflowRow {
+                id: w.id,
+                run_id: w.run_id,
+                kind: M::KIND.to_string(),
+                subject: w.subject.clone(),
+                input_json: w.input_json,
+                status: String::new(),
+                state_json: w.state_json,
+                seq: w.seq,
+                epoch: w.epoch,
+                terminal: false,
+            };
+            let input: M::Input = match serde_json::from_str(&row.input_json) {
+                Ok(i) => i,
+                Err(e) => {
+                    refused.push((w.id, format!("input does not decode: {e}")));
+                    continue;
+                }
+            };
+            let state = match audit::replay::<M>(self.store.as_ref(), &row).await {
+                Ok(s) => s,
+                Err(e) => {
+                    refused.push((w.id, e.to_string()));
+                    continue;
+                }
+            };
+            let next = match M::apply(&input, &state, &event) {
+                Ok(t) => t,
+                Err(e) => {
+                    refused.push((w.id, e.to_string()));
+                    continue;
+                }
+            };
+            let notice = M::notice(&input, &state, &event, &next.state);
+            let append = Append {
+                workflow: w.id,
+                seq: w.seq + 1,
+                epoch: w.epoch,
+                worker: worker.clone(),
+                event_json: event_json.clone(),
+                state_json: serde_json::to_string(&next.state).map_err(|source| {
+                    EngineError::Json {
+                        what: "state".into(),
+                        source,
+                    }
+                })?,
+                status: M::status(&next.state),
+                terminal: M::is_terminal(&next.state),
+                wake_at: M::wake_at(&next.state),
+                alerts: notice
+                    .alerts
+                    .into_iter()
+                    .map(|a| NewAlert {
+                        kind: a.kind.to_string(),
+                        level: a.level,
+                        subject: w.subject.clone(),
+                        message: a.message,
+                    })
+                    .collect(),
+                circuit: notice.circuit.map(|change| CircuitWrite {
+                    subject: w.subject.clone(),
+                    change,
+                }),
+            };
+            match self.journal.append(append).await? {
+                AppendOutcome::Committed => taken += 1,
+                AppendOutcome::Fenced => refused.push((w.id, "fenced by another claim".into())),
+            }
+        }
+        self.store.release(&self.config.worker, &held).await?;
+        Ok((taken, refused))
+    }
+}
+
 /// Settings of a long-running worker ([`Runtime::work`]).
 #[derive(Debug, Clone)]
 pub struct WorkOptions {

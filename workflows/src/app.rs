@@ -68,6 +68,19 @@ impl SyncReport {
     }
 }
 
+/// What [`Bulwark::cancel`] did.
+#[derive(Debug, Clone, Serialize)]
+pub struct CancelReport {
+    /// The run.
+    pub run: i64,
+    /// Endpoint syncs cancelled.
+    pub cancelled: usize,
+    /// Endpoint syncs that could not be cancelled (corrupt journal …), with reasons.
+    pub refused: Vec<(i64, String)>,
+    /// The run is now marked cancelled (false if some sync could not be cancelled).
+    pub finished: bool,
+}
+
 /// One audit's result.
 #[derive(Debug, Clone, Serialize)]
 pub struct AuditReport {
@@ -195,6 +208,67 @@ impl Bulwark {
         options: &SyncOptions,
         progress: Option<Arc<dyn SyncProgress>>,
     ) -> Result<SyncReport> {
+        self.drive(endpoints, options, progress, true).await
+    }
+
+    /// Resume every unfinished sync (replaying it from the journal) and finish it, without
+    /// starting a new run: what a crash or stop left behind, and nothing else.
+    pub async fn replay(
+        &mut self,
+        endpoints: &[EndpointConfig],
+        options: &SyncOptions,
+        progress: Option<Arc<dyn SyncProgress>>,
+    ) -> Result<SyncReport> {
+        self.drive(endpoints, options, progress, false).await
+    }
+
+    /// Cancel sync run `run`: every unfinished endpoint sync of it takes the operator's
+    /// `Cancel` (a worker driving one is fenced off and drops it), what did finish is
+    /// confirmed, and the run is marked `cancelled`.
+    pub async fn cancel(&mut self, run: i64) -> Result<CancelReport> {
+        let Some(r) = self.store.runs().await?.into_iter().find(|r| r.id == run) else {
+            return Err(crate::error::SyncError::Config(format!("no run {run}")));
+        };
+        if r.kind != "sync" {
+            return Err(crate::error::SyncError::Config(format!(
+                "run {run} is a {} run; only sync runs can be cancelled",
+                r.kind
+            )));
+        }
+        if r.status != "running" {
+            return Err(crate::error::SyncError::Config(format!(
+                "run {run} is already {}",
+                r.status
+            )));
+        }
+        let runtime = Runtime::<EndpointSync>::new(
+            self.store.clone(),
+            self.journal(),
+            RuntimeConfig {
+                worker: format!("{}.cancel", self.worker),
+                ..RuntimeConfig::default()
+            },
+        );
+        let (cancelled, refused) = runtime
+            .signal_run(run, crate::endpoint_sync::Event::Cancel)
+            .await?;
+        let finished =
+            crate::sync::finalize_as(self.store.as_ref(), &self.staging, run, "cancelled").await?;
+        Ok(CancelReport {
+            run,
+            cancelled,
+            refused,
+            finished,
+        })
+    }
+
+    async fn drive(
+        &mut self,
+        endpoints: &[EndpointConfig],
+        options: &SyncOptions,
+        progress: Option<Arc<dyn SyncProgress>>,
+        plan_new: bool,
+    ) -> Result<SyncReport> {
         let started = Instant::now();
         let (_lock, diffs, effects) = self.prepare(endpoints, options).await?;
         // A fresh identity per call: a sync resumes everything a previous one left,
@@ -249,6 +323,9 @@ impl Bulwark {
         }
 
         // 2. A new run towards the newest sealed snapshot.
+        if !plan_new {
+            return Ok(self.finish_report(report, &effects, started));
+        }
         if let Some(snap) = self.staging.latest_sealed().await? {
             let plan = plan_run(
                 self.store.as_ref(),

@@ -668,6 +668,16 @@ pub async fn execute(
 /// If every workflow of `run` is terminal: record what each Done endpoint now shows and
 /// mark the run finished. Idempotent; returns whether the run is finished.
 pub async fn finalize(store: &dyn Store, staging: &Staging, run: RunId) -> Result<bool> {
+    finalize_as(store, staging, run, "finished").await
+}
+
+/// [`finalize`], marking the run `status` (`finished` or `cancelled`).
+pub async fn finalize_as(
+    store: &dyn Store,
+    staging: &Staging,
+    run: RunId,
+    status: &str,
+) -> Result<bool> {
     let rows = store.workflows(Some(run), Some(EndpointSync::KIND)).await?;
     if rows.iter().any(|w| !w.terminal) {
         return Ok(false);
@@ -706,6 +716,124 @@ pub async fn finalize(store: &dyn Store, staging: &Staging, run: RunId) -> Resul
             ),
         }
     });
-    store.finish_run(run, "finished", alert).await?;
+    store.finish_run(run, status, alert).await?;
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    fn ep(id: &str, url: &str) -> EndpointConfig {
+        EndpointConfig {
+            id: id.into(),
+            adapter: "rest".into(),
+            settings: [("base_url".to_string(), url.to_string())].into(),
+            policy: None,
+        }
+    }
+
+    #[test]
+    fn endpoints_are_grouped_by_the_host_of_their_url() {
+        assert_eq!(
+            endpoint_host(&ep("a", "https://user@Portal.Example:8443/ep/a?x=1")).as_deref(),
+            Some("portal.example:8443")
+        );
+        assert_eq!(
+            endpoint_host(&ep("b", "http://10.0.0.1/x")).as_deref(),
+            Some("10.0.0.1")
+        );
+        let mut named = ep("c", "http://h/");
+        named.settings.insert("host".into(), "group-1".into());
+        assert_eq!(endpoint_host(&named).as_deref(), Some("group-1"));
+    }
+
+    /// Run `calls` calls of 30 ms through `gates`, each for `endpoint(i)`; returns the
+    /// most that were inside at once per key of `group(i)`, and the elapsed time.
+    async fn exercise(
+        gates: Arc<Gates>,
+        calls: usize,
+        endpoint: fn(usize) -> String,
+    ) -> (usize, Duration) {
+        let inside = Arc::new(AtomicUsize::new(0));
+        let peak = Arc::new(AtomicUsize::new(0));
+        let start = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..calls {
+            let (gates, inside, peak) = (gates.clone(), inside.clone(), peak.clone());
+            tasks.spawn(async move {
+                let _held = gates.enter(&endpoint(i)).await;
+                let now = inside.fetch_add(1, Ordering::SeqCst) + 1;
+                peak.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                inside.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+        (peak.load(Ordering::SeqCst), start.elapsed())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn per_endpoint_and_per_host_limits_bound_concurrency() {
+        let hosts: HashMap<String, String> = (0..10)
+            .map(|i| (format!("e{i}"), "h".to_string()))
+            .collect();
+        // One endpoint, default limits: its calls run one at a time.
+        let gates = Arc::new(Gates::new(Limits::default(), hosts.clone()));
+        let (peak, _) = exercise(gates, 6, |_| "e0".into()).await;
+        assert_eq!(peak, 1);
+        // Ten endpoints on one host capped at 3.
+        let limits = Limits {
+            per_host: Some(3),
+            ..Limits::default()
+        };
+        let gates = Arc::new(Gates::new(limits, hosts.clone()));
+        let (peak, _) = exercise(gates, 30, |i| format!("e{}", i % 10)).await;
+        assert_eq!(peak, 3);
+        // A host's own override wins over the default.
+        let limits = Limits {
+            per_host: Some(3),
+            hosts: [(
+                "h".to_string(),
+                HostLimits {
+                    max_in_flight: Some(5),
+                    rate_per_sec: None,
+                },
+            )]
+            .into(),
+            ..Limits::default()
+        };
+        let gates = Arc::new(Gates::new(limits, hosts));
+        let (peak, _) = exercise(gates, 30, |i| format!("e{}", i % 10)).await;
+        assert_eq!(peak, 5);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_host_rate_limit_spaces_calls_out() {
+        let hosts: HashMap<String, String> = (0..10)
+            .map(|i| (format!("e{i}"), "h".to_string()))
+            .collect();
+        let limits = Limits {
+            host_rate_per_sec: Some(20),
+            ..Limits::default()
+        };
+        let gates = Arc::new(Gates::new(limits, hosts));
+        // 11 calls at 20/s with no burst: the last starts no sooner than 10 × 50 ms.
+        let (_, took) = exercise(gates, 11, |i| format!("e{}", i % 10)).await;
+        assert!(took >= Duration::from_millis(480), "{took:?}");
+        // An endpoint on no limited host is not slowed.
+        let gates = Arc::new(Gates::new(
+            Limits {
+                host_rate_per_sec: Some(1),
+                ..Limits::default()
+            },
+            HashMap::new(),
+        ));
+        let (peak, took) = exercise(gates, 10, |i| format!("x{i}")).await;
+        assert_eq!(peak, 10);
+        assert!(took < Duration::from_millis(1_000), "{took:?}");
+    }
 }

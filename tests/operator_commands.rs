@@ -1,0 +1,210 @@
+//! `bulwark replay` and `bulwark cancel` with the real binary: a sync killed mid-run is
+//! finished by `replay` without starting a new run; another killed mid-run is cancelled,
+//! keeps what it confirmed, and the next sync sends the rest.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use bulwark_adapters::simulator::{self, SimConfig};
+use bulwark_engine::Backend;
+use bulwark_tests::{KillOnDrop, bulwark, run_ok};
+
+/// Start `bulwark sync` against the simulator and SIGKILL it once some endpoint syncs
+/// are done and some are not.
+async fn sync_then_kill(db: &std::path::Path, portal: &str) {
+    let mut child = KillOnDrop(
+        bulwark()
+            .args([
+                "sync",
+                "--endpoints",
+                "12",
+                "--batch-size",
+                "50",
+                "--max-in-flight",
+                "2",
+                "--portal-url",
+                portal,
+                "--db",
+            ])
+            .arg(db)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let start = Instant::now();
+    loop {
+        if let Ok(backend) = Backend::open(&db.display().to_string()).await {
+            let counts = backend
+                .store()
+                .status_counts(None)
+                .await
+                .unwrap_or_default();
+            backend.close().await;
+            let done: i64 = counts
+                .iter()
+                .filter(|(s, _)| s == "Done")
+                .map(|(_, n)| n)
+                .sum();
+            let total: i64 = counts.iter().map(|(_, n)| n).sum();
+            if done >= 2 && done < total {
+                break;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the sync never got going"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_finishes_a_killed_run_and_cancel_ends_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let legacy = dir.path().join("legacy.db");
+    run_ok(
+        bulwark()
+            .args(["generate-legacy", "--skus", "300", "--path"])
+            .arg(&legacy),
+    );
+    // Every request takes 40 ms: a sync of 12 endpoints lasts long enough to kill.
+    let sim = simulator::start(
+        SimConfig {
+            latency_ms: 40,
+            ..Default::default()
+        },
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    let portal = format!("http://{}", sim.addr());
+
+    // replay: finishes the killed run, starts none.
+    let db = dir.path().join("replay.db");
+    run_ok(
+        bulwark()
+            .args(["snapshot", "--legacy"])
+            .arg(&legacy)
+            .arg("--db")
+            .arg(&db),
+    );
+    sync_then_kill(&db, &portal).await;
+    let out = run_ok(
+        bulwark()
+            .args([
+                "replay",
+                "--endpoints",
+                "12",
+                "--batch-size",
+                "50",
+                "--portal-url",
+                &portal,
+                "--db",
+            ])
+            .arg(&db),
+    );
+    assert!(out.contains("12 done") || out.contains("done"), "{out}");
+    let runs: serde_json::Value =
+        serde_json::from_str(&run_ok(bulwark().args(["runs", "--json", "--db"]).arg(&db))).unwrap();
+    let runs = runs.as_array().unwrap();
+    assert_eq!(
+        runs.len(),
+        2,
+        "the snapshot's run and the one sync run: {runs:?}"
+    );
+    let sync_run = runs.iter().find(|r| r["kind"] == "sync").unwrap();
+    assert_eq!(sync_run["status"], "finished", "{runs:?}");
+    assert_eq!(sync_run["states"]["Done"], 12, "{runs:?}");
+    let again = run_ok(
+        bulwark()
+            .args([
+                "replay",
+                "--endpoints",
+                "12",
+                "--portal-url",
+                &portal,
+                "--db",
+            ])
+            .arg(&db),
+    );
+    assert!(again.contains("nothing to replay"), "{again}");
+    assert!(run_ok(bulwark().args(["audit", "--db"]).arg(&db)).contains(": 0 finding(s)"));
+
+    // cancel: the killed run ends cancelled; what finished stays confirmed.
+    let db = dir.path().join("cancel.db");
+    run_ok(
+        bulwark()
+            .args(["snapshot", "--legacy"])
+            .arg(&legacy)
+            .arg("--db")
+            .arg(&db),
+    );
+    sync_then_kill(&db, &portal).await;
+    let backend = Backend::open(&db.display().to_string()).await.unwrap();
+    let store = backend.store();
+    let run = store
+        .runs()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|r| r.kind == "sync")
+        .unwrap()
+        .id;
+    let done_before = store
+        .workflows(Some(run), None)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|w| w.status == "Done")
+        .count();
+    backend.close().await;
+    let out = run_ok(
+        bulwark()
+            .args(["cancel", &run.to_string(), "--json", "--db"])
+            .arg(&db),
+    );
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["finished"], true, "{out}");
+    assert_eq!(
+        r["cancelled"].as_u64().unwrap() as usize,
+        12 - done_before,
+        "{out}"
+    );
+    let shown = run_ok(bulwark().args(["run", &run.to_string(), "--db"]).arg(&db));
+    assert!(
+        shown.contains("cancelled") && shown.contains("Cancelled="),
+        "{shown}"
+    );
+    // Cancelling again is refused, naming the run.
+    let out = bulwark()
+        .args(["cancel", &run.to_string(), "--db"])
+        .arg(&db)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already cancelled"));
+    // The next sync sends only what the cancelled run did not confirm.
+    let next = run_ok(
+        bulwark()
+            .args([
+                "sync",
+                "--endpoints",
+                "12",
+                "--batch-size",
+                "50",
+                "--portal-url",
+                &portal,
+                "--db",
+            ])
+            .arg(&db),
+    );
+    assert!(
+        next.contains(&format!("{} done", 12 - done_before)),
+        "{next}"
+    );
+    assert!(run_ok(bulwark().args(["audit", "--db"]).arg(&db)).contains(": 0 finding(s)"));
+    sim.shutdown().await.unwrap();
+}
