@@ -6,6 +6,7 @@ mod config;
 mod demo;
 mod ops;
 mod progress;
+mod serve;
 mod snapshot_cmd;
 mod webui_cmd;
 mod worker;
@@ -226,6 +227,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A live web dashboard (runs, endpoints, circuits, alerts, snapshots) and Prometheus
+    /// `/metrics`, on 127.0.0.1 by default; a token is required anywhere else.
+    Serve(serve::ServeArgs),
     /// Workload W1: engine overhead against an in-process sink.
     Bench(bench::BenchArgs),
 }
@@ -479,6 +483,7 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             }
         }
         Command::Bench(args) => bench::run(args).await?,
+        Command::Serve(args) => serve::run(args).await?,
         Command::SimulateWebui(args) => webui_cmd::run(args).await?,
         Command::Worker(args) => return worker::run(args).await,
     }

@@ -66,12 +66,12 @@ pub(crate) enum Ops {
 }
 
 #[derive(Debug, Serialize)]
-struct EndpointLine {
-    endpoint: String,
-    run: i64,
-    workflow: i64,
-    state: String,
-    detail: String,
+pub(crate) struct EndpointLine {
+    pub(crate) endpoint: String,
+    pub(crate) run: i64,
+    pub(crate) workflow: i64,
+    pub(crate) state: String,
+    pub(crate) detail: String,
 }
 
 fn detail(w: &WorkflowRow) -> String {
@@ -112,7 +112,7 @@ async fn open(db: &DbArg) -> Result<Bulwark> {
 }
 
 /// Latest endpoint-sync workflow per endpoint.
-async fn latest(store: &dyn Store) -> Result<BTreeMap<String, WorkflowRow>> {
+pub(crate) async fn latest(store: &dyn Store) -> Result<BTreeMap<String, WorkflowRow>> {
     let mut by: BTreeMap<String, WorkflowRow> = BTreeMap::new();
     for w in store.workflows(None, Some("endpoint_sync")).await? {
         if by.get(&w.subject).is_none_or(|old| old.id < w.id) {
@@ -122,7 +122,7 @@ async fn latest(store: &dyn Store) -> Result<BTreeMap<String, WorkflowRow>> {
     Ok(by)
 }
 
-fn line(w: &WorkflowRow) -> EndpointLine {
+pub(crate) fn line(w: &WorkflowRow) -> EndpointLine {
     EndpointLine {
         endpoint: w.subject.clone(),
         run: w.run_id,

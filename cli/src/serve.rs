@@ -1,0 +1,458 @@
+//! `bulwark serve`: a live web dashboard and Prometheus metrics over Bulwark's database.
+//!
+//! Bound to 127.0.0.1 by default. Bound anywhere else it refuses to start without a
+//! token, and then every request must carry it (`Authorization: Bearer TOKEN`, or
+//! `?token=TOKEN` for the page itself). The page is one embedded HTML file (no build
+//! step) that polls the JSON API every second.
+//!
+//! Routes: `/` (dashboard), `/api/overview` (runs with progress, snapshots, circuits,
+//! alerts), `/api/endpoints?state=S&q=TEXT`, `/api/endpoint/{id}` (runs, journal
+//! timeline, circuit), `/metrics` (Prometheus text format).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use bulwark_engine::now_ms;
+use bulwark_workflows::app::Bulwark;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::DbArg;
+use crate::ops::{latest, line};
+
+/// Options of `bulwark serve`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ServeArgs {
+    #[command(flatten)]
+    db: DbArg,
+    /// Address to listen on. Anything but loopback requires a token.
+    #[arg(long, default_value = "127.0.0.1:8800")]
+    listen: SocketAddr,
+    /// Environment variable holding the access token (required off loopback).
+    #[arg(long, default_value = "BULWARK_SERVE_TOKEN")]
+    token_env: String,
+}
+
+struct Ctx {
+    app: Bulwark,
+    token: Option<String>,
+}
+
+type Shared = Arc<Ctx>;
+
+/// The dashboard's router over `app` (`token`: required on every request if set).
+pub(crate) fn router(app: Bulwark, token: Option<String>) -> Router {
+    let ctx: Shared = Arc::new(Ctx { app, token });
+    Router::new()
+        .route("/", get(page))
+        .route("/api/overview", get(overview))
+        .route("/api/endpoints", get(endpoints))
+        .route("/api/endpoint/{id}", get(endpoint))
+        .route("/metrics", get(metrics))
+        .layer(axum::middleware::from_fn_with_state(ctx.clone(), guard))
+        .with_state(ctx)
+}
+
+pub(crate) async fn run(args: ServeArgs) -> Result<()> {
+    let token = std::env::var(&args.token_env)
+        .ok()
+        .filter(|t| !t.is_empty());
+    if !args.listen.ip().is_loopback() && token.is_none() {
+        bail!(
+            "refusing to serve on {} without a token: set {} (or bind to 127.0.0.1)",
+            args.listen,
+            args.token_env
+        );
+    }
+    let app = Bulwark::open(&args.db.db, bulwark_adapters::default_registry()).await?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    eprintln!(
+        "dashboard on http://{}/ ({}; metrics at /metrics)",
+        listener.local_addr()?,
+        if token.is_some() {
+            "token required"
+        } else {
+            "loopback only"
+        }
+    );
+    axum::serve(listener, router(app, token))
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    Ok(())
+}
+
+/// Refuse requests without the token (when one is set). Compared in constant time.
+async fn guard(State(ctx): State<Shared>, req: Request, next: Next) -> Response {
+    let Some(want) = &ctx.token else {
+        return next.run(req).await;
+    };
+    let header_token = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let query_token = req
+        .uri()
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token=")));
+    let given = header_token.or(query_token).unwrap_or("");
+    let same = given.len() == want.len()
+        && given
+            .bytes()
+            .zip(want.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if same {
+        next.run(req).await
+    } else {
+        (StatusCode::UNAUTHORIZED, "a valid token is required\n").into_response()
+    }
+}
+
+fn fail(e: impl std::fmt::Display) -> Response {
+    (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        Json(json!({ "error": e.to_string() })),
+    )
+        .into_response()
+}
+
+async fn page() -> Html<&'static str> {
+    Html(include_str!("dashboard.html"))
+}
+
+async fn overview(State(ctx): State<Shared>) -> Response {
+    let store = ctx.app.store();
+    let result = async {
+        let status = ctx.app.status().await?;
+        let now = now_ms();
+        let circuits: Vec<_> = store
+            .circuits()
+            .await?
+            .into_iter()
+            .map(|c| {
+                json!({
+                    "subject": c.subject, "state": c.state_name(now), "failures": c.failures,
+                    "opens": c.opens, "opened_at": c.opened_at, "retry_at": c.retry_at,
+                    "reason": c.reason,
+                })
+            })
+            .collect();
+        let runs: Vec<_> = status
+            .runs
+            .iter()
+            .map(|r| {
+                let total: i64 = r.states.values().sum();
+                let finished: i64 = r
+                    .states
+                    .iter()
+                    .filter(|(s, _)| {
+                        matches!(
+                            s.as_str(),
+                            "Done" | "Tripped" | "Skipped" | "Cancelled" | "Sealed" | "Aborted"
+                        )
+                    })
+                    .map(|(_, n)| n)
+                    .sum();
+                json!({
+                    "id": r.id, "kind": r.kind, "status": r.status, "created_at": r.created_at,
+                    "finished_at": r.finished_at, "states": r.states, "total": total,
+                    "finished": finished,
+                })
+            })
+            .collect();
+        let snapshots = ctx.app.staging().snapshots().await?;
+        anyhow::Ok(json!({
+            "now": now,
+            "runs": runs,
+            "snapshots": snapshots,
+            "circuits": circuits,
+            "alerts": store.alerts(50).await?,
+            "journal_rows": status.journal_rows,
+        }))
+    }
+    .await;
+    match result {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => fail(e),
+    }
+}
+
+#[derive(Deserialize)]
+struct EndpointFilter {
+    state: Option<String>,
+    q: Option<String>,
+}
+
+async fn endpoints(State(ctx): State<Shared>, Query(f): Query<EndpointFilter>) -> Response {
+    let store = ctx.app.store();
+    match latest(store.as_ref()).await {
+        Ok(by) => {
+            let q = f.q.as_deref().unwrap_or("").to_lowercase();
+            let lines: Vec<_> = by
+                .values()
+                .filter(|w| {
+                    f.state
+                        .as_deref()
+                        .is_none_or(|s| s.is_empty() || w.status.eq_ignore_ascii_case(s))
+                })
+                .filter(|w| q.is_empty() || w.subject.to_lowercase().contains(&q))
+                .map(line)
+                .collect();
+            Json(lines).into_response()
+        }
+        Err(e) => fail(e),
+    }
+}
+
+async fn endpoint(State(ctx): State<Shared>, Path(id): Path<String>) -> Response {
+    let store = ctx.app.store();
+    let result = async {
+        let rows: Vec<_> = store
+            .workflows(None, Some("endpoint_sync"))
+            .await?
+            .into_iter()
+            .filter(|w| w.subject == id)
+            .collect();
+        let journal = match rows.last() {
+            Some(last) => store.journal(last.id).await?,
+            None => Vec::new(),
+        };
+        let now = now_ms();
+        let circuit = store.circuits().await?.into_iter().find(|c| c.subject == id);
+        let timeline: Vec<_> = journal
+            .iter()
+            .map(|j| {
+                let state: serde_json::Value =
+                    serde_json::from_str(&j.state_json).unwrap_or_default();
+                let name = state
+                    .as_object()
+                    .and_then(|o| o.keys().next().cloned())
+                    .unwrap_or_default();
+                json!({ "seq": j.seq, "at": j.at, "state": name, "event": j.event_json, "worker": j.worker })
+            })
+            .collect();
+        anyhow::Ok((
+            rows.is_empty(),
+            json!({
+                "endpoint": id,
+                "runs": rows.iter().map(line).collect::<Vec<_>>(),
+                "timeline": timeline,
+                "circuit": circuit.map(|c| json!({
+                    "state": c.state_name(now), "failures": c.failures, "opens": c.opens,
+                    "retry_at": c.retry_at, "reason": c.reason,
+                })),
+            }),
+        ))
+    }
+    .await;
+    match result {
+        Ok((true, _)) => (
+            StatusCode::NOT_FOUND,
+            Json(json!({ "error": format!("no endpoint {id:?} in any run") })),
+        )
+            .into_response(),
+        Ok((false, v)) => Json(v).into_response(),
+        Err(e) => fail(e),
+    }
+}
+
+/// Prometheus text exposition of what the database knows. (Hand-written: a dozen lines
+/// of a stable text format computed from queries, no registry of live instruments.)
+async fn metrics(State(ctx): State<Shared>) -> Response {
+    let store = ctx.app.store();
+    let result = async {
+        let mut out = String::new();
+        let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, i64)]| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, v) in samples {
+                let _ = writeln!(out, "{name}{labels} {v}");
+            }
+        };
+        let journal = store.journal_len().await?;
+        family(
+            "bulwark_transitions_total",
+            "counter",
+            "Journaled transitions (journal rows, creation rows included).",
+            &[(String::new(), journal)],
+        );
+        let mut by_kind_status: BTreeMap<(String, String), i64> = BTreeMap::new();
+        for w in store.workflows(None, None).await? {
+            *by_kind_status.entry((w.kind, w.status)).or_default() += 1;
+        }
+        let samples: Vec<_> = by_kind_status
+            .iter()
+            .map(|((k, s), n)| (format!("{{kind=\"{k}\",state=\"{s}\"}}"), *n))
+            .collect();
+        family(
+            "bulwark_workflows",
+            "gauge",
+            "Workflows by kind and state.",
+            &samples,
+        );
+        let (mut syncs_done, mut in_flight) = (0i64, 0i64);
+        for (status, n) in store.status_counts(None).await? {
+            if matches!(status.as_str(), "Uploading" | "Verifying") {
+                in_flight += n;
+            }
+            if status == "Done" {
+                syncs_done += n;
+            }
+        }
+        family(
+            "bulwark_effects_in_flight",
+            "gauge",
+            "Workflows waiting on an adapter call (Uploading or Verifying).",
+            &[(String::new(), in_flight)],
+        );
+        family(
+            "bulwark_endpoint_syncs_done",
+            "gauge",
+            "Endpoint syncs that verified every batch.",
+            &[(String::new(), syncs_done)],
+        );
+        let now = now_ms();
+        let mut circuits: BTreeMap<&str, i64> =
+            [("closed", 0), ("open", 0), ("half_open", 0)].into();
+        for c in store.circuits().await? {
+            *circuits.entry(c.state_name(now)).or_default() += 1;
+        }
+        let samples: Vec<_> = circuits
+            .iter()
+            .map(|(s, n)| (format!("{{state=\"{s}\"}}"), *n))
+            .collect();
+        family(
+            "bulwark_circuits",
+            "gauge",
+            "Endpoint circuits by state.",
+            &samples,
+        );
+        let mut alerts: BTreeMap<String, i64> = BTreeMap::new();
+        for a in store.alerts(i64::MAX).await? {
+            *alerts.entry(a.kind).or_default() += 1;
+        }
+        let samples: Vec<_> = alerts
+            .iter()
+            .map(|(k, n)| (format!("{{kind=\"{k}\"}}"), *n))
+            .collect();
+        family(
+            "bulwark_alerts_total",
+            "counter",
+            "Alerts raised, by kind.",
+            &samples,
+        );
+        let snaps = ctx.app.staging().snapshots().await?;
+        family(
+            "bulwark_legacy_queries_total",
+            "counter",
+            "Queries sent to the legacy source by all snapshots.",
+            &[(String::new(), snaps.iter().map(|s| s.queries).sum())],
+        );
+        family(
+            "bulwark_legacy_rows_read_total",
+            "counter",
+            "Rows read from the legacy source by all snapshots.",
+            &[(String::new(), snaps.iter().map(|s| s.rows_read).sum())],
+        );
+        anyhow::Ok(out)
+    }
+    .await;
+    match result {
+        Ok(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response(),
+        Err(e) => fail(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::ServiceExt;
+
+    async fn app() -> (tempfile::TempDir, Bulwark) {
+        let dir = tempfile::tempdir().unwrap();
+        let app = Bulwark::open(
+            dir.path().join("b.db"),
+            bulwark_adapters::default_registry(),
+        )
+        .await
+        .unwrap();
+        (dir, app)
+    }
+
+    async fn get_status(router: Router, uri: &str, auth: Option<&str>) -> StatusCode {
+        let mut req = Request::builder().uri(uri);
+        if let Some(a) = auth {
+            req = req.header(header::AUTHORIZATION, a);
+        }
+        router
+            .oneshot(req.body(axum::body::Body::empty()).unwrap())
+            .await
+            .unwrap()
+            .status()
+    }
+
+    #[tokio::test]
+    async fn with_a_token_every_route_refuses_requests_without_it() {
+        let (_dir, app) = app().await;
+        let r = router(app, Some("s3cret".into()));
+        for uri in [
+            "/",
+            "/api/overview",
+            "/api/endpoints",
+            "/metrics",
+            "/api/endpoint/x",
+        ] {
+            assert_eq!(
+                get_status(r.clone(), uri, None).await,
+                StatusCode::UNAUTHORIZED,
+                "{uri}"
+            );
+            assert_eq!(
+                get_status(r.clone(), uri, Some("Bearer wrong!")).await,
+                StatusCode::UNAUTHORIZED,
+                "{uri}"
+            );
+        }
+        assert_eq!(
+            get_status(r.clone(), "/api/overview", Some("Bearer s3cret")).await,
+            StatusCode::OK
+        );
+        assert_eq!(
+            get_status(r.clone(), "/?token=s3cret", None).await,
+            StatusCode::OK
+        );
+        assert_eq!(
+            get_status(r, "/metrics?token=s3cre", None).await,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+
+    #[tokio::test]
+    async fn off_loopback_without_a_token_it_refuses_to_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = run(ServeArgs {
+            db: DbArg {
+                db: dir.path().join("b.db").display().to_string(),
+            },
+            listen: "0.0.0.0:0".parse().unwrap(),
+            token_env: "BULWARK_TEST_UNSET_TOKEN_VARIABLE".into(),
+        })
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("without a token"), "{err}");
+    }
+}
