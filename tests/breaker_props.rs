@@ -73,16 +73,6 @@ fn answer() -> impl Strategy<Value = Answer> {
     ]
 }
 
-fn failures_in(state: &State) -> Option<u32> {
-    match state {
-        State::Uploading { failures, .. }
-        | State::Verifying { failures, .. }
-        | State::Backoff { failures, .. }
-        | State::Tripped { failures, .. } => Some(*failures),
-        _ => None,
-    }
-}
-
 proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
 
@@ -174,7 +164,7 @@ proptest! {
                 State::Done { .. } => prop_assert!(model_failures < max_failures),
                 other => {
                     prop_assert!(model_failures < max_failures, "N failures but still {:?}", other);
-                    prop_assert_eq!(failures_in(other), Some(model_failures));
+                    prop_assert_eq!(other.failures(), Some(model_failures));
                     prop_assert!(!opens);
                 }
             }

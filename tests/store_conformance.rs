@@ -111,7 +111,24 @@ conformance!(
     runs_finish_and_count_states,
     alert_deliveries_are_leased_retried_and_given_up,
     schedules_advance_once_per_tick,
+    open_subjects_are_those_with_unfinished_workflows,
 );
+
+async fn open_subjects_are_those_with_unfinished_workflows(store: Arc<dyn Store>) {
+    let run = store.create_run("sync", "{}").await.unwrap();
+    let ids = store
+        .create_workflows(run, &[new_wf("a"), new_wf("b")])
+        .await
+        .unwrap();
+    let epoch = store.claim(&claim("w1", 60_000)).await.unwrap()[0].epoch;
+    store
+        .append_batch(&[append(ids[0], 1, epoch, "End")])
+        .await
+        .unwrap();
+    let open = store.open_subjects("toy").await.unwrap();
+    assert_eq!(open, ["b".to_string()].into());
+    assert!(store.open_subjects("other").await.unwrap().is_empty());
+}
 
 async fn created_workflows_have_row_zero(store: Arc<dyn Store>) {
     let run = store.create_run("sync", "{}").await.unwrap();

@@ -541,7 +541,7 @@ impl Store for PostgresStore {
 
     async fn open_subjects(&self, kind: &str) -> Result<std::collections::HashSet<String>> {
         let rows: Vec<String> = sqlx::query_scalar(
-            "SELECT DISTINCT subject FROM workflows WHERE terminal = 0 AND kind = $1",
+            "SELECT DISTINCT subject FROM workflows WHERE NOT terminal AND kind = $1",
         )
         .bind(kind)
         .fetch_all(&self.pool)

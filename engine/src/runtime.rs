@@ -206,10 +206,6 @@ impl<M: Machine> Runtime<M> {
             })
             .await?;
         let worker: Arc<str> = Arc::from(self.config.worker.as_str());
-        let event_json = serde_json::to_string(&event).map_err(|source| EngineError::Json {
-            what: "event".into(),
-            source,
-        })?;
         let (mut taken, mut refused) = (0, Vec::new());
         let mut held = Vec::new();
         for w in claimed {
@@ -247,37 +243,15 @@ impl<M: Machine> Runtime<M> {
                     continue;
                 }
             };
-            let notice = M::notice(&input, &state, &event, &next.state);
-            let append = Append {
-                workflow: w.id,
-                seq: w.seq + 1,
-                epoch: w.epoch,
-                worker: worker.clone(),
-                event_json: event_json.clone(),
-                state_json: serde_json::to_string(&next.state).map_err(|source| {
-                    EngineError::Json {
-                        what: "state".into(),
-                        source,
-                    }
-                })?,
-                status: M::status(&next.state),
-                terminal: M::is_terminal(&next.state),
-                wake_at: M::wake_at(&next.state),
-                alerts: notice
-                    .alerts
-                    .into_iter()
-                    .map(|a| NewAlert {
-                        kind: a.kind.to_string(),
-                        level: a.level,
-                        subject: w.subject.clone(),
-                        message: a.message,
-                    })
-                    .collect(),
-                circuit: notice.circuit.map(|change| CircuitWrite {
-                    subject: w.subject.clone(),
-                    change,
-                }),
-            };
+            let append = transition_append::<M>(
+                &input,
+                &w.subject,
+                (w.id, w.seq + 1, w.epoch),
+                &worker,
+                &state,
+                &event,
+                &next.state,
+            )?;
             match self.journal.append(append).await? {
                 AppendOutcome::Committed => taken += 1,
                 AppendOutcome::Fenced => refused.push((w.id, "fenced by another claim".into())),
@@ -507,6 +481,51 @@ fn record(outcome: &mut RunOutcome, id: WorkflowId, result: Result<End>) {
     }
 }
 
+/// The conditional append that journals `previous --event--> next` as `(workflow, seq,
+/// epoch)`, with what the machine's notice records alongside it.
+fn transition_append<M: Machine>(
+    input: &M::Input,
+    subject: &str,
+    (workflow, seq, epoch): (WorkflowId, i64, i64),
+    worker: &Arc<str>,
+    previous: &M::State,
+    event: &M::Event,
+    next: &M::State,
+) -> Result<Append> {
+    let notice = M::notice(input, previous, event, next);
+    let json = |what: &str, r: serde_json::Result<String>| {
+        r.map_err(|source| EngineError::Json {
+            what: what.into(),
+            source,
+        })
+    };
+    Ok(Append {
+        workflow,
+        seq,
+        epoch,
+        worker: worker.clone(),
+        event_json: json("event", serde_json::to_string(event))?,
+        state_json: json("state", serde_json::to_string(next))?,
+        status: M::status(next),
+        terminal: M::is_terminal(next),
+        wake_at: M::wake_at(next),
+        alerts: notice
+            .alerts
+            .into_iter()
+            .map(|a| NewAlert {
+                kind: a.kind.to_string(),
+                level: a.level,
+                subject: subject.to_string(),
+                message: a.message,
+            })
+            .collect(),
+        circuit: notice.circuit.map(|change| CircuitWrite {
+            subject: subject.to_string(),
+            change,
+        }),
+    })
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn drive<M: Machine>(
     store: Arc<dyn Store>,
@@ -559,38 +578,15 @@ async fn drive<M: Machine>(
                 workflow: ctx.id,
                 source,
             })?;
-        let notice = M::notice(&ctx.input, &state, &event, &next.state);
-        let append = Append {
-            workflow: ctx.id,
-            seq: seq + 1,
-            epoch: row.epoch,
-            worker: worker.clone(),
-            event_json: serde_json::to_string(&event).map_err(|source| EngineError::Json {
-                what: "event".into(),
-                source,
-            })?,
-            state_json: serde_json::to_string(&next.state).map_err(|source| EngineError::Json {
-                what: "state".into(),
-                source,
-            })?,
-            status: M::status(&next.state),
-            terminal: M::is_terminal(&next.state),
-            wake_at: M::wake_at(&next.state),
-            alerts: notice
-                .alerts
-                .into_iter()
-                .map(|a| NewAlert {
-                    kind: a.kind.to_string(),
-                    level: a.level,
-                    subject: ctx.subject.clone(),
-                    message: a.message,
-                })
-                .collect(),
-            circuit: notice.circuit.map(|change| CircuitWrite {
-                subject: ctx.subject.clone(),
-                change,
-            }),
-        };
+        let append = transition_append::<M>(
+            &ctx.input,
+            &ctx.subject,
+            (ctx.id, seq + 1, row.epoch),
+            &worker,
+            &state,
+            &event,
+            &next.state,
+        )?;
         // Journal before effect: the commands of `next` run only once it is durable.
         match journal.append(append).await? {
             AppendOutcome::Committed => {}

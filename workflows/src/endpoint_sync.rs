@@ -754,6 +754,13 @@ impl Machine for EndpointSync {
     }
 }
 
+impl State {
+    /// Consecutive failed validations this state counts (`None`: it counts none).
+    pub fn failures(&self) -> Option<u32> {
+        failures_of(self)
+    }
+}
+
 /// Consecutive failed validations counted in `state`, where it counts them.
 fn failures_of(state: &State) -> Option<u32> {
     match state {
