@@ -208,3 +208,65 @@ async fn replay_finishes_a_killed_run_and_cancel_ends_one() {
     assert!(run_ok(bulwark().args(["audit", "--db"]).arg(&db)).contains(": 0 finding(s)"));
     sim.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_on_request_carry_the_alerts() {
+    let dir = tempfile::tempdir().unwrap();
+    let legacy = dir.path().join("legacy.db");
+    let db = dir.path().join("b.db");
+    run_ok(
+        bulwark()
+            .args(["generate-legacy", "--skus", "50", "--path"])
+            .arg(&legacy),
+    );
+    run_ok(
+        bulwark()
+            .args(["snapshot", "--legacy"])
+            .arg(&legacy)
+            .arg("--db")
+            .arg(&db),
+    );
+    let sim = simulator::start(
+        SimConfig {
+            profiles: [("ep-00002".to_string(), simulator::Fault::Reject)].into(),
+            ..Default::default()
+        },
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    let out = bulwark()
+        .args([
+            "sync",
+            "--endpoints",
+            "3",
+            "--portal-url",
+            &format!("http://{}", sim.addr()),
+            "--db",
+        ])
+        .arg(&db)
+        .env("BULWARK_LOG", "warn")
+        .env("BULWARK_LOG_FORMAT", "json")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let events: Vec<serde_json::Value> = stderr
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let opened = events
+        .iter()
+        .find(|e| e["fields"]["kind"] == "circuit_opened")
+        .unwrap_or_else(|| panic!("no circuit_opened event in:\n{stderr}"));
+    assert_eq!(opened["level"], "ERROR");
+    assert_eq!(opened["fields"]["subject"], "ep-00002");
+    assert!(
+        opened["fields"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("opened after 3")
+    );
+    sim.shutdown().await.unwrap();
+}

@@ -526,8 +526,34 @@ fn transition_append<M: Machine>(
     })
 }
 
+/// [`drive_workflow`] inside a span carrying the workflow's kind, id, run and subject, so
+/// that every event logged while driving it (adapters included) names them.
 #[allow(clippy::too_many_arguments)]
 async fn drive<M: Machine>(
+    store: Arc<dyn Store>,
+    journal: Journal,
+    effects: Arc<dyn Effects<M>>,
+    observer: Option<Observer<M>>,
+    worker: Arc<str>,
+    stop: Arc<AtomicBool>,
+    lost: Arc<AtomicBool>,
+    row: WorkflowRow,
+) -> Result<End> {
+    use tracing::Instrument;
+    let span = tracing::info_span!(
+        "workflow",
+        kind = M::KIND,
+        workflow = row.id,
+        run = row.run_id,
+        subject = %row.subject
+    );
+    drive_workflow::<M>(store, journal, effects, observer, worker, stop, lost, row)
+        .instrument(span)
+        .await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn drive_workflow<M: Machine>(
     store: Arc<dyn Store>,
     journal: Journal,
     effects: Arc<dyn Effects<M>>,
