@@ -145,6 +145,40 @@ fn print_lines(lines: &[EndpointLine]) {
     }
 }
 
+/// One endpoint's syncs (oldest first), the journal of its latest, and its circuit.
+pub(crate) struct EndpointHistory {
+    pub(crate) rows: Vec<WorkflowRow>,
+    pub(crate) journal: Vec<bulwark_engine::JournalRow>,
+    pub(crate) circuit: Option<bulwark_engine::CircuitRow>,
+}
+
+/// The history of endpoint `id` (`None`: it never synced).
+pub(crate) async fn endpoint_history(
+    store: &dyn Store,
+    id: &str,
+) -> Result<Option<EndpointHistory>> {
+    let rows: Vec<WorkflowRow> = store
+        .workflows(None, Some("endpoint_sync"))
+        .await?
+        .into_iter()
+        .filter(|w| w.subject == id)
+        .collect();
+    let Some(last) = rows.last() else {
+        return Ok(None);
+    };
+    let journal = store.journal(last.id).await?;
+    let circuit = store
+        .circuits()
+        .await?
+        .into_iter()
+        .find(|c| c.subject == id);
+    Ok(Some(EndpointHistory {
+        rows,
+        journal,
+        circuit,
+    }))
+}
+
 pub(crate) async fn run(op: Ops) -> Result<ExitCode> {
     match op {
         Ops::Runs { db, json } => {
@@ -259,22 +293,15 @@ pub(crate) async fn run(op: Ops) -> Result<ExitCode> {
         }
         Ops::Endpoint { id, db, json } => {
             let app = open(&db).await?;
-            let store = app.store();
-            let rows: Vec<WorkflowRow> = store
-                .workflows(None, Some("endpoint_sync"))
-                .await?
-                .into_iter()
-                .filter(|w| w.subject == id)
-                .collect();
-            let Some(last) = rows.last() else {
+            let Some(EndpointHistory {
+                rows,
+                journal,
+                circuit,
+            }) = endpoint_history(app.store().as_ref(), &id).await?
+            else {
                 bail!("no endpoint {id:?} in any run")
             };
-            let journal = store.journal(last.id).await?;
-            let circuit = store
-                .circuits()
-                .await?
-                .into_iter()
-                .find(|c| c.subject == id);
+            let last = rows.last().expect("a history has a sync");
             let now = bulwark_engine::now_ms();
             if json {
                 let v = serde_json::json!({

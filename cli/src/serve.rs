@@ -27,7 +27,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::DbArg;
-use crate::ops::{latest, line};
+use crate::ops::{endpoint_history, latest, line};
 
 /// Options of `bulwark serve`.
 #[derive(Debug, clap::Args)]
@@ -220,54 +220,40 @@ async fn endpoints(State(ctx): State<Shared>, Query(f): Query<EndpointFilter>) -
 
 async fn endpoint(State(ctx): State<Shared>, Path(id): Path<String>) -> Response {
     let store = ctx.app.store();
-    let result = async {
-        let rows: Vec<_> = store
-            .workflows(None, Some("endpoint_sync"))
-            .await?
-            .into_iter()
-            .filter(|w| w.subject == id)
-            .collect();
-        let journal = match rows.last() {
-            Some(last) => store.journal(last.id).await?,
-            None => Vec::new(),
-        };
-        let now = now_ms();
-        let circuit = store.circuits().await?.into_iter().find(|c| c.subject == id);
-        let timeline: Vec<_> = journal
-            .iter()
-            .map(|j| {
-                let state: serde_json::Value =
-                    serde_json::from_str(&j.state_json).unwrap_or_default();
-                let name = state
-                    .as_object()
-                    .and_then(|o| o.keys().next().cloned())
-                    .unwrap_or_default();
-                json!({ "seq": j.seq, "at": j.at, "state": name, "event": j.event_json, "worker": j.worker })
-            })
-            .collect();
-        anyhow::Ok((
-            rows.is_empty(),
-            json!({
-                "endpoint": id,
-                "runs": rows.iter().map(line).collect::<Vec<_>>(),
-                "timeline": timeline,
-                "circuit": circuit.map(|c| json!({
-                    "state": c.state_name(now), "failures": c.failures, "opens": c.opens,
-                    "retry_at": c.retry_at, "reason": c.reason,
-                })),
-            }),
-        ))
-    }
-    .await;
-    match result {
-        Ok((true, _)) => (
-            StatusCode::NOT_FOUND,
-            Json(json!({ "error": format!("no endpoint {id:?} in any run") })),
-        )
-            .into_response(),
-        Ok((false, v)) => Json(v).into_response(),
-        Err(e) => fail(e),
-    }
+    let history = match endpoint_history(store.as_ref(), &id).await {
+        Ok(Some(h)) => h,
+        Ok(None) => {
+            return (
+                StatusCode::NOT_FOUND,
+                Json(json!({ "error": format!("no endpoint {id:?} in any run") })),
+            )
+                .into_response();
+        }
+        Err(e) => return fail(e),
+    };
+    let now = now_ms();
+    let timeline: Vec<_> = history
+        .journal
+        .iter()
+        .map(|j| {
+            let state: serde_json::Value = serde_json::from_str(&j.state_json).unwrap_or_default();
+            let name = state
+                .as_object()
+                .and_then(|o| o.keys().next().cloned())
+                .unwrap_or_default();
+            json!({ "seq": j.seq, "at": j.at, "state": name, "event": j.event_json, "worker": j.worker })
+        })
+        .collect();
+    Json(json!({
+        "endpoint": id,
+        "runs": history.rows.iter().map(line).collect::<Vec<_>>(),
+        "timeline": timeline,
+        "circuit": history.circuit.map(|c| json!({
+            "state": c.state_name(now), "failures": c.failures, "opens": c.opens,
+            "retry_at": c.retry_at, "reason": c.reason,
+        })),
+    }))
+    .into_response()
 }
 
 /// Prometheus text exposition of what the database knows. (Hand-written: a dozen lines
