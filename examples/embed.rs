@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use bulwark_workflows::adapter::{
     AdapterRegistry, AdapterResult, EndpointConfig, PortalAdapter, Receipt, Verification,
 };
-use bulwark_workflows::app::{Bulwark, SyncProgress};
+use bulwark_workflows::app::{Bulwark, ProgressEvent, ProgressEvents, SyncProgress};
 use bulwark_workflows::catalog::{Batch, Item, PriceTier};
 use bulwark_workflows::endpoint_sync::State;
 use bulwark_workflows::staging::SealStats;
@@ -133,6 +133,43 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         report.by_status, report.transitions, report.uploads
     );
     assert_eq!(report.by_status.get("Done"), Some(&3));
+
+    // Progress as events, for any number of subscribers (a UI, a metrics exporter...).
+    // New data for one shop: only it has something to send.
+    let snapshot = app.staging().begin_snapshot("embedded-example-2").await?;
+    let mut changed = items.clone();
+    changed[0].qty += 5;
+    app.staging().write_page(snapshot, &changed, &[]).await?;
+    app.staging()
+        .seal(
+            snapshot,
+            SealStats {
+                rows_read: 25,
+                ..Default::default()
+            },
+        )
+        .await?;
+    let events = ProgressEvents::new(1024);
+    let mut rx = events.subscribe();
+    let counter = tokio::spawn(async move {
+        let mut finished = 0;
+        while let Ok(e) = rx.recv().await {
+            if let ProgressEvent::Transition {
+                terminal: true,
+                endpoint,
+                state,
+            } = e
+            {
+                println!("  event: {endpoint} finished {state}");
+                finished += 1;
+            }
+        }
+        finished
+    });
+    let delta = app.sync(&endpoints, &options, Some(events.clone())).await?;
+    drop(events);
+    assert_eq!(counter.await?, 3, "one final event per endpoint");
+    assert_eq!(delta.uploads, 3, "one changed item: one batch per shop");
 
     // Nothing changed: a second sync sends nothing.
     let again = app.sync(&endpoints, &options, None).await?;

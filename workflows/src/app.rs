@@ -29,6 +29,61 @@ pub trait SyncProgress: Send + Sync {
     fn transition(&self, endpoint: &str, state: &State, terminal: bool);
 }
 
+/// A progress event, as [`ProgressEvents`] broadcasts it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum ProgressEvent {
+    /// `workflows` endpoint syncs are about to run.
+    Started {
+        /// How many.
+        workflows: usize,
+    },
+    /// A transition of `endpoint` was journaled.
+    Transition {
+        /// The endpoint.
+        endpoint: String,
+        /// The state it entered (its name).
+        state: &'static str,
+        /// Whether that state is final.
+        terminal: bool,
+    },
+}
+
+/// Progress as a stream of events any number of subscribers receive: pass it to
+/// [`Bulwark::sync`], [`Bulwark::replay`] or [`Bulwark::work`] as their progress, and
+/// [`subscribe`](ProgressEvents::subscribe) where the events are wanted. A subscriber that
+/// falls more than `capacity` events behind loses the oldest (it is told how many).
+#[derive(Debug, Clone)]
+pub struct ProgressEvents {
+    tx: tokio::sync::broadcast::Sender<ProgressEvent>,
+}
+
+impl ProgressEvents {
+    /// A channel keeping up to `capacity` events per lagging subscriber.
+    pub fn new(capacity: usize) -> Arc<Self> {
+        Arc::new(Self {
+            tx: tokio::sync::broadcast::channel(capacity.max(1)).0,
+        })
+    }
+
+    /// A new subscriber, receiving every event from now on.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<ProgressEvent> {
+        self.tx.subscribe()
+    }
+}
+
+impl SyncProgress for ProgressEvents {
+    fn started(&self, workflows: usize) {
+        let _ = self.tx.send(ProgressEvent::Started { workflows });
+    }
+    fn transition(&self, endpoint: &str, state: &State, terminal: bool) {
+        let _ = self.tx.send(ProgressEvent::Transition {
+            endpoint: endpoint.to_string(),
+            state: EndpointSync::status(state),
+            terminal,
+        });
+    }
+}
+
 /// What a call to [`Bulwark::sync`] did.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct SyncReport {
