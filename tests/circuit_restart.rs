@@ -155,14 +155,25 @@ async fn an_open_circuit_survives_sigkill_and_a_probe_closes_it_once_healed() {
     })
     .await;
     // ... and once the cooldown ends, one half-open probe closes it.
-    wait_for("the probe to close the circuit", 40, &log, async || {
-        store
-            .circuits()
-            .await
-            .unwrap()
-            .into_iter()
-            .find(|c| c.subject == BROKEN && !c.open)
-    })
+    // (The circuit closes with the probe's first verified batch; the probe's sync ends
+    // Done after its last.)
+    wait_for(
+        "the probe to close the circuit and finish",
+        40,
+        &log,
+        async || {
+            let closed = store
+                .circuits()
+                .await
+                .unwrap()
+                .into_iter()
+                .any(|c| c.subject == BROKEN && !c.open);
+            let probed = broken_syncs(store.as_ref()).await[before_restart..]
+                .iter()
+                .any(|(_, _, s)| matches!(s, State::Done { .. }));
+            (closed && probed).then_some(())
+        },
+    )
     .await;
     let syncs = broken_syncs(store.as_ref()).await;
     let after: Vec<_> = syncs[before_restart..].to_vec();
