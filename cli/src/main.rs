@@ -47,7 +47,7 @@ pub(crate) struct EndpointArgs {
     /// endpoints come from --config.
     #[arg(long)]
     pub(crate) portal_url: Option<String>,
-    /// Configuration file (database, [sync] limits and policy, endpoints, adapter
+    /// Configuration file (database, `[sync]` limits and policy, endpoints, adapter
     /// resources); see docs/configuration.md.
     #[arg(long, env = "BULWARK_CONFIG")]
     pub(crate) config: Option<PathBuf>,
