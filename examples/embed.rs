@@ -90,7 +90,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut app = Bulwark::open(dir.join("bulwark.db"), registry).await?;
 
     // Stage a snapshot (normally `Bulwark::snapshot` reads it from the legacy source).
-    let snapshot = app.staging().begin_snapshot("embedded example").await?;
     let items: Vec<Item> = (1..=25)
         .map(|i| Item {
             sku: format!("SKU-{i:03}"),
@@ -101,16 +100,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }],
         })
         .collect();
-    app.staging().write_page(snapshot, &items, &[]).await?;
-    app.staging()
-        .seal(
-            snapshot,
-            SealStats {
-                rows_read: 25,
-                ..Default::default()
-            },
-        )
-        .await?;
+    stage(&app, "embedded example", &items).await?;
 
     let endpoints: Vec<EndpointConfig> = (1..=3)
         .map(|i| EndpointConfig {
@@ -136,19 +126,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // Progress as events, for any number of subscribers (a UI, a metrics exporter...).
     // New data for one shop: only it has something to send.
-    let snapshot = app.staging().begin_snapshot("embedded-example-2").await?;
     let mut changed = items.clone();
     changed[0].qty += 5;
-    app.staging().write_page(snapshot, &changed, &[]).await?;
-    app.staging()
-        .seal(
-            snapshot,
-            SealStats {
-                rows_read: 25,
-                ..Default::default()
-            },
-        )
-        .await?;
+    stage(&app, "embedded example, changed", &changed).await?;
     let events = ProgressEvents::new(1024);
     let mut rx = events.subscribe();
     let counter = tokio::spawn(async move {
@@ -177,5 +157,25 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("second sync: nothing to send");
     app.close().await;
     std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+/// Stage and seal a snapshot of `items` (what a real snapshot of the legacy source does).
+async fn stage(
+    app: &Bulwark,
+    source: &str,
+    items: &[Item],
+) -> Result<(), Box<dyn std::error::Error>> {
+    let snapshot = app.staging().begin_snapshot(source).await?;
+    app.staging().write_page(snapshot, items, &[]).await?;
+    app.staging()
+        .seal(
+            snapshot,
+            SealStats {
+                rows_read: items.len() as i64,
+                ..Default::default()
+            },
+        )
+        .await?;
     Ok(())
 }

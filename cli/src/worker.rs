@@ -136,37 +136,28 @@ fn schedules(
         None => None,
     };
     let (db, endpoints, options) = (
-        Arc::new(db.to_string()),
+        db.to_string(),
         Arc::new(endpoints.to_vec()),
         Arc::new(options.clone()),
     );
-    let store_db = db.clone();
     Ok(Some(async move {
-        let app = match Bulwark::open(store_db.as_str(), bulwark_adapters::default_registry()).await
-        {
-            Ok(a) => a,
+        // One handle for the scheduler and every job it fires.
+        let app = match Bulwark::open(&db, bulwark_adapters::default_registry()).await {
+            Ok(a) => Arc::new(a),
             Err(e) => {
                 tracing::error!(error = %e, "scheduler: cannot open the database");
                 return;
             }
         };
+        let jobs = app.clone();
         let fire = move |name: String| -> BoxFuture {
-            let (db, endpoints, options, snapshot) = (
-                db.clone(),
+            let (app, endpoints, options, snapshot) = (
+                jobs.clone(),
                 endpoints.clone(),
                 options.clone(),
                 snapshot.clone(),
             );
             Box::pin(async move {
-                let app = match Bulwark::open(db.as_str(), bulwark_adapters::default_registry())
-                    .await
-                {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::error!(schedule = %name, error = %e, "cannot open the database");
-                        return;
-                    }
-                };
                 match name.as_str() {
                     "snapshot" => {
                         let Some(plan) = snapshot else { return };
@@ -195,11 +186,10 @@ fn schedules(
                         Err(e) => tracing::error!(error = %e, "scheduled sync failed"),
                     },
                 }
-                app.close().await;
             })
         };
         run_schedules(app.store(), list, fire, stop).await;
-        app.close().await;
+        app.backend().close().await;
     }))
 }
 

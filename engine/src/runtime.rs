@@ -148,18 +148,7 @@ impl<M: Machine> Runtime<M> {
             let stop = self.stop.clone();
             tasks.spawn(async move {
                 let id = w.id;
-                let row = WorkflowRow {
-                    id: w.id,
-                    run_id: w.run_id,
-                    kind: M::KIND.to_string(),
-                    subject: w.subject,
-                    input_json: w.input_json,
-                    status: String::new(),
-                    state_json: w.state_json,
-                    seq: w.seq,
-                    epoch: w.epoch,
-                    terminal: false,
-                };
+                let row = claimed_row::<M>(w);
                 (
                     id,
                     drive::<M>(
@@ -210,43 +199,32 @@ impl<M: Machine> Runtime<M> {
         let mut held = Vec::new();
         for w in claimed {
             held.push((w.id, w.epoch));
-            let row = WorkflowRow {
-                id: w.id,
-                run_id: w.run_id,
-                kind: M::KIND.to_string(),
-                subject: w.subject.clone(),
-                input_json: w.input_json,
-                status: String::new(),
-                state_json: w.state_json,
-                seq: w.seq,
-                epoch: w.epoch,
-                terminal: false,
-            };
+            let row = claimed_row::<M>(w);
             let input: M::Input = match serde_json::from_str(&row.input_json) {
                 Ok(i) => i,
                 Err(e) => {
-                    refused.push((w.id, format!("input does not decode: {e}")));
+                    refused.push((row.id, format!("input does not decode: {e}")));
                     continue;
                 }
             };
             let state = match audit::replay::<M>(self.store.as_ref(), &row).await {
                 Ok(s) => s,
                 Err(e) => {
-                    refused.push((w.id, e.to_string()));
+                    refused.push((row.id, e.to_string()));
                     continue;
                 }
             };
             let next = match M::apply(&input, &state, &event) {
                 Ok(t) => t,
                 Err(e) => {
-                    refused.push((w.id, e.to_string()));
+                    refused.push((row.id, e.to_string()));
                     continue;
                 }
             };
             let append = transition_append::<M>(
                 &input,
-                &w.subject,
-                (w.id, w.seq + 1, w.epoch),
+                &row.subject,
+                (row.id, row.seq + 1, row.epoch),
                 &worker,
                 &state,
                 &event,
@@ -254,7 +232,7 @@ impl<M: Machine> Runtime<M> {
             )?;
             match self.journal.append(append).await? {
                 AppendOutcome::Committed => taken += 1,
-                AppendOutcome::Fenced => refused.push((w.id, "fenced by another claim".into())),
+                AppendOutcome::Fenced => refused.push((row.id, "fenced by another claim".into())),
             }
         }
         self.store.release(&self.config.worker, &held).await?;
@@ -391,18 +369,7 @@ impl<M: Machine> Runtime<M> {
                             worker.clone(),
                             self.stop.clone(),
                         );
-                        let row = WorkflowRow {
-                            id: w.id,
-                            run_id: w.run_id,
-                            kind: M::KIND.to_string(),
-                            subject: w.subject,
-                            input_json: w.input_json,
-                            status: String::new(),
-                            state_json: w.state_json,
-                            seq: w.seq,
-                            epoch: w.epoch,
-                            terminal: false,
-                        };
+                        let row = claimed_row::<M>(w);
                         tasks.spawn(async move {
                             let id = row.id;
                             (id, drive::<M>(store, journal, effects, observer, worker, stop, lost, row).await)
@@ -478,6 +445,22 @@ fn record(outcome: &mut RunOutcome, id: WorkflowId, result: Result<End>) {
             tracing::error!(workflow = id, error = %e, "workflow refused");
             outcome.refused.push((id, e.to_string()));
         }
+    }
+}
+
+/// The row a claimed workflow is driven from.
+fn claimed_row<M: Machine>(w: crate::store::ClaimedWorkflow) -> WorkflowRow {
+    WorkflowRow {
+        id: w.id,
+        run_id: w.run_id,
+        kind: M::KIND.to_string(),
+        subject: w.subject,
+        input_json: w.input_json,
+        status: String::new(),
+        state_json: w.state_json,
+        seq: w.seq,
+        epoch: w.epoch,
+        terminal: false,
     }
 }
 
