@@ -1,5 +1,6 @@
-//! Embedding Bulwark in another Rust program: open a database, register your own
-//! `PortalAdapter`, stage a snapshot, sync endpoints durably and watch progress.
+//! Embedding Bulwark in another Rust program: open a database with your own
+//! `PortalAdapter` registered, stage a snapshot, sync endpoints durably, then run a worker
+//! in your own tokio runtime, start runs for it and follow their progress events.
 //!
 //! Run: `cargo run --release -p bulwark-tests --example embed`
 
@@ -7,10 +8,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use std::time::Duration;
+
+use bulwark_engine::WorkOptions;
 use bulwark_workflows::adapter::{
-    AdapterRegistry, AdapterResult, EndpointConfig, PortalAdapter, Receipt, Verification,
+    AdapterResult, EndpointConfig, PortalAdapter, Receipt, Verification,
 };
-use bulwark_workflows::app::{Bulwark, ProgressEvent, ProgressEvents, SyncProgress};
+use bulwark_workflows::app::{Bulwark, ProgressEvent, SyncProgress, WorkerOptions};
 use bulwark_workflows::catalog::{Batch, Item, PriceTier};
 use bulwark_workflows::endpoint_sync::State;
 use bulwark_workflows::staging::SealStats;
@@ -80,14 +84,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = std::env::temp_dir().join(format!("bulwark-embed-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
 
+    // Open the database with your own adapter registered (add the built-in REST, HTTP
+    // and WebDriver adapters with `.registry(bulwark_adapters::default_registry())`).
     let shop = Arc::new(InMemoryShop::default());
-    let mut registry = AdapterRegistry::new();
-    let s = shop.clone();
-    registry.register(
-        "my-shop",
-        Arc::new(move |_: &EndpointConfig| Ok(s.clone() as Arc<dyn PortalAdapter>)),
-    );
-    let mut app = Bulwark::open(dir.join("bulwark.db"), registry).await?;
+    let app = Bulwark::builder()
+        .database(dir.join("bulwark.db").display().to_string())
+        .portal("my-shop", shop.clone())
+        .open()
+        .await?;
 
     // Stage a snapshot (normally `Bulwark::snapshot` reads it from the legacy source).
     let items: Vec<Item> = (1..=25)
@@ -104,17 +108,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let endpoints: Vec<EndpointConfig> = (1..=3)
         .map(|i| EndpointConfig {
-            policy: None,
             id: format!("shop-{i}"),
             adapter: "my-shop".into(),
-            settings: Default::default(),
+            ..Default::default()
         })
         .collect();
     let options = SyncOptions {
-        limits: Default::default(),
         batch_size: 10,
         ..Default::default()
     };
+
+    // 1. One call: resume anything unfinished, then plan and run a sync to the end.
     let report = app
         .sync(&endpoints, &options, Some(Arc::new(Printer)))
         .await?;
@@ -124,37 +128,64 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     assert_eq!(report.by_status.get("Done"), Some(&3));
 
-    // Progress as events, for any number of subscribers (a UI, a metrics exporter...).
-    // New data for one shop: only it has something to send.
+    // 2. A worker in this program's runtime, fed with runs, watched through events (any
+    // number of subscribers: a UI, a metrics exporter …). New data for the shops: only the
+    // one changed item has to go out.
+    let worker = app.spawn_worker(
+        endpoints.clone(),
+        options.clone(),
+        WorkerOptions {
+            work: WorkOptions {
+                poll: Duration::from_millis(100),
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    );
+    let mut events = worker.subscribe();
     let mut changed = items.clone();
     changed[0].qty += 5;
     stage(&app, "embedded example, changed", &changed).await?;
-    let events = ProgressEvents::new(1024);
-    let mut rx = events.subscribe();
-    let counter = tokio::spawn(async move {
-        let mut finished = 0;
-        while let Ok(e) = rx.recv().await {
-            if let ProgressEvent::Transition {
-                terminal: true,
-                endpoint,
-                state,
-            } = e
-            {
-                println!("  event: {endpoint} finished {state}");
-                finished += 1;
+    let run = app
+        .enqueue(&endpoints, &options)
+        .await?
+        .and_then(|plan| plan.run)
+        .expect("a run with work to do");
+    println!("started run {run}");
+    let mut finished = 0;
+    let wait = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            match events.recv().await {
+                Ok(ProgressEvent::Transition {
+                    endpoint,
+                    state,
+                    terminal: true,
+                }) => {
+                    println!("  event: {endpoint} finished {state}");
+                    finished += 1;
+                }
+                Ok(ProgressEvent::RunFinished { run: r, status }) if r == run => {
+                    println!("  event: run {r} {status}");
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) => panic!("progress events: {e}"),
             }
         }
-        finished
     });
-    let delta = app.sync(&endpoints, &options, Some(events.clone())).await?;
-    drop(events);
-    assert_eq!(counter.await?, 3, "one final event per endpoint");
-    assert_eq!(delta.uploads, 3, "one changed item: one batch per shop");
+    wait.await.map_err(|_| "the worker did not finish the run within 60 s")?;
+    assert_eq!(finished, 3, "one final event per endpoint");
+    // This process's metrics, in the Prometheus text format.
+    let metrics = app.metrics_text();
+    assert!(metrics.contains("bulwark_batches_total{outcome=\"verified\"} 12"), "{metrics}");
+    let worked = worker.shutdown().await?;
+    assert_eq!(worked.uploads, 3, "one changed item: one batch per shop");
+    println!("worker stopped after {} uploads", worked.uploads);
 
-    // Nothing changed: a second sync sends nothing.
+    // Nothing changed: another sync sends nothing.
     let again = app.sync(&endpoints, &options, None).await?;
     assert_eq!(again.uploads, 0);
-    println!("second sync: nothing to send");
+    println!("another sync: nothing to send");
     app.close().await;
     std::fs::remove_dir_all(&dir)?;
     Ok(())

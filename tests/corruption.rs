@@ -70,7 +70,7 @@ async fn a_foreign_database_is_refused_at_open() {
 /// Run a sync that "crashes" after `calls` adapter calls; returns once it has hung.
 async fn crash_midway(db: &std::path::Path, sink: Arc<MemoryPortal>, calls: u64) {
     let portal = Arc::new(CrashingPortal::new(sink, Some(calls), false));
-    let mut app = Bulwark::open(db, registry_for(portal)).await.unwrap();
+    let app = Bulwark::open(db, registry_for(portal)).await.unwrap();
     let options = SyncOptions {
         limits: Default::default(),
         batch_size: 1,
@@ -141,7 +141,7 @@ async fn corrupt_journal_rows_are_reported_and_refused_by_replay() {
     app.close().await;
 
     // Replay refuses exactly those two, by id; the others finish, each batch applied once.
-    let mut app = Bulwark::open(&db, registry_for(sink.clone()))
+    let app = Bulwark::open(&db, registry_for(sink.clone()))
         .await
         .unwrap();
     let options = SyncOptions {
@@ -196,7 +196,7 @@ async fn a_changed_mapping_forces_a_full_send() {
     let db = dir.path().join("bulwark.db");
     seed_snapshot(&db, 5).await.unwrap();
     let sink = Arc::new(MemoryPortal::new());
-    let mut app = Bulwark::open(&db, registry_for(sink.clone()))
+    let app = Bulwark::open(&db, registry_for(sink.clone()))
         .await
         .unwrap();
     let options = SyncOptions {

@@ -147,7 +147,7 @@ async fn case(
         "rec",
         Arc::new(move |_: &EndpointConfig| Ok(rec.clone() as Arc<dyn PortalAdapter>)),
     );
-    let mut app = Bulwark::open(dir.path().join("b.db"), registry)
+    let app = Bulwark::open(dir.path().join("b.db"), registry)
         .await
         .unwrap();
     let eps = vec![

@@ -606,7 +606,7 @@ async fn crash_and_replay(endpoints: u32, batches: u32, crashes: Vec<Crash>) -> 
             Some(after_calls),
             c.lose_ack,
         ));
-        let mut app =
+        let app =
             Bulwark::open(&db, registry_for(wrapper.clone() as Arc<dyn PortalAdapter>)).await?;
         let crashed = wrapper.crashed.clone();
         {
@@ -654,7 +654,7 @@ async fn crash_and_replay(endpoints: u32, batches: u32, crashes: Vec<Crash>) -> 
 
     // Recovery: a fresh process with a healthy adapter resumes every unfinished run.
     let wrapper = Arc::new(CrashingPortal::new(sink.clone(), None, false));
-    let mut app =
+    let app =
         Bulwark::open(&db, registry_for(wrapper.clone() as Arc<dyn PortalAdapter>)).await?;
     let report = tokio::time::timeout(Duration::from_secs(20), app.sync(&eps, &options, None))
         .await

@@ -75,7 +75,7 @@ async fn flaky_endpoints_finish_exactly_once_and_broken_ones_trip_after_three_fa
     .unwrap();
     // A client timeout shorter than the simulator's stalls: those become timeouts.
     let eps = endpoints(&sim, N, 700);
-    let mut app = Bulwark::open(&db, bulwark_adapters::default_registry())
+    let app = Bulwark::open(&db, bulwark_adapters::default_registry())
         .await
         .unwrap();
     let report = app.sync(&eps, &options(100, 64), None).await.unwrap();
@@ -198,7 +198,7 @@ async fn timed_sync(n: u32, slow: Option<(&str, u64)>) -> HashMap<String, Durati
     .await
     .unwrap();
     let eps = endpoints(&sim, n, 30_000);
-    let mut app = Bulwark::open(&db, bulwark_adapters::default_registry())
+    let app = Bulwark::open(&db, bulwark_adapters::default_registry())
         .await
         .unwrap();
     let finishes = Arc::new(Finishes {

@@ -138,7 +138,7 @@ const PAGE: u32 = 500;
 async fn snapshot_then_sync(source: &dyn LegacySource) -> (u64, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let shown: Shown = Arc::default();
-    let mut app = Bulwark::open(dir.path().join("b.db"), registry(shown.clone()))
+    let app = Bulwark::open(dir.path().join("b.db"), registry(shown.clone()))
         .await
         .unwrap();
     let options = SnapshotOptions {
@@ -551,7 +551,7 @@ async fn bad_rows_are_recorded_with_their_reason_and_never_sent() {
         .await
         .unwrap();
     let shown: Shown = Arc::default();
-    let mut app = Bulwark::open(dir.path().join("b.db"), registry(shown.clone()))
+    let app = Bulwark::open(dir.path().join("b.db"), registry(shown.clone()))
         .await
         .unwrap();
     // Over the threshold: aborted with a clear error, nothing to sync.

@@ -123,7 +123,7 @@ async fn secrets_never_appear_in_errors_journal_or_logs() {
         ),
     ];
     let cache = Arc::new(SqliteIdCache::connect(&db).await.unwrap());
-    let mut app = Bulwark::open(&db, registry(cache, creds.secrets()))
+    let app = Bulwark::open(&db, registry(cache, creds.secrets()))
         .await
         .unwrap();
     let api = Arc::new(api);

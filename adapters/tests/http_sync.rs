@@ -77,7 +77,7 @@ async fn batch_rest_with_idempotency_key_end_to_end() {
         })
         .collect();
     let cache: Arc<dyn IdCache> = Arc::new(MemoryIdCache::new());
-    let mut app = Bulwark::open(&db, registry(cache, creds.secrets()))
+    let app = Bulwark::open(&db, registry(cache, creds.secrets()))
         .await
         .unwrap();
     let report = app.sync(&endpoints, &options(20), None).await.unwrap();
@@ -134,7 +134,7 @@ async fn per_item_rest_with_login_and_cached_lookups_end_to_end() {
         sim.rest_base_url("shop-1"),
         &[REST_CREDS, &[("currency", "EUR")]].concat(),
     )];
-    let mut app = Bulwark::open(&db, registry(cache.clone(), creds.secrets()))
+    let app = Bulwark::open(&db, registry(cache.clone(), creds.secrets()))
         .await
         .unwrap();
     let report = app.sync(&endpoints, &options(5), None).await.unwrap();
@@ -198,7 +198,7 @@ async fn graphql_with_errors_in_200_end_to_end() {
         sim.graphql_url("gq-2"),
         &[("api_key_env", "WRONG_KEY")],
     );
-    let mut app = Bulwark::open(&db, registry(cache, secrets)).await.unwrap();
+    let app = Bulwark::open(&db, registry(cache, secrets)).await.unwrap();
     let report = app
         .sync(&[good.clone(), bad], &options(3), None)
         .await
@@ -272,7 +272,7 @@ async fn token_expiry_mid_run_refreshes_once_and_carries_on() {
         sim.rest_base_url("shop-t"),
         REST_CREDS,
     )];
-    let mut app = Bulwark::open(
+    let app = Bulwark::open(
         &db,
         registry(Arc::new(MemoryIdCache::new()), creds.secrets()),
     )
@@ -314,7 +314,7 @@ async fn second_401_in_a_row_is_an_auth_failure_that_trips_the_circuit() {
         sim.rest_base_url("shop-x"),
         REST_CREDS,
     )];
-    let mut app = Bulwark::open(
+    let app = Bulwark::open(
         &db,
         registry(Arc::new(MemoryIdCache::new()), creds.secrets()),
     )
@@ -359,7 +359,7 @@ async fn lost_write_response_is_verified_on_replay_and_not_written_again() {
     let gql = endpoint("gq-l", "gql", sim.graphql_url("gq-l"), GQL_CREDS);
     sim.lose_next_writes("shop-l", 1);
     sim.lose_next_writes("gq-l", 1);
-    let mut app = Bulwark::open(
+    let app = Bulwark::open(
         &db,
         registry(Arc::new(MemoryIdCache::new()), creds.secrets()),
     )
@@ -600,7 +600,7 @@ async fn lost_write_then_crash_then_a_new_process_reads_back_and_does_not_rewrit
     let mut slow = options(6);
     slow.policy.backoff_base_ms = 1_500;
     slow.policy.backoff_max_ms = 1_500;
-    let mut app = Bulwark::open(
+    let app = Bulwark::open(
         &db,
         registry(Arc::new(MemoryIdCache::new()), creds.secrets()),
     )
@@ -622,7 +622,7 @@ async fn lost_write_then_crash_then_a_new_process_reads_back_and_does_not_rewrit
     );
 
     // A new process: fresh adapters (no memory of the attempt), same database.
-    let mut app = Bulwark::open(
+    let app = Bulwark::open(
         &db,
         registry(Arc::new(MemoryIdCache::new()), creds.secrets()),
     )

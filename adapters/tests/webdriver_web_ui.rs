@@ -247,7 +247,7 @@ async fn sync_end_to_end_through_the_web_ui_and_bad_rows_trip_the_circuit() {
     snapshot[4].qty = -2;
     seed(&db, &snapshot).await;
     let pool = pool(2);
-    let mut app = Bulwark::open(&db, registry(&pool)).await.unwrap();
+    let app = Bulwark::open(&db, registry(&pool)).await.unwrap();
     let endpoints = vec![
         fx.endpoint("acme", "acme", &recipe, &[]),
         fx.endpoint("slow", "slow", &recipe, &[]),
@@ -323,7 +323,7 @@ async fn clean_sync_verifies_read_back_values_and_reuses_logged_in_sessions() {
     let snapshot = items(5, 11);
     seed(&db, &snapshot).await;
     let pool = pool(1);
-    let mut app = Bulwark::open(&db, registry(&pool)).await.unwrap();
+    let app = Bulwark::open(&db, registry(&pool)).await.unwrap();
     // Two endpoints on portal p1 share a pool key; one on p2.
     let endpoints = vec![
         fx.endpoint("e1", "p1", &recipe, &[("sku_prefix", "A-")]),
@@ -414,7 +414,7 @@ fn crash_after_submit_then_restart_probes_the_history_and_uploads_nothing_twice(
                 "webdriver",
                 Arc::new(move |_: &EndpointConfig| Ok(dying.clone())),
             );
-            let mut app = Bulwark::open(&db, reg).await.unwrap();
+            let app = Bulwark::open(&db, reg).await.unwrap();
             let eps = endpoints.clone();
             let sync = tokio::spawn(async move {
                 let _ = app.sync(&eps, &options(), None).await;
@@ -433,7 +433,7 @@ fn crash_after_submit_then_restart_probes_the_history_and_uploads_nothing_twice(
     // Restart: replay resumes in Uploading, probes, finds the key in the history.
     main_rt.block_on(async {
         let pool = pool(1);
-        let mut app = Bulwark::open(&db, registry(&pool)).await.unwrap();
+        let app = Bulwark::open(&db, registry(&pool)).await.unwrap();
         let report = app.sync(&endpoints, &options(), None).await.unwrap();
         eprintln!("{report:?}");
         assert!(

@@ -64,7 +64,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
         "memory",
         Arc::new(move |_: &EndpointConfig| Ok(s.clone() as Arc<dyn PortalAdapter>)),
     );
-    let mut app = Bulwark::open(&db, registry).await?;
+    let app = Bulwark::open(&db, registry).await?;
 
     // One item per batch: W1 measures the engine, not payload handling.
     seed(&app, args.batches).await?;

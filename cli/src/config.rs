@@ -708,4 +708,96 @@ settings = { base_url = "http://127.0.0.1:9/ep/b" }
             "{err}"
         );
     }
+
+    /// The field names serde's derive gives a struct (what `deny_unknown_fields` accepts).
+    fn fields<T: serde::de::DeserializeOwned>() -> Vec<&'static str> {
+        struct Probe<'a>(&'a mut Vec<&'static str>);
+        impl<'de> serde::Deserializer<'de> for Probe<'_> {
+            type Error = serde::de::value::Error;
+            fn deserialize_any<V: serde::de::Visitor<'de>>(
+                self,
+                _: V,
+            ) -> std::result::Result<V::Value, Self::Error> {
+                Err(serde::de::Error::custom("not a struct"))
+            }
+            fn deserialize_struct<V: serde::de::Visitor<'de>>(
+                self,
+                _: &'static str,
+                fields: &'static [&'static str],
+                _: V,
+            ) -> std::result::Result<V::Value, Self::Error> {
+                self.0.extend_from_slice(fields);
+                Err(serde::de::Error::custom("probed"))
+            }
+            serde::forward_to_deserialize_any! {
+                bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+                byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map
+                enum identifier ignored_any
+            }
+        }
+        let mut out = Vec::new();
+        let _ = T::deserialize(Probe(&mut out));
+        assert!(!out.is_empty(), "{} is not a struct", std::any::type_name::<T>());
+        out
+    }
+
+    #[test]
+    fn the_reference_lists_every_key() {
+        // Every key the configuration types accept, spelled as the reference spells it.
+        let sections: Vec<(&str, Vec<&str>)> = vec![
+            ("sync", fields::<SyncSection>()),
+            ("limits", fields::<LimitsSection>()),
+            ("limits.host.\"H\"", fields::<HostSection>()),
+            ("alerts", fields::<AlertsSection>()),
+            ("schedule", fields::<ScheduleSection>()),
+            ("source", fields::<SourceSection>()),
+            ("http", fields::<HttpSection>()),
+            ("endpoint", fields::<EndpointEntry>()),
+        ];
+        let mut expected = std::collections::BTreeSet::new();
+        for top in fields::<Config>() {
+            if !sections.iter().any(|(s, _)| *s == top) {
+                expected.insert(top.to_string());
+            }
+        }
+        for (section, keys) in &sections {
+            for key in keys {
+                let full = format!("{section}.{key}");
+                // `limits.host` is the table of per-host sections, listed by their keys.
+                if !sections.iter().any(|(s, _)| s.starts_with(&format!("{full}."))) {
+                    expected.insert(full);
+                }
+            }
+        }
+        // An endpoint's policy takes the [sync] policy keys.
+        let sync = fields::<SyncSection>();
+        for key in fields::<PolicyOverrides>() {
+            assert!(sync.contains(&key), "policy key {key} is not a [sync] key");
+        }
+
+        let reference = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/configuration.md"),
+        )
+        .unwrap();
+        let table = &reference[reference.find("## Every key").expect("the key table")..];
+        let documented: std::collections::BTreeSet<String> = table
+            .lines()
+            .take_while(|l| !l.starts_with("Adapter settings"))
+            .filter_map(|l| l.strip_prefix("| `"))
+            .map(|l| l[..l.find('`').unwrap()].to_string())
+            .collect();
+        let missing: Vec<_> = expected.difference(&documented).collect();
+        let stale: Vec<_> = documented.difference(&expected).collect();
+        assert!(
+            missing.is_empty() && stale.is_empty(),
+            "docs/configuration.md: keys without a row: {missing:?}; rows of no key: {stale:?}"
+        );
+
+        // The reference's example file uses only real keys, with valid values.
+        let start = reference.find("```toml\n").unwrap() + 8;
+        let example = &reference[start..start + reference[start..].find("```").unwrap()];
+        if let Err(e) = toml::from_str::<Config>(example) {
+            panic!("docs/configuration.md example: {e}");
+        }
+    }
 }

@@ -363,7 +363,7 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
                 return worker::enqueue(setup, wait).await;
             }
             let alerts = worker::AlertDelivery::start(setup.config.as_ref(), &setup.db).await?;
-            let mut app = Bulwark::open(&setup.db, setup.registry).await?;
+            let app = Bulwark::open(&setup.db, setup.registry).await?;
             let bar = progress::Progress::new();
             let report = app
                 .sync(&setup.endpoints, &setup.options, Some(bar.clone()))
@@ -387,7 +387,7 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             sync,
         } => {
             let setup = setup(&db, &endpoints, &sync).await?;
-            let mut app = Bulwark::open(&setup.db, setup.registry).await?;
+            let app = Bulwark::open(&setup.db, setup.registry).await?;
             let bar = progress::Progress::new();
             let report = app
                 .replay(&setup.endpoints, &setup.options, Some(bar.clone()))
@@ -405,7 +405,7 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             }
         }
         Command::Cancel { run, db, json } => {
-            let mut app = Bulwark::open(&db.db, bulwark_adapters::default_registry()).await?;
+            let app = Bulwark::open(&db.db, bulwark_adapters::default_registry()).await?;
             let r = app.cancel(run).await;
             app.close().await;
             let r = r?;

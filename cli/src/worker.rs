@@ -231,7 +231,7 @@ pub(crate) async fn run(args: WorkerArgs) -> Result<ExitCode> {
         );
     }
     let alerts = AlertDelivery::start(config.as_ref(), &db).await?;
-    let mut app = Bulwark::open(&db, registry).await?;
+    let app = Bulwark::open(&db, registry).await?;
     eprintln!(
         "worker {} on {} ({} endpoints{}{})",
         app.worker_id(),

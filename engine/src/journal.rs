@@ -43,6 +43,74 @@ pub struct JournalStats {
     pub commits: AtomicU64,
     /// Time spent in commits, in microseconds.
     pub commit_micros: AtomicU64,
+    /// Transactions that failed (their appends were refused with the error).
+    pub failed_commits: AtomicU64,
+    /// Commits by latency: `commit_buckets[i]` counts the commits that took at most
+    /// [`JournalStats::COMMIT_BUCKETS_MICROS`]`[i]` (not cumulative; the last counts the rest).
+    pub commit_buckets: [AtomicU64; JournalStats::COMMIT_BUCKETS_MICROS.len() + 1],
+}
+
+impl JournalStats {
+    /// Upper bounds of the commit-latency buckets, in microseconds.
+    pub const COMMIT_BUCKETS_MICROS: [u64; 10] = [
+        250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 1_000_000,
+    ];
+
+    fn observe_commit(&self, micros: u64) {
+        self.commit_micros.fetch_add(micros, Ordering::Relaxed);
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        let i = Self::COMMIT_BUCKETS_MICROS
+            .iter()
+            .position(|&b| micros <= b)
+            .unwrap_or(Self::COMMIT_BUCKETS_MICROS.len());
+        self.commit_buckets[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// These counters in the Prometheus text format: appends by outcome, commits, and the
+    /// commit latency as a histogram (`bulwark_journal_commit_seconds`).
+    pub fn write_prometheus(&self, out: &mut String) {
+        use std::fmt::Write;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "# HELP bulwark_journal_appends_total Journal appends by outcome (this process).\n\
+             # TYPE bulwark_journal_appends_total counter\n\
+             bulwark_journal_appends_total{{outcome=\"committed\"}} {}\n\
+             bulwark_journal_appends_total{{outcome=\"fenced\"}} {}",
+            get(&self.committed),
+            get(&self.fenced)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP bulwark_journal_failed_commits_total Group commits that failed.\n\
+             # TYPE bulwark_journal_failed_commits_total counter\n\
+             bulwark_journal_failed_commits_total {}",
+            get(&self.failed_commits)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP bulwark_journal_commit_seconds Latency of one group commit (one durable transaction).\n\
+             # TYPE bulwark_journal_commit_seconds histogram"
+        );
+        let mut cumulative = 0;
+        for (i, bound) in Self::COMMIT_BUCKETS_MICROS.iter().enumerate() {
+            cumulative += get(&self.commit_buckets[i]);
+            let _ = writeln!(
+                out,
+                "bulwark_journal_commit_seconds_bucket{{le=\"{}\"}} {cumulative}",
+                *bound as f64 / 1e6
+            );
+        }
+        let _ = writeln!(
+            out,
+            "bulwark_journal_commit_seconds_bucket{{le=\"+Inf\"}} {}\n\
+             bulwark_journal_commit_seconds_sum {}\n\
+             bulwark_journal_commit_seconds_count {}",
+            get(&self.commits),
+            get(&self.commit_micros) as f64 / 1e6,
+            get(&self.commits)
+        );
+    }
 }
 
 /// Handle to the group-commit writer. Cheap to clone.
@@ -64,9 +132,7 @@ impl Journal {
                 let appends: Vec<Append> = batch.iter().map(|(a, _)| a.clone()).collect();
                 let t0 = std::time::Instant::now();
                 let result = store.append_batch(&appends).await;
-                st.commit_micros
-                    .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
-                st.commits.fetch_add(1, Ordering::Relaxed);
+                st.observe_commit(t0.elapsed().as_micros() as u64);
                 match result {
                     Ok(outcomes) => {
                         for ((_, reply), outcome) in batch.drain(..).zip(outcomes) {
@@ -80,6 +146,7 @@ impl Journal {
                         }
                     }
                     Err(e) => {
+                        st.failed_commits.fetch_add(1, Ordering::Relaxed);
                         tracing::error!(error = %e, appends = batch.len(), "journal commit failed");
                         let e = Arc::new(e);
                         for (_, reply) in batch.drain(..) {

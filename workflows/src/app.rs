@@ -19,7 +19,9 @@ use crate::endpoint_sync::{EndpointSync, State};
 use crate::error::Result;
 use crate::snapshot::{LegacySource, SnapshotOptions, SnapshotReport, take_snapshot};
 use crate::staging::{SnapshotRow, Staging};
-use crate::sync::{DiffCache, Plan, SyncEffects, SyncOptions, execute, finalize, plan_run};
+use crate::sync::{
+    DiffCache, EffectStats, Plan, SyncEffects, SyncOptions, execute, finalize, plan_run,
+};
 
 /// Receives progress of a sync.
 pub trait SyncProgress: Send + Sync {
@@ -27,6 +29,12 @@ pub trait SyncProgress: Send + Sync {
     fn started(&self, workflows: usize);
     /// A transition of `endpoint` was journaled.
     fn transition(&self, endpoint: &str, state: &State, terminal: bool);
+    /// Sync run `run` was finalized with `status` (`finished` …) by this worker. Only
+    /// [`Bulwark::work`] (and so [`Bulwark::spawn_worker`]) reports it; [`Bulwark::sync`]
+    /// returns once its run is finalized instead.
+    fn run_finished(&self, run: i64, status: &str) {
+        let _ = (run, status);
+    }
 }
 
 /// A progress event, as [`ProgressEvents`] broadcasts it.
@@ -45,6 +53,13 @@ pub enum ProgressEvent {
         state: &'static str,
         /// Whether that state is final.
         terminal: bool,
+    },
+    /// A worker finalized sync run `run`.
+    RunFinished {
+        /// The run.
+        run: i64,
+        /// Its final status (`finished`, `cancelled` …).
+        status: String,
     },
 }
 
@@ -80,6 +95,12 @@ impl SyncProgress for ProgressEvents {
             endpoint: endpoint.to_string(),
             state: EndpointSync::status(state),
             terminal,
+        });
+    }
+    fn run_finished(&self, run: i64, status: &str) {
+        let _ = self.tx.send(ProgressEvent::RunFinished {
+            run,
+            status: status.to_string(),
         });
     }
 }
@@ -147,17 +168,196 @@ pub struct AuditReport {
     pub findings: Vec<bulwark_engine::Finding>,
 }
 
-/// An opened Bulwark database.
+/// An opened Bulwark database: its store, staging, the adapters it knows and this
+/// process's group-commit journal writer.
+///
+/// Cheap to clone; the clones share the database, the journal writer and the metrics, so
+/// one can be moved into a spawned task ([`Bulwark::spawn_worker`] does).
+///
+/// ```no_run
+/// # async fn demo() -> bulwark_workflows::Result<()> {
+/// use std::sync::Arc;
+/// use bulwark_workflows::adapter::{EndpointConfig, PortalAdapter};
+/// use bulwark_workflows::app::{Bulwark, WorkerOptions};
+/// # fn my_adapter() -> Arc<dyn PortalAdapter> { unimplemented!() }
+/// let app = Bulwark::builder()
+///     .database("bulwark-data/bulwark.db")
+///     .portal("my-shop", my_adapter())
+///     .open()
+///     .await?;
+/// let endpoints = vec![EndpointConfig {
+///     id: "shop-1".into(),
+///     adapter: "my-shop".into(),
+///     ..Default::default()
+/// }];
+/// let worker = app.spawn_worker(endpoints.clone(), Default::default(), WorkerOptions::default());
+/// let mut events = worker.subscribe();
+/// let plan = app.enqueue(&endpoints, &Default::default()).await?;
+/// # let _ = (plan, events.recv().await);
+/// let report = worker.shutdown().await?;
+/// # let _ = report;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
 pub struct Bulwark {
     backend: Backend,
     store: Arc<dyn Store>,
     staging: Staging,
     registry: AdapterRegistry,
-    journal: Option<Journal>,
+    journal: Arc<std::sync::OnceLock<Journal>>,
+    journal_config: JournalConfig,
+    effects: Arc<EffectStats>,
     worker: String,
 }
 
+/// Builds a [`Bulwark`]: where its database is, which adapters it knows, how this process
+/// is named among workers. Start with [`Bulwark::builder`].
+#[derive(Debug, Default)]
+pub struct BulwarkBuilder {
+    database: Option<String>,
+    registry: AdapterRegistry,
+    worker: Option<String>,
+    journal: JournalConfig,
+}
+
+impl BulwarkBuilder {
+    /// Bulwark's own database: a SQLite file path (or `sqlite://PATH`; created with its
+    /// directory's parent existing), or `postgres://…[?schema=NAME]` for several workers.
+    /// Required.
+    pub fn database(mut self, location: impl Into<String>) -> Self {
+        self.database = Some(location.into());
+        self
+    }
+
+    /// Start from this adapter registry (for instance `bulwark_adapters::default_registry()`,
+    /// the built-in REST, GraphQL-by-config and WebDriver adapters) instead of an empty
+    /// one. Adapters added before are replaced by it.
+    pub fn registry(mut self, registry: AdapterRegistry) -> Self {
+        self.registry = registry;
+        self
+    }
+
+    /// Register an adapter factory under `name`: endpoints whose `adapter` is `name` are
+    /// built by it, once per sync, from their [`EndpointConfig`] (settings, secrets by
+    /// environment variable name …). A factory error fails the sync before anything runs.
+    pub fn adapter(
+        mut self,
+        name: impl Into<String>,
+        factory: impl Fn(&EndpointConfig) -> crate::adapter::AdapterResult<Arc<dyn PortalAdapter>>
+        + Send
+        + Sync
+        + 'static,
+    ) -> Self {
+        self.registry.register(name, Arc::new(factory));
+        self
+    }
+
+    /// Register one adapter instance under `name`, shared by every endpoint naming it
+    /// (it tells them apart by [`Batch::endpoint`](crate::catalog::Batch)).
+    pub fn portal(self, name: impl Into<String>, adapter: Arc<dyn PortalAdapter>) -> Self {
+        self.adapter(name, move |_| Ok(adapter.clone()))
+    }
+
+    /// This process's worker identity in leases and logs (default `HOSTNAME-PID`).
+    /// Must differ between processes sharing a database.
+    pub fn worker_id(mut self, id: impl Into<String>) -> Self {
+        self.worker = Some(id.into());
+        self
+    }
+
+    /// Group-commit settings of the journal writer.
+    pub fn journal(mut self, config: JournalConfig) -> Self {
+        self.journal = config;
+        self
+    }
+
+    /// Open (or create and migrate) the database.
+    pub async fn open(self) -> Result<Bulwark> {
+        let Some(location) = self.database else {
+            return Err(crate::error::SyncError::Config(
+                "Bulwark::builder(): no database given (call .database(PATH_OR_URL))".into(),
+            ));
+        };
+        let mut app = Bulwark::open(&location, self.registry).await?;
+        if let Some(w) = self.worker {
+            app.worker = w;
+        }
+        app.journal_config = self.journal;
+        Ok(app)
+    }
+}
+
+/// How a worker started by [`Bulwark::spawn_worker`] works.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// Claiming and driving: capacity, poll interval, whether to exit when idle.
+    pub work: WorkOptions,
+    /// Lease length in milliseconds (heartbeats renew it every third of that).
+    pub lease_ms: i64,
+    /// Most progress events kept for a subscriber that falls behind.
+    pub events: usize,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        Self {
+            work: WorkOptions::default(),
+            lease_ms: 30_000,
+            events: 4096,
+        }
+    }
+}
+
+/// A worker running in the background on the caller's tokio runtime (see
+/// [`Bulwark::spawn_worker`]). Dropping the handle does not stop it; call
+/// [`stop`](WorkerHandle::stop) or [`shutdown`](WorkerHandle::shutdown).
+pub struct WorkerHandle {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    events: Arc<ProgressEvents>,
+    task: tokio::task::JoinHandle<Result<SyncReport>>,
+}
+
+impl WorkerHandle {
+    /// A new subscriber to the worker's progress events, from now on.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<ProgressEvent> {
+        self.events.subscribe()
+    }
+
+    /// Ask the worker to stop: it claims nothing more, finishes the transitions in flight
+    /// (journaled work left over is resumed by the next worker) and ends.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the worker has ended (stopped, idle with `exit_when_idle`, or failed).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// Wait for the worker to end by itself (with `exit_when_idle`, or after
+    /// [`stop`](WorkerHandle::stop)), and return what it did.
+    pub async fn join(self) -> Result<SyncReport> {
+        match self.task.await {
+            Ok(r) => r,
+            Err(e) => Err(crate::error::SyncError::Config(format!(
+                "the worker task ended abnormally: {e}"
+            ))),
+        }
+    }
+
+    /// Stop the worker and wait for it to end.
+    pub async fn shutdown(self) -> Result<SyncReport> {
+        self.stop();
+        self.join().await
+    }
+}
+
 impl Bulwark {
+    /// A builder: database, adapters, worker identity.
+    pub fn builder() -> BulwarkBuilder {
+        BulwarkBuilder::default()
+    }
+
     /// Open (or create) Bulwark's database: a SQLite file path (or `sqlite://PATH`), or a
     /// `postgres://…[?schema=NAME]` URL for several workers on one PostgreSQL database.
     pub async fn open(location: impl AsRef<Path>, registry: AdapterRegistry) -> Result<Self> {
@@ -169,9 +369,65 @@ impl Bulwark {
             store,
             staging,
             registry,
-            journal: None,
+            journal: Arc::default(),
+            journal_config: JournalConfig::default(),
+            effects: Arc::default(),
             worker: format!("{}-{}", hostname(), std::process::id()),
         })
+    }
+
+    /// Start a worker on the current tokio runtime: it claims endpoint syncs of any open
+    /// run (started by [`Bulwark::enqueue`] here or anywhere on the same database),
+    /// drives them, finalizes runs as they complete, and reports progress to the handle's
+    /// subscribers. The adapters of `endpoints` are built when it starts; a factory error
+    /// ends it with that error (see [`WorkerHandle::join`]).
+    ///
+    /// On SQLite a worker holds the database's work lock while it runs: [`Bulwark::sync`]
+    /// and a second worker wait for it to stop (they fail saying so). Starting runs with
+    /// [`Bulwark::enqueue`] does not need the lock.
+    ///
+    /// Must be called within a tokio runtime.
+    pub fn spawn_worker(
+        &self,
+        endpoints: Vec<EndpointConfig>,
+        options: SyncOptions,
+        worker: WorkerOptions,
+    ) -> WorkerHandle {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let events = ProgressEvents::new(worker.events);
+        let app = self.clone();
+        let (s, e) = (stop.clone(), events.clone());
+        let task = tokio::spawn(async move {
+            app.work(
+                &endpoints,
+                &options,
+                worker.work,
+                worker.lease_ms,
+                s,
+                Some(e as Arc<dyn SyncProgress>),
+            )
+            .await
+        });
+        WorkerHandle { stop, events, task }
+    }
+
+    /// This process's metrics in the Prometheus text format: journal appends and group
+    /// commit latency, adapter calls, batches by outcome, adapter calls in flight. They
+    /// count from when this `Bulwark` (or the one it was cloned from) was opened; the
+    /// database-wide figures (workflows by state, circuits, alerts) are `bulwark serve`'s.
+    pub fn metrics_text(&self) -> String {
+        let mut out = String::new();
+        match self.journal.get() {
+            Some(j) => j.stats().write_prometheus(&mut out),
+            None => bulwark_engine::journal::JournalStats::default().write_prometheus(&mut out),
+        }
+        self.effects.write_prometheus(&mut out);
+        out
+    }
+
+    /// Adapter-call counters of this process, across every sync and worker.
+    pub fn effect_stats(&self) -> &EffectStats {
+        &self.effects
     }
 
     /// The store.
@@ -199,15 +455,15 @@ impl Bulwark {
         &self.staging
     }
 
-    fn journal(&mut self) -> Journal {
+    fn journal(&self) -> Journal {
         self.journal
-            .get_or_insert_with(|| Journal::start(self.store.clone(), JournalConfig::default()))
+            .get_or_init(|| Journal::start(self.store.clone(), self.journal_config.clone()))
             .clone()
     }
 
     /// Group-commit counters of this process's journal writer, if it started.
     pub fn journal_stats(&self) -> Option<&bulwark_engine::journal::JournalStats> {
-        self.journal.as_ref().map(|j| j.stats())
+        self.journal.get().map(|j| j.stats())
     }
 
     /// Take a snapshot of the legacy source into staging.
@@ -251,14 +507,15 @@ impl Bulwark {
             options.max_in_flight,
             options.limits.clone(),
             hosts,
-        ));
+        )
+        .counting_into(self.effects.clone()));
         Ok((lock, diffs, effects))
     }
 
     /// Resume every unfinished sync (replaying it from the journal), then plan and run a
     /// new sync of `endpoints` towards the newest sealed snapshot.
     pub async fn sync(
-        &mut self,
+        &self,
         endpoints: &[EndpointConfig],
         options: &SyncOptions,
         progress: Option<Arc<dyn SyncProgress>>,
@@ -269,7 +526,7 @@ impl Bulwark {
     /// Resume every unfinished sync (replaying it from the journal) and finish it, without
     /// starting a new run: what a crash or stop left behind, and nothing else.
     pub async fn replay(
-        &mut self,
+        &self,
         endpoints: &[EndpointConfig],
         options: &SyncOptions,
         progress: Option<Arc<dyn SyncProgress>>,
@@ -280,7 +537,7 @@ impl Bulwark {
     /// Cancel sync run `run`: every unfinished endpoint sync of it takes the operator's
     /// `Cancel` (a worker driving one is fenced off and drops it), what did finish is
     /// confirmed, and the run is marked `cancelled`.
-    pub async fn cancel(&mut self, run: i64) -> Result<CancelReport> {
+    pub async fn cancel(&self, run: i64) -> Result<CancelReport> {
         let Some(r) = self.store.runs().await?.into_iter().find(|r| r.id == run) else {
             return Err(crate::error::SyncError::Config(format!("no run {run}")));
         };
@@ -318,7 +575,7 @@ impl Bulwark {
     }
 
     async fn drive(
-        &mut self,
+        &self,
         endpoints: &[EndpointConfig],
         options: &SyncOptions,
         progress: Option<Arc<dyn SyncProgress>>,
@@ -493,7 +750,7 @@ impl Bulwark {
     /// `exit_when_idle`, until no run is left open): claim endpoint syncs of any run,
     /// drive them with heartbeated leases, and finalize runs as they complete.
     pub async fn work(
-        &mut self,
+        &self,
         endpoints: &[EndpointConfig],
         options: &SyncOptions,
         work: WorkOptions,
@@ -512,56 +769,60 @@ impl Bulwark {
             },
         );
         let rt_stop = runtime.stop_flag();
-        let observer: Option<Observer<EndpointSync>> = progress.map(|p| {
+        let observer: Option<Observer<EndpointSync>> = progress.clone().map(|p| {
             Arc::new(move |ctx: &WorkflowCtx<EndpointSync>, s: &State| {
                 p.transition(&ctx.subject, s, EndpointSync::is_terminal(s))
             }) as Observer<EndpointSync>
         });
-        // Finalize runs as they complete (any worker may; it is idempotent), and pass the
-        // stop request on to the runtime.
+        // Finalize every open sync run that has completed (any worker may; it is
+        // idempotent), telling the progress once per run; true if none is left open.
+        let reported = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+        let finalize_open = {
+            let (store, staging) = (self.store.clone(), self.staging.clone());
+            move || {
+                let (store, staging) = (store.clone(), staging.clone());
+                let (progress, reported) = (progress.clone(), reported.clone());
+                async move {
+                    let Ok(runs) = store.runs().await else {
+                        return false;
+                    };
+                    let mut all = true;
+                    for r in runs
+                        .iter()
+                        .filter(|r| r.kind == "sync" && r.status == "running")
+                    {
+                        match finalize(store.as_ref(), &staging, r.id).await {
+                            Ok(true) => {
+                                let new = reported.lock().expect("reported runs").insert(r.id);
+                                if let (true, Some(p)) = (new, &progress) {
+                                    p.run_finished(r.id, "finished");
+                                }
+                            }
+                            Ok(false) => all = false,
+                            Err(e) => {
+                                tracing::warn!(run = r.id, error = %e, "finalizing failed");
+                                all = false;
+                            }
+                        }
+                    }
+                    all
+                }
+            }
+        };
+        // Finalize runs as they complete, and pass the stop request on to the runtime.
         let finalizer = {
-            let (store, staging, stop) = (self.store.clone(), self.staging.clone(), stop.clone());
+            let (finalize_open, stop) = (finalize_open.clone(), stop.clone());
             tokio::spawn(async move {
                 loop {
                     if stop.load(std::sync::atomic::Ordering::Relaxed) {
                         rt_stop.store(true, std::sync::atomic::Ordering::Relaxed);
                     }
-                    if let Ok(runs) = store.runs().await {
-                        for r in runs
-                            .iter()
-                            .filter(|r| r.kind == "sync" && r.status == "running")
-                        {
-                            if let Err(e) = finalize(store.as_ref(), &staging, r.id).await {
-                                tracing::warn!(run = r.id, error = %e, "finalizing failed");
-                            }
-                        }
-                    }
+                    finalize_open().await;
                     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
                 }
             })
         };
-        let store = self.store.clone();
-        let staging = self.staging.clone();
-        let idle = move || {
-            let (store, staging) = (store.clone(), staging.clone());
-            async move {
-                let Ok(runs) = store.runs().await else {
-                    return false;
-                };
-                for r in runs
-                    .iter()
-                    .filter(|r| r.kind == "sync" && r.status == "running")
-                {
-                    if !finalize(store.as_ref(), &staging, r.id)
-                        .await
-                        .unwrap_or(false)
-                    {
-                        return false;
-                    }
-                }
-                true
-            }
-        };
+        let idle = finalize_open;
         let outcome = runtime.work(effects.clone(), observer, work, idle).await;
         finalizer.abort();
         let mut report = SyncReport::default();

@@ -310,6 +310,63 @@ pub struct EffectStats {
     pub probes: AtomicU64,
     /// Probes that found the batch already landed (a re-send avoided).
     pub probe_hits: AtomicU64,
+    /// Uploads (and probes) that failed.
+    pub upload_failures: AtomicU64,
+    /// Batches verified: the endpoint shows what was sent.
+    pub verified: AtomicU64,
+    /// Batches whose read-back differed from what was sent (a failed validation).
+    pub mismatches: AtomicU64,
+    /// Verify calls that failed.
+    pub verify_failures: AtomicU64,
+    /// Calls given up after the policy's per-attempt timeout.
+    pub timeouts: AtomicU64,
+    /// Adapter calls in flight now.
+    pub in_flight: AtomicU64,
+}
+
+impl EffectStats {
+    /// These counters in the Prometheus text format (`bulwark_adapter_calls_total`,
+    /// `bulwark_batches_total` by outcome, `bulwark_effects_in_flight`).
+    pub fn write_prometheus(&self, out: &mut String) {
+        use std::fmt::Write;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "# HELP bulwark_adapter_calls_total Portal adapter calls by kind (this process).\n\
+             # TYPE bulwark_adapter_calls_total counter\n\
+             bulwark_adapter_calls_total{{call=\"upload\"}} {}\n\
+             bulwark_adapter_calls_total{{call=\"verify\"}} {}\n\
+             bulwark_adapter_calls_total{{call=\"probe\"}} {}\n\
+             # HELP bulwark_probe_hits_total Probes that found the batch already landed (a re-send avoided).\n\
+             # TYPE bulwark_probe_hits_total counter\n\
+             bulwark_probe_hits_total {}\n\
+             # HELP bulwark_adapter_timeouts_total Calls given up after the per-attempt timeout.\n\
+             # TYPE bulwark_adapter_timeouts_total counter\n\
+             bulwark_adapter_timeouts_total {}",
+            get(&self.uploads),
+            get(&self.verifies),
+            get(&self.probes),
+            get(&self.probe_hits),
+            get(&self.timeouts),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP bulwark_batches_total Batch attempts by outcome (this process).\n\
+             # TYPE bulwark_batches_total counter\n\
+             bulwark_batches_total{{outcome=\"verified\"}} {}\n\
+             bulwark_batches_total{{outcome=\"mismatch\"}} {}\n\
+             bulwark_batches_total{{outcome=\"upload_failed\"}} {}\n\
+             bulwark_batches_total{{outcome=\"verify_failed\"}} {}\n\
+             # HELP bulwark_effects_in_flight Adapter calls in flight now (this process).\n\
+             # TYPE bulwark_effects_in_flight gauge\n\
+             bulwark_effects_in_flight {}",
+            get(&self.verified),
+            get(&self.mismatches),
+            get(&self.upload_failures),
+            get(&self.verify_failures),
+            get(&self.in_flight),
+        );
+    }
 }
 
 /// Executes endpoint-sync commands with portal adapters, under the circuits and limits.
@@ -319,8 +376,10 @@ pub struct SyncEffects {
     diffs: Arc<DiffCache>,
     in_flight: Semaphore,
     gates: Gates,
-    /// Call counters.
+    /// Call counters of these effects.
     pub stats: EffectStats,
+    /// The process-wide counters the same calls also count into (see [`SyncEffects::counting_into`]).
+    totals: Option<Arc<EffectStats>>,
 }
 
 /// The shared circuits, read through a short-lived cache: a run's thousands of Begin
@@ -476,6 +535,27 @@ impl SyncEffects {
             in_flight: Semaphore::new(max_in_flight.max(1)),
             gates: Gates::new(limits, hosts),
             stats: EffectStats::default(),
+            totals: None,
+        }
+    }
+
+    /// Count every call into `totals` as well (a process's metrics, across many runs).
+    pub fn counting_into(mut self, totals: Arc<EffectStats>) -> Self {
+        self.totals = Some(totals);
+        self
+    }
+
+    fn count(&self, counter: impl Fn(&EffectStats) -> &AtomicU64) {
+        counter(&self.stats).fetch_add(1, Ordering::Relaxed);
+        if let Some(t) = &self.totals {
+            counter(t).fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn uncount(&self, counter: impl Fn(&EffectStats) -> &AtomicU64) {
+        counter(&self.stats).fetch_sub(1, Ordering::Relaxed);
+        if let Some(t) = &self.totals {
+            counter(t).fetch_sub(1, Ordering::Relaxed);
         }
     }
 
@@ -489,12 +569,18 @@ impl SyncEffects {
         let _gates = self.gates.enter(&input.endpoint).await;
         let _global = self.in_flight.acquire().await.ok()?;
         let limit = std::time::Duration::from_millis(input.policy.attempt_timeout_ms.max(1));
-        Some(match tokio::time::timeout(limit, call).await {
+        self.count(|s| &s.in_flight);
+        let result = tokio::time::timeout(limit, call).await;
+        self.uncount(|s| &s.in_flight);
+        Some(match result {
             Ok(r) => r,
-            Err(_) => Err(AdapterError::Transient(format!(
-                "no answer within {} ms (attempt timeout)",
-                limit.as_millis()
-            ))),
+            Err(_) => {
+                self.count(|s| &s.timeouts);
+                Err(AdapterError::Transient(format!(
+                    "no answer within {} ms (attempt timeout)",
+                    limit.as_millis()
+                )))
+            }
         })
     }
 
@@ -568,31 +654,37 @@ impl Effects<EndpointSync> for SyncEffects {
                     }
                 };
                 let result = self.call(input, adapter.upload(&b)).await?;
-                self.stats.uploads.fetch_add(1, Ordering::Relaxed);
+                self.count(|s| &s.uploads);
                 Some(match result {
                     Ok(receipt) => Event::Uploaded { receipt },
-                    Err(error) => Event::UploadFailed {
-                        at_ms: now_ms(),
-                        error,
-                    },
+                    Err(error) => {
+                        self.count(|s| &s.upload_failures);
+                        Event::UploadFailed {
+                            at_ms: now_ms(),
+                            error,
+                        }
+                    }
                 })
             }
             Command::Probe { key, .. } => {
                 let result = self
                     .call(input, adapter.probe(&input.endpoint, key))
                     .await?;
-                self.stats.probes.fetch_add(1, Ordering::Relaxed);
+                self.count(|s| &s.probes);
                 Some(match result {
                     Ok(found) => {
                         if found.is_some() {
-                            self.stats.probe_hits.fetch_add(1, Ordering::Relaxed);
+                            self.count(|s| &s.probe_hits);
                         }
                         Event::Probed { found }
                     }
-                    Err(error) => Event::UploadFailed {
-                        at_ms: now_ms(),
-                        error,
-                    },
+                    Err(error) => {
+                        self.count(|s| &s.upload_failures);
+                        Event::UploadFailed {
+                            at_ms: now_ms(),
+                            error,
+                        }
+                    }
                 })
             }
             Command::Verify {
@@ -608,14 +700,23 @@ impl Effects<EndpointSync> for SyncEffects {
                     }
                 };
                 let result = self.call(input, adapter.verify(&b, &receipt)).await?;
-                self.stats.verifies.fetch_add(1, Ordering::Relaxed);
+                self.count(|s| &s.verifies);
                 Some(match result {
-                    Ok(Verification::Verified) => Event::Verified,
-                    Ok(Verification::Mismatch { details }) => Event::Mismatch { details },
-                    Err(error) => Event::VerifyFailed {
-                        at_ms: now_ms(),
-                        error,
-                    },
+                    Ok(Verification::Verified) => {
+                        self.count(|s| &s.verified);
+                        Event::Verified
+                    }
+                    Ok(Verification::Mismatch { details }) => {
+                        self.count(|s| &s.mismatches);
+                        Event::Mismatch { details }
+                    }
+                    Err(error) => {
+                        self.count(|s| &s.verify_failures);
+                        Event::VerifyFailed {
+                            at_ms: now_ms(),
+                            error,
+                        }
+                    }
                 })
             }
         }
