@@ -173,11 +173,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         }
     });
-    wait.await.map_err(|_| "the worker did not finish the run within 60 s")?;
+    wait.await
+        .map_err(|_| "the worker did not finish the run within 60 s")?;
     assert_eq!(finished, 3, "one final event per endpoint");
     // This process's metrics, in the Prometheus text format.
     let metrics = app.metrics_text();
-    assert!(metrics.contains("bulwark_batches_total{outcome=\"verified\"} 12"), "{metrics}");
+    assert!(
+        metrics.contains("bulwark_batches_total{outcome=\"verified\"} 12"),
+        "{metrics}"
+    );
     let worked = worker.shutdown().await?;
     assert_eq!(worked.uploads, 3, "one changed item: one batch per shop");
     println!("worker stopped after {} uploads", worked.uploads);

@@ -654,8 +654,7 @@ async fn crash_and_replay(endpoints: u32, batches: u32, crashes: Vec<Crash>) -> 
 
     // Recovery: a fresh process with a healthy adapter resumes every unfinished run.
     let wrapper = Arc::new(CrashingPortal::new(sink.clone(), None, false));
-    let app =
-        Bulwark::open(&db, registry_for(wrapper.clone() as Arc<dyn PortalAdapter>)).await?;
+    let app = Bulwark::open(&db, registry_for(wrapper.clone() as Arc<dyn PortalAdapter>)).await?;
     let report = tokio::time::timeout(Duration::from_secs(20), app.sync(&eps, &options, None))
         .await
         .map_err(|_| anyhow::anyhow!("recovery sync hung"))??;

@@ -270,3 +270,124 @@ async fn json_logs_on_request_carry_the_alerts() {
     );
     sim.shutdown().await.unwrap();
 }
+
+/// The value of the first sample line `name` (labels included) in a Prometheus text.
+fn sample(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no sample {name} in:\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_serves_its_own_metrics() {
+    let Some(base) = bulwark_tests::pg_url() else {
+        return;
+    };
+    let db = bulwark_tests::pg_schema_url(&base, "worker_metrics");
+    let dir = tempfile::tempdir().unwrap();
+    let legacy = dir.path().join("legacy.db");
+    run_ok(
+        bulwark()
+            .args(["generate-legacy", "--skus", "250", "--path"])
+            .arg(&legacy),
+    );
+    run_ok(
+        bulwark()
+            .args(["snapshot", "--db", &db, "--legacy"])
+            .arg(&legacy),
+    );
+    // One endpoint of five rejects what it is sent: 3 failed validations trip it.
+    let sim = simulator::start(
+        SimConfig {
+            profiles: [("ep-00005".to_string(), simulator::Fault::Corrupt)].into(),
+            ..Default::default()
+        },
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    let portal = format!("http://{}", sim.addr());
+    let endpoint_args = [
+        "--endpoints",
+        "5",
+        "--portal-url",
+        &portal,
+        "--batch-size",
+        "100",
+    ];
+
+    // Off loopback without a token, the worker refuses to start.
+    let refused = bulwark()
+        .args(["worker", "--db", &db, "--metrics-listen", "0.0.0.0:0"])
+        .args(endpoint_args)
+        .env_remove("BULWARK_SERVE_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        why.contains("without a token: set BULWARK_SERVE_TOKEN"),
+        "{why}"
+    );
+
+    let port = bulwark_tests::free_port();
+    let mut worker = KillOnDrop(
+        bulwark()
+            .args(["worker", "--db", &db, "--metrics-listen"])
+            .arg(format!("127.0.0.1:{port}"))
+            .args(endpoint_args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    bulwark_tests::wait_for_port(port);
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let before = reqwest::get(&url).await.unwrap().text().await.unwrap();
+    assert_eq!(sample(&before, "bulwark_journal_commit_seconds_count"), 0.0);
+
+    let out = run_ok(
+        bulwark()
+            .args(["sync", "--wait", "--db", &db])
+            .args(endpoint_args),
+    );
+    assert!(out.contains("Done=4 Tripped=1"), "{out}");
+    let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
+    // 250 items in batches of 100: 3 batches to each of 4 healthy endpoints; the broken
+    // one's first batch mismatches 3 times.
+    assert_eq!(
+        sample(&text, "bulwark_batches_total{outcome=\"verified\"}"),
+        12.0,
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "bulwark_batches_total{outcome=\"mismatch\"}"),
+        3.0,
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "bulwark_adapter_calls_total{call=\"upload\"}"),
+        15.0,
+        "{text}"
+    );
+    assert_eq!(sample(&text, "bulwark_effects_in_flight"), 0.0, "{text}");
+    let commits = sample(&text, "bulwark_journal_commit_seconds_count");
+    assert!(commits > 0.0, "{text}");
+    assert_eq!(
+        sample(&text, "bulwark_journal_commit_seconds_bucket{le=\"+Inf\"}"),
+        commits
+    );
+    assert!(sample(&text, "bulwark_journal_commit_seconds_sum") > 0.0);
+    assert!(
+        sample(
+            &text,
+            "bulwark_journal_appends_total{outcome=\"committed\"}"
+        ) > 0.0
+    );
+
+    run_ok(std::process::Command::new("kill").args(["-TERM", &worker.0.id().to_string()]));
+    assert!(worker.0.wait().unwrap().success());
+    sim.shutdown().await.unwrap();
+}

@@ -737,7 +737,11 @@ settings = { base_url = "http://127.0.0.1:9/ep/b" }
         }
         let mut out = Vec::new();
         let _ = T::deserialize(Probe(&mut out));
-        assert!(!out.is_empty(), "{} is not a struct", std::any::type_name::<T>());
+        assert!(
+            !out.is_empty(),
+            "{} is not a struct",
+            std::any::type_name::<T>()
+        );
         out
     }
 
@@ -764,7 +768,10 @@ settings = { base_url = "http://127.0.0.1:9/ep/b" }
             for key in keys {
                 let full = format!("{section}.{key}");
                 // `limits.host` is the table of per-host sections, listed by their keys.
-                if !sections.iter().any(|(s, _)| s.starts_with(&format!("{full}."))) {
+                if !sections
+                    .iter()
+                    .any(|(s, _)| s.starts_with(&format!("{full}.")))
+                {
                     expected.insert(full);
                 }
             }

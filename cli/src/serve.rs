@@ -62,17 +62,38 @@ pub(crate) fn router(app: Bulwark, token: Option<String>) -> Router {
         .with_state(ctx)
 }
 
-pub(crate) async fn run(args: ServeArgs) -> Result<()> {
-    let token = std::env::var(&args.token_env)
-        .ok()
-        .filter(|t| !t.is_empty());
-    if !args.listen.ip().is_loopback() && token.is_none() {
+/// The access token from `token_env`; an error if there is none and `listen` is not
+/// loopback (a dashboard or metrics open to the network without one is refused).
+pub(crate) fn token_for(listen: SocketAddr, token_env: &str) -> Result<Option<String>> {
+    let token = std::env::var(token_env).ok().filter(|t| !t.is_empty());
+    if !listen.ip().is_loopback() && token.is_none() {
         bail!(
-            "refusing to serve on {} without a token: set {} (or bind to 127.0.0.1)",
-            args.listen,
-            args.token_env
+            "refusing to serve on {listen} without a token: set {token_env} (or bind to 127.0.0.1)"
         );
     }
+    Ok(token)
+}
+
+/// A worker's own `/metrics` (its journal writer and adapter calls), behind the same
+/// token rule as the dashboard.
+pub(crate) fn worker_metrics_router(app: Bulwark, token: Option<String>) -> Router {
+    let ctx: Shared = Arc::new(Ctx { app, token });
+    Router::new()
+        .route("/metrics", get(process_metrics))
+        .layer(axum::middleware::from_fn_with_state(ctx.clone(), guard))
+        .with_state(ctx)
+}
+
+async fn process_metrics(State(ctx): State<Shared>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        ctx.app.metrics_text(),
+    )
+        .into_response()
+}
+
+pub(crate) async fn run(args: ServeArgs) -> Result<()> {
+    let token = token_for(args.listen, &args.token_env)?;
     let app = Bulwark::open(&args.db.db, bulwark_adapters::default_registry()).await?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

@@ -40,6 +40,14 @@ pub(crate) struct WorkerArgs {
     /// Exit once every run is finished and nothing is claimable (not with schedules).
     #[arg(long)]
     exit_when_idle: bool,
+    /// Serve this worker's own Prometheus `/metrics` (journal commit latency, adapter
+    /// calls, batches by outcome, calls in flight) on this address. Anything but
+    /// loopback requires the token in `--metrics-token-env`.
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
+    /// Environment variable holding the metrics access token (required off loopback).
+    #[arg(long, default_value = "BULWARK_SERVE_TOKEN")]
+    metrics_token_env: String,
 }
 
 /// Endpoints of the in-process sink (`--sink memory`), ids as the demo's.
@@ -230,8 +238,27 @@ pub(crate) async fn run(args: WorkerArgs) -> Result<ExitCode> {
             "--exit-when-idle does not go with [schedule]: a scheduled worker runs until stopped"
         );
     }
+    let metrics_token = match args.metrics_listen {
+        Some(addr) => crate::serve::token_for(addr, &args.metrics_token_env)?,
+        None => None,
+    };
     let alerts = AlertDelivery::start(config.as_ref(), &db).await?;
     let app = Bulwark::open(&db, registry).await?;
+    let metrics = match args.metrics_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("--metrics-listen {addr}: {e}"))?;
+            eprintln!("metrics on http://{}/metrics", listener.local_addr()?);
+            let router = crate::serve::worker_metrics_router(app.clone(), metrics_token);
+            Some(tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, router).await {
+                    tracing::error!(error = %e, "metrics server failed");
+                }
+            }))
+        }
+        None => None,
+    };
     eprintln!(
         "worker {} on {} ({} endpoints{}{})",
         app.worker_id(),
@@ -261,6 +288,9 @@ pub(crate) async fn run(args: WorkerArgs) -> Result<ExitCode> {
         )
         .await;
     stop.store(true, Ordering::Relaxed);
+    if let Some(m) = metrics {
+        m.abort();
+    }
     if let Some(s) = scheduler {
         let _ = s.await;
     }

@@ -500,15 +500,17 @@ impl Bulwark {
             }
         }
         let diffs = Arc::new(DiffCache::new(self.staging.clone()));
-        let effects = Arc::new(SyncEffects::with_limits(
-            adapters,
-            self.store.clone(),
-            diffs.clone(),
-            options.max_in_flight,
-            options.limits.clone(),
-            hosts,
-        )
-        .counting_into(self.effects.clone()));
+        let effects = Arc::new(
+            SyncEffects::with_limits(
+                adapters,
+                self.store.clone(),
+                diffs.clone(),
+                options.max_in_flight,
+                options.limits.clone(),
+                hosts,
+            )
+            .counting_into(self.effects.clone()),
+        );
         Ok((lock, diffs, effects))
     }
 
