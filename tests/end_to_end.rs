@@ -158,8 +158,8 @@ fn demo_syncs_everything_then_nothing_then_only_the_delta() {
     assert!(ok && done.lines().count() == 58, "{done}");
     let (ok, one) = query(&["endpoint", ids[0]], &db);
     assert!(
-        ok && one.contains("circuit open (opened")
-            && one.contains("after 3 failure(s), opening #1")
+        ok && one.contains("circuit open\n  opened 20")
+            && one.contains(" after 3 failure(s), opening #1\n  probe from 20")
             && one.contains("last error: batch 0")
             && one.contains("Tripped"),
         "{one}"

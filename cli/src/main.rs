@@ -460,16 +460,10 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&alerts)?);
             } else {
-                for a in alerts {
-                    println!(
-                        "{} {:<5} {:<17} {:<12} {}",
-                        chrono_ms(a.at),
-                        a.level.as_str(),
-                        a.kind,
-                        a.subject,
-                        a.message
-                    );
-                }
+                let webhook = alerts
+                    .iter()
+                    .any(|a| a.delivered_at.is_some() || a.delivery_attempts > 0);
+                ops::print_alerts(&alerts, webhook);
             }
         }
         Command::Audit { db, json } => {
@@ -504,4 +498,34 @@ pub(crate) fn chrono_ms(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
         .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every command and every option says what it is for in `--help`.
+    #[test]
+    fn every_command_and_option_has_help_text() {
+        fn check(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for sub in cmd.get_subcommands() {
+                let here = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() {
+                    missing.push(format!("{here}: no description"));
+                }
+                for arg in sub.get_arguments() {
+                    if arg.get_help().is_none() && arg.get_id() != "help" {
+                        missing.push(format!("{here} {}: no help", arg.get_id()));
+                    }
+                }
+                check(sub, &here, missing);
+            }
+        }
+        let cmd = super::Cli::command();
+        cmd.clone().debug_assert();
+        let mut missing = Vec::new();
+        check(&cmd, "bulwark", &mut missing);
+        assert!(missing.is_empty(), "{missing:#?}");
+        assert!(cmd.get_subcommands().count() >= 18);
+    }
 }

@@ -62,6 +62,9 @@ pub(crate) enum Ops {
         id: String,
         #[command(flatten)]
         db: DbArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -104,6 +107,86 @@ fn cut(s: &str, n: usize) -> String {
         s.to_string()
     } else {
         format!("{}…", s.chars().take(n - 1).collect::<String>())
+    }
+}
+
+/// Word-wrap `s` to lines of at most `width` characters, at most `max` lines (the last
+/// ends with "…" when some text is left out). A word longer than a line is cut.
+pub(crate) fn wrap(s: &str, width: usize, max: usize) -> Vec<String> {
+    let mut lines: Vec<String> = Vec::new();
+    let mut cur = String::new();
+    for word in s.split_whitespace() {
+        let (n, w) = (cur.chars().count(), word.chars().count());
+        if n > 0 && n + 1 + w > width {
+            lines.push(std::mem::take(&mut cur));
+        }
+        if !cur.is_empty() {
+            cur.push(' ');
+        }
+        cur.push_str(word);
+        while cur.chars().count() > width {
+            let head: String = cur.chars().take(width).collect();
+            cur = cur.chars().skip(width).collect();
+            lines.push(head);
+        }
+    }
+    if !cur.is_empty() {
+        lines.push(cur);
+    }
+    if lines.len() > max {
+        lines.truncate(max);
+        let last = lines.last_mut().expect("max >= 1");
+        *last = cut(&format!("{last} …"), width);
+        if !last.ends_with('…') {
+            last.push('…');
+        }
+    }
+    lines
+}
+
+/// The runs table (80 columns): id, kind, status, created, counts by state.
+pub(crate) fn print_runs(runs: &[bulwark_workflows::app::RunStatus]) {
+    println!(
+        "{:>5}  {:<8} {:<9} {:<19}  states",
+        "run", "kind", "status", "created"
+    );
+    for r in runs {
+        let states: Vec<String> = r.states.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!(
+            "{:>5}  {:<8} {:<9} {:<19}  {}",
+            r.id,
+            cut(&r.kind, 8),
+            cut(&r.status, 9),
+            chrono_ms(r.created_at),
+            cut(&states.join(" "), 32)
+        );
+    }
+}
+
+/// Alerts (80 columns): a header line each (time, level, kind, subject, webhook), then
+/// the message wrapped under it, at most three lines (`--json` has it whole).
+pub(crate) fn print_alerts(alerts: &[bulwark_engine::AlertRow], webhook: bool) {
+    for a in alerts {
+        let delivery = if !webhook {
+            String::new()
+        } else if a.delivered_at.is_some() {
+            "  webhook: delivered".to_string()
+        } else if a.delivery_attempts > 0 {
+            format!("  webhook: {} attempt(s)", a.delivery_attempts)
+        } else {
+            "  webhook: pending".to_string()
+        };
+        println!(
+            "{} {:<5} {:<17} {}{}",
+            chrono_ms(a.at),
+            a.level.as_str(),
+            a.kind,
+            cut(&a.subject, 80 - 44 - delivery.len()),
+            delivery
+        );
+        for l in wrap(&a.message, 76, 3) {
+            println!("    {l}");
+        }
     }
 }
 
@@ -187,22 +270,7 @@ pub(crate) async fn run(op: Ops) -> Result<ExitCode> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&status.runs)?);
             } else {
-                println!(
-                    "{:>5}  {:<8} {:<9} {:<19}  states",
-                    "run", "kind", "status", "created"
-                );
-                for r in &status.runs {
-                    let states: Vec<String> =
-                        r.states.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                    println!(
-                        "{:>5}  {:<8} {:<9} {:<19}  {}",
-                        r.id,
-                        r.kind,
-                        r.status,
-                        chrono_ms(r.created_at),
-                        cut(&states.join(" "), 32)
-                    );
-                }
+                print_runs(&status.runs);
             }
         }
         Ops::Run { id, db, json } => {
@@ -320,20 +388,20 @@ pub(crate) async fn run(op: Ops) -> Result<ExitCode> {
                 });
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                println!(
-                    "endpoint {id}: circuit {}",
-                    match &circuit {
-                        Some(c) if c.open => format!(
-                            "{} (opened {} after {} failure(s), opening #{}; probe from {})",
-                            c.state_name(now),
-                            chrono_ms(c.opened_at),
-                            c.failures,
-                            c.opens,
-                            chrono_ms(c.retry_at)
-                        ),
-                        _ => "closed".into(),
-                    }
-                );
+                let state = match &circuit {
+                    Some(c) if c.open => c.state_name(now),
+                    _ => "closed",
+                };
+                println!("endpoint {}: circuit {state}", cut(&id, 50));
+                if let Some(c) = circuit.as_ref().filter(|c| c.open) {
+                    println!(
+                        "  opened {} after {} failure(s), opening #{}",
+                        chrono_ms(c.opened_at),
+                        c.failures,
+                        c.opens
+                    );
+                    println!("  probe from {}", chrono_ms(c.retry_at));
+                }
                 if let Some(reason) = circuit
                     .as_ref()
                     .filter(|c| c.open)
@@ -361,13 +429,16 @@ pub(crate) async fn run(op: Ops) -> Result<ExitCode> {
                 }
             }
         }
-        Ops::ResetCircuit { id, db } => {
+        Ops::ResetCircuit { id, db, json } => {
             let app = open(&db).await?;
-            if app
+            let closed = app
                 .store()
                 .reset_circuit(&id, "reset by an operator (bulwark reset-circuit)")
-                .await?
-            {
+                .await?;
+            if json {
+                let v = serde_json::json!({ "endpoint": id, "closed": closed });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else if closed {
                 println!("circuit of {id} closed; the next run syncs it again");
             } else {
                 println!("circuit of {id} was not open");

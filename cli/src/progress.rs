@@ -133,39 +133,27 @@ pub(crate) fn print_summary(r: &SyncReport) {
 
 pub(crate) fn print_status(s: &Status) {
     match &s.last_snapshot {
-        Some(snap) => println!(
-            "last snapshot: {} ({}) {} rows read, {} accepted, {} rejected, {} source queries, sealed {}",
-            snap.id,
-            snap.status,
-            snap.rows_read,
-            snap.rows_accepted,
-            snap.rows_rejected,
-            snap.queries,
-            snap.sealed_at
-                .map(crate::chrono_ms)
-                .unwrap_or_else(|| "-".into())
-        ),
+        Some(snap) => {
+            println!(
+                "last snapshot: {} ({}{})",
+                snap.id,
+                snap.status,
+                snap.sealed_at
+                    .map(|t| format!(" {}", crate::chrono_ms(t)))
+                    .unwrap_or_default()
+            );
+            println!(
+                "  {} rows read, {} accepted, {} rejected; {} queries to the source",
+                snap.rows_read, snap.rows_accepted, snap.rows_rejected, snap.queries
+            );
+        }
         None => println!("last snapshot: none"),
     }
     println!(
         "journal rows: {}, recent alerts: {}",
         s.journal_rows, s.alerts
     );
-    println!(
-        "{:>5}  {:<6} {:<9} {:<19}  states",
-        "run", "kind", "status", "created"
-    );
-    for r in &s.runs {
-        let states: Vec<String> = r.states.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        println!(
-            "{:>5}  {:<6} {:<9} {:<19}  {}",
-            r.id,
-            r.kind,
-            r.status,
-            crate::chrono_ms(r.created_at),
-            states.join(" ")
-        );
-    }
+    crate::ops::print_runs(&s.runs);
 }
 
 pub(crate) fn print_summary_worker(r: &SyncReport) {
