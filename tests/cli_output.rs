@@ -221,7 +221,10 @@ async fn operator_commands_print_what_the_database_holds() {
         one.starts_with("endpoint ep-00002: circuit open\n  opened 20"),
         "{one}"
     );
-    assert!(one.contains(" after 3 failure(s), opening #1\n  probe from 20"), "{one}");
+    assert!(
+        one.contains(" after 3 failure(s), opening #1\n  probe from 20"),
+        "{one}"
+    );
     assert!(one.contains("    2 Tripped"), "{one}");
     assert!(one.contains("    3 Pending"), "{one}");
     let one_json = json(&["endpoint", "ep-00002"], &db);

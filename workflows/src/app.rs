@@ -1,7 +1,7 @@
 //! The embedded application: one Bulwark database, its journal writer, staging and the
 //! adapter registry, with the high-level operations the CLI (and embedding programs) call.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -29,7 +29,8 @@ pub trait SyncProgress: Send + Sync {
     fn started(&self, workflows: usize);
     /// A transition of `endpoint` was journaled.
     fn transition(&self, endpoint: &str, state: &State, terminal: bool);
-    /// Sync run `run` was finalized with `status` (`finished` …) by this worker. Only
+    /// Sync run `run` ended with `status` (`finished`, `cancelled` …) while this worker
+    /// was working, whichever worker finalized it; reported once per run. Only
     /// [`Bulwark::work`] (and so [`Bulwark::spawn_worker`]) reports it; [`Bulwark::sync`]
     /// returns once its run is finalized instead.
     fn run_finished(&self, run: i64, status: &str) {
@@ -54,7 +55,7 @@ pub enum ProgressEvent {
         /// Whether that state is final.
         terminal: bool,
     },
-    /// A worker finalized sync run `run`.
+    /// Sync run `run` ended (see [`SyncProgress::run_finished`]).
     RunFinished {
         /// The run.
         run: i64,
@@ -777,29 +778,39 @@ impl Bulwark {
             }) as Observer<EndpointSync>
         });
         // Finalize every open sync run that has completed (any worker may; it is
-        // idempotent), telling the progress once per run; true if none is left open.
-        let reported = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+        // idempotent); true if none is left open. Every sync run that ends while this
+        // worker works (seen open, or finished since it started, whoever finalized it) is
+        // reported to the progress once.
+        let since = bulwark_engine::store::now_ms();
+        let seen: Arc<std::sync::Mutex<(HashSet<i64>, HashSet<i64>)>> = Arc::default();
         let finalize_open = {
             let (store, staging) = (self.store.clone(), self.staging.clone());
             move || {
                 let (store, staging) = (store.clone(), staging.clone());
-                let (progress, reported) = (progress.clone(), reported.clone());
+                let (progress, seen) = (progress.clone(), seen.clone());
                 async move {
                     let Ok(runs) = store.runs().await else {
                         return false;
                     };
+                    let report = |run: i64, status: &str| {
+                        let (open, reported) = &mut *seen.lock().expect("seen runs");
+                        open.remove(&run);
+                        if let (true, Some(p)) = (reported.insert(run), &progress) {
+                            p.run_finished(run, status);
+                        }
+                    };
                     let mut all = true;
-                    for r in runs
-                        .iter()
-                        .filter(|r| r.kind == "sync" && r.status == "running")
-                    {
-                        match finalize(store.as_ref(), &staging, r.id).await {
-                            Ok(true) => {
-                                let new = reported.lock().expect("reported runs").insert(r.id);
-                                if let (true, Some(p)) = (new, &progress) {
-                                    p.run_finished(r.id, "finished");
-                                }
+                    for r in runs.iter().filter(|r| r.kind == "sync") {
+                        if r.status != "running" {
+                            let was_open = seen.lock().expect("seen runs").0.contains(&r.id);
+                            if was_open || r.finished_at.is_some_and(|t| t >= since) {
+                                report(r.id, &r.status);
                             }
+                            continue;
+                        }
+                        seen.lock().expect("seen runs").0.insert(r.id);
+                        match finalize(store.as_ref(), &staging, r.id).await {
+                            Ok(true) => report(r.id, "finished"),
                             Ok(false) => all = false,
                             Err(e) => {
                                 tracing::warn!(run = r.id, error = %e, "finalizing failed");

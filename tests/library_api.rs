@@ -1,0 +1,232 @@
+//! The library API as an embedding program uses it: `Bulwark::builder()`, workers spawned
+//! on the program's own runtime, runs started with `enqueue`, progress events, metrics.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bulwark_adapters::memory::MemoryPortal;
+use bulwark_engine::WorkOptions;
+use bulwark_workflows::adapter::{EndpointConfig, PortalAdapter};
+use bulwark_workflows::app::{Bulwark, ProgressEvent, WorkerOptions};
+use bulwark_workflows::catalog::{Item, PriceTier};
+use bulwark_workflows::staging::SealStats;
+use bulwark_workflows::sync::SyncOptions;
+
+fn items(n: i64, bump: i64) -> Vec<Item> {
+    (1..=n)
+        .map(|i| Item {
+            sku: format!("SKU-{i:04}"),
+            qty: i + bump,
+            tiers: vec![PriceTier {
+                min_qty: 1,
+                price_minor: 100 + i,
+            }],
+        })
+        .collect()
+}
+
+async fn stage(app: &Bulwark, items: &[Item]) {
+    let s = app.staging().begin_snapshot("library test").await.unwrap();
+    app.staging().write_page(s, items, &[]).await.unwrap();
+    app.staging()
+        .seal(
+            s,
+            SealStats {
+                rows_read: items.len() as i64,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+}
+
+fn endpoints(n: u32) -> Vec<EndpointConfig> {
+    (1..=n)
+        .map(|i| EndpointConfig {
+            id: format!("shop-{i:03}"),
+            adapter: "mine".into(),
+            ..Default::default()
+        })
+        .collect()
+}
+
+fn fast() -> WorkerOptions {
+    WorkerOptions {
+        work: WorkOptions {
+            poll: Duration::from_millis(50),
+            ..Default::default()
+        },
+        lease_ms: 5_000,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn a_builder_without_a_database_says_so() {
+    let err = match Bulwark::builder().open().await {
+        Ok(_) => panic!("opened without a database"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("no database given"), "{err}");
+    let err = match Bulwark::builder()
+        .database("postgres://nobody@127.0.0.1:1/nothing")
+        .open()
+        .await
+    {
+        Ok(_) => panic!("opened an unreachable database"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("127.0.0.1:1"), "{err}");
+}
+
+/// Two workers spawned in this runtime share one run on PostgreSQL: every batch lands
+/// exactly once, each subscriber sees the run finish, and the metrics add up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_spawned_workers_share_a_run_and_report_it() {
+    let Some(base) = bulwark_tests::pg_url() else {
+        return;
+    };
+    let db = bulwark_tests::pg_schema_url(&base, "library");
+    let portal = Arc::new(MemoryPortal::new());
+    let open = |worker: &str| {
+        Bulwark::builder()
+            .database(db.clone())
+            .portal("mine", portal.clone() as Arc<dyn PortalAdapter>)
+            .worker_id(worker)
+            .open()
+    };
+    let (a, b) = (open("lib-a").await.unwrap(), open("lib-b").await.unwrap());
+    assert_eq!(a.worker_id(), "lib-a");
+    stage(&a, &items(120, 0)).await;
+    let eps = endpoints(20);
+    let options = SyncOptions {
+        batch_size: 25,
+        ..Default::default()
+    };
+    let wa = a.spawn_worker(eps.clone(), options.clone(), fast());
+    let wb = b.spawn_worker(eps.clone(), options.clone(), fast());
+    let (ea, eb) = (wa.subscribe(), wb.subscribe());
+
+    let plan = a.enqueue(&eps, &options).await.unwrap().unwrap();
+    let run = plan.run.expect("a run");
+    assert_eq!((plan.workflows, plan.batches), (20, 100));
+
+    // Each worker reports the endpoints it finished, and the run finishing.
+    let watch = |mut rx: tokio::sync::broadcast::Receiver<ProgressEvent>| async move {
+        let mut finished = 0;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
+                Ok(Ok(ProgressEvent::Transition { terminal: true, .. })) => finished += 1,
+                Ok(Ok(ProgressEvent::RunFinished { run: r, status })) if r == run => {
+                    assert_eq!(status, "finished");
+                    return finished;
+                }
+                Ok(Ok(_)) => {}
+                other => panic!("no RunFinished for run {run}: {other:?}"),
+            }
+        }
+    };
+    let (fa, fb) = tokio::join!(watch(ea), watch(eb));
+    assert_eq!(
+        fa + fb,
+        20,
+        "every endpoint finished once, by one of the workers"
+    );
+
+    assert_eq!(portal.applied(), 100, "each batch applied once");
+    assert_eq!(portal.duplicates(), 0);
+    let verified = |app: &Bulwark| {
+        app.metrics_text()
+            .lines()
+            .find_map(|l| l.strip_prefix("bulwark_batches_total{outcome=\"verified\"} "))
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+    };
+    assert_eq!(verified(&a) + verified(&b), 100);
+    let commits = |app: &Bulwark| {
+        app.journal_stats()
+            .map_or(0, |j| j.commits.load(std::sync::atomic::Ordering::Relaxed))
+    };
+    assert!(commits(&a) + commits(&b) > 0);
+
+    let (ra, rb) = (wa.shutdown().await.unwrap(), wb.shutdown().await.unwrap());
+    assert_eq!(ra.uploads + rb.uploads, 100);
+    assert_eq!(ra.unfinished + rb.unfinished, 0);
+    let status = a.status().await.unwrap();
+    let r = status.runs.iter().find(|r| r.id == run).unwrap();
+    assert_eq!(r.status, "finished");
+    assert_eq!(r.states.get("Done"), Some(&20));
+    a.close().await;
+    b.close().await;
+}
+
+/// On SQLite a spawned worker holds the work lock: a `sync` meanwhile is refused, naming
+/// the lock; after `shutdown` it works, and a worker whose adapter cannot be built ends
+/// with that error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_sqlite_a_spawned_worker_holds_the_work_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let portal = Arc::new(MemoryPortal::new());
+    let app = Bulwark::builder()
+        .database(dir.path().join("b.db").display().to_string())
+        .portal("mine", portal.clone() as Arc<dyn PortalAdapter>)
+        .adapter("refuses", |ep: &EndpointConfig| {
+            Err(bulwark_workflows::adapter::AdapterError::Config(format!(
+                "{}: no credentials",
+                ep.id
+            )))
+        })
+        .open()
+        .await
+        .unwrap();
+    stage(&app, &items(30, 0)).await;
+    let eps = endpoints(3);
+    let options = SyncOptions {
+        batch_size: 10,
+        ..Default::default()
+    };
+    let worker = app.spawn_worker(eps.clone(), options.clone(), fast());
+    let mut events = worker.subscribe();
+    let run = app
+        .enqueue(&eps, &options)
+        .await
+        .unwrap()
+        .unwrap()
+        .run
+        .unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(60), events.recv()).await {
+            Ok(Ok(ProgressEvent::RunFinished { run: r, .. })) if r == run => break,
+            Ok(Ok(_)) => {}
+            other => panic!("no RunFinished: {other:?}"),
+        }
+    }
+    let err = app
+        .sync(&eps, &options, None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("worker-lock"), "{err}");
+    assert!(!worker.is_finished());
+    let report = worker.shutdown().await.unwrap();
+    assert_eq!(report.uploads, 9);
+    assert_eq!(portal.applied(), 9);
+    stage(&app, &items(30, 1)).await;
+    let again = app.sync(&eps, &options, None).await.unwrap();
+    assert_eq!(again.uploads, 9, "every item changed");
+
+    let bad = vec![EndpointConfig {
+        id: "locked-out".into(),
+        adapter: "refuses".into(),
+        ..Default::default()
+    }];
+    let err = app
+        .spawn_worker(bad, options, fast())
+        .join()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("locked-out: no credentials"), "{err}");
+    app.close().await;
+}
