@@ -15,19 +15,24 @@ use bulwark_workflows::app::Bulwark;
 use bulwark_workflows::sync::SyncOptions;
 use serde_json::Value;
 
+/// Require every line of `out` (of `bulwark ARGS`) to fit 80 columns.
+fn fits(args: &[&str], out: &str) {
+    for line in out.lines() {
+        assert!(
+            line.chars().count() <= 80,
+            "`bulwark {}`: a line of {} columns:\n{line}\n\n{out}",
+            args.join(" "),
+            line.chars().count()
+        );
+    }
+}
+
 /// Run `bulwark ARGS --db DB`, require success, check the width of every line, and return
 /// standard output.
 fn show(args: &[&str], db: &Path) -> String {
     let out = run_ok(bulwark().args(args).arg("--db").arg(db));
     if !args.contains(&"--json") {
-        for line in out.lines() {
-            assert!(
-                line.chars().count() <= 80,
-                "`bulwark {}`: a line of {} columns:\n{line}\n\n{out}",
-                args.join(" "),
-                line.chars().count()
-            );
-        }
+        fits(args, &out);
     }
     out
 }
@@ -79,6 +84,11 @@ async fn operator_commands_print_what_the_database_holds() {
         snap.starts_with("snapshot 1: 60 rows read, 60 accepted, 0 rejected"),
         "{snap}"
     );
+    assert!(
+        snap.contains("\n  1 queries sent to the source\n"),
+        "{snap}"
+    );
+    fits(&["snapshot"], &snap);
     let sim = simulator::start(
         SimConfig {
             profiles: [("ep-00002".to_string(), Fault::Corrupt)].into(),
@@ -102,6 +112,11 @@ async fn operator_commands_print_what_the_database_holds() {
         "{synced}"
     );
     assert!(synced.contains("3 done, 1 tripped"), "{synced}");
+    assert!(
+        synced.contains("\n  12 batches, 240 items planned\n"),
+        "{synced}"
+    );
+    fits(&["sync"], &synced);
     // A second run, planned and left for a worker.
     let app = Bulwark::open(&db, bulwark_adapters::default_registry())
         .await
@@ -302,4 +317,25 @@ async fn operator_commands_print_what_the_database_holds() {
 
     app.close().await;
     sim.shutdown().await.unwrap();
+}
+
+/// `bulwark bench` prints its figures as `name: value unit` lines.
+#[test]
+fn bench_prints_figures_as_name_value_unit_lines() {
+    let out = run_ok(bulwark().args(["bench", "--endpoints", "40", "--batches", "2"]));
+    fits(&["bench"], &out);
+    let figure = |name: &str| -> (f64, String) {
+        let line = out
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+            .unwrap_or_else(|| panic!("no {name} in:\n{out}"));
+        let (value, unit) = line.split_once(' ').unwrap_or((line, ""));
+        (value.parse().unwrap(), unit.to_string())
+    };
+    // 40 endpoints × 2 batches, each an upload and a verify step.
+    assert_eq!(figure("durable_steps"), (160.0, "steps".into()));
+    assert_eq!(figure("sink_applied"), (80.0, "batches".into()));
+    assert_eq!(figure("sink_duplicates"), (0.0, "batches".into()));
+    let (rate, unit) = figure("transitions_per_second");
+    assert!(rate > 0.0 && unit == "transitions/s", "{out}");
 }

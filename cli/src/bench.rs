@@ -84,9 +84,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
     };
 
     println!("workload: W1 engine overhead");
-    println!(
-        "backend: sqlite (WAL, synchronous=FULL), group commit up to 4096 appends per transaction"
-    );
+    println!("backend: sqlite (WAL, synchronous=FULL), group commits of up to 4096 appends");
     println!(
         "endpoints: {}  batches: {}  concurrency: every workflow at once (one task each)",
         args.endpoints, args.batches

@@ -102,7 +102,7 @@ fn detail(w: &WorkflowRow) -> String {
     }
 }
 
-fn cut(s: &str, n: usize) -> String {
+pub(crate) fn cut(s: &str, n: usize) -> String {
     if s.chars().count() <= n {
         s.to_string()
     } else {

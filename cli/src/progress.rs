@@ -92,10 +92,13 @@ pub(crate) fn print_summary(r: &SyncReport) {
     }
     if let Some(p) = &r.plan {
         match p.run {
-            Some(run) => println!(
-                "run {run}: snapshot {}, {} endpoint(s) to sync, {} already up to date, {} batches, {} items",
-                p.snapshot, p.workflows, p.up_to_date, p.batches, p.items
-            ),
+            Some(run) => {
+                println!(
+                    "run {run}: snapshot {}, {} endpoint(s) to sync, {} already up to date",
+                    p.snapshot, p.workflows, p.up_to_date
+                );
+                println!("  {} batches, {} items planned", p.batches, p.items);
+            }
             None => println!(
                 "snapshot {}: all {} endpoint(s) already up to date; nothing sent",
                 p.snapshot, p.up_to_date
@@ -105,16 +108,18 @@ pub(crate) fn print_summary(r: &SyncReport) {
         println!("no sealed snapshot yet: run `bulwark snapshot` first");
     }
     println!(
-        "endpoints: {} done, {} tripped, {} skipped, {} cancelled, {} unfinished, {} refused",
+        "endpoints: {} done, {} tripped, {} skipped, {} cancelled",
         count("Done"),
         count("Tripped"),
         count("Skipped"),
         count("Cancelled"),
-        r.unfinished,
-        r.refused.len()
     );
+    println!("  {} unfinished, {} refused", r.unfinished, r.refused.len());
     for (id, why) in r.refused.iter().take(10) {
-        println!("  refused workflow {id}: {why}");
+        println!(
+            "{}",
+            crate::ops::cut(&format!("  refused workflow {id}: {why}"), 80)
+        );
     }
     let rate = if r.seconds > 0.0 {
         r.transitions as f64 / r.seconds

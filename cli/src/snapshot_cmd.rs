@@ -245,15 +245,11 @@ pub(crate) async fn run(db: &str, args: SnapshotArgs) -> Result<()> {
     app.close().await;
     let r = r?;
     println!(
-        "snapshot {}: {} rows read, {} accepted, {} rejected, {} queries sent to the source, {:.2}s, hash {}",
-        r.id,
-        r.rows_read,
-        r.accepted,
-        r.rejected,
-        r.queries,
-        r.seconds,
-        r.content_hash.unwrap_or_default()
+        "snapshot {}: {} rows read, {} accepted, {} rejected, in {:.2}s",
+        r.id, r.rows_read, r.accepted, r.rejected, r.seconds,
     );
+    println!("  {} queries sent to the source", r.queries);
+    println!("  content hash {}", r.content_hash.unwrap_or_default());
     Ok(())
 }
 
