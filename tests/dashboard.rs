@@ -195,8 +195,7 @@ async fn the_dashboard_shows_the_database_and_updates_live() {
         .await
         .unwrap()
         .into_iter()
-        .filter(|w| w.subject == endpoint)
-        .next_back()
+        .rfind(|w| w.subject == endpoint)
         .unwrap();
     let journal = store.journal(wf.id).await.unwrap();
     eventually("the endpoint's timeline", 10, async || {

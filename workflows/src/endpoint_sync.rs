@@ -445,6 +445,7 @@ impl EndpointSync {
 
     /// The endpoint accepted the batch; read it back.
     #[state(superstate = "active")]
+    #[allow(clippy::too_many_arguments)] // a state's fields are its handler's arguments
     fn verifying(
         context: &mut Ctx<'_>,
         batch: &u32,

@@ -387,8 +387,11 @@ pub struct SyncEffects {
 /// [`CircuitView::TTL`].
 struct CircuitView {
     store: Arc<dyn Store>,
-    cache: Mutex<Option<(std::time::Instant, Arc<HashMap<String, CircuitRow>>)>>,
+    cache: Mutex<Option<(std::time::Instant, Circuits)>>,
 }
+
+/// Every circuit by subject, as read at one moment.
+type Circuits = Arc<HashMap<String, CircuitRow>>;
 
 impl CircuitView {
     const TTL: std::time::Duration = std::time::Duration::from_millis(500);
