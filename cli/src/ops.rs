@@ -447,3 +447,22 @@ pub(crate) async fn run(op: Ops) -> Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::wrap;
+
+    #[test]
+    fn wrap_fits_the_width_and_marks_what_it_leaves_out() {
+        assert_eq!(wrap("a bb ccc", 4, 3), ["a bb", "ccc"]);
+        assert_eq!(wrap("", 10, 3), Vec::<String>::new());
+        // A word longer than a line is cut across lines.
+        assert_eq!(wrap("abcdefghij", 4, 5), ["abcd", "efgh", "ij"]);
+        // Past `max` lines, the last one kept ends with "…" and still fits.
+        let lines = wrap("one two three four five six seven", 9, 2);
+        assert_eq!(lines.len(), 2);
+        assert!(lines.iter().all(|l| l.chars().count() <= 9), "{lines:?}");
+        assert!(lines[1].ends_with('…'), "{lines:?}");
+        assert_eq!(lines[0], "one two");
+    }
+}

@@ -340,9 +340,10 @@ impl WorkerHandle {
     pub async fn join(self) -> Result<SyncReport> {
         match self.task.await {
             Ok(r) => r,
-            Err(e) => Err(crate::error::SyncError::Config(format!(
+            Err(e) => Err(bulwark_engine::EngineError::Other(format!(
                 "the worker task ended abnormally: {e}"
-            ))),
+            ))
+            .into()),
         }
     }
 
@@ -383,9 +384,9 @@ impl Bulwark {
     /// subscribers. The adapters of `endpoints` are built when it starts; a factory error
     /// ends it with that error (see [`WorkerHandle::join`]).
     ///
-    /// On SQLite a worker holds the database's work lock while it runs: [`Bulwark::sync`]
-    /// and a second worker wait for it to stop (they fail saying so). Starting runs with
-    /// [`Bulwark::enqueue`] does not need the lock.
+    /// On SQLite a worker holds the database's work lock while it runs: [`Bulwark::sync`],
+    /// [`Bulwark::replay`] and a second worker are refused until it stops (the error
+    /// names the lock file). Starting runs with [`Bulwark::enqueue`] does not need the lock.
     ///
     /// Must be called within a tokio runtime.
     pub fn spawn_worker(

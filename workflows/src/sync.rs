@@ -555,11 +555,19 @@ impl SyncEffects {
         }
     }
 
-    fn uncount(&self, counter: impl Fn(&EffectStats) -> &AtomicU64) {
-        counter(&self.stats).fetch_sub(1, Ordering::Relaxed);
-        if let Some(t) = &self.totals {
-            counter(t).fetch_sub(1, Ordering::Relaxed);
+    /// Count a call in flight until the guard drops (also when the call is abandoned).
+    fn in_flight(&self) -> impl Drop + '_ {
+        struct Guard<'a>(&'a SyncEffects);
+        impl Drop for Guard<'_> {
+            fn drop(&mut self) {
+                self.0.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+                if let Some(t) = &self.0.totals {
+                    t.in_flight.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
         }
+        self.count(|s| &s.in_flight);
+        Guard(self)
     }
 
     /// Run one adapter call under the endpoint's, its host's and the global limits, and
@@ -572,9 +580,9 @@ impl SyncEffects {
         let _gates = self.gates.enter(&input.endpoint).await;
         let _global = self.in_flight.acquire().await.ok()?;
         let limit = std::time::Duration::from_millis(input.policy.attempt_timeout_ms.max(1));
-        self.count(|s| &s.in_flight);
+        let in_flight = self.in_flight();
         let result = tokio::time::timeout(limit, call).await;
-        self.uncount(|s| &s.in_flight);
+        drop(in_flight);
         Some(match result {
             Ok(r) => r,
             Err(_) => {
