@@ -66,20 +66,8 @@ fn endpoints(portal: &str, n: u32) -> Vec<EndpointConfig> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_commands_print_what_the_database_holds() {
     let dir = tempfile::tempdir().unwrap();
-    let legacy = dir.path().join("legacy.db");
     let db = dir.path().join("bulwark.db");
-    run_ok(
-        bulwark()
-            .args(["generate-legacy", "--skus", "60", "--path"])
-            .arg(&legacy),
-    );
-    let snap = run_ok(
-        bulwark()
-            .args(["snapshot", "--legacy"])
-            .arg(&legacy)
-            .arg("--db")
-            .arg(&db),
-    );
+    let snap = bulwark_tests::legacy_snapshot(dir.path(), 60, &db);
     assert!(
         snap.starts_with("snapshot 1: 60 rows read, 60 accepted, 0 rejected"),
         "{snap}"

@@ -212,20 +212,8 @@ async fn replay_finishes_a_killed_run_and_cancel_ends_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_on_request_carry_the_alerts() {
     let dir = tempfile::tempdir().unwrap();
-    let legacy = dir.path().join("legacy.db");
     let db = dir.path().join("b.db");
-    run_ok(
-        bulwark()
-            .args(["generate-legacy", "--skus", "50", "--path"])
-            .arg(&legacy),
-    );
-    run_ok(
-        bulwark()
-            .args(["snapshot", "--legacy"])
-            .arg(&legacy)
-            .arg("--db")
-            .arg(&db),
-    );
+    bulwark_tests::legacy_snapshot(dir.path(), 50, &db);
     let sim = simulator::start(
         SimConfig {
             profiles: [("ep-00002".to_string(), simulator::Fault::Reject)].into(),
@@ -287,18 +275,8 @@ async fn a_worker_serves_its_own_metrics() {
     };
     let db = bulwark_tests::pg_schema_url(&base, "worker_metrics");
     let dir = tempfile::tempdir().unwrap();
-    let legacy = dir.path().join("legacy.db");
-    run_ok(
-        bulwark()
-            .args(["generate-legacy", "--skus", "250", "--path"])
-            .arg(&legacy),
-    );
-    run_ok(
-        bulwark()
-            .args(["snapshot", "--db", &db, "--legacy"])
-            .arg(&legacy),
-    );
-    // One endpoint of five rejects what it is sent: 3 failed validations trip it.
+    bulwark_tests::legacy_snapshot(dir.path(), 250, &db);
+    // One endpoint of five stores wrong values: 3 failed validations trip it.
     let sim = simulator::start(
         SimConfig {
             profiles: [("ep-00005".to_string(), simulator::Fault::Corrupt)].into(),

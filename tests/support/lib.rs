@@ -137,3 +137,25 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// Generate a demo legacy database of `skus` SKUs in `dir` and snapshot it into `db` (a
+/// SQLite path or a PostgreSQL URL) with `bulwark snapshot`; returns the snapshot's output.
+pub fn legacy_snapshot(
+    dir: &std::path::Path,
+    skus: u32,
+    db: impl AsRef<std::ffi::OsStr>,
+) -> String {
+    let legacy = dir.join("legacy.db");
+    run_ok(
+        bulwark()
+            .args(["generate-legacy", "--skus", &skus.to_string(), "--path"])
+            .arg(&legacy),
+    );
+    run_ok(
+        bulwark()
+            .args(["snapshot", "--legacy"])
+            .arg(&legacy)
+            .arg("--db")
+            .arg(db),
+    )
+}

@@ -176,28 +176,29 @@ pub struct AuditReport {
 /// one can be moved into a spawned task ([`Bulwark::spawn_worker`] does).
 ///
 /// ```no_run
-/// # async fn demo() -> bulwark_workflows::Result<()> {
 /// use std::sync::Arc;
 /// use bulwark_workflows::adapter::{EndpointConfig, PortalAdapter};
 /// use bulwark_workflows::app::{Bulwark, WorkerOptions};
-/// # fn my_adapter() -> Arc<dyn PortalAdapter> { unimplemented!() }
-/// let app = Bulwark::builder()
-///     .database("bulwark-data/bulwark.db")
-///     .portal("my-shop", my_adapter())
-///     .open()
-///     .await?;
-/// let endpoints = vec![EndpointConfig {
-///     id: "shop-1".into(),
-///     adapter: "my-shop".into(),
-///     ..Default::default()
-/// }];
-/// let worker = app.spawn_worker(endpoints.clone(), Default::default(), WorkerOptions::default());
-/// let mut events = worker.subscribe();
-/// let plan = app.enqueue(&endpoints, &Default::default()).await?;
-/// # let _ = (plan, events.recv().await);
-/// let report = worker.shutdown().await?;
-/// # let _ = report;
-/// # Ok(()) }
+///
+/// async fn embed(my_adapter: Arc<dyn PortalAdapter>) -> bulwark_workflows::Result<()> {
+///     let app = Bulwark::builder()
+///         .database("bulwark-data/bulwark.db")
+///         .portal("my-shop", my_adapter)
+///         .open()
+///         .await?;
+///     let endpoints = vec![EndpointConfig {
+///         id: "shop-1".into(),
+///         adapter: "my-shop".into(),
+///         ..Default::default()
+///     }];
+///     let worker = app.spawn_worker(endpoints.clone(), Default::default(), WorkerOptions::default());
+///     let mut events = worker.subscribe();
+///     let plan = app.enqueue(&endpoints, &Default::default()).await?;
+/// #     let _ = (plan, events.recv().await);
+///     let report = worker.shutdown().await?;
+/// #     let _ = report;
+///     Ok(())
+/// }
 /// ```
 #[derive(Clone)]
 pub struct Bulwark {
