@@ -17,7 +17,6 @@ use bulwark_workflows::adapter::{
 use bulwark_workflows::app::{Bulwark, ProgressEvent, SyncProgress, WorkerOptions};
 use bulwark_workflows::catalog::{Batch, Item, PriceTier};
 use bulwark_workflows::endpoint_sync::State;
-use bulwark_workflows::staging::SealStats;
 use bulwark_workflows::sync::SyncOptions;
 
 /// A portal that keeps what it receives in memory (yours would call an API).
@@ -104,7 +103,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }],
         })
         .collect();
-    stage(&app, "embedded example", &items).await?;
+    app.staging().import("embedded example", &items).await?;
 
     let endpoints: Vec<EndpointConfig> = (1..=3)
         .map(|i| EndpointConfig {
@@ -145,7 +144,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut events = worker.subscribe();
     let mut changed = items.clone();
     changed[0].qty += 5;
-    stage(&app, "embedded example, changed", &changed).await?;
+    app.staging()
+        .import("embedded example, changed", &changed)
+        .await?;
     let run = app
         .enqueue(&endpoints, &options)
         .await?
@@ -192,25 +193,5 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("another sync: nothing to send");
     app.close().await;
     std::fs::remove_dir_all(&dir)?;
-    Ok(())
-}
-
-/// Stage and seal a snapshot of `items` (what a real snapshot of the legacy source does).
-async fn stage(
-    app: &Bulwark,
-    source: &str,
-    items: &[Item],
-) -> Result<(), Box<dyn std::error::Error>> {
-    let snapshot = app.staging().begin_snapshot(source).await?;
-    app.staging().write_page(snapshot, items, &[]).await?;
-    app.staging()
-        .seal(
-            snapshot,
-            SealStats {
-                rows_read: items.len() as i64,
-                ..Default::default()
-            },
-        )
-        .await?;
     Ok(())
 }

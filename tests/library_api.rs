@@ -9,7 +9,6 @@ use bulwark_engine::WorkOptions;
 use bulwark_workflows::adapter::{EndpointConfig, PortalAdapter};
 use bulwark_workflows::app::{Bulwark, ProgressEvent, WorkerOptions};
 use bulwark_workflows::catalog::{Item, PriceTier};
-use bulwark_workflows::staging::SealStats;
 use bulwark_workflows::sync::SyncOptions;
 
 fn items(n: i64, bump: i64) -> Vec<Item> {
@@ -26,18 +25,7 @@ fn items(n: i64, bump: i64) -> Vec<Item> {
 }
 
 async fn stage(app: &Bulwark, items: &[Item]) {
-    let s = app.staging().begin_snapshot("library test").await.unwrap();
-    app.staging().write_page(s, items, &[]).await.unwrap();
-    app.staging()
-        .seal(
-            s,
-            SealStats {
-                rows_read: items.len() as i64,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    app.staging().import("library test", items).await.unwrap();
 }
 
 fn endpoints(n: u32) -> Vec<EndpointConfig> {

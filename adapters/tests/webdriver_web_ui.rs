@@ -20,7 +20,6 @@ use bulwark_workflows::adapter::{
 };
 use bulwark_workflows::app::Bulwark;
 use bulwark_workflows::catalog::{Batch, Item, PriceTier, batch_key, payload_hash};
-use bulwark_workflows::staging::SealStats;
 use bulwark_workflows::sync::SyncOptions;
 use tokio::sync::Notify;
 use uuid::Uuid;
@@ -161,21 +160,7 @@ fn batch(endpoint: &str, items: Vec<Item>) -> Batch {
 
 async fn seed(db: &Path, items: &[Item]) {
     let app = Bulwark::open(db, AdapterRegistry::new()).await.unwrap();
-    let snapshot = app.staging().begin_snapshot("test").await.unwrap();
-    app.staging()
-        .write_page(snapshot, items, &[])
-        .await
-        .unwrap();
-    app.staging()
-        .seal(
-            snapshot,
-            SealStats {
-                rows_read: items.len() as i64,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    app.staging().import("test", items).await.unwrap();
     app.close().await;
 }
 

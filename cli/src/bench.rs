@@ -11,7 +11,6 @@ use bulwark_adapters::memory::MemoryPortal;
 use bulwark_workflows::adapter::{AdapterRegistry, EndpointConfig, PortalAdapter};
 use bulwark_workflows::app::Bulwark;
 use bulwark_workflows::catalog::{Item, PriceTier};
-use bulwark_workflows::staging::SealStats;
 use bulwark_workflows::sync::SyncOptions;
 
 /// Options of `bulwark bench`.
@@ -158,7 +157,6 @@ fn schema_url(url: &str, schema: &str) -> String {
 }
 
 async fn seed(app: &Bulwark, batches: u32) -> Result<()> {
-    let snapshot = app.staging().begin_snapshot("bench").await?;
     let items: Vec<Item> = (0..batches)
         .map(|i| Item {
             sku: format!("B-{i:04}"),
@@ -169,16 +167,7 @@ async fn seed(app: &Bulwark, batches: u32) -> Result<()> {
             }],
         })
         .collect();
-    app.staging().write_page(snapshot, &items, &[]).await?;
-    app.staging()
-        .seal(
-            snapshot,
-            SealStats {
-                rows_read: items.len() as i64,
-                ..Default::default()
-            },
-        )
-        .await?;
+    app.staging().import("bench", &items).await?;
     Ok(())
 }
 

@@ -13,7 +13,6 @@ use bulwark_workflows::adapter::{
 };
 use bulwark_workflows::app::Bulwark;
 use bulwark_workflows::catalog::{Batch, Item, PriceTier};
-use bulwark_workflows::staging::SealStats;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
@@ -115,7 +114,6 @@ pub fn memory_endpoints(n: u32) -> Vec<EndpointConfig> {
 /// Create the database at `db` with one sealed snapshot of `items` SKUs; returns its id.
 pub async fn seed_snapshot(db: &Path, items: u32) -> anyhow::Result<i64> {
     let app = Bulwark::open(db, AdapterRegistry::new()).await?;
-    let snapshot = app.staging().begin_snapshot("test").await?;
     let items: Vec<Item> = (0..items)
         .map(|i| Item {
             sku: format!("S-{i:04}"),
@@ -126,16 +124,7 @@ pub async fn seed_snapshot(db: &Path, items: u32) -> anyhow::Result<i64> {
             }],
         })
         .collect();
-    app.staging().write_page(snapshot, &items, &[]).await?;
-    app.staging()
-        .seal(
-            snapshot,
-            SealStats {
-                rows_read: items.len() as i64,
-                ..Default::default()
-            },
-        )
-        .await?;
+    let snapshot = app.staging().import("test", &items).await?;
     app.close().await;
     Ok(snapshot)
 }

@@ -263,6 +263,19 @@ impl Staging {
         Ok(hash)
     }
 
+    /// Stage `items` (already read from somewhere else, e.g. a program that embeds
+    /// Bulwark and has its catalog at hand) as one new sealed snapshot; returns its id.
+    pub async fn import(&self, source: &str, items: &[Item]) -> Result<i64> {
+        let snapshot = self.begin_snapshot(source).await?;
+        self.write_page(snapshot, items, &[]).await?;
+        let stats = SealStats {
+            rows_read: items.len() as i64,
+            ..Default::default()
+        };
+        self.seal(snapshot, stats).await?;
+        Ok(snapshot)
+    }
+
     /// Abandon a snapshot (e.g. too many rejected rows); it is never synced.
     pub async fn abort(&self, snapshot: i64, stats: SealStats) -> Result<()> {
         on_db!(self.db, |pool| {

@@ -11,7 +11,6 @@ use bulwark_workflows::adapter::{AdapterRegistry, EndpointConfig};
 use bulwark_workflows::app::{Bulwark, SyncProgress};
 use bulwark_workflows::catalog::{Item, PriceTier};
 use bulwark_workflows::endpoint_sync::{State, SyncPolicy};
-use bulwark_workflows::staging::SealStats;
 use bulwark_workflows::sync::SyncOptions;
 
 /// The test profiles (same shapes as the documentation's examples).
@@ -48,21 +47,7 @@ pub fn items(n: u32, offset: i64) -> Vec<Item> {
 /// Add a sealed snapshot of `items` to the database at `db` (created if missing).
 pub async fn seed(db: &Path, items: &[Item]) -> i64 {
     let app = Bulwark::open(db, AdapterRegistry::new()).await.unwrap();
-    let snapshot = app.staging().begin_snapshot("test").await.unwrap();
-    app.staging()
-        .write_page(snapshot, items, &[])
-        .await
-        .unwrap();
-    app.staging()
-        .seal(
-            snapshot,
-            SealStats {
-                rows_read: items.len() as i64,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let snapshot = app.staging().import("test", items).await.unwrap();
     app.close().await;
     snapshot
 }
