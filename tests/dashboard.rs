@@ -37,6 +37,7 @@ async fn browser(port: u16) -> WebDriver {
         caps.add_arg(a).unwrap();
     }
     caps.set_binary("/usr/bin/chromium").unwrap();
+    bulwark_adapters::transport::install_crypto_provider();
     WebDriver::new(format!("http://127.0.0.1:{port}"), caps)
         .await
         .expect("a Chromium session")

@@ -323,7 +323,14 @@ async fn a_worker_serves_its_own_metrics() {
     );
     bulwark_tests::wait_for_port(port);
     let url = format!("http://127.0.0.1:{port}/metrics");
-    let before = reqwest::get(&url).await.unwrap().text().await.unwrap();
+    let before = bulwark_adapters::rest::RestAdapter::shared_client()
+        .get(&url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert_eq!(sample(&before, "bulwark_journal_commit_seconds_count"), 0.0);
 
     let out = run_ok(
@@ -332,7 +339,14 @@ async fn a_worker_serves_its_own_metrics() {
             .args(endpoint_args),
     );
     assert!(out.contains("Done=4 Tripped=1"), "{out}");
-    let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
+    let text = bulwark_adapters::rest::RestAdapter::shared_client()
+        .get(&url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     // 250 items in batches of 100: 3 batches to each of 4 healthy endpoints; the broken
     // one's first batch mismatches 3 times.
     assert_eq!(

@@ -13,10 +13,13 @@
 //!   [`http::factory`] as `"http"`.
 //! * [`sim_api`] — [`ApiSimulator`](sim_api::ApiSimulator), a simulator of two platform
 //!   API styles (per-item REST with login and lookups; GraphQL with errors in 200s).
+//! * [`sim_tls`] — HTTPS (and mutual TLS) for the simulators.
 //! * [`simulator`] — [`PortalSimulator`](simulator::PortalSimulator), an axum server on
 //!   loopback that serves many virtual endpoints on one port, with fault profiles and an
 //!   optional durable (SQLite) record of deliveries and applied batches used to assert
 //!   exactly-once delivery.
+//! * [`transport`] — TLS (rustls), trust, client certificates and proxies of every HTTP
+//!   client, pooled by settings, and the description of a failed request.
 //! * [`webhook`] — [`WebhookSink`](webhook::WebhookSink), alerts POSTed as JSON.
 //! * [`memory`] — [`MemoryPortal`](memory::MemoryPortal), a fast in-process adapter for
 //!   engine benchmarks. It is not registered by name; build it programmatically and
@@ -30,9 +33,11 @@ pub mod legacy;
 pub mod memory;
 pub mod rest;
 pub mod sim_api;
+pub mod sim_tls;
 pub mod sim_webui;
 pub mod simulator;
 pub mod sql_source;
+pub mod transport;
 pub mod webdriver;
 pub mod webhook;
 

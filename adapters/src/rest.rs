@@ -4,9 +4,12 @@
 //!
 //! | key          | required | meaning                                                        |
 //! |--------------|----------|----------------------------------------------------------------|
-//! | `base_url`   | yes      | e.g. `http://127.0.0.1:8080/ep/ep-0001`; http only (no TLS backend is built in) |
+//! | `base_url`   | yes      | e.g. `https://acme.example/api` or `http://127.0.0.1:8080/ep/ep-0001` |
 //! | `timeout_ms` | no       | per-request timeout in milliseconds (default 10000)            |
 //! | `token_env`  | no       | name of an environment variable holding a bearer token         |
+//!
+//! plus the [transport settings](crate::transport) (`ca_file`, `client_cert_file`,
+//! `client_key_file`, `insecure_skip_verify`, `proxy`).
 //!
 //! The token is read once, at construction. It is sent as `Authorization: Bearer …` (marked
 //! sensitive) and never appears in error messages, `Debug` output or logs: any response
@@ -23,7 +26,8 @@
 //! Error classification (every call): 400/409/422 → [`AdapterError::Rejected`];
 //! 401/403 → [`AdapterError::Auth`]; 429 → [`AdapterError::RateLimited`] (from
 //! `Retry-After` in whole seconds, default 1000 ms); 5xx, timeouts, connection and decode
-//! errors → [`AdapterError::Transient`]; any other status → [`AdapterError::Config`].
+//! errors → [`AdapterError::Transient`]; a TLS certificate refused (either way) →
+//! [`AdapterError::Config`], naming the problem; any other status → [`AdapterError::Config`].
 
 use std::collections::HashMap;
 use std::fmt;
@@ -37,6 +41,8 @@ use bulwark_workflows::adapter::{
 };
 use bulwark_workflows::catalog::{Batch, Item};
 use reqwest::StatusCode;
+
+use crate::transport::{ClientPool, TRANSPORT_KEYS, TransportSettings, describe_send_error};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -49,16 +55,9 @@ pub const MAX_EXCERPT_CHARS: usize = 200;
 /// How many differing SKUs a [`Verification::Mismatch`] names at most.
 pub const MAX_MISMATCHES_SHOWN: usize = 5;
 
-static SHARED_CLIENT: LazyLock<reqwest::Client> = LazyLock::new(build_client);
-
-fn build_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .tcp_nodelay(true)
-        .pool_idle_timeout(Duration::from_secs(90))
-        .connect_timeout(Duration::from_secs(10))
-        .build()
-        .expect("an HTTP client without TLS always builds")
-}
+/// The clients of adapters built by [`RestAdapter::new`] and [`RestAdapter::factory`],
+/// one per distinct transport.
+static SHARED_CLIENTS: LazyLock<ClientPool> = LazyLock::new(ClientPool::new);
 
 /// A bearer token; its `Debug` never shows the value.
 #[derive(Clone)]
@@ -116,18 +115,36 @@ struct ItemsBody {
 }
 
 impl RestAdapter {
-    /// Build an adapter for `config` using the process-wide shared HTTP client
-    /// ([`RestAdapter::shared_client`]).
+    /// Build an adapter for `config` using the process-wide client for its transport
+    /// settings (shared by every endpoint with the same settings).
     ///
     /// Fails with [`AdapterError::Config`] if `base_url` is missing or not an http(s) URL,
-    /// `timeout_ms` is not a positive integer, or `token_env` names an unset variable.
+    /// `timeout_ms` is not a positive integer, `token_env` names an unset variable, or a
+    /// transport setting is wrong (a CA or client-certificate file that cannot be read).
     pub fn new(config: &EndpointConfig) -> AdapterResult<Self> {
-        Self::with_client(config, Self::shared_client())
+        let client = SHARED_CLIENTS
+            .endpoint_client(&config.id, &config.settings)
+            .map_err(AdapterError::Config)?;
+        Self::build(config, client)
     }
 
     /// Build an adapter for `config` that uses `client` (clone a client to share its
-    /// connection pool between adapters).
+    /// connection pool between adapters). The client's own TLS and proxy configuration
+    /// apply, so `config` must not carry transport settings (`ca_file`, `proxy`, …).
     pub fn with_client(config: &EndpointConfig, client: reqwest::Client) -> AdapterResult<Self> {
+        if let Some(k) = TRANSPORT_KEYS
+            .iter()
+            .find(|k| config.settings.contains_key(**k))
+        {
+            return Err(AdapterError::Config(format!(
+                "endpoint {}: `{k}` has no effect on an adapter given its own HTTP client; configure the client instead",
+                config.id
+            )));
+        }
+        Self::build(config, client)
+    }
+
+    fn build(config: &EndpointConfig, client: reqwest::Client) -> AdapterResult<Self> {
         let id = &config.id;
         let settings: &HashMap<String, String> = &config.settings;
         let raw_url = settings.get("base_url").ok_or_else(|| {
@@ -136,11 +153,9 @@ impl RestAdapter {
         let parsed = reqwest::Url::parse(raw_url).map_err(|e| {
             AdapterError::Config(format!("endpoint {id}: `base_url` is not a valid URL: {e}"))
         })?;
-        // The workspace builds reqwest without a TLS backend: refuse https up front (a
-        // configuration problem) rather than failing every request as "transient".
-        if parsed.scheme() != "http" {
+        if !matches!(parsed.scheme(), "http" | "https") {
             return Err(AdapterError::Config(format!(
-                "endpoint {id}: `base_url` must use http (this build has no TLS support), got scheme {:?}",
+                "endpoint {id}: `base_url` must use http or https, got scheme {:?}",
                 parsed.scheme()
             )));
         }
@@ -186,22 +201,24 @@ impl RestAdapter {
         })
     }
 
-    /// The process-wide HTTP client shared by adapters built with [`RestAdapter::new`].
+    /// The process-wide HTTP client shared by adapters built with [`RestAdapter::new`]
+    /// for endpoints without transport settings.
     ///
     /// Note: pooled connections are driven by the Tokio runtime that opened them; use one
     /// long-lived runtime per process (as the CLI does), or [`RestAdapter::with_client`]
     /// with a per-runtime client.
     pub fn shared_client() -> reqwest::Client {
-        SHARED_CLIENT.clone()
+        SHARED_CLIENTS
+            .client(&TransportSettings::default())
+            .expect("the default transport reads no files and always builds")
     }
 
-    /// A registry factory for `"rest"`: every adapter it builds shares one HTTP client
-    /// (one connection pool, which matters with thousands of endpoints on one host).
+    /// A registry factory for `"rest"`: adapters with the same transport settings share
+    /// one HTTP client (one connection pool, which matters with thousands of endpoints on
+    /// one host).
     pub fn factory() -> AdapterFactory {
-        let client = Self::shared_client();
         Arc::new(move |config: &EndpointConfig| {
-            let adapter: Arc<dyn PortalAdapter> =
-                Arc::new(Self::with_client(config, client.clone())?);
+            let adapter: Arc<dyn PortalAdapter> = Arc::new(Self::new(config)?);
             Ok(adapter)
         })
     }
@@ -242,29 +259,26 @@ impl RestAdapter {
     }
 
     fn transport_error(&self, op: &str, e: &reqwest::Error) -> AdapterError {
-        let kind = if e.is_timeout() {
-            "timed out"
-        } else if e.is_connect() {
-            "connection failed"
-        } else if e.is_decode() {
-            "could not decode response"
-        } else if e.is_body() {
-            "response body failed"
-        } else if e.is_builder() {
+        if e.is_builder() {
             return AdapterError::Config(format!(
                 "endpoint {}: {op}: invalid request",
                 self.endpoint
             ));
-        } else {
-            "request failed"
-        };
+        }
+        let failure = describe_send_error(e);
         // The chain may quote the URL (which holds no credentials: they are refused at
         // construction) but never headers; scrub anyway.
-        let detail = self.scrub(&error_chain(e));
-        AdapterError::Transient(format!(
-            "endpoint {}: {op}: {kind}: {detail}",
-            self.endpoint
-        ))
+        let message = format!(
+            "endpoint {}: {op}: {}: {}",
+            self.endpoint,
+            failure.kind,
+            self.scrub(&failure.detail)
+        );
+        if failure.certificate {
+            AdapterError::Config(message)
+        } else {
+            AdapterError::Transient(message)
+        }
     }
 
     /// Remove the token from text that came from outside (response bodies, error chains).
@@ -335,17 +349,6 @@ fn excerpt(body: &str) -> String {
         out.push('…');
     }
     out
-}
-
-fn error_chain(e: &reqwest::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = std::error::Error::source(e);
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
 }
 
 fn describe_item(item: Option<&Item>) -> String {

@@ -552,6 +552,7 @@ impl ApiSimulator {
 /// A running [`ApiSimulator`]; dropping it stops the server in the background.
 pub struct ApiSimHandle {
     addr: SocketAddr,
+    scheme: &'static str,
     inner: Shared,
     stop: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
@@ -573,14 +574,20 @@ impl ApiSimHandle {
         self.addr
     }
 
-    /// `base_url` of an endpoint's REST API: `http://{addr}/rest/{endpoint}`.
+    /// `base_url` of an endpoint's REST API: `http://{addr}/rest/{endpoint}`
+    /// (`https://…` when started with TLS).
     pub fn rest_base_url(&self, endpoint: &str) -> String {
-        format!("http://{}/rest/{endpoint}", self.addr)
+        format!("{}/rest/{endpoint}", self.origin())
     }
 
-    /// `base_url` of an endpoint's GraphQL API: `http://{addr}/graphql/{endpoint}`.
+    /// `base_url` of an endpoint's GraphQL API: `http://{addr}/graphql/{endpoint}`
+    /// (`https://…` when started with TLS).
     pub fn graphql_url(&self, endpoint: &str) -> String {
-        format!("http://{}/graphql/{endpoint}", self.addr)
+        format!("{}/graphql/{endpoint}", self.origin())
+    }
+
+    fn origin(&self) -> String {
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     /// A snapshot of the counters.
@@ -684,6 +691,16 @@ impl Drop for ApiSimHandle {
 
 /// Bind `addr` (port 0 for an ephemeral port) and serve in a background task.
 pub async fn start(config: ApiSimConfig, addr: SocketAddr) -> std::io::Result<ApiSimHandle> {
+    start_with(config, addr, None).await
+}
+
+/// Like [`start`], serving HTTPS when `tls` is set.
+pub async fn start_with(
+    config: ApiSimConfig,
+    addr: SocketAddr,
+    tls: Option<&crate::sim_tls::ServerTls>,
+) -> std::io::Result<ApiSimHandle> {
+    let acceptor = tls.map(|t| t.acceptor()).transpose()?;
     let inner = Arc::new(Inner {
         config,
         endpoints: Mutex::new(HashMap::new()),
@@ -697,16 +714,12 @@ pub async fn start(config: ApiSimConfig, addr: SocketAddr) -> std::io::Result<Ap
     let bound = listener.local_addr()?;
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let app = router(inner.clone());
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = stop_rx.await;
-            })
-            .await
-    });
-    tracing::info!(addr = %bound, "API simulator listening");
+    let scheme = if acceptor.is_some() { "https" } else { "http" };
+    let server = tokio::spawn(crate::sim_tls::serve(listener, acceptor, app, stop_rx));
+    tracing::info!(addr = %bound, scheme, "API simulator listening");
     Ok(ApiSimHandle {
         addr: bound,
+        scheme,
         inner,
         stop: Some(stop_tx),
         server: Some(server),

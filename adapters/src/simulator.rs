@@ -892,6 +892,7 @@ impl PortalSimulator {
 /// the background.
 pub struct SimHandle {
     addr: SocketAddr,
+    scheme: &'static str,
     state: SimState,
     stop: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
@@ -912,9 +913,10 @@ impl SimHandle {
         self.addr
     }
 
-    /// The `base_url` setting for a virtual endpoint: `http://{addr}/ep/{endpoint}`.
+    /// The `base_url` setting for a virtual endpoint: `http://{addr}/ep/{endpoint}`
+    /// (`https://…` when started with TLS; its certificate must name the address).
     pub fn base_url(&self, endpoint: &str) -> String {
-        format!("http://{}/ep/{endpoint}", self.addr)
+        format!("{}://{}/ep/{endpoint}", self.scheme, self.addr)
     }
 
     /// A snapshot of the counters.
@@ -960,6 +962,16 @@ impl Drop for SimHandle {
 /// Open the state for `config`, bind `addr` (use port 0 for an ephemeral port) and serve
 /// in a background task.
 pub async fn start(config: SimConfig, addr: SocketAddr) -> Result<SimHandle, SimError> {
+    start_with(config, addr, None).await
+}
+
+/// Like [`start`], serving HTTPS when `tls` is set.
+pub async fn start_with(
+    config: SimConfig,
+    addr: SocketAddr,
+    tls: Option<&crate::sim_tls::ServerTls>,
+) -> Result<SimHandle, SimError> {
+    let acceptor = tls.map(|t| t.acceptor()).transpose()?;
     let state = SimState::open(config).await?;
     let listener = match tokio::net::TcpListener::bind(addr).await {
         Ok(l) => l,
@@ -971,16 +983,12 @@ pub async fn start(config: SimConfig, addr: SocketAddr) -> Result<SimHandle, Sim
     let bound = listener.local_addr()?;
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let app = router(state.clone());
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = stop_rx.await;
-            })
-            .await
-    });
-    tracing::info!(addr = %bound, "portal simulator listening");
+    let scheme = if acceptor.is_some() { "https" } else { "http" };
+    let server = tokio::spawn(crate::sim_tls::serve(listener, acceptor, app, stop_rx));
+    tracing::info!(addr = %bound, scheme, "portal simulator listening");
     Ok(SimHandle {
         addr: bound,
+        scheme,
         state,
         stop: Some(stop_tx),
         server: Some(server),
@@ -988,8 +996,12 @@ pub async fn start(config: SimConfig, addr: SocketAddr) -> Result<SimHandle, Sim
 }
 
 /// Run a simulator on `addr` until Ctrl-C, then shut it down cleanly.
-pub async fn serve_forever(config: SimConfig, addr: SocketAddr) -> Result<(), SimError> {
-    let handle = start(config, addr).await?;
+pub async fn serve_forever(
+    config: SimConfig,
+    addr: SocketAddr,
+    tls: Option<&crate::sim_tls::ServerTls>,
+) -> Result<(), SimError> {
+    let handle = start_with(config, addr, tls).await?;
     tracing::info!(addr = %handle.addr(), "portal simulator running; press Ctrl-C to stop");
     tokio::signal::ctrl_c().await?;
     let stats = handle.stats();

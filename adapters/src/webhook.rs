@@ -18,6 +18,8 @@ use async_trait::async_trait;
 use bulwark_engine::AlertRow;
 use bulwark_engine::alerts::AlertSink;
 
+use crate::transport::TransportSettings;
+
 /// POSTs alerts to a webhook URL.
 pub struct WebhookSink {
     client: reqwest::Client,
@@ -33,15 +35,25 @@ impl std::fmt::Debug for WebhookSink {
 }
 
 impl WebhookSink {
-    /// A sink posting to `url`, giving up on each request after `timeout`.
+    /// A sink posting to `url`, giving up on each request after `timeout`; https is
+    /// verified against the platform's roots (or `SSL_CERT_FILE`).
     pub fn new(url: &str, timeout: Duration) -> Result<Self, String> {
+        Self::with_transport(url, timeout, &TransportSettings::default())
+    }
+
+    /// Like [`WebhookSink::new`], reaching the receiver with `transport` (an extra
+    /// `ca_file`, a client certificate, a proxy). Certificate files are read now: a bad
+    /// one fails here, not at the first alert.
+    pub fn with_transport(
+        url: &str,
+        timeout: Duration,
+        transport: &TransportSettings,
+    ) -> Result<Self, String> {
         if !(url.starts_with("http://") || url.starts_with("https://")) {
             return Err("the webhook URL must start with http:// or https://".into());
         }
-        let client = reqwest::Client::builder()
-            .timeout(timeout)
-            .build()
-            .map_err(|e| format!("cannot build the webhook client: {}", e.without_url()))?;
+        let client = crate::transport::build_client(transport, Some(timeout))
+            .map_err(|e| format!("webhook: {e}"))?;
         Ok(Self {
             client,
             url: url.to_string(),
@@ -71,7 +83,10 @@ impl AlertSink for WebhookSink {
             .await
             .map_err(|e| {
                 let e = e.without_url();
-                if e.is_timeout() {
+                let failure = crate::transport::describe_send_error(&e);
+                if failure.certificate {
+                    format!("webhook TLS certificate problem: {}", failure.detail)
+                } else if e.is_timeout() {
                     "webhook timed out".to_string()
                 } else if e.is_connect() {
                     "webhook unreachable (connection failed)".to_string()

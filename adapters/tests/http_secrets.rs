@@ -181,7 +181,7 @@ async fn secrets_never_appear_in_errors_journal_or_logs() {
             &profiles(),
             Arc::new(MemoryIdCache::new()),
             secrets.as_ref(),
-            reqwest::Client::new(),
+            bulwark_adapters::rest::RestAdapter::shared_client(),
         )
         .unwrap();
         texts.push(format!("{built:?} {built:#?}"));

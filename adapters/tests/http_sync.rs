@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use bulwark_adapters::http::{IdCache, MemoryIdCache, SqliteIdCache};
 use bulwark_adapters::sim_api::{self, ApiSimConfig, ApiSimHandle};
+use bulwark_adapters::sim_tls::{ServerTls, TestCa};
 use bulwark_adapters::simulator::{self, SimConfig};
 use bulwark_workflows::app::{Bulwark, SyncReport};
 use bulwark_workflows::catalog::Item;
@@ -18,7 +19,11 @@ fn done(report: &SyncReport) -> usize {
 }
 
 async fn api_sim(creds: &Creds) -> ApiSimHandle {
-    sim_api::start(
+    api_sim_with(creds, None).await
+}
+
+async fn api_sim_with(creds: &Creds, tls: Option<&ServerTls>) -> ApiSimHandle {
+    sim_api::start_with(
         ApiSimConfig {
             username: creds.username.clone(),
             password: creds.password.clone(),
@@ -27,6 +32,7 @@ async fn api_sim(creds: &Creds) -> ApiSimHandle {
             currency: "EUR".into(),
         },
         loopback(),
+        tls,
     )
     .await
     .unwrap()
@@ -89,7 +95,7 @@ async fn batch_rest_with_idempotency_key_end_to_end() {
     assert_clean_audit(&app).await;
 
     // Read what the portal shows through its own query route.
-    let client = reqwest::Client::new();
+    let client = bulwark_adapters::rest::RestAdapter::shared_client();
     for ep in ["ep-a", "ep-b"] {
         let body: serde_json::Value = client
             .post(format!("{}/items/query", sim.base_url(ep)))
@@ -639,6 +645,74 @@ async fn lost_write_then_crash_then_a_new_process_reads_back_and_does_not_rewrit
     }
     assert_eq!(shown(&sim, "shop-k", &want), normalized(want.clone()));
     assert_clean_audit(&app).await;
+    app.close().await;
+    sim.shutdown().await;
+}
+
+/// Both API styles over HTTPS (a CA made up here, trusted by `ca_file`): login, lookups,
+/// writes and read-back all cross real TLS; the same endpoints without the CA are refused
+/// at the handshake with a configuration error naming the endpoint and the problem, and
+/// nothing reaches the platform.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_api_styles_over_https_with_a_ca_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("bulwark.db");
+    let ca = TestCa::new(dir.path(), "shop").unwrap();
+    let creds = Creds::random();
+    let sim = api_sim_with(&creds, Some(&ca.server_tls(&["127.0.0.1"], None).unwrap())).await;
+    assert!(sim.rest_base_url("x").starts_with("https://"));
+    let want = items(10, 0);
+    seed(&db, &want).await;
+    let ca_file = ca.ca_file.display().to_string();
+    let trusted = [("ca_file", ca_file.as_str())];
+    let endpoints = vec![
+        endpoint(
+            "shop-tls",
+            "rest_items",
+            sim.rest_base_url("shop-tls"),
+            &[REST_CREDS, &[("currency", "EUR")], &trusted].concat(),
+        ),
+        endpoint(
+            "gq-tls",
+            "gql",
+            sim.graphql_url("gq-tls"),
+            &[GQL_CREDS, &trusted].concat(),
+        ),
+    ];
+    let untrusted = vec![endpoint(
+        "shop-untrusted",
+        "rest_items",
+        sim.rest_base_url("shop-untrusted"),
+        &[REST_CREDS, &[("currency", "EUR")]].concat(),
+    )];
+    let cache: Arc<dyn IdCache> = Arc::new(MemoryIdCache::new());
+    let app = Bulwark::open(&db, registry(cache, creds.secrets()))
+        .await
+        .unwrap();
+    let report = app.sync(&endpoints, &options(4), None).await.unwrap();
+    assert_eq!(done(&report), 2, "{report:?}");
+    assert_eq!(shown(&sim, "shop-tls", &want), normalized(want.clone()));
+    assert_eq!(shown(&sim, "gq-tls", &want), normalized(want.clone()));
+    assert_clean_audit(&app).await;
+
+    let before = sim.stats();
+    let report = app.sync(&untrusted, &options(4), None).await.unwrap();
+    assert_eq!(report.by_status.get("Tripped"), Some(&1), "{report:?}");
+    let after = sim.stats();
+    assert_eq!(after.logins, before.logins, "no request got through");
+    assert_eq!(after.writes_applied, before.writes_applied);
+    let rows = app.store().workflows(None, None).await.unwrap();
+    let tripped = rows
+        .iter()
+        .find(|w| w.subject == "shop-untrusted")
+        .expect("the untrusted endpoint's workflow");
+    let reason = &tripped.state_json;
+    assert!(
+        reason.contains("shop-untrusted")
+            && reason.contains("TLS certificate problem")
+            && reason.contains("not signed by a trusted CA"),
+        "{reason}"
+    );
     app.close().await;
     sim.shutdown().await;
 }

@@ -163,6 +163,14 @@ pub(crate) struct AlertsSection {
     pub(crate) webhook_max_attempts: u32,
     /// First retry delay (doubling).
     pub(crate) webhook_retry_ms: u64,
+    /// Extra CA certificates (PEM) trusted for the webhook.
+    webhook_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for a webhook receiver that wants mutual TLS.
+    webhook_client_cert_file: Option<PathBuf>,
+    /// Its private key (PEM).
+    webhook_client_key_file: Option<PathBuf>,
+    /// The webhook's proxy URL, or `none`.
+    webhook_proxy: Option<String>,
 }
 
 impl Default for AlertsSection {
@@ -173,6 +181,10 @@ impl Default for AlertsSection {
             webhook_timeout_ms: 5_000,
             webhook_max_attempts: 10,
             webhook_retry_ms: 1_000,
+            webhook_ca_file: None,
+            webhook_client_cert_file: None,
+            webhook_client_key_file: None,
+            webhook_proxy: None,
         }
     }
 }
@@ -414,10 +426,24 @@ impl Config {
             .map(|e| EndpointConfig {
                 id: e.id.clone(),
                 adapter: e.adapter.clone(),
-                settings: e.settings.clone(),
+                settings: self.resolve_paths(&e.settings),
                 policy: e.policy.as_ref().map(|p| p.apply(policy.clone())),
             })
             .collect()
+    }
+
+    /// Settings with their file paths (`ca_file`, `client_cert_file`, `client_key_file`)
+    /// made relative to this file's directory.
+    fn resolve_paths(&self, settings: &HashMap<String, String>) -> HashMap<String, String> {
+        let mut out = settings.clone();
+        for key in bulwark_adapters::transport::PATH_KEYS {
+            if let Some(p) = out.get_mut(*key)
+                && !p.trim().is_empty()
+            {
+                *p = self.dir.join(p.trim()).display().to_string();
+            }
+        }
+        out
     }
 
     /// Sync options from `[sync]` and `[limits]`.
@@ -458,6 +484,29 @@ impl Config {
                 .map_err(|_| anyhow!("[alerts] webhook_url_env: variable {var} is not set")),
             (None, None) => Ok(None),
         }
+    }
+
+    /// How the webhook is reached (`[alerts] webhook_ca_file`, …; paths relative to this
+    /// file).
+    pub(crate) fn webhook_transport(
+        &self,
+    ) -> Result<bulwark_adapters::transport::TransportSettings> {
+        let a = &self.alerts;
+        let mut settings = HashMap::new();
+        for (key, path) in [
+            ("ca_file", &a.webhook_ca_file),
+            ("client_cert_file", &a.webhook_client_cert_file),
+            ("client_key_file", &a.webhook_client_key_file),
+        ] {
+            if let Some(p) = path {
+                settings.insert(key.to_string(), self.dir.join(p).display().to_string());
+            }
+        }
+        if let Some(p) = &a.webhook_proxy {
+            settings.insert("proxy".to_string(), p.clone());
+        }
+        bulwark_adapters::transport::TransportSettings::from_settings(&settings)
+            .map_err(|e| anyhow!("[alerts] webhook_{}", e.trim_start_matches('`')))
     }
 
     /// The adapter registry this config needs (built-ins, plus `http` when profiles are

@@ -104,6 +104,21 @@ pub(crate) async fn setup(db: &DbArg, endpoints: &EndpointArgs, sync: &SyncArgs)
     })
 }
 
+/// Record which endpoints skip TLS certificate verification, for `status` and the
+/// dashboard (the adapters logged a warning for each when they were built).
+pub(crate) async fn record_insecure_tls(app: &Bulwark, endpoints: &[EndpointConfig]) -> Result<()> {
+    let insecure: Vec<String> = endpoints
+        .iter()
+        .filter(|e| {
+            bulwark_adapters::transport::TransportSettings::from_settings(&e.settings)
+                .is_ok_and(|t| t.insecure_skip_verify)
+        })
+        .map(|e| e.id.clone())
+        .collect();
+    app.record_insecure_tls(endpoints, &insecure).await?;
+    Ok(())
+}
+
 #[derive(Debug, clap::Args, Clone)]
 pub(crate) struct SyncArgs {
     /// Items per batch.
@@ -192,6 +207,15 @@ enum Command {
         /// Added latency per request, in milliseconds.
         #[arg(long, default_value_t = 0)]
         latency_ms: u64,
+        /// Serve HTTPS with this PEM certificate chain (with --tls-key).
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The PEM private key of --tls-cert.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Require client certificates signed by this PEM CA (mutual TLS).
+        #[arg(long, requires = "tls_cert")]
+        tls_client_ca: Option<PathBuf>,
     },
     /// Run the web-UI portal simulator (for the `webdriver` adapter) until SIGTERM/SIGINT;
     /// optionally write its recipes to disk and serve its state as JSON.
@@ -364,6 +388,7 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             }
             let alerts = worker::AlertDelivery::start(setup.config.as_ref(), &setup.db).await?;
             let app = Bulwark::open(&setup.db, setup.registry).await?;
+            record_insecure_tls(&app, &setup.endpoints).await?;
             let bar = progress::Progress::new();
             let report = app
                 .sync(&setup.endpoints, &setup.options, Some(bar.clone()))
@@ -388,6 +413,7 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
         } => {
             let setup = setup(&db, &endpoints, &sync).await?;
             let app = Bulwark::open(&setup.db, setup.registry).await?;
+            record_insecure_tls(&app, &setup.endpoints).await?;
             let bar = progress::Progress::new();
             let report = app
                 .replay(&setup.endpoints, &setup.options, Some(bar.clone()))
@@ -431,18 +457,30 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             endpoints,
             broken,
             latency_ms,
+            tls_cert,
+            tls_key,
+            tls_client_ca,
         } => {
             if let Some(r) = &record {
                 ensure_parent(r)?;
             }
+            let tls = match (tls_cert, tls_key) {
+                (Some(cert_file), Some(key_file)) => Some(bulwark_adapters::sim_tls::ServerTls {
+                    cert_file,
+                    key_file,
+                    client_ca_file: tls_client_ca,
+                }),
+                _ => None,
+            };
             let config = SimConfig {
                 db_path: record,
                 latency_ms,
                 profiles: broken_profiles(endpoints, broken),
                 ..Default::default()
             };
-            eprintln!("portal simulator listening on http://{listen}");
-            simulator::serve_forever(config, listen).await?;
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            eprintln!("portal simulator listening on {scheme}://{listen}");
+            simulator::serve_forever(config, listen, tls.as_ref()).await?;
         }
         Command::Status { db, json } => {
             let app = Bulwark::open(&db.db, bulwark_adapters::default_registry()).await?;

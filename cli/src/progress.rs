@@ -158,6 +158,15 @@ pub(crate) fn print_status(s: &Status) {
         "journal rows: {}, recent alerts: {}",
         s.journal_rows, s.alerts
     );
+    if !s.insecure_tls.is_empty() {
+        println!(
+            "TLS verification OFF (insecure_skip_verify) for {} endpoint(s):",
+            s.insecure_tls.len()
+        );
+        for line in crate::ops::wrap(&s.insecure_tls.join(", "), 76, 5) {
+            println!("  {line}");
+        }
+    }
     crate::ops::print_runs(&s.runs);
 }
 

@@ -203,6 +203,7 @@ async fn overview(State(ctx): State<Shared>) -> Response {
             "circuits": circuits,
             "alerts": store.alerts(50).await?,
             "journal_rows": status.journal_rows,
+            "insecure_tls": status.insecure_tls,
         }))
     }
     .await;

@@ -87,9 +87,10 @@ impl AlertDelivery {
             return Ok(None);
         };
         let a = &config.alerts;
-        let sink = bulwark_adapters::webhook::WebhookSink::new(
+        let sink = bulwark_adapters::webhook::WebhookSink::with_transport(
             &url,
             Duration::from_millis(a.webhook_timeout_ms),
+            &config.webhook_transport()?,
         )
         .map_err(|e| anyhow::anyhow!("[alerts]: {e}"))?;
         let app = Bulwark::open(db, bulwark_adapters::default_registry()).await?;
@@ -244,6 +245,7 @@ pub(crate) async fn run(args: WorkerArgs) -> Result<ExitCode> {
     };
     let alerts = AlertDelivery::start(config.as_ref(), &db).await?;
     let app = Bulwark::open(&db, registry).await?;
+    crate::record_insecure_tls(&app, &endpoints).await?;
     let metrics = match args.metrics_listen {
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)
@@ -306,6 +308,7 @@ pub(crate) async fn run(args: WorkerArgs) -> Result<ExitCode> {
 /// `bulwark sync` on PostgreSQL: plan the run for the workers; optionally wait for it.
 pub(crate) async fn enqueue(setup: crate::Setup, wait: bool) -> Result<ExitCode> {
     let app = Bulwark::open(&setup.db, setup.registry).await?;
+    crate::record_insecure_tls(&app, &setup.endpoints).await?;
     let Some(plan) = app.enqueue(&setup.endpoints, &setup.options).await? else {
         println!("no sealed snapshot yet: run `bulwark snapshot` first");
         return Ok(ExitCode::from(1));

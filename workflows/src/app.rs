@@ -724,7 +724,21 @@ impl Bulwark {
             last_snapshot: self.staging.snapshots().await?.into_iter().next(),
             journal_rows: self.store.journal_len().await?,
             alerts: self.store.alerts(20).await?.len(),
+            insecure_tls: self.staging.insecure_tls().await?,
         })
+    }
+
+    /// Record which of `configured` endpoints skip TLS certificate verification
+    /// (`insecure`), so that [`Bulwark::status`] and the dashboard show them. Call it when
+    /// starting work with a configuration.
+    pub async fn record_insecure_tls(
+        &self,
+        configured: &[EndpointConfig],
+        insecure: &[String],
+    ) -> Result<()> {
+        let ids: Vec<String> = configured.iter().map(|e| e.id.clone()).collect();
+        self.staging.record_insecure_tls(&ids, insecure).await?;
+        Ok(())
     }
 
     /// Plan a sync run of `endpoints` towards the newest sealed snapshot without running
@@ -879,6 +893,9 @@ pub struct Status {
     pub journal_rows: i64,
     /// Recent alerts (up to 20).
     pub alerts: usize,
+    /// Endpoints that skip TLS certificate verification (`insecure_skip_verify`), as
+    /// recorded by the last sync or worker started with them.
+    pub insecure_tls: Vec<String>,
 }
 
 fn hostname() -> String {

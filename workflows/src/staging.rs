@@ -409,6 +409,57 @@ impl Staging {
     }
 }
 
+impl Staging {
+    /// Record which of the `configured` endpoints skip TLS certificate verification
+    /// (`insecure`, a subset): their rows replace whatever was recorded for `configured`.
+    pub async fn record_insecure_tls(
+        &self,
+        configured: &[String],
+        insecure: &[String],
+    ) -> Result<()> {
+        let now = bulwark_engine::now_ms();
+        on_db!(self.db, |pool| {
+            let mut tx = pool.begin().await?;
+            for chunk in configured.chunks(500) {
+                let sql = format!(
+                    "DELETE FROM endpoint_insecure_tls WHERE endpoint_id IN ({})",
+                    (1..=chunk.len())
+                        .map(|i| format!("${i}"))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                );
+                let mut q = sqlx::query(AssertSqlSafe(sql));
+                for id in chunk {
+                    q = q.bind(id);
+                }
+                q.execute(&mut *tx).await?;
+            }
+            for chunk in insecure.chunks(500) {
+                let sql = format!(
+                    "INSERT INTO endpoint_insecure_tls (endpoint_id, recorded_at) VALUES {}
+                     ON CONFLICT (endpoint_id) DO UPDATE SET recorded_at = excluded.recorded_at",
+                    numbered(chunk.len(), 2)
+                );
+                let mut q = sqlx::query(AssertSqlSafe(sql));
+                for id in chunk {
+                    q = q.bind(id).bind(now);
+                }
+                q.execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+
+    /// The endpoints recorded as skipping TLS certificate verification, by id.
+    pub async fn insecure_tls(&self) -> Result<Vec<String>> {
+        const SQL: &str = "SELECT endpoint_id FROM endpoint_insecure_tls ORDER BY endpoint_id";
+        let rows: Vec<(String,)> =
+            on_db!(self.db, |pool| sqlx::query_as(SQL).fetch_all(pool).await?);
+        Ok(rows.into_iter().map(|(e,)| e).collect())
+    }
+}
+
 /// Hex SHA-256 over the canonical JSON of items sorted by SKU.
 pub fn content_hash(items: &[Item]) -> String {
     let mut h = Sha256::new();

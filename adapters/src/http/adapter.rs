@@ -19,6 +19,7 @@ use super::profile::{
     AuthKind, CompiledRequest, ErrorClass, Mode, PriceUnit, Profile, Profiles, item_value,
 };
 use super::secrets::{REDACTED, Redactor, Secrets};
+use crate::transport::{TRANSPORT_KEYS, describe_send_error, error_chain};
 
 /// Default per-request timeout.
 pub const DEFAULT_TIMEOUT_MS: u64 = 10_000;
@@ -172,11 +173,11 @@ impl HttpAdapter {
             .ok_or_else(|| cfg_err(id, "setting `base_url` is required"))?;
         let parsed = reqwest::Url::parse(raw_url)
             .map_err(|e| cfg_err(id, format!("`base_url` is not a valid URL: {e}")))?;
-        if parsed.scheme() != "http" {
+        if !matches!(parsed.scheme(), "http" | "https") {
             return Err(cfg_err(
                 id,
                 format!(
-                    "`base_url` must use http (this build has no TLS support), got {:?}",
+                    "`base_url` must use http or https, got {:?}",
                     parsed.scheme()
                 ),
             ));
@@ -193,7 +194,7 @@ impl HttpAdapter {
         let redactor = Redactor::default();
         let mut secret_values = Map::new();
         for (k, v) in s {
-            if k == "profile" || k == "base_url" {
+            if k == "profile" || k == "base_url" || TRANSPORT_KEYS.contains(&k.as_str()) {
                 continue;
             }
             if let Some(name) = k.strip_suffix("_env") {
@@ -209,8 +210,12 @@ impl HttpAdapter {
                 return Err(cfg_err(
                     id,
                     format!(
-                        "unknown setting `{k}` for profile {pname:?} (known: profile, base_url, timeout_ms, currency, {}{})",
-                        pc.settings.join(", "),
+                        "unknown setting `{k}` for profile {pname:?} (known: profile, base_url, timeout_ms, currency, {}{}{})",
+                        TRANSPORT_KEYS.join(", "),
+                        pc.settings
+                            .iter()
+                            .map(|s| format!(", {s}"))
+                            .collect::<String>(),
                         pc.secrets
                             .iter()
                             .map(|s| format!(", {s}_env"))
@@ -398,20 +403,19 @@ impl HttpAdapter {
         let resp = match rb.send().await {
             Ok(r) => r,
             Err(e) => {
-                let kind = if e.is_timeout() {
-                    "timed out"
-                } else if e.is_connect() {
-                    "connection failed"
-                } else {
-                    "request failed"
-                };
+                let failure = describe_send_error(&e);
                 let msg = self.scrub(&format!(
-                    "endpoint {}: {op}: {kind}: {}",
-                    self.endpoint,
-                    error_chain(&e)
+                    "endpoint {}: {op}: {}: {}",
+                    self.endpoint, failure.kind, failure.detail
                 ));
                 tracing::warn!(endpoint = %self.endpoint, op, error = %msg, request = %self.redact_body(body.as_deref()), "http adapter request failed");
-                return Err(Failure::new(ErrorClass::Transient, msg));
+                // A refused certificate does not heal by retrying: a configuration error.
+                let class = if failure.certificate {
+                    ErrorClass::Config
+                } else {
+                    ErrorClass::Transient
+                };
+                return Err(Failure::new(class, msg));
             }
         };
         let status = resp.status().as_u16();
@@ -1241,17 +1245,6 @@ fn excerpt(body: &str) -> String {
         out.push('…');
     }
     out
-}
-
-fn error_chain(e: &reqwest::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = std::error::Error::source(e);
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
 }
 
 #[cfg(test)]

@@ -50,7 +50,7 @@ pub const ADAPTER_NAME: &str = "http";
 
 /// A registry factory (register it as [`ADAPTER_NAME`]) building [`HttpAdapter`]s from
 /// `profiles`, with secrets from the environment. Every adapter it builds shares one HTTP
-/// client (connection pool) and the id `cache`.
+/// client (connection pool) per distinct transport ([`crate::transport`]) and the id `cache`.
 pub fn factory(profiles: Arc<Profiles>, cache: Arc<dyn IdCache>) -> AdapterFactory {
     factory_with(profiles, cache, Arc::new(EnvSecrets))
 }
@@ -61,19 +61,17 @@ pub fn factory_with(
     cache: Arc<dyn IdCache>,
     secrets: Arc<dyn Secrets>,
 ) -> AdapterFactory {
-    let client = reqwest::Client::builder()
-        .tcp_nodelay(true)
-        .pool_idle_timeout(std::time::Duration::from_secs(90))
-        .connect_timeout(std::time::Duration::from_secs(10))
-        .build()
-        .expect("an HTTP client without TLS always builds");
+    let clients = crate::transport::ClientPool::new();
     Arc::new(move |config: &EndpointConfig| {
+        let client = clients
+            .endpoint_client(&config.id, &config.settings)
+            .map_err(bulwark_workflows::adapter::AdapterError::Config)?;
         let adapter: Arc<dyn PortalAdapter> = Arc::new(HttpAdapter::new(
             config,
             &profiles,
             cache.clone(),
             secrets.as_ref(),
-            client.clone(),
+            client,
         )?);
         Ok(adapter)
     })

@@ -250,6 +250,8 @@ impl WebDriverPool {
             caps.set_binary(&bin.to_string_lossy())
                 .map_err(|e| transient("capabilities", e))?;
         }
+        // thirtyfour builds its own reqwest client (rustls): it needs the crypto provider.
+        crate::transport::install_crypto_provider();
         let driver = WebDriver::new(url, caps)
             .await
             .map_err(|e| transient("cannot start a browser session", e))?;

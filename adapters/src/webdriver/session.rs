@@ -39,8 +39,10 @@ pub(crate) struct Env<'a> {
 
 const POLL: Duration = Duration::from_millis(50);
 
-static SECRET_CLIENT: std::sync::LazyLock<reqwest::Client> =
-    std::sync::LazyLock::new(reqwest::Client::new);
+static SECRET_CLIENT: std::sync::LazyLock<reqwest::Client> = std::sync::LazyLock::new(|| {
+    crate::transport::build_client(&Default::default(), None)
+        .expect("the default transport reads no files and always builds")
+});
 
 /// Type a secret into `el` with a WebDriver "Element Send Keys" request made here rather
 /// than through thirtyfour, whose debug log prints every request body.
