@@ -107,16 +107,21 @@ pub(crate) async fn setup(db: &DbArg, endpoints: &EndpointArgs, sync: &SyncArgs)
 /// Record which endpoints skip TLS certificate verification, for `status` and the
 /// dashboard (the adapters logged a warning for each when they were built).
 pub(crate) async fn record_insecure_tls(app: &Bulwark, endpoints: &[EndpointConfig]) -> Result<()> {
-    let insecure: Vec<String> = endpoints
+    app.record_insecure_tls(endpoints, &insecure_tls(endpoints))
+        .await?;
+    Ok(())
+}
+
+/// The ids of `endpoints` set to skip TLS certificate verification.
+fn insecure_tls(endpoints: &[EndpointConfig]) -> Vec<String> {
+    endpoints
         .iter()
         .filter(|e| {
             bulwark_adapters::transport::TransportSettings::from_settings(&e.settings)
                 .is_ok_and(|t| t.insecure_skip_verify)
         })
         .map(|e| e.id.clone())
-        .collect();
-    app.record_insecure_tls(endpoints, &insecure).await?;
-    Ok(())
+        .collect()
 }
 
 #[derive(Debug, clap::Args, Clone)]
@@ -165,6 +170,16 @@ enum Command {
         /// (PostgreSQL) wait until the workers have finished the run.
         #[arg(long)]
         wait: bool,
+    },
+    /// Check a configuration file without syncing: load it and build every endpoint's
+    /// adapter (reading tokens, certificates and profiles), then say what it found.
+    Check {
+        /// The configuration file.
+        #[arg(long, env = "BULWARK_CONFIG")]
+        config: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Resume and finish what a crash or stop left unfinished (replaying each endpoint
     /// sync from its journal, verifying before any re-send), without starting a new run.
@@ -404,6 +419,41 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             app.close().await;
             if !report.refused.is_empty() || report.unfinished > 0 {
                 return Ok(ExitCode::from(1));
+            }
+        }
+        Command::Check { config, json } => {
+            let loaded = config::Config::load(&config)?;
+            let db = loaded
+                .database
+                .clone()
+                .unwrap_or_else(|| DEFAULT_DB.to_string());
+            let endpoints = loaded.endpoints();
+            if loaded.http.is_some() {
+                ensure_db_parent(&db)?;
+            }
+            loaded.registry(&db).await?;
+            let insecure = insecure_tls(&endpoints);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "config": config.display().to_string(),
+                        "endpoints": endpoints.len(),
+                        "insecure_tls": insecure,
+                    })
+                );
+            } else {
+                println!(
+                    "{}: valid; {} endpoint(s), every adapter built",
+                    config.display(),
+                    endpoints.len()
+                );
+                if !insecure.is_empty() {
+                    println!(
+                        "TLS verification OFF (insecure_skip_verify): {}",
+                        insecure.join(", ")
+                    );
+                }
             }
         }
         Command::Replay {
