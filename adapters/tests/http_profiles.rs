@@ -198,17 +198,40 @@ fn endpoint_settings_are_checked_when_the_adapter_is_built() {
             .contains("unknown setting `shop_id`")
     );
     assert_eq!(build("rest_items", REST_CREDS), "");
-    let e = registry
+    // https builds (TLS is built in); a scheme that is neither http nor https is refused.
+    registry
         .build(&endpoint(
             "ep-1",
             "gql",
             "https://x.invalid".into(),
             GQL_CREDS,
         ))
+        .unwrap();
+    let e = registry
+        .build(&endpoint(
+            "ep-1",
+            "gql",
+            "ftp://x.invalid".into(),
+            GQL_CREDS,
+        ))
         .err()
         .unwrap();
     assert!(
-        matches!(e, AdapterError::Config(ref m) if m.contains("http")),
+        matches!(e, AdapterError::Config(ref m) if m.contains("http or https") && m.contains("ftp")),
+        "{e}"
+    );
+    // Transport settings are accepted, and checked: a CA file that is not there is named.
+    let e = registry
+        .build(&endpoint(
+            "ep-1",
+            "gql",
+            "https://x.invalid".into(),
+            &[GQL_CREDS, &[("ca_file", "/nonexistent/ca.pem")]].concat(),
+        ))
+        .err()
+        .unwrap();
+    assert!(
+        matches!(e, AdapterError::Config(ref m) if m.contains("ep-1") && m.contains("/nonexistent/ca.pem")),
         "{e}"
     );
 }

@@ -536,6 +536,12 @@ impl Config {
             registry.register(http::ADAPTER_NAME, http::factory(Arc::new(profiles), cache));
         }
         for e in self.endpoints() {
+            if e.adapter == http::ADAPTER_NAME && self.http.is_none() {
+                return Err(anyhow!(
+                    "endpoint {:?}: adapter \"http\" needs its platform profiles: add `[http] profiles = \"profiles.toml\"` (docs/http-adapter.md)",
+                    e.id
+                ));
+            }
             registry
                 .build(&e)
                 .map_err(|err| anyhow!("endpoint {:?}: {err}", e.id))?;
@@ -694,6 +700,40 @@ settings = { base_url = "http://127.0.0.1:9/ep/b" }
             c.webhook_url().unwrap().as_deref(),
             Some("http://127.0.0.1:9/hook")
         );
+    }
+
+    #[tokio::test]
+    async fn transport_paths_are_relative_to_the_file_and_http_needs_profiles() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            "bulwark.toml",
+            "[[endpoint]]\nid = \"a\"\nadapter = \"rest\"\nsettings = { base_url = \"https://shop.example\", ca_file = \"certs/ca.pem\" }\n",
+        );
+        let c = Config::load(&p).unwrap();
+        assert_eq!(
+            c.endpoints()[0].settings["ca_file"],
+            dir.path().join("certs/ca.pem").display().to_string()
+        );
+        let db = dir.path().join("t.db").display().to_string();
+        let err = c.registry(&db).await.err().unwrap().to_string();
+        assert!(
+            err.contains("\"a\"") && err.contains("certs/ca.pem"),
+            "{err}"
+        );
+        let p = write(
+            dir.path(),
+            "http.toml",
+            "[[endpoint]]\nid = \"h\"\nadapter = \"http\"\n",
+        );
+        let err = Config::load(&p)
+            .unwrap()
+            .registry(&db)
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("[http] profiles"), "{err}");
     }
 
     #[test]

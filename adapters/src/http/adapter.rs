@@ -142,7 +142,8 @@ fn cfg_err(endpoint: &str, msg: impl fmt::Display) -> AdapterError {
 impl HttpAdapter {
     /// Build the adapter for `config`, whose `settings["profile"]` names one of `profiles`.
     ///
-    /// Settings: `profile`, `base_url` (http), optional `timeout_ms` and `currency`, every
+    /// Settings: `profile`, `base_url` (http or https), optional `timeout_ms` and
+    /// `currency`, the [transport settings](crate::transport::TRANSPORT_KEYS), every
     /// setting the profile declares, and `<secret>_env` (the environment variable name)
     /// for every secret it declares. Unknown settings are refused, so a typo cannot go
     /// unnoticed.
