@@ -323,14 +323,7 @@ async fn a_worker_serves_its_own_metrics() {
     );
     bulwark_tests::wait_for_port(port);
     let url = format!("http://127.0.0.1:{port}/metrics");
-    let before = bulwark_adapters::rest::RestAdapter::shared_client()
-        .get(&url)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let before = get_text(&url).await;
     assert_eq!(sample(&before, "bulwark_journal_commit_seconds_count"), 0.0);
 
     let out = run_ok(
@@ -339,14 +332,7 @@ async fn a_worker_serves_its_own_metrics() {
             .args(endpoint_args),
     );
     assert!(out.contains("Done=4 Tripped=1"), "{out}");
-    let text = bulwark_adapters::rest::RestAdapter::shared_client()
-        .get(&url)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = get_text(&url).await;
     // 250 items in batches of 100: 3 batches to each of 4 healthy endpoints; the broken
     // one's first batch mismatches 3 times.
     assert_eq!(
@@ -382,4 +368,15 @@ async fn a_worker_serves_its_own_metrics() {
     run_ok(std::process::Command::new("kill").args(["-TERM", &worker.0.id().to_string()]));
     assert!(worker.0.wait().unwrap().success());
     sim.shutdown().await.unwrap();
+}
+
+async fn get_text(url: &str) -> String {
+    bulwark_adapters::rest::RestAdapter::shared_client()
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
 }

@@ -507,6 +507,20 @@ fn the_readme_https_example_loads() {
             .current_dir(dir.path()),
     );
     assert!(out.contains("valid; 1 endpoint(s)"), "{out}");
+    let json: serde_json::Value = serde_json::from_str(&run_ok(
+        bulwark()
+            .args(["check", "--json", "--config"])
+            .arg(&config)
+            .env("ACME_TOKEN", "t0ken")
+            .current_dir(dir.path()),
+    ))
+    .unwrap();
+    assert_eq!(json["endpoints"], 1, "{json}");
+    assert_eq!(json["source"], true, "{json}");
+    assert!(
+        json["schedule"]["snapshot"].is_string() && json["schedule"]["sync"].is_string(),
+        "{json}"
+    );
     // Without its token the same file is refused, naming the endpoint and the variable.
     let out = bulwark()
         .args(["check", "--config"])

@@ -896,22 +896,4 @@ settings = { base_url = "http://127.0.0.1:9/ep/b" }
             panic!("docs/configuration.md example: {e}");
         }
     }
-
-    #[test]
-    fn the_readme_quickstart_configuration_is_valid() {
-        let readme =
-            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
-                .unwrap();
-        let start = readme.find("   ```toml\n").expect("a toml block") + 11;
-        let block = &readme[start..start + readme[start..].find("   ```").unwrap()];
-        let text: String = block
-            .lines()
-            .map(|l| l.strip_prefix("   ").unwrap_or(l))
-            .collect::<Vec<_>>()
-            .join("\n");
-        let config: Config =
-            toml::from_str(&text).unwrap_or_else(|e| panic!("README.md quickstart: {e}"));
-        assert_eq!(config.endpoints.len(), 1);
-        assert!(config.schedule.sync.is_some() && config.source.is_some());
-    }
 }

@@ -440,6 +440,11 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
                         "config": config.display().to_string(),
                         "endpoints": endpoints.len(),
                         "insecure_tls": insecure,
+                        "source": loaded.source.is_some(),
+                        "schedule": {
+                            "snapshot": loaded.schedule.snapshot.as_ref().map(|c| &c.0),
+                            "sync": loaded.schedule.sync.as_ref().map(|c| &c.0),
+                        },
                     })
                 );
             } else {
