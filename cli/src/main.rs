@@ -152,7 +152,10 @@ enum Command {
         seed: u64,
     },
     /// Snapshot a legacy source (SQLite, PostgreSQL, MySQL/MariaDB) into staging (the only read of the source).
+    #[command(args_conflicts_with_subcommands = true)]
     Snapshot {
+        #[command(subcommand)]
+        action: Option<snapshot_cmd::SnapshotAction>,
         #[command(flatten)]
         db: DbArg,
         #[command(flatten)]
@@ -388,9 +391,12 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
                 path.display()
             );
         }
-        Command::Snapshot { db, args } => {
-            snapshot_cmd::run(&db.db, args).await?;
-        }
+        Command::Snapshot { action, db, args } => match action {
+            Some(snapshot_cmd::SnapshotAction::Approve { id, db }) => {
+                return snapshot_cmd::approve(&db.db, id).await;
+            }
+            None => snapshot_cmd::run(&db.db, args).await?,
+        },
         Command::Sync {
             db,
             endpoints,

@@ -8,6 +8,7 @@ use bulwark_adapters::legacy::SourceMapping;
 use bulwark_adapters::sql_source::{SourceQuery, SourceSpec, open_source};
 use bulwark_workflows::app::Bulwark;
 use bulwark_workflows::snapshot::SnapshotOptions;
+use bulwark_workflows::staging::ChangeGuard;
 use bulwark_workflows::snapshot_flow::{FlowOptions, SnapshotWindow, run_snapshot};
 
 /// Arguments of `bulwark snapshot`.
@@ -56,6 +57,26 @@ pub(crate) struct SnapshotArgs {
     /// Abort the snapshot if more than this share of rows is rejected.
     #[arg(long, default_value_t = 0.05)]
     max_rejected_share: f64,
+    /// Hold the snapshot (sync nothing until `bulwark snapshot approve`) if more than this
+    /// share of the previous snapshot's SKUs would be removed or drop to stock 0.
+    #[arg(long, default_value_t = 0.05)]
+    max_removed_share: f64,
+    /// Hold the snapshot if more than this share of the previous snapshot's SKUs changes.
+    #[arg(long, default_value_t = 0.5)]
+    max_changed_share: f64,
+}
+
+/// `bulwark snapshot approve ID`: release a held snapshot to sync runs.
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum SnapshotAction {
+    /// Approve a held snapshot (one whose change against the previous sealed snapshot
+    /// exceeded max_removed_share or max_changed_share): sync runs may then use it.
+    Approve {
+        /// The snapshot id (`bulwark status` or `bulwark alerts` name it).
+        id: i64,
+        #[command(flatten)]
+        db: crate::DbArg,
+    },
 }
 
 /// `[source]` of `bulwark.toml`: the legacy source scheduled snapshots read, with the
@@ -78,6 +99,8 @@ pub(crate) struct SourceSection {
     window_cron: Option<String>,
     window_ms: Option<i64>,
     max_rejected_share: f64,
+    max_removed_share: f64,
+    max_changed_share: f64,
 }
 
 impl Default for SourceSection {
@@ -97,6 +120,8 @@ impl Default for SourceSection {
             window_cron: None,
             window_ms: None,
             max_rejected_share: o.max_rejected_share,
+            max_removed_share: o.guard.max_removed_share,
+            max_changed_share: o.guard.max_changed_share,
         }
     }
 }
@@ -135,8 +160,14 @@ impl SourceSection {
                 ));
             }
         }
-        if !(0.0..=1.0).contains(&self.max_rejected_share) {
-            return Err(("max_rejected_share", "must be between 0 and 1".into()));
+        for (key, share) in [
+            ("max_rejected_share", self.max_rejected_share),
+            ("max_removed_share", self.max_removed_share),
+            ("max_changed_share", self.max_changed_share),
+        ] {
+            if !(0.0..=1.0).contains(&share) {
+                return Err((key, "must be between 0 and 1".into()));
+            }
         }
         Ok(())
     }
@@ -169,6 +200,8 @@ impl SourceSection {
             window_cron: self.window_cron.clone(),
             window_ms: self.window_ms,
             max_rejected_share: self.max_rejected_share,
+            max_removed_share: self.max_removed_share,
+            max_changed_share: self.max_changed_share,
         }
         .plan()
     }
@@ -220,11 +253,24 @@ impl SnapshotArgs {
                 _ => None,
             },
         };
+        for (flag, share) in [
+            ("--max-rejected-share", args.max_rejected_share),
+            ("--max-removed-share", args.max_removed_share),
+            ("--max-changed-share", args.max_changed_share),
+        ] {
+            if !(0.0..=1.0).contains(&share) {
+                bail!("{flag} must be between 0 and 1, got {share}");
+            }
+        }
         let options = SnapshotOptions {
             page_size: args.page_size,
             pause: Duration::from_millis(args.pause_ms),
             tier_min_qty: args.tier_min_qty,
             max_rejected_share: args.max_rejected_share,
+            guard: ChangeGuard {
+                max_removed_share: args.max_removed_share,
+                max_changed_share: args.max_changed_share,
+            },
         };
         Ok(SnapshotPlan {
             url,
@@ -250,7 +296,44 @@ pub(crate) async fn run(db: &str, args: SnapshotArgs) -> Result<()> {
     );
     println!("  {} queries sent to the source", r.queries);
     println!("  content hash {}", r.content_hash.unwrap_or_default());
+    if r.carried > 0 {
+        println!(
+            "  {} rejected row(s) keep their SKU's last accepted value (see `bulwark alerts`)",
+            r.carried
+        );
+    }
+    if let Some(why) = &r.held {
+        println!("  HELD, no sync uses it: {why}");
+        println!("  if the change is real: bulwark snapshot approve {}", r.id);
+    }
     Ok(())
+}
+
+/// `bulwark snapshot approve ID`.
+pub(crate) async fn approve(db: &str, id: i64) -> Result<std::process::ExitCode> {
+    let app = Bulwark::open(db, bulwark_adapters::default_registry()).await?;
+    let staging = app.staging();
+    let reason = staging.held_reason(id).await?;
+    let approved = staging.approve(id).await?;
+    app.close().await;
+    if approved {
+        println!(
+            "snapshot {id} approved (it was held: {}); sync runs may now use it",
+            reason.unwrap_or_default()
+        );
+        Ok(std::process::ExitCode::SUCCESS)
+    } else {
+        let status = staging_status(db, id).await?;
+        eprintln!("snapshot {id} is not held ({status}); nothing to approve");
+        Ok(std::process::ExitCode::from(1))
+    }
+}
+
+async fn staging_status(db: &str, id: i64) -> Result<String> {
+    let app = Bulwark::open(db, bulwark_adapters::default_registry()).await?;
+    let row = app.staging().snapshot(id).await?;
+    app.close().await;
+    Ok(row.map_or_else(|| "no such snapshot".to_string(), |r| format!("it is {}", r.status)))
 }
 
 /// Take (or resume) the snapshot `plan` describes into `app`'s staging.

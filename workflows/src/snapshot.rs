@@ -46,6 +46,8 @@ pub struct SnapshotOptions {
     pub tier_min_qty: Vec<u32>,
     /// Abort (and never sync) if more than this share of rows is rejected.
     pub max_rejected_share: f64,
+    /// Hold (sync nothing until approved) a snapshot that changes too much.
+    pub guard: crate::staging::ChangeGuard,
 }
 
 impl Default for SnapshotOptions {
@@ -55,6 +57,7 @@ impl Default for SnapshotOptions {
             pause: Duration::from_millis(0),
             tier_min_qty: vec![1, 10, 100],
             max_rejected_share: 0.05,
+            guard: crate::staging::ChangeGuard::default(),
         }
     }
 }
@@ -78,6 +81,10 @@ pub struct SnapshotReport {
     pub content_hash: Option<String>,
     /// Sealed (false: aborted for too many rejected rows).
     pub sealed: bool,
+    /// Sealed but held for an operator's approval, and why.
+    pub held: Option<String>,
+    /// Rejected rows that kept their SKU's last accepted value.
+    pub carried: u32,
 }
 
 /// Parse a decimal price in major units ("12.34") into minor units (1234).

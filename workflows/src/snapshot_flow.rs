@@ -24,15 +24,15 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use bulwark_engine::{
-    Effects, Journal, JournalConfig, Machine, NewWorkflow, RunId, Runtime, RuntimeConfig,
-    Transition, TransitionError, WorkflowCtx, now_ms,
+    Alert, AlertLevel, Effects, Journal, JournalConfig, Machine, NewWorkflow, Notice, RunId,
+    Runtime, RuntimeConfig, Transition, TransitionError, WorkflowCtx, now_ms,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, mpsc, oneshot};
 
 use crate::error::{Result, SyncError};
 use crate::snapshot::{LegacySource, RawRow, SnapshotOptions, SnapshotReport, validate};
-use crate::staging::{SealStats, Staging};
+use crate::staging::{ChangeGuard, SealStats, Staging};
 
 /// When a snapshot may read the source: windows opening at each occurrence of a cron
 /// expression (5 fields, or 6 with seconds first) and lasting at most `max_duration_ms`.
@@ -120,6 +120,9 @@ pub struct SnapshotInput {
     pub tier_min_qty: Vec<u32>,
     /// Abort if more than this share of rows is rejected.
     pub max_rejected_share: f64,
+    /// When the snapshot is held instead of sealed (journals before it hold the default).
+    #[serde(default)]
+    pub guard: ChangeGuard,
     /// When the source may be read (always, if absent).
     #[serde(default)]
     pub window: Option<SnapshotWindow>,
@@ -175,6 +178,16 @@ pub enum SnapshotState {
         /// Content hash.
         hash: String,
     },
+    /// Sealed but held: it changes too much against the previous sealed snapshot, so no
+    /// sync uses it until an operator approves it.
+    Held {
+        /// Final counters.
+        counts: SnapshotCounts,
+        /// Content hash.
+        hash: String,
+        /// Why it is held.
+        reason: String,
+    },
     /// Aborted (too many rejected rows); never synced.
     Aborted {
         /// Final counters.
@@ -214,12 +227,51 @@ pub enum SnapshotEvent {
     Sealed {
         /// Content hash.
         hash: String,
+        /// Rejected rows that kept their SKU's last accepted value.
+        #[serde(default)]
+        carried: Carried,
+    },
+    /// The snapshot was sealed held (see [`SnapshotState::Held`]).
+    Held {
+        /// Content hash.
+        hash: String,
+        /// Why.
+        reason: String,
+        /// Rejected rows that kept their SKU's last accepted value.
+        #[serde(default)]
+        carried: Carried,
     },
     /// The snapshot was aborted.
     Aborted {
         /// Why.
         reason: String,
     },
+}
+
+/// Rejected rows whose SKU kept its last accepted value, as journaled: how many, and the
+/// first few as "SKU: reason".
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Carried {
+    /// How many.
+    pub total: u32,
+    /// The first [`Carried::SHOWN`], "SKU: why its row was rejected".
+    pub first: Vec<String>,
+}
+
+impl Carried {
+    /// How many carried SKUs are named.
+    pub const SHOWN: usize = 20;
+
+    fn from_rows(rows: &[(String, String)]) -> Self {
+        Self {
+            total: rows.len() as u32,
+            first: rows
+                .iter()
+                .take(Self::SHOWN)
+                .map(|(sku, why)| format!("{sku}: {why}"))
+                .collect(),
+        }
+    }
 }
 
 /// Effects of a snapshot workflow.
@@ -379,10 +431,18 @@ impl Machine for SnapshotFlow {
                     page_no: *page_no,
                 }],
             }),
-            (S::Finishing { counts }, E::Sealed { hash }) => Ok(Transition {
+            (S::Finishing { counts }, E::Sealed { hash, .. }) => Ok(Transition {
                 state: S::Sealed {
                     counts: *counts,
                     hash: hash.clone(),
+                },
+                commands: vec![],
+            }),
+            (S::Finishing { counts }, E::Held { hash, reason, .. }) => Ok(Transition {
+                state: S::Held {
+                    counts: *counts,
+                    hash: hash.clone(),
+                    reason: reason.clone(),
                 },
                 commands: vec![],
             }),
@@ -411,7 +471,9 @@ impl Machine for SnapshotFlow {
             SnapshotState::Finishing { counts } => {
                 vec![SnapshotCommand::Finish { counts: *counts }]
             }
-            SnapshotState::Sealed { .. } | SnapshotState::Aborted { .. } => vec![],
+            SnapshotState::Sealed { .. }
+            | SnapshotState::Held { .. }
+            | SnapshotState::Aborted { .. } => vec![],
         }
     }
 
@@ -421,6 +483,7 @@ impl Machine for SnapshotFlow {
             SnapshotState::Paused { .. } => "Paused",
             SnapshotState::Finishing { .. } => "Finishing",
             SnapshotState::Sealed { .. } => "Sealed",
+            SnapshotState::Held { .. } => "Held",
             SnapshotState::Aborted { .. } => "Aborted",
         }
     }
@@ -428,8 +491,52 @@ impl Machine for SnapshotFlow {
     fn is_terminal(state: &SnapshotState) -> bool {
         matches!(
             state,
-            SnapshotState::Sealed { .. } | SnapshotState::Aborted { .. }
+            SnapshotState::Sealed { .. } | SnapshotState::Held { .. } | SnapshotState::Aborted { .. }
         )
+    }
+
+    fn notice(
+        input: &SnapshotInput,
+        _previous: &SnapshotState,
+        event: &SnapshotEvent,
+        _state: &SnapshotState,
+    ) -> Notice {
+        let (carried, held) = match event {
+            SnapshotEvent::Sealed { carried, .. } => (carried, None),
+            SnapshotEvent::Held {
+                carried, reason, ..
+            } => (carried, Some(reason)),
+            _ => return Notice::default(),
+        };
+        let mut alerts = Vec::new();
+        if carried.total > 0 {
+            let more = carried.total as usize - carried.first.len();
+            alerts.push(Alert {
+                kind: "rejected_rows_carried",
+                level: AlertLevel::Warn,
+                message: format!(
+                    "snapshot {}: {} rejected row(s) keep their SKU's last accepted value (endpoints keep what they show): {}{}",
+                    input.snapshot,
+                    carried.total,
+                    carried.first.join("; "),
+                    if more > 0 { format!("; and {more} more (see snapshot_rejects)") } else { String::new() }
+                ),
+            });
+        }
+        if let Some(reason) = held {
+            alerts.push(Alert {
+                kind: "snapshot_held",
+                level: AlertLevel::Error,
+                message: format!(
+                    "snapshot {} is held, no sync uses it: {reason}. If the change is real, approve it with `bulwark snapshot approve {}`",
+                    input.snapshot, input.snapshot
+                ),
+            });
+        }
+        Notice {
+            alerts,
+            circuit: None,
+        }
     }
 
     fn wake_at(state: &SnapshotState) -> Option<i64> {
@@ -599,8 +706,25 @@ impl Effects<SnapshotFlow> for SnapshotEffects {
                         Err(e) => self.fail(e),
                     };
                 }
-                match self.staging.seal(input.snapshot, stats).await {
-                    Ok(hash) => Some(SnapshotEvent::Sealed { hash }),
+                match self
+                    .staging
+                    .seal_checked(input.snapshot, stats, &input.guard)
+                    .await
+                {
+                    Ok(out) => {
+                        let carried = Carried::from_rows(&out.carried);
+                        Some(match out.held {
+                            Some(reason) => SnapshotEvent::Held {
+                                hash: out.hash,
+                                reason,
+                                carried,
+                            },
+                            None => SnapshotEvent::Sealed {
+                                hash: out.hash,
+                                carried,
+                            },
+                        })
+                    }
                     Err(e) => self.fail(e),
                 }
             }
@@ -701,6 +825,7 @@ pub async fn run_snapshot(
                 pause_ms: options.pause.as_millis() as u64,
                 tier_min_qty: options.tier_min_qty.clone(),
                 max_rejected_share: options.max_rejected_share,
+                guard: options.guard,
                 window: flow.window.clone(),
             };
             let state = SnapshotFlow::initial(&input);
@@ -760,22 +885,28 @@ pub async fn run_snapshot(
     let queries = source.queries() - queries_before;
     if SnapshotFlow::is_terminal(&state) {
         let status = match state {
-            SnapshotState::Sealed { .. } => "finished",
+            SnapshotState::Sealed { .. } | SnapshotState::Held { .. } => "finished",
             _ => "aborted",
         };
         store.finish_run(run, status, None).await?;
     }
     match state {
-        SnapshotState::Sealed { counts, hash } => Ok(SnapshotReport {
-            id: snapshot,
-            rows_read: counts.read,
-            accepted: counts.accepted,
-            rejected: counts.rejected,
-            queries,
-            seconds: started.elapsed().as_secs_f64(),
-            content_hash: Some(hash),
-            sealed: true,
-        }),
+        SnapshotState::Sealed { counts, hash } | SnapshotState::Held { counts, hash, .. } => {
+            let held = staging.held_reason(snapshot).await?;
+            let carried = staging.carried_count(snapshot).await?;
+            Ok(SnapshotReport {
+                id: snapshot,
+                rows_read: counts.read,
+                accepted: counts.accepted,
+                rejected: counts.rejected,
+                queries,
+                seconds: started.elapsed().as_secs_f64(),
+                content_hash: Some(hash),
+                sealed: true,
+                held,
+                carried,
+            })
+        }
         SnapshotState::Aborted { reason, .. } => Err(SyncError::Source {
             source_name: describe,
             detail: reason,
@@ -837,6 +968,7 @@ mod tests {
             pause_ms: 0,
             tier_min_qty: vec![1],
             max_rejected_share: 0.5,
+            guard: ChangeGuard::default(),
             window: None,
         };
         let s0 = SnapshotFlow::initial(&input);

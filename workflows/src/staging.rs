@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use bulwark_engine::Backend;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use sqlx::{AssertSqlSafe, Row};
 
@@ -18,7 +18,7 @@ pub struct SnapshotRow {
     pub id: i64,
     /// Source description.
     pub source: String,
-    /// `filling`, `sealed` or `aborted`.
+    /// `filling`, `sealed`, `held` (sealed, awaiting approval) or `aborted`.
     pub status: String,
     /// Rows read from the source.
     pub rows_read: i64,
@@ -45,6 +45,118 @@ pub struct SealStats {
     pub rows_rejected: i64,
     /// Queries sent to the source.
     pub queries: i64,
+}
+
+/// How much a snapshot changes against the previous sealed one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeCounts {
+    /// SKUs in the previous snapshot.
+    pub base: i64,
+    /// SKUs gone (in the previous snapshot, not in this one).
+    pub removed: i64,
+    /// SKUs whose stock drops to 0 from above 0.
+    pub zeroed: i64,
+    /// SKUs present in both whose values differ (the zeroed ones included).
+    pub changed: i64,
+}
+
+impl ChangeCounts {
+    /// Count the change from `before` to `after` (both sorted by SKU).
+    pub fn between(before: &[Item], after: &[Item]) -> Self {
+        let mut c = ChangeCounts {
+            base: before.len() as i64,
+            ..Default::default()
+        };
+        let (mut i, mut j) = (0, 0);
+        while i < before.len() {
+            match after.get(j) {
+                Some(a) if a.sku < before[i].sku => j += 1,
+                Some(a) if a.sku == before[i].sku => {
+                    if a != &before[i] {
+                        c.changed += 1;
+                        if a.qty == 0 && before[i].qty > 0 {
+                            c.zeroed += 1;
+                        }
+                    }
+                    i += 1;
+                    j += 1;
+                }
+                _ => {
+                    c.removed += 1;
+                    i += 1;
+                }
+            }
+        }
+        c
+    }
+}
+
+/// The mass-change guard: shares of the previous snapshot's SKUs above which a new
+/// snapshot is held for an operator instead of syncing (a broken export must not empty
+/// thousands of shops).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ChangeGuard {
+    /// Removed plus zeroed SKUs, as a share of the previous snapshot's (default 0.05).
+    pub max_removed_share: f64,
+    /// Changed SKUs, as a share of the previous snapshot's (default 0.5).
+    pub max_changed_share: f64,
+}
+
+impl Default for ChangeGuard {
+    fn default() -> Self {
+        Self {
+            max_removed_share: 0.05,
+            max_changed_share: 0.5,
+        }
+    }
+}
+
+impl ChangeGuard {
+    /// Why a snapshot with `change` must be held, if it must.
+    pub fn verdict(&self, change: &ChangeCounts) -> Option<String> {
+        if change.base == 0 {
+            return None;
+        }
+        let base = change.base as f64;
+        let gone = change.removed + change.zeroed;
+        let share = |n: i64| n as f64 / base;
+        if share(gone) > self.max_removed_share {
+            return Some(format!(
+                "{} of {} SKUs would be removed ({}) or drop to stock 0 ({}): {:.1}% > max_removed_share {:.1}%",
+                gone,
+                change.base,
+                change.removed,
+                change.zeroed,
+                share(gone) * 100.0,
+                self.max_removed_share * 100.0
+            ));
+        }
+        if share(change.changed) > self.max_changed_share {
+            return Some(format!(
+                "{} of {} SKUs would change: {:.1}% > max_changed_share {:.1}%",
+                change.changed,
+                change.base,
+                share(change.changed) * 100.0,
+                self.max_changed_share * 100.0
+            ));
+        }
+        None
+    }
+}
+
+/// What [`Staging::seal_checked`] did.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SealOutcome {
+    /// Content hash of the sealed items (carried ones included).
+    pub hash: String,
+    /// The previous sealed snapshot it was compared with.
+    pub previous: Option<i64>,
+    /// SKUs whose rejected row kept the previous value: (SKU, why the row was rejected).
+    pub carried: Vec<(String, String)>,
+    /// The change against `previous`.
+    pub change: ChangeCounts,
+    /// Why it is held, if it is.
+    pub held: Option<String>,
 }
 
 /// Access to the staging tables, in Bulwark's own database (SQLite or PostgreSQL; the
@@ -239,28 +351,141 @@ impl Staging {
             .find(|s| s.id == snapshot))
     }
 
-    /// Seal a snapshot: compute its content hash and make it visible to sync runs.
+    /// Seal a snapshot as it is: compute its content hash and make it visible to sync
+    /// runs. Snapshots read from a source go through [`Staging::seal_checked`].
     pub async fn seal(&self, snapshot: i64, stats: SealStats) -> Result<String> {
+        self.finish_seal(snapshot, stats, "sealed", None).await
+    }
+
+    async fn finish_seal(
+        &self,
+        snapshot: i64,
+        stats: SealStats,
+        status: &str,
+        held_reason: Option<&str>,
+    ) -> Result<String> {
         let items = self.items(snapshot).await?;
         let hash = content_hash(&items);
         let now = bulwark_engine::now_ms();
         on_db!(self.db, |pool| {
             sqlx::query(
-            "UPDATE snapshots SET status = 'sealed', rows_read = $1, rows_accepted = $2, rows_rejected = $3, queries = $4,
-                    content_hash = $5, sealed_at = $6 WHERE id = $7 AND status = 'filling'",
+            "UPDATE snapshots SET status = $1, rows_read = $2, rows_accepted = $3, rows_rejected = $4, queries = $5,
+                    content_hash = $6, sealed_at = $7, held_reason = $8 WHERE id = $9 AND status = 'filling'",
         )
+        .bind(status)
         .bind(stats.rows_read)
         .bind(items.len() as i64)
         .bind(stats.rows_rejected)
         .bind(stats.queries)
         .bind(&hash)
         .bind(now)
+        .bind(held_reason)
         .bind(snapshot)
         .execute(pool)
         .await
         .map(|_| ())?
         });
         Ok(hash)
+    }
+
+    /// Seal `snapshot` safely: rejected rows keep their SKU's last accepted value (the item
+    /// is carried forward from the previous sealed snapshot, marked as such), then the
+    /// change against that snapshot is measured and, if `guard` finds it too large, the
+    /// snapshot is sealed `held` (no sync uses it until [`Staging::approve`]).
+    /// Idempotent: sealing again after a crash carries nothing twice and decides the same.
+    pub async fn seal_checked(
+        &self,
+        snapshot: i64,
+        stats: SealStats,
+        guard: &ChangeGuard,
+    ) -> Result<SealOutcome> {
+        let previous = self.previous_sealed(snapshot).await?;
+        let mut carried = Vec::new();
+        let mut change = ChangeCounts::default();
+        if let Some(prev) = previous {
+            carried = self.carry_forward(snapshot, prev).await?;
+            let before = self.items(prev).await?;
+            let after = self.items(snapshot).await?;
+            change = ChangeCounts::between(&before, &after);
+        }
+        let held = guard.verdict(&change);
+        let hash = self
+            .finish_seal(snapshot, stats, if held.is_some() { "held" } else { "sealed" }, held.as_deref())
+            .await?;
+        Ok(SealOutcome {
+            hash,
+            previous,
+            carried,
+            change,
+            held,
+        })
+    }
+
+    /// The newest sealed snapshot older than `snapshot`.
+    pub async fn previous_sealed(&self, snapshot: i64) -> Result<Option<i64>> {
+        const SQL: &str =
+            "SELECT MAX(id) FROM snapshots WHERE status = 'sealed' AND id < $1";
+        let id: Option<i64> = on_db!(self.db, |pool| sqlx::query_scalar(SQL)
+            .bind(snapshot)
+            .fetch_one(pool)
+            .await?);
+        Ok(id)
+    }
+
+    /// Copy into `snapshot` the items of `from` whose SKU `snapshot` rejected and does not
+    /// hold; returns every carried SKU of `snapshot` with the reason its row was rejected.
+    async fn carry_forward(&self, snapshot: i64, from: i64) -> Result<Vec<(String, String)>> {
+        const COPY: &str = "INSERT INTO snapshot_items (snapshot_id, sku, qty, tiers_json, row_key, carried_from)
+             SELECT $1, p.sku, p.qty, p.tiers_json, p.row_key, $2 FROM snapshot_items p
+             WHERE p.snapshot_id = $2
+               AND EXISTS (SELECT 1 FROM snapshot_rejects r WHERE r.snapshot_id = $1 AND r.row_key = p.sku)
+               AND NOT EXISTS (SELECT 1 FROM snapshot_items s WHERE s.snapshot_id = $1 AND s.sku = p.sku)
+             ON CONFLICT DO NOTHING";
+        const CARRIED: &str = "SELECT i.sku, MIN(r.reason) FROM snapshot_items i
+             JOIN snapshot_rejects r ON r.snapshot_id = i.snapshot_id AND r.row_key = i.sku
+             WHERE i.snapshot_id = $1 AND i.carried_from IS NOT NULL
+             GROUP BY i.sku ORDER BY i.sku";
+        let rows: Vec<(String, String)> = on_db!(self.db, |pool| {
+            let mut tx = pool.begin().await?;
+            sqlx::query(COPY).bind(snapshot).bind(from).execute(&mut *tx).await?;
+            let rows = sqlx::query_as(CARRIED).bind(snapshot).fetch_all(&mut *tx).await?;
+            tx.commit().await?;
+            rows
+        });
+        Ok(rows)
+    }
+
+    /// Approve a held snapshot: it becomes sealed (and the newest sealed one, if no newer
+    /// one is). False if `snapshot` is not held.
+    pub async fn approve(&self, snapshot: i64) -> Result<bool> {
+        const SQL: &str = "UPDATE snapshots SET status = 'sealed' WHERE id = $1 AND status = 'held'";
+        let n = on_db!(self.db, |pool| sqlx::query(SQL)
+            .bind(snapshot)
+            .execute(pool)
+            .await?
+            .rows_affected());
+        Ok(n == 1)
+    }
+
+    /// How many items of `snapshot` were carried forward from an earlier snapshot.
+    pub async fn carried_count(&self, snapshot: i64) -> Result<u32> {
+        const SQL: &str =
+            "SELECT COUNT(*) FROM snapshot_items WHERE snapshot_id = $1 AND carried_from IS NOT NULL";
+        let n: i64 = on_db!(self.db, |pool| sqlx::query_scalar(SQL)
+            .bind(snapshot)
+            .fetch_one(pool)
+            .await?);
+        Ok(n as u32)
+    }
+
+    /// Why `snapshot` is held, if it is.
+    pub async fn held_reason(&self, snapshot: i64) -> Result<Option<String>> {
+        const SQL: &str = "SELECT held_reason FROM snapshots WHERE id = $1 AND status = 'held'";
+        let r: Option<Option<String>> = on_db!(self.db, |pool| sqlx::query_scalar(SQL)
+            .bind(snapshot)
+            .fetch_optional(pool)
+            .await?);
+        Ok(r.flatten())
     }
 
     /// Stage `items` (already read from somewhere else, e.g. a program that embeds
