@@ -8,8 +8,8 @@ use bulwark_adapters::legacy::SourceMapping;
 use bulwark_adapters::sql_source::{SourceQuery, SourceSpec, open_source};
 use bulwark_workflows::app::Bulwark;
 use bulwark_workflows::snapshot::SnapshotOptions;
-use bulwark_workflows::staging::ChangeGuard;
 use bulwark_workflows::snapshot_flow::{FlowOptions, SnapshotWindow, run_snapshot};
+use bulwark_workflows::staging::ChangeGuard;
 
 /// Arguments of `bulwark snapshot`.
 #[derive(Debug, clap::Args)]
@@ -333,7 +333,10 @@ async fn staging_status(db: &str, id: i64) -> Result<String> {
     let app = Bulwark::open(db, bulwark_adapters::default_registry()).await?;
     let row = app.staging().snapshot(id).await?;
     app.close().await;
-    Ok(row.map_or_else(|| "no such snapshot".to_string(), |r| format!("it is {}", r.status)))
+    Ok(row.map_or_else(
+        || "no such snapshot".to_string(),
+        |r| format!("it is {}", r.status),
+    ))
 }
 
 /// Take (or resume) the snapshot `plan` describes into `app`'s staging.

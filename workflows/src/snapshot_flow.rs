@@ -491,7 +491,9 @@ impl Machine for SnapshotFlow {
     fn is_terminal(state: &SnapshotState) -> bool {
         matches!(
             state,
-            SnapshotState::Sealed { .. } | SnapshotState::Held { .. } | SnapshotState::Aborted { .. }
+            SnapshotState::Sealed { .. }
+                | SnapshotState::Held { .. }
+                | SnapshotState::Aborted { .. }
         )
     }
 

@@ -410,7 +410,12 @@ impl Staging {
         }
         let held = guard.verdict(&change);
         let hash = self
-            .finish_seal(snapshot, stats, if held.is_some() { "held" } else { "sealed" }, held.as_deref())
+            .finish_seal(
+                snapshot,
+                stats,
+                if held.is_some() { "held" } else { "sealed" },
+                held.as_deref(),
+            )
             .await?;
         Ok(SealOutcome {
             hash,
@@ -423,8 +428,7 @@ impl Staging {
 
     /// The newest sealed snapshot older than `snapshot`.
     pub async fn previous_sealed(&self, snapshot: i64) -> Result<Option<i64>> {
-        const SQL: &str =
-            "SELECT MAX(id) FROM snapshots WHERE status = 'sealed' AND id < $1";
+        const SQL: &str = "SELECT MAX(id) FROM snapshots WHERE status = 'sealed' AND id < $1";
         let id: Option<i64> = on_db!(self.db, |pool| sqlx::query_scalar(SQL)
             .bind(snapshot)
             .fetch_one(pool)
@@ -447,8 +451,15 @@ impl Staging {
              GROUP BY i.sku ORDER BY i.sku";
         let rows: Vec<(String, String)> = on_db!(self.db, |pool| {
             let mut tx = pool.begin().await?;
-            sqlx::query(COPY).bind(snapshot).bind(from).execute(&mut *tx).await?;
-            let rows = sqlx::query_as(CARRIED).bind(snapshot).fetch_all(&mut *tx).await?;
+            sqlx::query(COPY)
+                .bind(snapshot)
+                .bind(from)
+                .execute(&mut *tx)
+                .await?;
+            let rows = sqlx::query_as(CARRIED)
+                .bind(snapshot)
+                .fetch_all(&mut *tx)
+                .await?;
             tx.commit().await?;
             rows
         });
@@ -458,7 +469,8 @@ impl Staging {
     /// Approve a held snapshot: it becomes sealed (and the newest sealed one, if no newer
     /// one is). False if `snapshot` is not held.
     pub async fn approve(&self, snapshot: i64) -> Result<bool> {
-        const SQL: &str = "UPDATE snapshots SET status = 'sealed' WHERE id = $1 AND status = 'held'";
+        const SQL: &str =
+            "UPDATE snapshots SET status = 'sealed' WHERE id = $1 AND status = 'held'";
         let n = on_db!(self.db, |pool| sqlx::query(SQL)
             .bind(snapshot)
             .execute(pool)
@@ -469,8 +481,7 @@ impl Staging {
 
     /// How many items of `snapshot` were carried forward from an earlier snapshot.
     pub async fn carried_count(&self, snapshot: i64) -> Result<u32> {
-        const SQL: &str =
-            "SELECT COUNT(*) FROM snapshot_items WHERE snapshot_id = $1 AND carried_from IS NOT NULL";
+        const SQL: &str = "SELECT COUNT(*) FROM snapshot_items WHERE snapshot_id = $1 AND carried_from IS NOT NULL";
         let n: i64 = on_db!(self.db, |pool| sqlx::query_scalar(SQL)
             .bind(snapshot)
             .fetch_one(pool)
