@@ -315,6 +315,12 @@ pub(crate) async fn approve(db: &str, id: i64) -> Result<std::process::ExitCode>
     let staging = app.staging();
     let reason = staging.held_reason(id).await?;
     let approved = staging.approve(id).await?;
+    // Only for the refusal's message: what the snapshot is instead of held.
+    let row = if approved {
+        None
+    } else {
+        staging.snapshot(id).await?
+    };
     app.close().await;
     if approved {
         println!(
@@ -323,20 +329,13 @@ pub(crate) async fn approve(db: &str, id: i64) -> Result<std::process::ExitCode>
         );
         Ok(std::process::ExitCode::SUCCESS)
     } else {
-        let status = staging_status(db, id).await?;
+        let status = row.map_or_else(
+            || "no such snapshot".to_string(),
+            |r| format!("it is {}", r.status),
+        );
         eprintln!("snapshot {id} is not held ({status}); nothing to approve");
         Ok(std::process::ExitCode::from(1))
     }
-}
-
-async fn staging_status(db: &str, id: i64) -> Result<String> {
-    let app = Bulwark::open(db, bulwark_adapters::default_registry()).await?;
-    let row = app.staging().snapshot(id).await?;
-    app.close().await;
-    Ok(row.map_or_else(
-        || "no such snapshot".to_string(),
-        |r| format!("it is {}", r.status),
-    ))
 }
 
 /// Take (or resume) the snapshot `plan` describes into `app`'s staging.

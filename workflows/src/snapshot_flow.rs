@@ -892,9 +892,12 @@ pub async fn run_snapshot(
         };
         store.finish_run(run, status, None).await?;
     }
+    let held = match &state {
+        SnapshotState::Held { reason, .. } => Some(reason.clone()),
+        _ => None,
+    };
     match state {
         SnapshotState::Sealed { counts, hash } | SnapshotState::Held { counts, hash, .. } => {
-            let held = staging.held_reason(snapshot).await?;
             let carried = staging.carried_count(snapshot).await?;
             Ok(SnapshotReport {
                 id: snapshot,

@@ -354,18 +354,21 @@ impl Staging {
     /// Seal a snapshot as it is: compute its content hash and make it visible to sync
     /// runs. Snapshots read from a source go through [`Staging::seal_checked`].
     pub async fn seal(&self, snapshot: i64, stats: SealStats) -> Result<String> {
-        self.finish_seal(snapshot, stats, "sealed", None).await
+        let items = self.items(snapshot).await?;
+        self.finish_seal(snapshot, stats, &items, "sealed", None)
+            .await
     }
 
+    /// Seal `snapshot`, whose staged items are `items`, with `status`.
     async fn finish_seal(
         &self,
         snapshot: i64,
         stats: SealStats,
+        items: &[Item],
         status: &str,
         held_reason: Option<&str>,
     ) -> Result<String> {
-        let items = self.items(snapshot).await?;
-        let hash = content_hash(&items);
+        let hash = content_hash(items);
         let now = bulwark_engine::now_ms();
         on_db!(self.db, |pool| {
             sqlx::query(
@@ -401,18 +404,20 @@ impl Staging {
     ) -> Result<SealOutcome> {
         let previous = self.previous_sealed(snapshot).await?;
         let mut carried = Vec::new();
-        let mut change = ChangeCounts::default();
         if let Some(prev) = previous {
             carried = self.carry_forward(snapshot, prev).await?;
-            let before = self.items(prev).await?;
-            let after = self.items(snapshot).await?;
-            change = ChangeCounts::between(&before, &after);
         }
+        let items = self.items(snapshot).await?;
+        let change = match previous {
+            Some(prev) => ChangeCounts::between(&self.items(prev).await?, &items),
+            None => ChangeCounts::default(),
+        };
         let held = guard.verdict(&change);
         let hash = self
             .finish_seal(
                 snapshot,
                 stats,
+                &items,
                 if held.is_some() { "held" } else { "sealed" },
                 held.as_deref(),
             )
