@@ -92,6 +92,7 @@ proptest! {
             batches: (0..batches).map(|i| BatchPlan { hash: format!("{i:08x}"), items: 10 }).collect(),
             policy: SyncPolicy { max_failures, max_attempts, backoff_base_ms: 1, backoff_max_ms: 2, ..SyncPolicy::default() },
             mapping: None,
+            on_removed: bulwark_workflows::staging::OnRemoved::Leave,
         };
         // Reference model: consecutive failed validations since the last verified batch
         // (a half-open probe starts one short of the threshold), attempts of the step.

@@ -1,6 +1,7 @@
 //! Delta correctness as a property: for random pairs of snapshots, the batches a sync run
 //! sends to an endpoint that confirmed the first turn its view into exactly the second
-//! (SKUs gone from the catalog show quantity 0), and only changed SKUs are sent.
+//! (SKUs gone from the catalog keep their values under `on_removed = leave` and show
+//! quantity 0 under `zero_stock`), and only changed SKUs are sent.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -12,7 +13,7 @@ use bulwark_workflows::adapter::{
 use bulwark_workflows::app::Bulwark;
 use bulwark_workflows::catalog::{Batch, Item, PriceTier};
 use bulwark_workflows::mapping::EndpointMapping;
-use bulwark_workflows::staging::SealStats;
+use bulwark_workflows::staging::{OnRemoved, SealStats};
 use bulwark_workflows::sync::SyncOptions;
 use proptest::prelude::*;
 
@@ -134,6 +135,7 @@ async fn case(
     b: BTreeMap<String, (i64, Vec<i64>)>,
     batch_size: u32,
     m: EndpointMapping,
+    on_removed: OnRemoved,
 ) {
     let dir = tempfile::tempdir().unwrap();
     let shown: Shown = Arc::default();
@@ -172,6 +174,7 @@ async fn case(
     let options = SyncOptions {
         limits: Default::default(),
         batch_size,
+        on_removed,
         ..Default::default()
     };
     for (n, cat) in [&a, &b].into_iter().enumerate() {
@@ -189,14 +192,23 @@ async fn case(
         for (ep, map) in ms {
             let view = shown.lock().unwrap().get(ep).cloned().unwrap_or_default();
             let want_now = mapped(map, cat);
-            // The view equals the mapped snapshot, plus earlier codes now at quantity 0.
+            // The view equals the mapped snapshot, plus earlier codes: untouched under
+            // `leave`, at quantity 0 under `zero_stock`.
+            let before = mapped(map, &a);
             let mut want = want_now.clone();
             for (sku, it) in &view {
                 if !want_now.contains_key(sku) {
-                    assert_eq!(
-                        it.qty, 0,
-                        "{ep}: {sku} gone from snapshot {n} but shown with stock"
-                    );
+                    match on_removed {
+                        OnRemoved::ZeroStock => assert_eq!(
+                            it.qty, 0,
+                            "{ep}: {sku} gone from snapshot {n} but shown with stock"
+                        ),
+                        OnRemoved::Leave => assert_eq!(
+                            Some(it),
+                            before.get(sku),
+                            "{ep}: {sku} gone from snapshot {n}: leave must not touch it"
+                        ),
+                    }
                     want.insert(sku.clone(), it.clone());
                 }
             }
@@ -208,8 +220,12 @@ async fn case(
                     .iter()
                     .filter(|(k, v)| old.get(*k) != Some(v))
                     .count()
-                    + old.keys().filter(|k| !want_now.contains_key(*k)).count())
-                    as u64
+                    + match on_removed {
+                        OnRemoved::ZeroStock => {
+                            old.keys().filter(|k| !want_now.contains_key(*k)).count()
+                        }
+                        OnRemoved::Leave => 0,
+                    }) as u64
             } else {
                 want_now.len() as u64
             };
@@ -227,9 +243,11 @@ proptest! {
         b in catalog(),
         batch_size in 1u32..8,
         m in mapping(),
+        zero in proptest::bool::ANY,
     ) {
+        let on_removed = if zero { OnRemoved::ZeroStock } else { OnRemoved::Leave };
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        rt.block_on(case(a, b, batch_size, m));
+        rt.block_on(case(a, b, batch_size, m, on_removed));
     }
 }
 
@@ -244,4 +262,9 @@ fn sync_inputs_journaled_before_mappings_still_decode() {
         serde_json::from_str(&old.replace("SERIALIZED", &policy)).unwrap();
     assert_eq!(input.mapping, None);
     assert_eq!(input.batches.len(), 1);
+    assert_eq!(
+        input.on_removed,
+        OnRemoved::ZeroStock,
+        "journals written before on_removed existed zeroed removed SKUs; replay must recompute their batches so"
+    );
 }

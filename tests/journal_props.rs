@@ -72,6 +72,7 @@ fn sync_input() -> impl Strategy<Value = SyncInput> {
                     .collect(),
                 policy,
                 mapping: None,
+                on_removed: bulwark_workflows::staging::OnRemoved::Leave,
             },
         )
 }

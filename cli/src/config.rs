@@ -12,6 +12,7 @@ use anyhow::{Context, Result, anyhow};
 use bulwark_adapters::http::{self, IdCache, PgIdCache, Profiles, SqliteIdCache};
 use bulwark_workflows::adapter::{AdapterRegistry, EndpointConfig};
 use bulwark_workflows::endpoint_sync::SyncPolicy;
+use bulwark_workflows::staging::OnRemoved;
 use bulwark_workflows::sync::{HostLimits, Limits, SyncOptions};
 use serde::Deserialize;
 
@@ -57,6 +58,8 @@ pub(crate) struct SyncSection {
     cooldown_ms: u64,
     max_cooldown_ms: u64,
     attempt_timeout_ms: u64,
+    /// What to send for SKUs gone from the source: `leave` (default) or `zero_stock`.
+    on_removed: OnRemoved,
 }
 
 impl Default for SyncSection {
@@ -72,6 +75,7 @@ impl Default for SyncSection {
             cooldown_ms: o.policy.cooldown_ms,
             max_cooldown_ms: o.policy.max_cooldown_ms,
             attempt_timeout_ms: o.policy.attempt_timeout_ms,
+            on_removed: o.on_removed,
         }
     }
 }
@@ -374,6 +378,15 @@ impl Config {
         let policy = config.sync.policy();
         let check_endpoints = |entries: &[EndpointEntry], src: &Source| -> Result<()> {
             for (i, e) in entries.iter().enumerate() {
+                if let Some(Err(err)) = e.settings.get("on_removed").map(|v| v.parse::<OnRemoved>())
+                {
+                    return Err(anyhow!(
+                        "{}: endpoint {:?} (entry {}): settings: {err}",
+                        src.path.display(),
+                        e.id,
+                        i + 1
+                    ));
+                }
                 if let Some(p) = &e.policy
                     && let Err(err) = p.apply(policy.clone()).validate()
                 {
@@ -454,6 +467,7 @@ impl Config {
             batch_size: s.batch_size,
             max_in_flight: s.max_in_flight,
             policy: s.policy(),
+            on_removed: s.on_removed,
             limits: Limits {
                 per_endpoint: l.per_endpoint,
                 per_host: l.per_host,

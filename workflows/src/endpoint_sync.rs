@@ -135,6 +135,10 @@ pub struct SyncInput {
     /// that journals written before mappings existed still decode.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mapping: Option<crate::mapping::EndpointMapping>,
+    /// What the diff did with SKUs gone from the source. Journals written before the
+    /// policy existed zeroed them, and decode so.
+    #[serde(default = "crate::staging::OnRemoved::before_policy")]
+    pub on_removed: crate::staging::OnRemoved,
 }
 
 impl SyncInput {

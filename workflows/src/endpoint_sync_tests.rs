@@ -20,6 +20,7 @@ fn input(batches: u32) -> SyncInput {
             .collect(),
         policy: SyncPolicy::default(),
         mapping: None,
+        on_removed: crate::staging::OnRemoved::Leave,
     }
 }
 

@@ -711,14 +711,66 @@ pub fn content_hash(items: &[Item]) -> String {
     hex::encode(h.finalize())
 }
 
+/// What a sync does with a SKU that is gone from the source (in the snapshot an endpoint
+/// confirmed, not in the new one). A SKU whose source row was *rejected* is never gone:
+/// sealing carries its last accepted value forward.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnRemoved {
+    /// Send nothing: the endpoint keeps what it shows (the default; delisting a product is
+    /// the shop's business, and a vanished row is more often a broken export than a sale).
+    #[default]
+    Leave,
+    /// Send the SKU with stock 0 and its last prices.
+    ZeroStock,
+}
+
+impl OnRemoved {
+    /// The policy of journals written before the policy existed: they zeroed removed SKUs,
+    /// and their batches must be recomputed the way they were planned.
+    pub fn before_policy() -> Self {
+        OnRemoved::ZeroStock
+    }
+
+    /// The setting's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnRemoved::Leave => "leave",
+            OnRemoved::ZeroStock => "zero_stock",
+        }
+    }
+}
+
+impl std::str::FromStr for OnRemoved {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.trim() {
+            "leave" => Ok(OnRemoved::Leave),
+            "zero_stock" => Ok(OnRemoved::ZeroStock),
+            other => Err(format!(
+                "on_removed {other:?} is not a policy: use \"leave\" or \"zero_stock\""
+            )),
+        }
+    }
+}
+
 /// The items an endpoint showing `base` must receive to show `target`: new and changed
-/// SKUs with their new absolute values, and SKUs gone from the catalog with quantity 0.
-/// Both inputs must be sorted by SKU; the output is too.
-pub fn diff(base: Option<&[Item]>, target: &[Item]) -> Vec<Item> {
+/// SKUs with their new absolute values, and, under [`OnRemoved::ZeroStock`], SKUs gone
+/// from the catalog with quantity 0. Both inputs must be sorted by SKU; the output is too.
+pub fn diff(base: Option<&[Item]>, target: &[Item], on_removed: OnRemoved) -> Vec<Item> {
     let Some(base) = base else {
         return target.to_vec();
     };
     let mut out = Vec::new();
+    let removed = |out: &mut Vec<Item>, b: &Item| {
+        if on_removed == OnRemoved::ZeroStock {
+            out.push(Item {
+                sku: b.sku.clone(),
+                qty: 0,
+                tiers: b.tiers.clone(),
+            });
+        }
+    };
     let (mut i, mut j) = (0, 0);
     while i < base.len() || j < target.len() {
         match (base.get(i), target.get(j)) {
@@ -730,19 +782,11 @@ pub fn diff(base: Option<&[Item]>, target: &[Item]) -> Vec<Item> {
                 j += 1;
             }
             (Some(b), Some(t)) if b.sku < t.sku => {
-                out.push(Item {
-                    sku: b.sku.clone(),
-                    qty: 0,
-                    tiers: b.tiers.clone(),
-                });
+                removed(&mut out, b);
                 i += 1;
             }
             (Some(b), None) => {
-                out.push(Item {
-                    sku: b.sku.clone(),
-                    qty: 0,
-                    tiers: b.tiers.clone(),
-                });
+                removed(&mut out, b);
                 i += 1;
             }
             (_, Some(t)) => {
@@ -774,9 +818,15 @@ mod tests {
     fn diff_sends_new_changed_and_removed_only() {
         let base = vec![it("a", 1), it("b", 2), it("c", 3)];
         let target = vec![it("a", 1), it("b", 5), it("d", 4)];
-        let d = diff(Some(&base), &target);
+        let d = diff(Some(&base), &target, OnRemoved::ZeroStock);
         assert_eq!(d, vec![it("b", 5), it("c", 0), it("d", 4)]);
-        assert!(diff(Some(&target), &target).is_empty());
-        assert_eq!(diff(None, &target), target);
+        let d = diff(Some(&base), &target, OnRemoved::Leave);
+        assert_eq!(d, vec![it("b", 5), it("d", 4)], "leave sends nothing for c");
+        for p in [OnRemoved::Leave, OnRemoved::ZeroStock] {
+            assert!(diff(Some(&target), &target, p).is_empty());
+            assert_eq!(diff(None, &target, p), target);
+        }
+        assert_eq!("zero_stock".parse::<OnRemoved>(), Ok(OnRemoved::ZeroStock));
+        assert!("zero".parse::<OnRemoved>().unwrap_err().contains("\"leave\""));
     }
 }

@@ -18,7 +18,7 @@ use crate::catalog::{Batch, Item, payload_hash};
 use crate::endpoint_sync::{BatchPlan, Command, EndpointSync, Event, State, SyncInput, SyncPolicy};
 use crate::error::{Result, SyncError};
 use crate::mapping::EndpointMapping;
-use crate::staging::{Staging, diff};
+use crate::staging::{OnRemoved, Staging, diff};
 
 /// Options of a sync run.
 #[derive(Debug, Clone)]
@@ -31,6 +31,9 @@ pub struct SyncOptions {
     pub max_in_flight: usize,
     /// Per-endpoint and per-host limits.
     pub limits: Limits,
+    /// What to send for SKUs gone from the source (endpoints may override it with their
+    /// `on_removed` setting).
+    pub on_removed: OnRemoved,
 }
 
 impl Default for SyncOptions {
@@ -40,6 +43,7 @@ impl Default for SyncOptions {
             policy: SyncPolicy::default(),
             max_in_flight: 64,
             limits: Limits::default(),
+            on_removed: OnRemoved::default(),
         }
     }
 }
@@ -119,8 +123,8 @@ pub struct Plan {
     pub items: u64,
 }
 
-/// (base, target, mapping cache key) of a cached diff.
-type DiffKey = (Option<i64>, i64, Option<String>);
+/// (base, target, mapping cache key, removal policy) of a cached diff.
+type DiffKey = (Option<i64>, i64, Option<String>, OnRemoved);
 
 /// Diffs between snapshots, computed once and shared by every endpoint with the same base.
 #[derive(Debug)]
@@ -154,19 +158,30 @@ impl DiffCache {
     }
 
     /// The items to send to move an endpoint from `base` to `target`.
-    pub async fn diff(&self, base: Option<i64>, target: i64) -> Result<Arc<Vec<Item>>> {
-        self.diff_mapped(base, target, None).await
+    pub async fn diff(
+        &self,
+        base: Option<i64>,
+        target: i64,
+        on_removed: OnRemoved,
+    ) -> Result<Arc<Vec<Item>>> {
+        self.diff_mapped(base, target, None, on_removed).await
     }
 
     /// The mapped items to send to move an endpoint with `mapping` from `base` to
-    /// `target`. Cached by (base, target, mapping): identical mappings share a diff.
+    /// `target`. Cached by (base, target, mapping, policy): identical mappings share a diff.
     pub async fn diff_mapped(
         &self,
         base: Option<i64>,
         target: i64,
         mapping: Option<&EndpointMapping>,
+        on_removed: OnRemoved,
     ) -> Result<Arc<Vec<Item>>> {
-        let key = (base, target, mapping.map(EndpointMapping::cache_key));
+        let key = (
+            base,
+            target,
+            mapping.map(EndpointMapping::cache_key),
+            on_removed,
+        );
         let mut diffs = self.diffs.lock().await;
         if let Some(d) = diffs.get(&key) {
             return Ok(d.clone());
@@ -177,7 +192,7 @@ impl DiffCache {
         };
         let t = map(self.snapshot(target).await?);
         let d = match base {
-            Some(b) => Arc::new(diff(Some(&map(self.snapshot(b).await?)), &t)),
+            Some(b) => Arc::new(diff(Some(&map(self.snapshot(b).await?)), &t, on_removed)),
             None => t,
         };
         diffs.insert(key, d.clone());
@@ -187,7 +202,12 @@ impl DiffCache {
     /// Items of batch `index` of `input`.
     pub async fn batch_items(&self, input: &SyncInput, index: u32) -> Result<Vec<Item>> {
         let all = self
-            .diff_mapped(input.base, input.snapshot, input.mapping.as_ref())
+            .diff_mapped(
+                input.base,
+                input.snapshot,
+                input.mapping.as_ref(),
+                input.on_removed,
+            )
             .await?;
         let bs = input.batch_size as usize;
         let start = index as usize * bs;
@@ -249,7 +269,15 @@ pub async fn plan_run(
             .get(&ep.id)
             .filter(|(_, k)| *k == key)
             .map(|(s, _)| *s);
-        let items = diffs.diff_mapped(base, snapshot, mapping.as_ref()).await?;
+        let on_removed = match ep.settings.get("on_removed") {
+            Some(v) => v
+                .parse()
+                .map_err(|e| SyncError::Config(format!("endpoint {:?}: {e}", ep.id)))?,
+            None => options.on_removed,
+        };
+        let items = diffs
+            .diff_mapped(base, snapshot, mapping.as_ref(), on_removed)
+            .await?;
         if base == Some(snapshot) || items.is_empty() {
             plan.up_to_date += 1;
             continue;
@@ -279,6 +307,7 @@ pub async fn plan_run(
                 None => options.policy.clone(),
             },
             mapping,
+            on_removed,
         };
         let state = EndpointSync::initial(&input);
         new.push(NewWorkflow {

@@ -95,6 +95,7 @@ pub fn options(batch_size: u32) -> SyncOptions {
             ..SyncPolicy::default()
         },
         max_in_flight: 8,
+        ..SyncOptions::default()
     }
 }
 
