@@ -14,6 +14,8 @@ use rand::{Rng, SeedableRng};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
 use sqlx::{AssertSqlSafe, Row};
 
+use crate::text::{TextDecoding, key_token, token_bytes};
+
 /// How the source's rows map onto the catalog.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SourceMapping {
@@ -53,7 +55,39 @@ pub struct SqliteSource {
     pool: SqlitePool,
     path: String,
     sql: String,
+    columns: Vec<String>,
+    decoding: TextDecoding,
     queries: AtomicU64,
+}
+
+/// One row's columns (sku, qty, prices…) as bytes, decoded: the key token, the values, and
+/// the first column that could not be decoded (named by `columns`).
+pub(crate) fn decode_row(
+    columns: &[String],
+    raw: Vec<Option<Vec<u8>>>,
+    decoding: &TextDecoding,
+) -> RawRow {
+    let mut unreadable = None;
+    let key = raw[0].as_deref().map(key_token).unwrap_or_default();
+    let mut values = raw.into_iter().zip(columns).map(|(v, col)| {
+        v.and_then(|b| match decoding.decode(&b) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                unreadable.get_or_insert_with(|| format!("column {col}: {e}"));
+                None
+            }
+        })
+    });
+    let sku = values.next().flatten();
+    let qty = values.next().flatten();
+    let prices = values.collect();
+    RawRow {
+        key,
+        sku,
+        qty,
+        prices,
+        unreadable,
+    }
 }
 
 impl SqliteSource {
@@ -76,13 +110,20 @@ impl SqliteSource {
             .max_connections(1)
             .connect_with(options)
             .await?;
+        let columns = std::iter::once(&mapping.sku_column)
+            .chain(std::iter::once(&mapping.qty_column))
+            .chain(&mapping.price_columns)
+            .cloned()
+            .collect();
         let cols: Vec<String> = std::iter::once(&mapping.qty_column)
             .chain(&mapping.price_columns)
             .map(|c| ident(c).map(|c| format!("CAST({c} AS TEXT)")))
             .collect::<Result<_>>()?;
         let sku = ident(&mapping.sku_column)?;
+        // The cursor is bound as the key's bytes and compared as TEXT (SQLite compares
+        // TEXT bytewise), so keys that are not UTF-8 page exactly too.
         let sql = format!(
-            "SELECT CAST({sku} AS TEXT), {} FROM {} WHERE (? IS NULL OR {sku} > ?) ORDER BY {sku} LIMIT ?",
+            "SELECT CAST({sku} AS TEXT), {} FROM {} WHERE (?1 IS NULL OR {sku} > CAST(?1 AS TEXT)) ORDER BY {sku} LIMIT ?2",
             cols.join(", "),
             ident(&mapping.table)?
         );
@@ -90,8 +131,16 @@ impl SqliteSource {
             pool,
             path,
             sql,
+            columns,
+            decoding: TextDecoding::default(),
             queries: AtomicU64::new(0),
         })
+    }
+
+    /// Decode text that is not UTF-8 with `decoding` (see [`crate::text`]).
+    pub fn with_decoding(mut self, decoding: TextDecoding) -> Self {
+        self.decoding = decoding;
+        self
     }
 }
 
@@ -104,8 +153,7 @@ impl LegacySource for SqliteSource {
     async fn page(&self, after: Option<&str>, limit: u32) -> Result<Vec<RawRow>> {
         self.queries.fetch_add(1, Ordering::Relaxed);
         let rows = sqlx::query(AssertSqlSafe(self.sql.clone()))
-            .bind(after)
-            .bind(after)
+            .bind(after.map(token_bytes))
             .bind(i64::from(limit))
             .fetch_all(&self.pool)
             .await
@@ -113,20 +161,20 @@ impl LegacySource for SqliteSource {
                 source_name: self.describe(),
                 detail: e.to_string(),
             })?;
-        Ok(rows
-            .into_iter()
+        rows.into_iter()
             .map(|r| {
-                let sku: Option<String> = r.get(0);
-                RawRow {
-                    key: sku.clone().unwrap_or_default(),
-                    sku,
-                    qty: r.get(1),
-                    prices: (2..r.len())
-                        .map(|i| r.get::<Option<String>, _>(i))
-                        .collect(),
-                }
+                // Bytes, whatever the column holds: text that is not UTF-8 is decoded (or
+                // the row rejected), never a panic.
+                let raw = (0..r.len())
+                    .map(|i| r.try_get_unchecked::<Option<Vec<u8>>, _>(i))
+                    .collect::<std::result::Result<Vec<_>, _>>()
+                    .map_err(|e| SyncError::Source {
+                        source_name: self.describe(),
+                        detail: e.to_string(),
+                    })?;
+                Ok(decode_row(&self.columns, raw, &self.decoding))
             })
-            .collect())
+            .collect()
     }
 
     fn queries(&self) -> u64 {

@@ -37,6 +37,7 @@ pub mod sim_tls;
 pub mod sim_webui;
 pub mod simulator;
 pub mod sql_source;
+pub mod text;
 pub mod transport;
 pub mod webdriver;
 pub mod webhook;

@@ -25,8 +25,9 @@
 //!
 //! Error classification (every call): 400/409/422 → [`AdapterError::Rejected`];
 //! 401/403 → [`AdapterError::Auth`]; 429 → [`AdapterError::RateLimited`] (from
-//! `Retry-After` in whole seconds, default 1000 ms); 5xx, timeouts, connection and decode
-//! errors → [`AdapterError::Transient`]; a TLS certificate refused (either way) →
+//! `Retry-After`, seconds or an HTTP-date, default 1000 ms); a 5xx with `Retry-After` →
+//! [`AdapterError::Unavailable`] (retried no sooner); other 5xx, timeouts, connection and
+//! decode errors → [`AdapterError::Transient`]; a TLS certificate refused (either way) →
 //! [`AdapterError::Config`], naming the problem; any other status → [`AdapterError::Config`].
 
 use std::collections::HashMap;
@@ -292,13 +293,7 @@ impl RestAdapter {
     /// Classify a non-success response. Consumes the body for the excerpt.
     async fn status_error(&self, op: &str, resp: reqwest::Response) -> AdapterError {
         let status = resp.status();
-        let retry_after_ms = resp
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|s| s.trim().parse::<u64>().ok())
-            .map(|secs| secs.saturating_mul(1000))
-            .unwrap_or(DEFAULT_RETRY_AFTER_MS);
+        let retry_after_ms = crate::transport::retry_after_ms(resp.headers());
         let body = resp.text().await.unwrap_or_default();
         let excerpt = self.scrub(&excerpt(&body));
         let message = format!(
@@ -328,15 +323,21 @@ impl RestAdapter {
 }
 
 /// Map an HTTP error status to an [`AdapterError`] class.
-fn classify(status: StatusCode, retry_after_ms: u64, message: String) -> AdapterError {
-    match status.as_u16() {
-        400 | 409 | 422 => AdapterError::Rejected(message),
-        401 | 403 => AdapterError::Auth(message),
-        429 => AdapterError::RateLimited {
+/// `retry_after_ms` is the response's `Retry-After`: a 429 waits for it (or
+/// [`DEFAULT_RETRY_AFTER_MS`]), a 5xx carrying it becomes [`AdapterError::Unavailable`].
+fn classify(status: StatusCode, retry_after_ms: Option<u64>, message: String) -> AdapterError {
+    match (status.as_u16(), retry_after_ms) {
+        (400 | 409 | 422, _) => AdapterError::Rejected(message),
+        (401 | 403, _) => AdapterError::Auth(message),
+        (429, ms) => AdapterError::RateLimited {
+            retry_after_ms: ms.unwrap_or(DEFAULT_RETRY_AFTER_MS),
+            message,
+        },
+        (500..=599, None) => AdapterError::Transient(message),
+        (500..=599, Some(retry_after_ms)) => AdapterError::Unavailable {
             retry_after_ms,
             message,
         },
-        500..=599 => AdapterError::Transient(message),
         _ => AdapterError::Config(message),
     }
 }
@@ -485,21 +486,37 @@ mod tests {
 
     #[test]
     fn classification() {
-        let c = |s: u16| classify(StatusCode::from_u16(s).unwrap(), 2000, "m".into());
+        let c = |s: u16| classify(StatusCode::from_u16(s).unwrap(), None, "m".into());
         assert!(matches!(c(400), AdapterError::Rejected(_)));
         assert!(matches!(c(409), AdapterError::Rejected(_)));
         assert!(matches!(c(422), AdapterError::Rejected(_)));
         assert!(matches!(c(401), AdapterError::Auth(_)));
         assert!(matches!(c(403), AdapterError::Auth(_)));
+        let after = |s: u16| classify(StatusCode::from_u16(s).unwrap(), Some(2000), "m".into());
         assert!(matches!(
-            c(429),
+            after(429),
             AdapterError::RateLimited {
                 retry_after_ms: 2000,
                 ..
             }
         ));
+        assert!(matches!(
+            c(429),
+            AdapterError::RateLimited {
+                retry_after_ms: DEFAULT_RETRY_AFTER_MS,
+                ..
+            }
+        ));
         assert!(matches!(c(500), AdapterError::Transient(_)));
         assert!(matches!(c(503), AdapterError::Transient(_)));
+        assert!(matches!(
+            after(503),
+            AdapterError::Unavailable {
+                retry_after_ms: 2000,
+                ..
+            }
+        ));
+        assert!(matches!(after(400), AdapterError::Rejected(_)));
         assert!(matches!(c(404), AdapterError::Config(_)));
         assert!(matches!(c(405), AdapterError::Config(_)));
     }

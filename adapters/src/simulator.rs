@@ -97,6 +97,14 @@ pub enum Fault {
         /// Probability (0..=1) that a request fails.
         p_error: f64,
     },
+    /// The next `times` requests are answered 503 with `Retry-After: <retry_after>` (delta
+    /// seconds or an HTTP-date) before processing; then healthy.
+    Unavailable {
+        /// The header's value.
+        retry_after: String,
+        /// How many requests get the 503.
+        times: u32,
+    },
     /// Healthy, but every request takes `latency_ms` (a slow portal).
     Slow {
         /// Added latency per request, in milliseconds.
@@ -575,6 +583,27 @@ impl SimState {
             }
         }
         let fault = self.fault_for(endpoint);
+        if let Fault::Unavailable { retry_after, times } = &fault {
+            let next = match times {
+                0 | 1 => Fault::Healthy,
+                n => Fault::Unavailable {
+                    retry_after: retry_after.clone(),
+                    times: n - 1,
+                },
+            };
+            self.set_fault(endpoint, next);
+            if *times > 0 {
+                inner
+                    .counters
+                    .faults_injected
+                    .fetch_add(1, Ordering::Relaxed);
+                let mut resp = error(StatusCode::SERVICE_UNAVAILABLE, "injected maintenance");
+                if let Ok(v) = HeaderValue::from_str(retry_after) {
+                    resp.headers_mut().insert(header::RETRY_AFTER, v);
+                }
+                return Err(resp);
+            }
+        }
         if let Fault::Slow { latency_ms } = fault {
             tokio::time::sleep(Duration::from_millis(latency_ms)).await;
         }

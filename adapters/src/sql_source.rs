@@ -9,11 +9,16 @@
 //!   `… WHERE sku > {after} ORDER BY sku LIMIT {limit}`; `{after}` is bound (as a
 //!   parameter, never spliced) to the last SKU of the previous page, and to `''` (the empty
 //!   string) for the first page; `{limit}` to the page size;
-//! - SKUs must be unique (the paging key); Bulwark checks that every page's keys strictly
-//!   increase after the cursor and stops the snapshot with an error otherwise.
+//! - SKUs should be unique (the paging key). Rows sharing a SKU are all rejected (the SKU
+//!   keeps its last accepted value); rows with one key are always read on one page. A page
+//!   holding the cursor's key again means the query does not page by `{after}`: the
+//!   snapshot stops with an error rather than read the same page forever.
 //!
 //! Bulwark wraps the query as `SELECT CAST(sku AS text), … FROM (query) AS bulwark_page
-//! ORDER BY sku`, so numeric and decimal columns are read as text (exactly as stored).
+//! ORDER BY sku`, so numeric and decimal columns are read as text (exactly as stored);
+//! MySQL/MariaDB columns are cast to BINARY instead, and every column is read as bytes
+//! and decoded by [`crate::text`] (text that is not UTF-8 is decoded with the source's
+//! `encoding` or its row rejected, naming the column; never a panic, never a `?`).
 //! It never writes: PostgreSQL connections set `default_transaction_read_only=on`, and
 //! MySQL/MariaDB sessions run `SET SESSION TRANSACTION READ ONLY` on connect.
 
@@ -27,7 +32,8 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, ConnectOptions, Executor, Row};
 
-use crate::legacy::{SourceMapping, SqliteSource};
+use crate::legacy::{SourceMapping, SqliteSource, decode_row};
+use crate::text::{TextDecoding, token_bytes, token_is_text};
 
 /// A user query following the keyset contract (see the module docs).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,6 +56,10 @@ pub enum SourceSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Dialect {
     Postgres,
+    /// PostgreSQL with `server_encoding = SQL_ASCII`: text is bytes the server does not
+    /// know, and it refuses to send bytes that are not UTF-8 as text; they are read with
+    /// `convert_to(…, 'SQL_ASCII')` (bytes as stored) instead.
+    PostgresSqlAscii,
     MySql,
 }
 
@@ -61,19 +71,31 @@ impl Dialect {
             )));
         }
         Ok(match self {
-            Self::Postgres => format!("\"{name}\""),
+            Self::Postgres | Self::PostgresSqlAscii => format!("\"{name}\""),
             Self::MySql => format!("`{name}`"),
         })
     }
     fn text(self, expr: &str) -> String {
         match self {
             Self::Postgres => format!("CAST({expr} AS TEXT)"),
-            Self::MySql => format!("CAST({expr} AS CHAR)"),
+            Self::PostgresSqlAscii => format!("convert_to(CAST({expr} AS TEXT), 'SQL_ASCII')"),
+            // BINARY, not CHAR: CHAR turns bytes that are not valid in the connection's
+            // character set into '?' without an error; the bytes are decoded here instead.
+            Self::MySql => format!("CAST({expr} AS BINARY)"),
         }
     }
     fn param(self, n: usize) -> String {
         match self {
-            Self::Postgres => format!("${n}"),
+            Self::Postgres | Self::PostgresSqlAscii => format!("${n}"),
+            Self::MySql => "?".into(),
+        }
+    }
+    /// The cursor parameter when the key is bytes that are not UTF-8 (only a server that
+    /// does not know its text, PostgreSQL `SQL_ASCII` or a MySQL binary column, sends
+    /// those): compared as the same bytes.
+    fn bytes_param(self, n: usize) -> String {
+        match self {
+            Self::Postgres | Self::PostgresSqlAscii => format!("convert_from(${n}, 'SQL_ASCII')"),
             Self::MySql => "?".into(),
         }
     }
@@ -85,7 +107,11 @@ impl Dialect {
 struct Statements {
     first: String,
     next: String,
+    /// `next` with the cursor bound as bytes ([`Dialect::bytes_param`]).
+    next_bytes: String,
     first_binds_after: bool,
+    /// Column names, in the order selected (sku, qty, prices…), for messages.
+    columns: Vec<String>,
 }
 
 fn statements(dialect: Dialect, spec: &SourceSpec) -> Result<Statements> {
@@ -104,14 +130,22 @@ fn statements(dialect: Dialect, spec: &SourceSpec) -> Result<Statements> {
                 .join(", ");
             let table = dialect.quote(&m.table)?;
             let head = format!("SELECT {}, {cols} FROM {table}", dialect.text(&sku));
+            let next = |after: String| {
+                format!(
+                    "{head} WHERE {sku} > {after} ORDER BY {sku} LIMIT {}",
+                    dialect.param(2)
+                )
+            };
             Ok(Statements {
                 first: format!("{head} ORDER BY {sku} LIMIT {}", dialect.param(1)),
-                next: format!(
-                    "{head} WHERE {sku} > {} ORDER BY {sku} LIMIT {}",
-                    dialect.param(1),
-                    dialect.param(2)
-                ),
+                next: next(dialect.param(1)),
+                next_bytes: next(dialect.bytes_param(1)),
                 first_binds_after: false,
+                columns: std::iter::once(&m.sku_column)
+                    .chain(std::iter::once(&m.qty_column))
+                    .chain(&m.price_columns)
+                    .cloned()
+                    .collect(),
             })
         }
         SourceSpec::Query(q) => {
@@ -137,25 +171,33 @@ fn statements(dialect: Dialect, spec: &SourceSpec) -> Result<Statements> {
                     "the source query must use {after} before {limit}".into(),
                 ));
             }
-            let inner = q
-                .sql
-                .trim()
-                .trim_end_matches(';')
-                .replace("{after}", &dialect.param(1))
-                .replace("{limit}", &dialect.param(2));
-            let cols = std::iter::once("qty".to_string())
+            let columns: Vec<String> = ["sku".to_string(), "qty".to_string()]
+                .into_iter()
                 .chain((1..=q.tiers).map(|i| format!("price_{i}")))
+                .collect();
+            let cols = columns[1..]
+                .iter()
                 .map(|c| dialect.text(&format!("bulwark_page.{c}")))
                 .collect::<Vec<_>>()
                 .join(", ");
-            let sql = format!(
-                "SELECT {}, {cols} FROM ({inner}) AS bulwark_page ORDER BY bulwark_page.sku",
-                dialect.text("bulwark_page.sku")
-            );
+            let sql = |after: String| {
+                let inner = q
+                    .sql
+                    .trim()
+                    .trim_end_matches(';')
+                    .replace("{after}", &after)
+                    .replace("{limit}", &dialect.param(2));
+                format!(
+                    "SELECT {}, {cols} FROM ({inner}) AS bulwark_page ORDER BY bulwark_page.sku",
+                    dialect.text("bulwark_page.sku")
+                )
+            };
             Ok(Statements {
-                first: sql.clone(),
-                next: sql,
+                first: sql(dialect.param(1)),
+                next: sql(dialect.param(1)),
+                next_bytes: sql(dialect.bytes_param(1)),
                 first_binds_after: true,
+                columns,
             })
         }
     }
@@ -173,6 +215,7 @@ pub struct SqlSource {
     pool: Pool,
     shown: String,
     sql: Statements,
+    decoding: TextDecoding,
     queries: AtomicU64,
 }
 
@@ -208,7 +251,16 @@ impl SqlSource {
                 .connect_with(options)
                 .await
                 .map_err(|e| err(&e))?;
-            (Pool::Postgres(pool), Dialect::Postgres)
+            let encoding: String = sqlx::query_scalar("SELECT current_setting('server_encoding')")
+                .fetch_one(&pool)
+                .await
+                .map_err(|e| err(&e))?;
+            let dialect = if encoding.eq_ignore_ascii_case("SQL_ASCII") {
+                Dialect::PostgresSqlAscii
+            } else {
+                Dialect::Postgres
+            };
+            (Pool::Postgres(pool), dialect)
         } else if url.starts_with("mysql://") || url.starts_with("mariadb://") {
             let url = url.replacen("mariadb://", "mysql://", 1);
             let options: MySqlConnectOptions = url.parse().map_err(|e| err(&e))?;
@@ -234,8 +286,15 @@ impl SqlSource {
             pool,
             sql: statements(dialect, spec)?,
             shown,
+            decoding: TextDecoding::default(),
             queries: AtomicU64::new(0),
         })
+    }
+
+    /// Decode text that is not UTF-8 with `decoding` (see [`crate::text`]).
+    pub fn with_decoding(mut self, decoding: TextDecoding) -> Self {
+        self.decoding = decoding;
+        self
     }
 
     /// Close the connection.
@@ -247,20 +306,16 @@ impl SqlSource {
     }
 }
 
-fn to_raw<R: Row>(r: R) -> std::result::Result<RawRow, sqlx::Error>
+/// A row's columns as the bytes the server sent (text columns, cast to text), so that
+/// bytes that are not UTF-8 are decoded or rejected, never an error for the whole page.
+fn raw_columns<R: Row>(r: R) -> std::result::Result<Vec<Option<Vec<u8>>>, sqlx::Error>
 where
     usize: sqlx::ColumnIndex<R>,
-    for<'a> Option<String>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> Option<Vec<u8>>: sqlx::Decode<'a, R::Database>,
 {
-    let sku: Option<String> = r.try_get(0)?;
-    Ok(RawRow {
-        key: sku.clone().unwrap_or_default(),
-        sku,
-        qty: r.try_get(1)?,
-        prices: (2..r.len())
-            .map(|i| r.try_get::<Option<String>, _>(i))
-            .collect::<std::result::Result<_, _>>()?,
-    })
+    (0..r.len())
+        .map(|i| r.try_get_unchecked::<Option<Vec<u8>>, _>(i))
+        .collect()
 }
 
 #[async_trait]
@@ -272,44 +327,50 @@ impl LegacySource for SqlSource {
     async fn page(&self, after: Option<&str>, limit: u32) -> Result<Vec<RawRow>> {
         self.queries.fetch_add(1, Ordering::Relaxed);
         let limit = i64::from(limit);
+        // The cursor goes back as text, or as the key's bytes when they are not UTF-8.
+        enum After {
+            Text(String),
+            Bytes(Vec<u8>),
+        }
         let (sql, after) = match after {
-            Some(a) => (&self.sql.next, Some(a)),
-            None if self.sql.first_binds_after => (&self.sql.first, Some("")),
+            Some(a) if token_is_text(a) => (&self.sql.next, Some(After::Text(a.to_string()))),
+            Some(a) => (&self.sql.next_bytes, Some(After::Bytes(token_bytes(a)))),
+            None if self.sql.first_binds_after => {
+                (&self.sql.first, Some(After::Text(String::new())))
+            }
             None => (&self.sql.first, None),
         };
-        let rows: std::result::Result<Vec<RawRow>, sqlx::Error> = async {
+        let rows: std::result::Result<Vec<Vec<Option<Vec<u8>>>>, sqlx::Error> = async {
+            macro_rules! fetch {
+                ($pool:expr) => {{
+                    let mut q = sqlx::query(AssertSqlSafe(sql.clone()));
+                    match after {
+                        Some(After::Text(a)) => q = q.bind(a),
+                        Some(After::Bytes(b)) => q = q.bind(b),
+                        None => {}
+                    }
+                    q.bind(limit)
+                        .fetch_all($pool)
+                        .await?
+                        .into_iter()
+                        .map(raw_columns)
+                        .collect()
+                }};
+            }
             match &self.pool {
-                Pool::Postgres(pool) => {
-                    let mut q = sqlx::query(AssertSqlSafe(sql.clone()));
-                    if let Some(a) = after {
-                        q = q.bind(a);
-                    }
-                    q.bind(limit)
-                        .fetch_all(pool)
-                        .await?
-                        .into_iter()
-                        .map(to_raw)
-                        .collect()
-                }
-                Pool::MySql(pool) => {
-                    let mut q = sqlx::query(AssertSqlSafe(sql.clone()));
-                    if let Some(a) = after {
-                        q = q.bind(a);
-                    }
-                    q.bind(limit)
-                        .fetch_all(pool)
-                        .await?
-                        .into_iter()
-                        .map(to_raw)
-                        .collect()
-                }
+                Pool::Postgres(pool) => fetch!(pool),
+                Pool::MySql(pool) => fetch!(pool),
             }
         }
         .await;
-        rows.map_err(|e| SyncError::Source {
+        let rows = rows.map_err(|e| SyncError::Source {
             source_name: self.describe(),
             detail: e.to_string(),
-        })
+        })?;
+        Ok(rows
+            .into_iter()
+            .map(|raw| decode_row(&self.sql.columns, raw, &self.decoding))
+            .collect())
     }
 
     fn queries(&self) -> u64 {
@@ -320,12 +381,25 @@ impl LegacySource for SqlSource {
 /// Open any source by URL: `postgres://…`, `mysql://…` / `mariadb://…`, or a SQLite path
 /// (`sqlite://PATH` or a plain path; table mapping only).
 pub async fn open_source(url: &str, spec: &SourceSpec) -> Result<Arc<dyn LegacySource>> {
+    open_source_with(url, spec, TextDecoding::default()).await
+}
+
+/// [`open_source`], decoding text that is not UTF-8 with `decoding`.
+pub async fn open_source_with(
+    url: &str,
+    spec: &SourceSpec,
+    decoding: TextDecoding,
+) -> Result<Arc<dyn LegacySource>> {
     if url.starts_with("postgres") || url.starts_with("mysql://") || url.starts_with("mariadb://") {
-        return Ok(Arc::new(SqlSource::open(url, spec).await?));
+        return Ok(Arc::new(
+            SqlSource::open(url, spec).await?.with_decoding(decoding),
+        ));
     }
     let path = url.strip_prefix("sqlite://").unwrap_or(url);
     match spec {
-        SourceSpec::Table(m) => Ok(Arc::new(SqliteSource::open(path, m).await?)),
+        SourceSpec::Table(m) => Ok(Arc::new(
+            SqliteSource::open(path, m).await?.with_decoding(decoding),
+        )),
         SourceSpec::Query(_) => Err(SyncError::Config(
             "a source query is supported on PostgreSQL and MySQL/MariaDB sources; use a table mapping for SQLite".into(),
         )),
@@ -341,7 +415,7 @@ mod tests {
         let s = statements(Dialect::MySql, &SourceSpec::Table(SourceMapping::default())).unwrap();
         assert_eq!(
             s.next,
-            "SELECT CAST(`sku` AS CHAR), CAST(`qty` AS CHAR), CAST(`price_1` AS CHAR), CAST(`price_2` AS CHAR), CAST(`price_3` AS CHAR) FROM `products` WHERE `sku` > ? ORDER BY `sku` LIMIT ?"
+            "SELECT CAST(`sku` AS BINARY), CAST(`qty` AS BINARY), CAST(`price_1` AS BINARY), CAST(`price_2` AS BINARY), CAST(`price_3` AS BINARY) FROM `products` WHERE `sku` > ? ORDER BY `sku` LIMIT ?"
         );
         let q = SourceSpec::Query(SourceQuery {
             sql: "SELECT code AS sku, stock AS qty, p AS price_1 FROM t WHERE code > {after} ORDER BY code LIMIT {limit}".into(),

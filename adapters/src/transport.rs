@@ -487,3 +487,41 @@ mod tests {
         assert_eq!(pool.clients.lock().unwrap().len(), 2);
     }
 }
+
+/// A response's `Retry-After` in milliseconds from now: delta-seconds (`120`) or an
+/// HTTP-date (`Wed, 21 Oct 2015 07:28:00 GMT`; a date in the past is 0). None when the
+/// header is absent or unreadable.
+pub fn retry_after_ms(headers: &reqwest::header::HeaderMap) -> Option<u64> {
+    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(secs.saturating_mul(1000));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+    let ms = at.timestamp_millis() - chrono::Utc::now().timestamp_millis();
+    Some(u64::try_from(ms).unwrap_or(0))
+}
+
+#[cfg(test)]
+mod retry_after_tests {
+    use super::retry_after_ms;
+    use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
+
+    fn with(v: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(RETRY_AFTER, HeaderValue::from_str(v).unwrap());
+        h
+    }
+
+    #[test]
+    fn seconds_and_http_dates() {
+        assert_eq!(retry_after_ms(&with("2")), Some(2000));
+        assert_eq!(retry_after_ms(&HeaderMap::new()), None);
+        assert_eq!(retry_after_ms(&with("soon")), None);
+        assert_eq!(retry_after_ms(&with("Wed, 21 Oct 2015 07:28:00 GMT")), Some(0));
+        let later = (chrono::Utc::now() + chrono::Duration::seconds(30))
+            .format("%a, %d %b %Y %H:%M:%S GMT")
+            .to_string();
+        let ms = retry_after_ms(&with(&later)).unwrap();
+        assert!((28_000..=30_000).contains(&ms), "{ms}");
+    }
+}

@@ -629,3 +629,81 @@ async fn throughput_durable_uploads() {
     assert_eq!(counts.applied, n);
     assert_eq!(counts.duplicate_pairs, 0);
 }
+
+#[tokio::test]
+async fn retry_after_on_a_503_is_read_in_seconds_and_http_date_forms() {
+    let sim = simulator::start(SimConfig::default(), loopback())
+        .await
+        .unwrap();
+    let a = adapter(&sim, "ep-0001");
+    let b = batch("ep-0001", 0, items(3, 1));
+    sim.state().set_fault(
+        "ep-0001",
+        Fault::Unavailable {
+            retry_after: "2".into(),
+            times: 1,
+        },
+    );
+    match a.upload(&b).await {
+        Err(AdapterError::Unavailable { retry_after_ms, message }) => {
+            assert_eq!(retry_after_ms, 2000);
+            assert!(message.contains("HTTP 503"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let at = (chrono::Utc::now() + chrono::Duration::seconds(5))
+        .format("%a, %d %b %Y %H:%M:%S GMT")
+        .to_string();
+    sim.state().set_fault(
+        "ep-0001",
+        Fault::Unavailable {
+            retry_after: at,
+            times: 1,
+        },
+    );
+    match a.upload(&b).await {
+        Err(AdapterError::Unavailable { retry_after_ms, .. }) => {
+            assert!((3_000..=5_000).contains(&retry_after_ms), "{retry_after_ms}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // Healthy again: the upload lands.
+    a.upload(&b).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_waits_out_a_503_retry_after_then_finishes() {
+    use bulwark_workflows::app::Bulwark;
+    use bulwark_workflows::staging::SealStats;
+    use bulwark_workflows::sync::SyncOptions;
+    let sim = simulator::start(SimConfig::default(), loopback())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let app = Bulwark::open(dir.path().join("b.db"), bulwark_adapters::default_registry())
+        .await
+        .unwrap();
+    let staging = app.staging().clone();
+    let id = staging.begin_snapshot("t").await.unwrap();
+    staging.write_page(id, &items(5, 1), &[]).await.unwrap();
+    staging.seal(id, SealStats::default()).await.unwrap();
+    sim.state().set_fault(
+        "ep-0001",
+        Fault::Unavailable {
+            retry_after: "1".into(),
+            times: 1,
+        },
+    );
+    let eps = vec![config("ep-0001", sim.base_url("ep-0001"), &[])];
+    let started = std::time::Instant::now();
+    let report = app.sync(&eps, &SyncOptions::default(), None).await.unwrap();
+    assert_eq!(report.by_status.get("Done"), Some(&1), "{report:?}");
+    // The default first backoff is 100-200 ms; the endpoint asked for 1 s.
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(950),
+        "retried after {:?}, before the endpoint's Retry-After",
+        started.elapsed()
+    );
+    assert_eq!(sim.state().endpoint_report("ep-0001").await.applied_batches.len(), 1);
+    app.close().await;
+}

@@ -571,9 +571,12 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
+                let kinds: Vec<String> =
+                    r.by_kind.iter().map(|(k, n)| format!("{n} {k}")).collect();
                 println!(
-                    "audited {} workflows, {} journal rows: {} finding(s)",
+                    "audited {} workflows ({}), {} journal rows: {} finding(s)",
                     r.workflows,
+                    kinds.join(", "),
                     r.journal_rows,
                     r.findings.len()
                 );

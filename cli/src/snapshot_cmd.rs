@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use bulwark_adapters::legacy::SourceMapping;
-use bulwark_adapters::sql_source::{SourceQuery, SourceSpec, open_source};
+use bulwark_adapters::sql_source::{SourceQuery, SourceSpec, open_source_with};
+use bulwark_adapters::text::TextDecoding;
 use bulwark_workflows::app::Bulwark;
 use bulwark_workflows::snapshot::SnapshotOptions;
 use bulwark_workflows::snapshot_flow::{FlowOptions, SnapshotWindow, run_snapshot};
@@ -64,6 +65,10 @@ pub(crate) struct SnapshotArgs {
     /// Hold the snapshot if more than this share of the previous snapshot's SKUs changes.
     #[arg(long, default_value_t = 0.5)]
     max_changed_share: f64,
+    /// What text that is not valid UTF-8 is (a WHATWG label: windows-1252, latin1,
+    /// iso-8859-15, shift_jis…); with utf-8 such a row is rejected, naming the column.
+    #[arg(long, default_value = "utf-8")]
+    encoding: String,
 }
 
 /// `bulwark snapshot approve ID`: release a held snapshot to sync runs.
@@ -101,6 +106,7 @@ pub(crate) struct SourceSection {
     max_rejected_share: f64,
     max_removed_share: f64,
     max_changed_share: f64,
+    encoding: String,
 }
 
 impl Default for SourceSection {
@@ -122,6 +128,7 @@ impl Default for SourceSection {
             max_rejected_share: o.max_rejected_share,
             max_removed_share: o.guard.max_removed_share,
             max_changed_share: o.guard.max_changed_share,
+            encoding: "utf-8".into(),
         }
     }
 }
@@ -169,6 +176,7 @@ impl SourceSection {
                 return Err((key, "must be between 0 and 1".into()));
             }
         }
+        TextDecoding::from_label(&self.encoding).map_err(|e| ("encoding", e))?;
         Ok(())
     }
 
@@ -202,6 +210,7 @@ impl SourceSection {
             max_rejected_share: self.max_rejected_share,
             max_removed_share: self.max_removed_share,
             max_changed_share: self.max_changed_share,
+            encoding: self.encoding.clone(),
         }
         .plan()
     }
@@ -211,6 +220,7 @@ impl SourceSection {
 pub(crate) struct SnapshotPlan {
     url: String,
     spec: SourceSpec,
+    decoding: TextDecoding,
     flow: FlowOptions,
     options: SnapshotOptions,
 }
@@ -272,9 +282,12 @@ impl SnapshotArgs {
                 max_changed_share: args.max_changed_share,
             },
         };
+        let decoding =
+            TextDecoding::from_label(&args.encoding).map_err(|e| anyhow::anyhow!("--encoding: {e}"))?;
         Ok(SnapshotPlan {
             url,
             spec,
+            decoding,
             flow,
             options,
         })
@@ -344,7 +357,9 @@ pub(crate) async fn take(
     plan: &SnapshotPlan,
 ) -> Result<bulwark_workflows::snapshot::SnapshotReport> {
     let url = &plan.url;
-    let source = open_source(url, &plan.spec).await.with_context(|| {
+    let source = open_source_with(url, &plan.spec, plan.decoding)
+        .await
+        .with_context(|| {
         format!(
             "opening the source {}",
             bulwark_engine::postgres::redact_url(url)

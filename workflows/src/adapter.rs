@@ -47,6 +47,15 @@ pub enum AdapterError {
         /// What the endpoint said.
         message: String,
     },
+    /// Transient (a 503 or another 5xx), and the endpoint said when to come back
+    /// (`Retry-After`): retry no sooner than `retry_after_ms`.
+    #[error("unavailable (retry after {retry_after_ms} ms): {message}")]
+    Unavailable {
+        /// Delay the endpoint asked for, in milliseconds.
+        retry_after_ms: u64,
+        /// What the endpoint said.
+        message: String,
+    },
     /// The endpoint refused the data (a failed validation; counts toward the circuit).
     #[error("rejected: {0}")]
     Rejected(String),
@@ -143,7 +152,8 @@ impl std::fmt::Debug for AdapterRegistry {
 /// Convenience: a retry delay as a [`Duration`].
 pub fn retry_after(err: &AdapterError) -> Option<Duration> {
     match err {
-        AdapterError::RateLimited { retry_after_ms, .. } => {
+        AdapterError::RateLimited { retry_after_ms, .. }
+        | AdapterError::Unavailable { retry_after_ms, .. } => {
             Some(Duration::from_millis(*retry_after_ms))
         }
         _ => None,

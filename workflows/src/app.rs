@@ -159,10 +159,12 @@ pub struct CancelReport {
 }
 
 /// One audit's result.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct AuditReport {
-    /// Workflows checked.
+    /// Workflows checked (endpoint syncs and snapshots).
     pub workflows: usize,
+    /// Workflows checked, by kind (`endpoint-sync`, `snapshot`).
+    pub by_kind: std::collections::BTreeMap<String, usize>,
     /// Journal rows read.
     pub journal_rows: usize,
     /// Every problem found.
@@ -696,13 +698,23 @@ impl Bulwark {
 
     /// Re-fold every endpoint-sync journal through the transition function.
     pub async fn audit(&self) -> Result<AuditReport> {
-        let (workflows, journal_rows, findings) =
-            bulwark_engine::audit::audit::<EndpointSync>(self.store.as_ref()).await?;
-        Ok(AuditReport {
-            workflows,
-            journal_rows,
-            findings,
-        })
+        let mut report = AuditReport::default();
+        let mut add = |kind: &str, (n, rows, findings): (usize, usize, Vec<bulwark_engine::Finding>)| {
+            report.workflows += n;
+            report.journal_rows += rows;
+            report.findings.extend(findings);
+            report.by_kind.insert(kind.to_string(), n);
+        };
+        add(
+            EndpointSync::KIND,
+            bulwark_engine::audit::audit::<EndpointSync>(self.store.as_ref()).await?,
+        );
+        add(
+            crate::snapshot_flow::SnapshotFlow::KIND,
+            bulwark_engine::audit::audit::<crate::snapshot_flow::SnapshotFlow>(self.store.as_ref())
+                .await?,
+        );
+        Ok(report)
     }
 
     /// Runs, newest first, with per-state endpoint counts.

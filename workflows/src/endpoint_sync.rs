@@ -171,9 +171,9 @@ impl SyncInput {
             ^ u64::from(attempt).wrapping_mul(0x9E37_79B9_7F4A_7C15))
             % (delay / 2 + 1);
         let mut wait = delay / 2 + spread;
-        if let AdapterError::RateLimited { retry_after_ms, .. } = error {
+        if let Some(retry_after_ms) = crate::adapter::retry_after(error).map(|d| d.as_millis() as u64) {
             // Honour Retry-After, but no endpoint may park a sync longer than a cooldown.
-            wait = wait.max((*retry_after_ms).min(p.cooldown_ms));
+            wait = wait.max(retry_after_ms.min(p.cooldown_ms));
         }
         at_ms.saturating_add(i64::try_from(wait).unwrap_or(i64::MAX))
     }
@@ -413,7 +413,9 @@ impl EndpointSync {
                 Handled
             }
             Event::UploadFailed { at_ms, error } => match error {
-                AdapterError::Transient(_) | AdapterError::RateLimited { .. }
+                AdapterError::Transient(_)
+                | AdapterError::RateLimited { .. }
+                | AdapterError::Unavailable { .. }
                     if attempt < context.input.policy.max_attempts =>
                 {
                     let until = context.input.retry_at(*at_ms, attempt + 1, key, error);
@@ -432,7 +434,9 @@ impl EndpointSync {
                     format!("batch {batch}: {error}"),
                     failures + 1,
                 )),
-                AdapterError::Transient(_) | AdapterError::RateLimited { .. } => exhausted(
+                AdapterError::Transient(_)
+                | AdapterError::RateLimited { .. }
+                | AdapterError::Unavailable { .. } => exhausted(
                     context, batch, generation, failures, key, *at_ms, error, None,
                 ),
                 _ => failed(
@@ -472,7 +476,9 @@ impl EndpointSync {
                 format!("verify: {details}"),
             ),
             Event::VerifyFailed { at_ms, error } => match error {
-                AdapterError::Transient(_) | AdapterError::RateLimited { .. }
+                AdapterError::Transient(_)
+                | AdapterError::RateLimited { .. }
+                | AdapterError::Unavailable { .. }
                     if attempt < context.input.policy.max_attempts =>
                 {
                     let until = context.input.retry_at(*at_ms, attempt + 1, key, error);
@@ -491,7 +497,9 @@ impl EndpointSync {
                     format!("batch {batch}: {error}"),
                     failures + 1,
                 )),
-                AdapterError::Transient(_) | AdapterError::RateLimited { .. } => exhausted(
+                AdapterError::Transient(_)
+                | AdapterError::RateLimited { .. }
+                | AdapterError::Unavailable { .. } => exhausted(
                     context,
                     batch,
                     generation,
@@ -743,7 +751,9 @@ impl Machine for EndpointSync {
             && after > before
             && matches!(
                 error,
-                AdapterError::Transient(_) | AdapterError::RateLimited { .. }
+                AdapterError::Transient(_)
+                | AdapterError::RateLimited { .. }
+                | AdapterError::Unavailable { .. }
             )
         {
             notice.alerts.push(Alert {

@@ -22,6 +22,54 @@ pub struct RawRow {
     pub qty: Option<String>,
     /// Prices per tier as text (decimal, major units), in tier order.
     pub prices: Vec<Option<String>>,
+    /// Why the source could not read this row's values (e.g. "column qty: bytes are not
+    /// valid UTF-8 …"): the row is rejected with it, whatever the other fields hold.
+    pub unreadable: Option<String>,
+}
+
+/// Longest text quoted whole in a reject reason or a row key; longer text is shortened.
+pub const EXCERPT_CHARS: usize = 64;
+
+/// `text` as it may appear in a reason or a reject's row key: whole when short, otherwise
+/// its first [`EXCERPT_CHARS`] characters, its size and a hash prefix (so two long values
+/// stay apart), never the whole value a second time.
+pub fn excerpt(text: &str) -> String {
+    // Control characters (a NUL cannot even be stored in PostgreSQL text) are escaped.
+    let clean = |s: &str| -> String {
+        s.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect()
+    };
+    let long = text.chars().nth(EXCERPT_CHARS).is_some();
+    if !long {
+        return if text.chars().any(char::is_control) {
+            clean(text)
+        } else {
+            text.to_string()
+        };
+    }
+    use sha2::Digest;
+    let head: String = text.chars().take(EXCERPT_CHARS).collect();
+    let hash = hex::encode(&sha2::Sha256::digest(text.as_bytes())[..4]);
+    format!("{}… ({} bytes, sha256 {hash}…)", clean(&head), text.len())
+}
+
+/// [`excerpt`], quoted as Rust's `{:?}` would quote the whole.
+fn quoted(text: &str) -> String {
+    if text.chars().nth(EXCERPT_CHARS).is_none() {
+        format!("{text:?}")
+    } else {
+        let head: String = text.chars().take(EXCERPT_CHARS).collect();
+        let full = excerpt(text);
+        let tail = full.rfind("… (").map_or("", |i| &full[i..]);
+        format!("{head:?}{tail}")
+    }
 }
 
 /// A read-only legacy catalog, read in pages ordered by key.
@@ -95,10 +143,10 @@ pub fn parse_price(text: &str) -> std::result::Result<i64, String> {
         || !whole.chars().all(|c| c.is_ascii_digit())
         || !frac.chars().all(|c| c.is_ascii_digit())
     {
-        return Err(format!("price {t:?} is not a non-negative decimal"));
+        return Err(format!("price {} is not a non-negative decimal", quoted(t)));
     }
     if frac.len() > 2 && frac[2..].chars().any(|c| c != '0') {
-        return Err(format!("price {t:?} has more than 2 decimals"));
+        return Err(format!("price {} has more than 2 decimals", quoted(t)));
     }
     let cents = format!("{:0<2}", &frac[..frac.len().min(2)]);
     whole
@@ -106,17 +154,23 @@ pub fn parse_price(text: &str) -> std::result::Result<i64, String> {
         .ok()
         .and_then(|w| w.checked_mul(100))
         .and_then(|w| w.checked_add(cents.parse::<i64>().unwrap_or(0)))
-        .ok_or_else(|| format!("price {t:?} is out of range"))
+        .ok_or_else(|| format!("price {} is out of range", quoted(t)))
 }
 
 /// Validate one raw row.
 pub fn validate(row: &RawRow, tier_min_qty: &[u32]) -> std::result::Result<Item, String> {
+    if let Some(why) = &row.unreadable {
+        return Err(why.clone());
+    }
     let sku = row.sku.as_deref().map(str::trim).unwrap_or("");
     if sku.is_empty() {
         return Err("missing SKU".into());
     }
     if sku.chars().any(|c| c.is_control()) || sku.len() > 128 {
-        return Err(format!("invalid SKU text {sku:?}"));
+        return Err(format!(
+            "invalid SKU text {} (control characters, or longer than 128 bytes)",
+            quoted(sku)
+        ));
     }
     let qty_text = row
         .qty
@@ -125,7 +179,7 @@ pub fn validate(row: &RawRow, tier_min_qty: &[u32]) -> std::result::Result<Item,
         .ok_or("missing quantity")?;
     let qty: i64 = qty_text
         .parse()
-        .map_err(|_| format!("quantity {qty_text:?} is not an integer"))?;
+        .map_err(|_| format!("quantity {} is not an integer", quoted(qty_text)))?;
     if qty < 0 {
         return Err(format!("negative quantity {qty}"));
     }
@@ -181,7 +235,24 @@ mod tests {
             sku: Some(sku.into()),
             qty: Some(qty.into()),
             prices: p.iter().map(|s| Some(s.to_string())).collect(),
+            unreadable: None,
         }
+    }
+
+    #[test]
+    fn huge_values_are_quoted_as_excerpts() {
+        let huge = "9".repeat(10 << 20);
+        let r = validate(&raw("A", &huge, ["1", "1", "1"]), &[1, 10, 100]).unwrap_err();
+        assert!(r.len() < 200, "{}", r.len());
+        assert!(r.starts_with("quantity \"9999") && r.contains("10485760 bytes"), "{r}");
+        let r = validate(&raw(&huge, "1", ["1", "1", "1"]), &[1, 10, 100]).unwrap_err();
+        assert!(r.len() < 250 && r.contains("invalid SKU text"), "{r}");
+        assert_ne!(excerpt(&huge), excerpt(&format!("{huge}8")));
+        assert_eq!(excerpt("SKU-1"), "SKU-1");
+        assert_eq!(excerpt("A\u{0}B"), "A\\u{0}B");
+        let mut row = raw("A", "1", ["1", "1", "1"]);
+        row.unreadable = Some("column qty: bytes are not valid UTF-8".into());
+        assert_eq!(validate(&row, &[1, 10, 100]).unwrap_err(), "column qty: bytes are not valid UTF-8");
     }
 
     #[test]

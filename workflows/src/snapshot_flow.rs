@@ -18,7 +18,7 @@
 //! it pauses (`pause_ms`); outside its window (cron start + maximum duration) it parks in
 //! `Paused` until the next window opens and continues from its cursor.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -32,7 +32,7 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 
 use crate::error::{Result, SyncError};
 use crate::snapshot::{LegacySource, RawRow, SnapshotOptions, SnapshotReport, validate};
-use crate::staging::{ChangeGuard, SealStats, Staging};
+use crate::staging::{ChangeGuard, Reject, SealStats, Staging};
 
 /// When a snapshot may read the source: windows opening at each occurrence of a cron
 /// expression (5 fields, or 6 with seconds first) and lasting at most `max_duration_ms`.
@@ -210,6 +210,11 @@ pub enum SnapshotEvent {
         rejected: u32,
         /// Key of the page's last row.
         last_key: Option<String>,
+        /// Rows the query returned after `last_key` and left for the next page: the run
+        /// of rows sharing the last key of a full page, so that rows with one key are
+        /// always read (and judged as duplicates) together.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        held_back: u32,
     },
     /// The window is closed (checked at `at_ms`); it opens again at `next_open_ms`.
     WindowClosed {
@@ -361,17 +366,21 @@ impl Machine for SnapshotFlow {
                     accepted,
                     rejected,
                     last_key,
+                    held_back,
                 },
             ) => {
                 if accepted + rejected != *rows {
                     return Err(illegal(state, event, "accepted + rejected != rows"));
+                }
+                if *held_back > 0 && (*rows == 0 || last_key.is_none()) {
+                    return Err(illegal(state, event, "rows held back from an empty page"));
                 }
                 let mut counts = *counts;
                 counts.read += i64::from(*rows);
                 counts.accepted += i64::from(*accepted);
                 counts.rejected += i64::from(*rejected);
                 counts.queries += 1;
-                if *rows < input.page_size {
+                if rows + held_back < input.page_size {
                     return Ok(Transition {
                         state: S::Finishing { counts },
                         commands: vec![SnapshotCommand::Finish { counts }],
@@ -549,24 +558,53 @@ impl Machine for SnapshotFlow {
     }
 }
 
+/// How many times the page size a page may grow to while a single key fills it.
+const MAX_PAGE_GROWTH: u32 = 64;
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
 /// Validate a page's rows against each other and against what staging already holds.
-/// Returns accepted items (with their row keys) and rejects (row key, reason).
+/// Returns accepted items (with their row keys) and rejects.
+///
+/// Duplicates: every row of a SKU that several rows of one page carry is rejected (which
+/// of them is right cannot be known, so the SKU keeps its last accepted value). Rows with
+/// the same key are always on one page (see the hold-back in [`SnapshotEffects`]); a row
+/// whose SKU an earlier page staged under another key (keys that differ only in
+/// surrounding blanks) is rejected, and the earlier row stays.
 async fn check_page(
     staging: &Staging,
     input: &SnapshotInput,
     rows: &[RawRow],
-) -> Result<(Vec<(String, crate::catalog::Item)>, Vec<(String, String)>)> {
+) -> Result<(Vec<(String, crate::catalog::Item)>, Vec<Reject>)> {
+    use crate::snapshot::excerpt;
     let mut items = Vec::with_capacity(rows.len());
     let mut rejects = Vec::new();
-    let mut seen = HashSet::new();
     for row in rows {
         match validate(row, &input.tier_min_qty) {
-            Ok(item) if !seen.insert(item.sku.clone()) => {
-                rejects.push((row.key.clone(), format!("duplicate SKU {:?}", item.sku)))
-            }
             Ok(item) => items.push((row.key.clone(), item)),
-            Err(reason) => rejects.push((row.key.clone(), reason)),
+            Err(reason) => rejects.push(Reject {
+                key: excerpt(&row.key),
+                sku: readable_sku(row),
+                reason,
+            }),
         }
+    }
+    let mut per_sku: HashMap<String, usize> = HashMap::new();
+    for (_, it) in &items {
+        *per_sku.entry(it.sku.clone()).or_default() += 1;
+    }
+    let (items, dups): (Vec<_>, Vec<_>) = items.into_iter().partition(|(_, it)| per_sku[&it.sku] == 1);
+    for (key, it) in dups {
+        rejects.push(Reject {
+            reason: format!(
+                "duplicate SKU {:?}: {} rows carry it; all are rejected and the SKU keeps its last accepted value",
+                it.sku, per_sku[&it.sku]
+            ),
+            key: excerpt(&key),
+            sku: Some(it.sku),
+        });
     }
     // A SKU already staged by *another* row (an earlier page) is a duplicate; the same
     // row written again (this page re-read after a crash) is not.
@@ -576,12 +614,28 @@ async fn check_page(
     for (key, item) in items {
         match staged.get(&item.sku) {
             Some(k) if *k != key => {
-                rejects.push((key, format!("duplicate SKU {:?}", item.sku)));
+                rejects.push(Reject {
+                    reason: format!(
+                        "duplicate SKU {:?}: row {:?} on an earlier page carries it and was kept",
+                        item.sku,
+                        excerpt(k)
+                    ),
+                    key: excerpt(&key),
+                    sku: None,
+                });
             }
             _ => accepted.push((key, item)),
         }
     }
     Ok((accepted, rejects))
+}
+
+/// A rejected row's SKU, when it is one (readable, not blank, not oversized): that SKU
+/// keeps its last accepted value.
+fn readable_sku(row: &RawRow) -> Option<String> {
+    let sku = row.sku.as_deref()?.trim();
+    (!sku.is_empty() && sku.len() <= 128 && !sku.chars().any(char::is_control))
+        .then(|| sku.to_string())
 }
 
 /// Executes snapshot commands against a source and staging.
@@ -646,30 +700,61 @@ impl Effects<SnapshotFlow> for SnapshotEffects {
                         Err(e) => return self.fail(e),
                     }
                 }
-                let rows = match self.source.page(cursor.as_deref(), input.page_size).await {
+                let mut limit = input.page_size;
+                let mut rows = match self.source.page(cursor.as_deref(), limit).await {
                     Ok(rows) => rows,
                     Err(e) => return self.fail(e),
                 };
-                // Keyset contract: keys strictly increase and follow the cursor.
-                let mut prev = cursor.clone();
-                for r in &rows {
-                    if prev.as_ref().is_some_and(|p| r.key <= *p) {
+                // A full page of one key: read more at once until the key's rows end (rows
+                // with one key are judged together).
+                while rows.len() == limit as usize
+                    && rows.first().map(|r| &r.key) == rows.last().map(|r| &r.key)
+                    && limit < input.page_size.saturating_mul(MAX_PAGE_GROWTH)
+                {
+                    limit = limit.saturating_mul(4);
+                    rows = match self.source.page(cursor.as_deref(), limit).await {
+                        Ok(rows) => rows,
+                        Err(e) => return self.fail(e),
+                    };
+                }
+                if rows.len() > limit as usize {
+                    return self.fail(SyncError::Source {
+                        source_name: self.source.describe(),
+                        detail: format!("page of {} rows > limit {limit}", rows.len()),
+                    });
+                }
+                // Keyset contract: every row follows the cursor. Order is the database's
+                // (its collation), so only the cursor coming back is checked here: it means
+                // the query does not page by `{after}`, and would read the same page forever.
+                if let Some(c) = &cursor
+                    && let Some(r) = rows.iter().find(|r| r.key == *c)
+                {
+                    return self.fail(SyncError::Source {
+                        source_name: self.source.describe(),
+                        detail: format!(
+                            "keyset contract broken: the page after {:?} holds that key again (the query must return only rows with key > {{after}}, ordered by key)",
+                            crate::snapshot::excerpt(&r.key)
+                        ),
+                    });
+                }
+                // Hold back the rows sharing a full page's last key: the next page starts
+                // with them, and reads any more of that key with them.
+                let mut held_back = 0u32;
+                if rows.len() == limit as usize
+                    && let Some(last) = rows.last().map(|r| r.key.clone())
+                {
+                    let run = rows.iter().rev().take_while(|r| r.key == last).count();
+                    if run == rows.len() {
                         return self.fail(SyncError::Source {
                             source_name: self.source.describe(),
                             detail: format!(
-                                "keyset contract broken: key {:?} after {:?} (rows must be ordered by a unique key)",
-                                r.key,
-                                prev.unwrap_or_default()
+                                "more than {limit} rows share the key {:?}: the key column must (nearly) identify a row",
+                                crate::snapshot::excerpt(&last)
                             ),
                         });
                     }
-                    prev = Some(r.key.clone());
-                }
-                if rows.len() > input.page_size as usize {
-                    return self.fail(SyncError::Source {
-                        source_name: self.source.describe(),
-                        detail: format!("page of {} rows > limit {}", rows.len(), input.page_size),
-                    });
+                    held_back = run as u32;
+                    rows.truncate(rows.len() - run);
                 }
                 let (items, rejects) = match check_page(&self.staging, input, &rows).await {
                     Ok(x) => x,
@@ -687,6 +772,7 @@ impl Effects<SnapshotFlow> for SnapshotEffects {
                     accepted: items.len() as u32,
                     rejected: rejects.len() as u32,
                     last_key: rows.last().map(|r| r.key.clone()),
+                    held_back,
                 })
             }
             SnapshotCommand::WaitWindow { resume_at } => {
@@ -982,6 +1068,7 @@ mod tests {
             accepted: rows,
             rejected: 0,
             last_key: Some(last.into()),
+            held_back: 0,
         };
         let t = SnapshotFlow::apply(&input, &s0, &page(2, "b")).unwrap();
         assert!(
@@ -1011,5 +1098,32 @@ mod tests {
         assert!(
             matches!(f.state, SnapshotState::Finishing { counts } if counts.read == 3 && counts.queries == 2 && counts.pauses == 1)
         );
+        // A full page whose last rows were held back (they share its last key) goes on.
+        let held = SnapshotEvent::Page {
+            rows: 1,
+            accepted: 1,
+            rejected: 0,
+            last_key: Some("c".into()),
+            held_back: 1,
+        };
+        let g = SnapshotFlow::apply(&input, &r.state, &held).unwrap();
+        assert!(
+            matches!(&g.state, SnapshotState::Paging { cursor: Some(c), page_no: 2, .. } if c == "c")
+        );
+        let empty = SnapshotEvent::Page {
+            rows: 0,
+            accepted: 0,
+            rejected: 0,
+            last_key: None,
+            held_back: 2,
+        };
+        assert!(SnapshotFlow::apply(&input, &r.state, &empty).is_err());
+        // Journals written before held_back existed decode as holding nothing back.
+        let old: SnapshotEvent = serde_json::from_str(
+            r#"{"Page":{"rows":2,"accepted":2,"rejected":0,"last_key":"b"}}"#,
+        )
+        .unwrap();
+        assert_eq!(old, page(2, "b"));
+        assert!(!serde_json::to_string(&old).unwrap().contains("held_back"));
     }
 }

@@ -47,6 +47,17 @@ pub struct SealStats {
     pub queries: i64,
 }
 
+/// A source row a snapshot rejected.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Reject {
+    /// The row's key (an excerpt when the key is oversized).
+    pub key: String,
+    /// Its SKU, when it had a readable one: that SKU keeps its last accepted value.
+    pub sku: Option<String>,
+    /// Why it was rejected.
+    pub reason: String,
+}
+
 /// How much a snapshot changes against the previous sealed one.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChangeCounts {
@@ -298,7 +309,7 @@ impl Staging {
         &self,
         snapshot: i64,
         items: &[(String, Item)],
-        rejects: &[(String, String)],
+        rejects: &[Reject],
     ) -> Result<()> {
         on_db!(self.db, |pool| {
             let mut tx = pool.begin().await?;
@@ -318,11 +329,12 @@ impl Staging {
                 }
                 q.execute(&mut *tx).await?;
             }
-            for (key, reason) in rejects {
-                sqlx::query("INSERT INTO snapshot_rejects (snapshot_id, row_key, reason) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
+            for r in rejects {
+                sqlx::query("INSERT INTO snapshot_rejects (snapshot_id, row_key, reason, sku) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING")
                     .bind(snapshot)
-                    .bind(key)
-                    .bind(reason)
+                    .bind(&r.key)
+                    .bind(&r.reason)
+                    .bind(&r.sku)
                     .execute(&mut *tx)
                     .await?;
             }
@@ -447,11 +459,11 @@ impl Staging {
         const COPY: &str = "INSERT INTO snapshot_items (snapshot_id, sku, qty, tiers_json, row_key, carried_from)
              SELECT $1, p.sku, p.qty, p.tiers_json, p.row_key, $2 FROM snapshot_items p
              WHERE p.snapshot_id = $2
-               AND EXISTS (SELECT 1 FROM snapshot_rejects r WHERE r.snapshot_id = $1 AND r.row_key = p.sku)
+               AND EXISTS (SELECT 1 FROM snapshot_rejects r WHERE r.snapshot_id = $1 AND COALESCE(r.sku, r.row_key) = p.sku)
                AND NOT EXISTS (SELECT 1 FROM snapshot_items s WHERE s.snapshot_id = $1 AND s.sku = p.sku)
              ON CONFLICT DO NOTHING";
         const CARRIED: &str = "SELECT i.sku, MIN(r.reason) FROM snapshot_items i
-             JOIN snapshot_rejects r ON r.snapshot_id = i.snapshot_id AND r.row_key = i.sku
+             JOIN snapshot_rejects r ON r.snapshot_id = i.snapshot_id AND COALESCE(r.sku, r.row_key) = i.sku
              WHERE i.snapshot_id = $1 AND i.carried_from IS NOT NULL
              GROUP BY i.sku ORDER BY i.sku";
         let rows: Vec<(String, String)> = on_db!(self.db, |pool| {

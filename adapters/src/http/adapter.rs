@@ -35,7 +35,8 @@ pub const MAX_MISMATCHES_SHOWN: usize = 5;
 struct Failure {
     class: ErrorClass,
     message: String,
-    retry_after_ms: u64,
+    /// The response's `Retry-After`, if it had one.
+    retry_after_ms: Option<u64>,
 }
 
 impl Failure {
@@ -43,18 +44,22 @@ impl Failure {
         Self {
             class,
             message,
-            retry_after_ms: DEFAULT_RETRY_AFTER_MS,
+            retry_after_ms: None,
         }
     }
 
     fn into_error(self) -> AdapterError {
-        match self.class {
-            ErrorClass::Rejected => AdapterError::Rejected(self.message),
-            ErrorClass::Transient => AdapterError::Transient(self.message),
-            ErrorClass::Auth => AdapterError::Auth(self.message),
-            ErrorClass::Config | ErrorClass::NotFound => AdapterError::Config(self.message),
-            ErrorClass::RateLimited => AdapterError::RateLimited {
-                retry_after_ms: self.retry_after_ms,
+        match (self.class, self.retry_after_ms) {
+            (ErrorClass::Rejected, _) => AdapterError::Rejected(self.message),
+            (ErrorClass::Transient, None) => AdapterError::Transient(self.message),
+            (ErrorClass::Transient, Some(retry_after_ms)) => AdapterError::Unavailable {
+                retry_after_ms,
+                message: self.message,
+            },
+            (ErrorClass::Auth, _) => AdapterError::Auth(self.message),
+            (ErrorClass::Config | ErrorClass::NotFound, _) => AdapterError::Config(self.message),
+            (ErrorClass::RateLimited, ms) => AdapterError::RateLimited {
+                retry_after_ms: ms.unwrap_or(DEFAULT_RETRY_AFTER_MS),
                 message: self.message,
             },
         }
@@ -64,15 +69,19 @@ impl Failure {
 impl From<AdapterError> for Failure {
     fn from(e: AdapterError) -> Self {
         let (class, message, retry_after_ms) = match e {
-            AdapterError::Rejected(m) => (ErrorClass::Rejected, m, 0),
-            AdapterError::Auth(m) => (ErrorClass::Auth, m, 0),
+            AdapterError::Rejected(m) => (ErrorClass::Rejected, m, None),
+            AdapterError::Auth(m) => (ErrorClass::Auth, m, None),
             AdapterError::RateLimited {
                 retry_after_ms,
                 message,
-            } => (ErrorClass::RateLimited, message, retry_after_ms),
-            AdapterError::Config(m) => (ErrorClass::Config, m, 0),
-            AdapterError::Transient(m) => (ErrorClass::Transient, m, 0),
-            other => (ErrorClass::Transient, other.to_string(), 0),
+            } => (ErrorClass::RateLimited, message, Some(retry_after_ms)),
+            AdapterError::Unavailable {
+                retry_after_ms,
+                message,
+            } => (ErrorClass::Transient, message, Some(retry_after_ms)),
+            AdapterError::Config(m) => (ErrorClass::Config, m, None),
+            AdapterError::Transient(m) => (ErrorClass::Transient, m, None),
+            other => (ErrorClass::Transient, other.to_string(), None),
         };
         Self {
             class,
@@ -491,12 +500,7 @@ impl HttpAdapter {
                 500..=599 => ErrorClass::Transient,
                 _ => ErrorClass::Config,
             };
-            let retry_after_ms = headers
-                .get(reqwest::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|s| s.trim().parse::<u64>().ok())
-                .map(|secs| secs.saturating_mul(1000))
-                .unwrap_or(DEFAULT_RETRY_AFTER_MS);
+            let retry_after_ms = crate::transport::retry_after_ms(&headers);
             return Err(Failure {
                 class,
                 message: msg(text),
