@@ -267,10 +267,14 @@ async fn operator_commands_print_what_the_database_holds() {
 
     // audit
     let audit = show(&["audit"], &db);
-    assert!(audit.starts_with("audited 6 workflows"), "{audit}");
+    assert!(
+        audit.starts_with("audited 7 workflows (6 endpoint_sync, 1 snapshot)"),
+        "{audit}"
+    );
     assert!(audit.contains(": 0 finding(s)"), "{audit}");
     let audit_json = json(&["audit"], &db);
-    assert_eq!(audit_json["workflows"], 6);
+    assert_eq!(audit_json["workflows"], 7);
+    assert_eq!(audit_json["by_kind"]["snapshot"], 1);
     assert_eq!(audit_json["findings"].as_array().map(Vec::len), Some(0));
 
     // reset-circuit

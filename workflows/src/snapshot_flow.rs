@@ -210,9 +210,9 @@ pub enum SnapshotEvent {
         rejected: u32,
         /// Key of the page's last row.
         last_key: Option<String>,
-        /// Rows the query returned after `last_key` and left for the next page: the run
-        /// of rows sharing the last key of a full page, so that rows with one key are
-        /// always read (and judged as duplicates) together.
+        /// Rows the query returned after `last_key` and left for the next page: the
+        /// look-ahead row, and the rows sharing its key at the end of the page, so that
+        /// rows with one key are always read (and judged as duplicates) together.
         #[serde(default, skip_serializing_if = "is_zero")]
         held_back: u32,
     },
@@ -700,27 +700,28 @@ impl Effects<SnapshotFlow> for SnapshotEffects {
                         Err(e) => return self.fail(e),
                     }
                 }
+                // One row more than the page: a look-ahead that tells whether the page's
+                // last key goes on (rows with one key are judged together).
                 let mut limit = input.page_size;
-                let mut rows = match self.source.page(cursor.as_deref(), limit).await {
+                let mut rows = match self.source.page(cursor.as_deref(), limit + 1).await {
                     Ok(rows) => rows,
                     Err(e) => return self.fail(e),
                 };
-                // A full page of one key: read more at once until the key's rows end (rows
-                // with one key are judged together).
-                while rows.len() == limit as usize
+                // A page of one key: read more at once until the key's rows end.
+                while rows.len() > limit as usize
                     && rows.first().map(|r| &r.key) == rows.last().map(|r| &r.key)
                     && limit < input.page_size.saturating_mul(MAX_PAGE_GROWTH)
                 {
                     limit = limit.saturating_mul(4);
-                    rows = match self.source.page(cursor.as_deref(), limit).await {
+                    rows = match self.source.page(cursor.as_deref(), limit + 1).await {
                         Ok(rows) => rows,
                         Err(e) => return self.fail(e),
                     };
                 }
-                if rows.len() > limit as usize {
+                if rows.len() > limit as usize + 1 {
                     return self.fail(SyncError::Source {
                         source_name: self.source.describe(),
-                        detail: format!("page of {} rows > limit {limit}", rows.len()),
+                        detail: format!("page of {} rows > limit {}", rows.len(), limit + 1),
                     });
                 }
                 // Keyset contract: every row follows the cursor. Order is the database's
@@ -737,24 +738,24 @@ impl Effects<SnapshotFlow> for SnapshotEffects {
                         ),
                     });
                 }
-                // Hold back the rows sharing a full page's last key: the next page starts
-                // with them, and reads any more of that key with them.
+                // Past the page: the look-ahead row, and the rows of the page's last key
+                // when the look-ahead shows that key going on; the next page starts there.
                 let mut held_back = 0u32;
-                if rows.len() == limit as usize
-                    && let Some(last) = rows.last().map(|r| r.key.clone())
-                {
-                    let run = rows.iter().rev().take_while(|r| r.key == last).count();
+                if rows.len() > limit as usize {
+                    let next = rows[limit as usize].key.clone();
+                    rows.truncate(limit as usize);
+                    let run = rows.iter().rev().take_while(|r| r.key == next).count();
                     if run == rows.len() {
                         return self.fail(SyncError::Source {
                             source_name: self.source.describe(),
                             detail: format!(
                                 "more than {limit} rows share the key {:?}: the key column must (nearly) identify a row",
-                                crate::snapshot::excerpt(&last)
+                                crate::snapshot::excerpt(&next)
                             ),
                         });
                     }
-                    held_back = run as u32;
                     rows.truncate(rows.len() - run);
+                    held_back = run as u32 + 1;
                 }
                 let (items, rejects) = match check_page(&self.staging, input, &rows).await {
                     Ok(x) => x,
