@@ -71,13 +71,12 @@ async fn staged(db: &Path) -> Staged {
             .fetch_all(&mut c)
             .await
             .unwrap();
-    let mut rejects: Vec<(String, String, Option<String>)> = sqlx::query_as(
-        "SELECT row_key, reason, sku FROM snapshot_rejects WHERE snapshot_id = ?",
-    )
-    .bind(id)
-    .fetch_all(&mut c)
-    .await
-    .unwrap();
+    let mut rejects: Vec<(String, String, Option<String>)> =
+        sqlx::query_as("SELECT row_key, reason, sku FROM snapshot_rejects WHERE snapshot_id = ?")
+            .bind(id)
+            .fetch_all(&mut c)
+            .await
+            .unwrap();
     rejects.sort();
     (items.into_iter().collect(), rejects)
 }
@@ -105,7 +104,10 @@ fn check(s: &Staged, windows_1252: bool, carried_dup: bool) {
     };
     let dup1 = why("DUP-1");
     assert!(
-        !dup1.is_empty() && dup1.iter().all(|r| r.contains("duplicate SKU \"DUP-1\": 2 rows")),
+        !dup1.is_empty()
+            && dup1
+                .iter()
+                .all(|r| r.contains("duplicate SKU \"DUP-1\": 2 rows")),
         "{dup1:?}"
     );
     let many = why("DUP-MANY");
@@ -133,7 +135,8 @@ fn check(s: &Staged, windows_1252: bool, carried_dup: bool) {
             .expect("the Latin-1 row is rejected");
         assert_eq!(key, "bytes:M\\xdcLLER-1");
         assert!(
-            reason.starts_with("column sku: bytes are not valid UTF-8") && reason.contains("encoding"),
+            reason.starts_with("column sku: bytes are not valid UTF-8")
+                && reason.contains("encoding"),
             "{reason}"
         );
         assert_eq!(sku, &None);
@@ -150,7 +153,12 @@ fn snapshot(db: &Path, source: &[&str], page: u32, encoding: Option<&str>) -> St
     let mut c = bulwark();
     c.arg("snapshot")
         .args(source)
-        .args(["--page-size", &page.to_string(), "--max-rejected-share", "0.6"])
+        .args([
+            "--page-size",
+            &page.to_string(),
+            "--max-rejected-share",
+            "0.6",
+        ])
         .arg("--db")
         .arg(db);
     if let Some(e) = encoding {
@@ -258,7 +266,8 @@ async fn sqlite_bad_rows_are_rejected_and_never_reach_the_shop() {
     let only = dir.path().join("p7.db");
     let out = run_ok(bulwark().args(["audit", "--db"]).arg(&only));
     assert!(
-        out.starts_with("audited 1 workflows (0 endpoint_sync, 1 snapshot)") && out.contains(": 0 finding(s)"),
+        out.starts_with("audited 1 workflows (0 endpoint_sync, 1 snapshot)")
+            && out.contains(": 0 finding(s)"),
         "{out}"
     );
     let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}", only.display()))
@@ -273,18 +282,35 @@ async fn sqlite_bad_rows_are_rejected_and_never_reach_the_shop() {
     .rows_affected();
     assert_eq!(changed, 1);
     drop(c);
-    let audit = bulwark().args(["audit", "--db"]).arg(&only).output().unwrap();
+    let audit = bulwark()
+        .args(["audit", "--db"])
+        .arg(&only)
+        .output()
+        .unwrap();
     let out = String::from_utf8_lossy(&audit.stdout);
     assert_eq!(audit.status.code(), Some(1), "{out}");
-    assert!(out.contains("1 finding(s)") && out.contains("seq 1"), "{out}");
+    assert!(
+        out.contains("1 finding(s)") && out.contains("seq 1"),
+        "{out}"
+    );
 
     let err = bulwark()
-        .args(["snapshot", "--legacy", &legacy, "--encoding", "klingon", "--db"])
+        .args([
+            "snapshot",
+            "--legacy",
+            &legacy,
+            "--encoding",
+            "klingon",
+            "--db",
+        ])
         .arg(&db)
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&err.stderr);
-    assert!(!err.status.success() && stderr.contains("--encoding") && stderr.contains("windows-1252"), "{stderr}");
+    assert!(
+        !err.status.success() && stderr.contains("--encoding") && stderr.contains("windows-1252"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -307,20 +333,24 @@ async fn postgres_sql_ascii_bytes_and_bad_rows_are_rejected_or_decoded() {
     };
     {
         let mut c = sqlx::PgConnection::connect(&db_url).await.unwrap();
-        sqlx::query("CREATE TABLE products (sku TEXT, qty TEXT, price_1 TEXT, price_2 TEXT, price_3 TEXT)")
+        sqlx::query(
+            "CREATE TABLE products (sku TEXT, qty TEXT, price_1 TEXT, price_2 TEXT, price_3 TEXT)",
+        )
+        .execute(&mut c)
+        .await
+        .unwrap();
+        for (sku, qty, p) in good().into_iter().chain(bad()) {
+            sqlx::query(
+                "INSERT INTO products VALUES (convert_from($1, 'SQL_ASCII'), $2, $3, $4, $5)",
+            )
+            .bind(sku)
+            .bind(qty)
+            .bind(&p[0])
+            .bind(&p[1])
+            .bind(&p[2])
             .execute(&mut c)
             .await
             .unwrap();
-        for (sku, qty, p) in good().into_iter().chain(bad()) {
-            sqlx::query("INSERT INTO products VALUES (convert_from($1, 'SQL_ASCII'), $2, $3, $4, $5)")
-                .bind(sku)
-                .bind(qty)
-                .bind(&p[0])
-                .bind(&p[1])
-                .bind(&p[2])
-                .execute(&mut c)
-                .await
-                .unwrap();
         }
         c.close().await.unwrap();
     }
@@ -352,20 +382,27 @@ async fn mariadb_binary_bytes_and_bad_rows_are_rejected_or_decoded() {
     .await
     .unwrap();
     for (sku, qty, p) in good().into_iter().chain(bad()) {
-        sqlx::query(AssertSqlSafe(format!("INSERT INTO {table} VALUES (?, ?, ?, ?, ?)")))
-            .bind(sku)
-            .bind(qty)
-            .bind(&p[0])
-            .bind(&p[1])
-            .bind(&p[2])
-            .execute(&mut c)
-            .await
-            .unwrap();
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO {table} VALUES (?, ?, ?, ?, ?)"
+        )))
+        .bind(sku)
+        .bind(qty)
+        .bind(&p[0])
+        .bind(&p[1])
+        .bind(&p[2])
+        .execute(&mut c)
+        .await
+        .unwrap();
     }
     let dir = tempfile::tempdir().unwrap();
     for (page, encoding) in [(2, None), (2, Some("windows-1252")), (1, Some("latin1"))] {
         let db = dir.path().join(format!("my{page}{encoding:?}.db"));
-        snapshot(&db, &["--source-url", &url, "--table", &table], page, encoding);
+        snapshot(
+            &db,
+            &["--source-url", &url, "--table", &table],
+            page,
+            encoding,
+        );
         check(&staged(&db).await, encoding.is_some(), false);
     }
     sqlx::query(AssertSqlSafe(format!("DROP TABLE {table}")))

@@ -56,12 +56,15 @@ async fn rejected_rows_carry_forward_and_mass_removal_is_held() {
             .arg(&db);
         c
     };
-    let sync = || {
+    // Two endpoints, synced alike until the end, where they take different on_removed.
+    let base2 = sim.base_url("ep-00002");
+    let sync_n = |n: &str| {
         let mut c = bulwark();
-        c.args(["sync", "--portal-url", &portal, "--endpoints", "1", "--db"])
+        c.args(["sync", "--portal-url", &portal, "--endpoints", n, "--db"])
             .arg(&db);
         c
     };
+    let sync = || sync_n("2");
     run_ok(&mut snapshot());
     run_ok(&mut sync());
     let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}", src.display()))
@@ -144,10 +147,28 @@ async fn rejected_rows_carry_forward_and_mass_removal_is_held() {
         .output()
         .unwrap();
     assert!(!again.status.success(), "approving twice is refused");
-    run_ok(&mut sync());
+    // Under the default on_removed = leave, the approved removal sends nothing: the shop
+    // keeps the vanished SKUs.
+    run_ok(&mut sync_n("1"));
+    assert_eq!(
+        shown_qty(&base, &gone).await,
+        Some(gone_qty),
+        "leave keeps it"
+    );
+    assert_eq!(
+        sim.stats().batches_applied,
+        applied,
+        "nothing to send under leave"
+    );
+    // Under zero_stock, the vanished SKUs are sent with stock 0: to both endpoints, since
+    // a leave sync with nothing to send confirms nothing new (the policy applies to what
+    // vanished since an endpoint last confirmed).
+    run_ok(sync_n("2").args(["--on-removed", "zero_stock"]));
     assert!(
         sim.stats().batches_applied > applied,
-        "the approved snapshot syncs"
+        "the approved snapshot syncs under zero_stock"
     );
+    assert_eq!(shown_qty(&base2, &gone).await, Some(0));
+    assert_eq!(shown_qty(&base, &gone).await, Some(0));
     sim.shutdown().await.unwrap();
 }

@@ -131,7 +131,10 @@ pub fn token_bytes(token: &str) -> Vec<u8> {
         match it.next() {
             Some(b'x') => {
                 let hex: Vec<u8> = it.by_ref().take(2).collect();
-                match std::str::from_utf8(&hex).ok().and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                match std::str::from_utf8(&hex)
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                {
                     Some(b) => out.push(b),
                     None => out.extend_from_slice(&hex),
                 }
@@ -157,7 +160,10 @@ mod tests {
         let utf8 = TextDecoding::default();
         assert_eq!(utf8.decode("Müller".as_bytes()).unwrap(), "Müller");
         let err = utf8.decode(b"M\xfcller").unwrap_err();
-        assert!(err.contains("not valid UTF-8") && err.contains("byte 1: fc"), "{err}");
+        assert!(
+            err.contains("not valid UTF-8") && err.contains("byte 1: fc"),
+            "{err}"
+        );
         let latin = TextDecoding::from_label("latin1").unwrap();
         assert_eq!(latin.name(), "windows-1252");
         assert_eq!(latin.decode(b"M\xfcller \x80").unwrap(), "Müller €");

@@ -492,7 +492,11 @@ mod tests {
 /// HTTP-date (`Wed, 21 Oct 2015 07:28:00 GMT`; a date in the past is 0). None when the
 /// header is absent or unreadable.
 pub fn retry_after_ms(headers: &reqwest::header::HeaderMap) -> Option<u64> {
-    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    let value = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
     if let Ok(secs) = value.parse::<u64>() {
         return Some(secs.saturating_mul(1000));
     }
@@ -517,7 +521,10 @@ mod retry_after_tests {
         assert_eq!(retry_after_ms(&with("2")), Some(2000));
         assert_eq!(retry_after_ms(&HeaderMap::new()), None);
         assert_eq!(retry_after_ms(&with("soon")), None);
-        assert_eq!(retry_after_ms(&with("Wed, 21 Oct 2015 07:28:00 GMT")), Some(0));
+        assert_eq!(
+            retry_after_ms(&with("Wed, 21 Oct 2015 07:28:00 GMT")),
+            Some(0)
+        );
         let later = (chrono::Utc::now() + chrono::Duration::seconds(30))
             .format("%a, %d %b %Y %H:%M:%S GMT")
             .to_string();

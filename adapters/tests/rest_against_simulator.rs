@@ -645,7 +645,10 @@ async fn retry_after_on_a_503_is_read_in_seconds_and_http_date_forms() {
         },
     );
     match a.upload(&b).await {
-        Err(AdapterError::Unavailable { retry_after_ms, message }) => {
+        Err(AdapterError::Unavailable {
+            retry_after_ms,
+            message,
+        }) => {
             assert_eq!(retry_after_ms, 2000);
             assert!(message.contains("HTTP 503"), "{message}");
         }
@@ -663,7 +666,10 @@ async fn retry_after_on_a_503_is_read_in_seconds_and_http_date_forms() {
     );
     match a.upload(&b).await {
         Err(AdapterError::Unavailable { retry_after_ms, .. }) => {
-            assert!((3_000..=5_000).contains(&retry_after_ms), "{retry_after_ms}")
+            assert!(
+                (3_000..=5_000).contains(&retry_after_ms),
+                "{retry_after_ms}"
+            )
         }
         other => panic!("{other:?}"),
     }
@@ -680,9 +686,12 @@ async fn a_sync_waits_out_a_503_retry_after_then_finishes() {
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let app = Bulwark::open(dir.path().join("b.db"), bulwark_adapters::default_registry())
-        .await
-        .unwrap();
+    let app = Bulwark::open(
+        dir.path().join("b.db"),
+        bulwark_adapters::default_registry(),
+    )
+    .await
+    .unwrap();
     let staging = app.staging().clone();
     let id = staging.begin_snapshot("t").await.unwrap();
     staging.write_page(id, &items(5, 1), &[]).await.unwrap();
@@ -704,6 +713,13 @@ async fn a_sync_waits_out_a_503_retry_after_then_finishes() {
         "retried after {:?}, before the endpoint's Retry-After",
         started.elapsed()
     );
-    assert_eq!(sim.state().endpoint_report("ep-0001").await.applied_batches.len(), 1);
+    assert_eq!(
+        sim.state()
+            .endpoint_report("ep-0001")
+            .await
+            .applied_batches
+            .len(),
+        1
+    );
     app.close().await;
 }

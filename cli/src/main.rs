@@ -132,6 +132,14 @@ pub(crate) struct SyncArgs {
     /// Most adapter calls in flight at once.
     #[arg(long, default_value_t = 64)]
     pub(crate) max_in_flight: usize,
+    /// What to send for a SKU gone from the source: `leave` (nothing; the endpoint keeps
+    /// it) or `zero_stock` (stock 0 with its last prices).
+    #[arg(long, default_value = "leave", value_parser = parse_on_removed)]
+    pub(crate) on_removed: bulwark_workflows::staging::OnRemoved,
+}
+
+fn parse_on_removed(s: &str) -> std::result::Result<bulwark_workflows::staging::OnRemoved, String> {
+    s.parse()
 }
 
 #[derive(Debug, Subcommand)]
@@ -322,6 +330,7 @@ pub(crate) fn sync_options(args: &SyncArgs) -> SyncOptions {
         limits: Default::default(),
         batch_size: args.batch_size,
         max_in_flight: args.max_in_flight,
+        on_removed: args.on_removed,
         ..SyncOptions::default()
     }
 }

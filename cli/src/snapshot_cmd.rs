@@ -282,8 +282,8 @@ impl SnapshotArgs {
                 max_changed_share: args.max_changed_share,
             },
         };
-        let decoding =
-            TextDecoding::from_label(&args.encoding).map_err(|e| anyhow::anyhow!("--encoding: {e}"))?;
+        let decoding = TextDecoding::from_label(&args.encoding)
+            .map_err(|e| anyhow::anyhow!("--encoding: {e}"))?;
         Ok(SnapshotPlan {
             url,
             spec,
@@ -360,10 +360,10 @@ pub(crate) async fn take(
     let source = open_source_with(url, &plan.spec, plan.decoding)
         .await
         .with_context(|| {
-        format!(
-            "opening the source {}",
-            bulwark_engine::postgres::redact_url(url)
-        )
-    })?;
+            format!(
+                "opening the source {}",
+                bulwark_engine::postgres::redact_url(url)
+            )
+        })?;
     Ok(run_snapshot(source.as_ref(), app.staging(), &plan.options, &plan.flow).await?)
 }

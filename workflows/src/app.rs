@@ -699,12 +699,13 @@ impl Bulwark {
     /// Re-fold every endpoint-sync journal through the transition function.
     pub async fn audit(&self) -> Result<AuditReport> {
         let mut report = AuditReport::default();
-        let mut add = |kind: &str, (n, rows, findings): (usize, usize, Vec<bulwark_engine::Finding>)| {
-            report.workflows += n;
-            report.journal_rows += rows;
-            report.findings.extend(findings);
-            report.by_kind.insert(kind.to_string(), n);
-        };
+        let mut add =
+            |kind: &str, (n, rows, findings): (usize, usize, Vec<bulwark_engine::Finding>)| {
+                report.workflows += n;
+                report.journal_rows += rows;
+                report.findings.extend(findings);
+                report.by_kind.insert(kind.to_string(), n);
+            };
         add(
             EndpointSync::KIND,
             bulwark_engine::audit::audit::<EndpointSync>(self.store.as_ref()).await?,

@@ -171,7 +171,9 @@ impl SyncInput {
             ^ u64::from(attempt).wrapping_mul(0x9E37_79B9_7F4A_7C15))
             % (delay / 2 + 1);
         let mut wait = delay / 2 + spread;
-        if let Some(retry_after_ms) = crate::adapter::retry_after(error).map(|d| d.as_millis() as u64) {
+        if let Some(retry_after_ms) =
+            crate::adapter::retry_after(error).map(|d| d.as_millis() as u64)
+        {
             // Honour Retry-After, but no endpoint may park a sync longer than a cooldown.
             wait = wait.max(retry_after_ms.min(p.cooldown_ms));
         }
@@ -752,8 +754,8 @@ impl Machine for EndpointSync {
             && matches!(
                 error,
                 AdapterError::Transient(_)
-                | AdapterError::RateLimited { .. }
-                | AdapterError::Unavailable { .. }
+                    | AdapterError::RateLimited { .. }
+                    | AdapterError::Unavailable { .. }
             )
         {
             notice.alerts.push(Alert {

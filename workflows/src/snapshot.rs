@@ -244,7 +244,10 @@ mod tests {
         let huge = "9".repeat(10 << 20);
         let r = validate(&raw("A", &huge, ["1", "1", "1"]), &[1, 10, 100]).unwrap_err();
         assert!(r.len() < 200, "{}", r.len());
-        assert!(r.starts_with("quantity \"9999") && r.contains("10485760 bytes"), "{r}");
+        assert!(
+            r.starts_with("quantity \"9999") && r.contains("10485760 bytes"),
+            "{r}"
+        );
         let r = validate(&raw(&huge, "1", ["1", "1", "1"]), &[1, 10, 100]).unwrap_err();
         assert!(r.len() < 250 && r.contains("invalid SKU text"), "{r}");
         assert_ne!(excerpt(&huge), excerpt(&format!("{huge}8")));
@@ -252,7 +255,10 @@ mod tests {
         assert_eq!(excerpt("A\u{0}B"), "A\\u{0}B");
         let mut row = raw("A", "1", ["1", "1", "1"]);
         row.unreadable = Some("column qty: bytes are not valid UTF-8".into());
-        assert_eq!(validate(&row, &[1, 10, 100]).unwrap_err(), "column qty: bytes are not valid UTF-8");
+        assert_eq!(
+            validate(&row, &[1, 10, 100]).unwrap_err(),
+            "column qty: bytes are not valid UTF-8"
+        );
     }
 
     #[test]

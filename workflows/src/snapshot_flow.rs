@@ -595,7 +595,8 @@ async fn check_page(
     for (_, it) in &items {
         *per_sku.entry(it.sku.clone()).or_default() += 1;
     }
-    let (items, dups): (Vec<_>, Vec<_>) = items.into_iter().partition(|(_, it)| per_sku[&it.sku] == 1);
+    let (items, dups): (Vec<_>, Vec<_>) =
+        items.into_iter().partition(|(_, it)| per_sku[&it.sku] == 1);
     for (key, it) in dups {
         rejects.push(Reject {
             reason: format!(
@@ -1120,10 +1121,9 @@ mod tests {
         };
         assert!(SnapshotFlow::apply(&input, &r.state, &empty).is_err());
         // Journals written before held_back existed decode as holding nothing back.
-        let old: SnapshotEvent = serde_json::from_str(
-            r#"{"Page":{"rows":2,"accepted":2,"rejected":0,"last_key":"b"}}"#,
-        )
-        .unwrap();
+        let old: SnapshotEvent =
+            serde_json::from_str(r#"{"Page":{"rows":2,"accepted":2,"rejected":0,"last_key":"b"}}"#)
+                .unwrap();
         assert_eq!(old, page(2, "b"));
         assert!(!serde_json::to_string(&old).unwrap().contains("held_back"));
     }

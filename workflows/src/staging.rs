@@ -839,6 +839,11 @@ mod tests {
             assert_eq!(diff(None, &target, p), target);
         }
         assert_eq!("zero_stock".parse::<OnRemoved>(), Ok(OnRemoved::ZeroStock));
-        assert!("zero".parse::<OnRemoved>().unwrap_err().contains("\"leave\""));
+        assert!(
+            "zero"
+                .parse::<OnRemoved>()
+                .unwrap_err()
+                .contains("\"leave\"")
+        );
     }
 }
