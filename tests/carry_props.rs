@@ -54,6 +54,8 @@ enum Cell {
     Negative,
     Unreadable,
     Duplicate(i64, i64),
+    /// Two rows, the second with negative stock.
+    DuplicateOneBad(i64),
 }
 
 fn cell() -> impl Strategy<Value = Cell> {
@@ -62,6 +64,7 @@ fn cell() -> impl Strategy<Value = Cell> {
         1 => Just(Cell::Negative),
         1 => Just(Cell::Unreadable),
         1 => (0i64..50, 0i64..50).prop_map(|(a, b)| Cell::Duplicate(a, b)),
+        1 => (0i64..50).prop_map(Cell::DuplicateOneBad),
     ]
 }
 
@@ -117,6 +120,10 @@ fn rows(cat: &BTreeMap<u8, Cell>) -> Vec<RawRow> {
             Cell::Duplicate(a, b) => {
                 out.push(raw(&sku, a.to_string(), None));
                 out.push(raw(&sku, b.to_string(), None));
+            }
+            Cell::DuplicateOneBad(a) => {
+                out.push(raw(&sku, a.to_string(), None));
+                out.push(raw(&sku, "-1".into(), None));
             }
         }
     }

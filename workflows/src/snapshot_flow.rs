@@ -591,9 +591,15 @@ async fn check_page(
             }),
         }
     }
+    // Rows per SKU, rejected ones included: a SKU with one good and one bad row is a
+    // duplicate too (which of them is right is unknown).
     let mut per_sku: HashMap<String, usize> = HashMap::new();
-    for (_, it) in &items {
-        *per_sku.entry(it.sku.clone()).or_default() += 1;
+    for sku in items
+        .iter()
+        .map(|(_, it)| it.sku.clone())
+        .chain(rejects.iter().filter_map(|r| r.sku.clone()))
+    {
+        *per_sku.entry(sku).or_default() += 1;
     }
     let (items, dups): (Vec<_>, Vec<_>) =
         items.into_iter().partition(|(_, it)| per_sku[&it.sku] == 1);
