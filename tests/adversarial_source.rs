@@ -354,12 +354,7 @@ async fn postgres_sql_ascii_bytes_and_bad_rows_are_rejected_or_decoded() {
         }
         c.close().await.unwrap();
     }
-    let dir = tempfile::tempdir().unwrap();
-    for (page, encoding) in [(2, None), (2, Some("windows-1252")), (1, Some("latin1"))] {
-        let db = dir.path().join(format!("pg{page}{encoding:?}.db"));
-        snapshot(&db, &["--source-url", &db_url], page, encoding);
-        check(&staged(&db).await, encoding.is_some(), false);
-    }
+    check_every_decoding(&["--source-url", &db_url]).await;
     sqlx::query(AssertSqlSafe(format!("DROP DATABASE {name} WITH (FORCE)")))
         .execute(&mut admin)
         .await
@@ -394,21 +389,22 @@ async fn mariadb_binary_bytes_and_bad_rows_are_rejected_or_decoded() {
         .await
         .unwrap();
     }
-    let dir = tempfile::tempdir().unwrap();
-    for (page, encoding) in [(2, None), (2, Some("windows-1252")), (1, Some("latin1"))] {
-        let db = dir.path().join(format!("my{page}{encoding:?}.db"));
-        snapshot(
-            &db,
-            &["--source-url", &url, "--table", &table],
-            page,
-            encoding,
-        );
-        check(&staged(&db).await, encoding.is_some(), false);
-    }
+    check_every_decoding(&["--source-url", &url, "--table", &table]).await;
     sqlx::query(AssertSqlSafe(format!("DROP TABLE {table}")))
         .execute(&mut c)
         .await
         .unwrap();
+}
+
+/// Snapshot a server source holding good() + bad() with the default encoding, with
+/// windows-1252, and with latin1 a row per page, each into a fresh database, and check it.
+async fn check_every_decoding(source: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    for (page, encoding) in [(2, None), (2, Some("windows-1252")), (1, Some("latin1"))] {
+        let db = dir.path().join(format!("s{page}{encoding:?}.db"));
+        snapshot(&db, source, page, encoding);
+        check(&staged(&db).await, encoding.is_some(), false);
+    }
 }
 
 fn rand_suffix() -> u32 {
