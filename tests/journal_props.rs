@@ -17,8 +17,9 @@ use bulwark_tests::crash_portal::{CrashingPortal, memory_endpoints, registry_for
 use bulwark_workflows::adapter::{AdapterError, PortalAdapter, Receipt};
 use bulwark_workflows::app::Bulwark;
 use bulwark_workflows::endpoint_sync::{
-    BatchPlan, Command, EndpointSync, Event, State, SyncInput, SyncPolicy,
+    BatchPlan, Command, EndpointSync, Event, Progress, Refused, State, SyncInput, SyncPolicy,
 };
+use bulwark_workflows::itemset::ItemSet;
 use bulwark_workflows::sync::SyncOptions;
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -35,9 +36,17 @@ fn policy() -> impl Strategy<Value = SyncPolicy> {
         0u64..=2_000,
         0u64..=60_000,
         0u64..=10_000_000,
+        0u32..=100,
     )
         .prop_map(
-            |(max_failures, max_attempts, backoff_base_ms, backoff_max_ms, cooldown_ms)| {
+            |(
+                max_failures,
+                max_attempts,
+                backoff_base_ms,
+                backoff_max_ms,
+                cooldown_ms,
+                max_refused_percent,
+            )| {
                 SyncPolicy {
                     max_failures,
                     max_attempts,
@@ -46,6 +55,7 @@ fn policy() -> impl Strategy<Value = SyncPolicy> {
                     cooldown_ms,
                     max_cooldown_ms: cooldown_ms.saturating_mul(4),
                     attempt_timeout_ms: 60_000,
+                    max_refused_percent,
                 }
             },
         )
@@ -59,9 +69,10 @@ fn sync_input() -> impl Strategy<Value = SyncInput> {
         1u32..=50,
         proptest::collection::vec(("[0-9a-f]{8}", 1u32..=50), 0..=5),
         policy(),
+        any::<bool>(),
     )
         .prop_map(
-            |(endpoint, snapshot, base, batch_size, batches, policy)| SyncInput {
+            |(endpoint, snapshot, base, batch_size, batches, policy, read_first)| SyncInput {
                 endpoint,
                 snapshot,
                 base,
@@ -73,6 +84,8 @@ fn sync_input() -> impl Strategy<Value = SyncInput> {
                 policy,
                 mapping: None,
                 on_removed: bulwark_workflows::staging::OnRemoved::Leave,
+                read_first,
+                retry: Vec::new(),
             },
         )
 }
@@ -93,6 +106,24 @@ fn adapter_error() -> impl Strategy<Value = AdapterError> {
     ]
 }
 
+/// Positions within a batch of up to 50 items.
+fn positions() -> impl Strategy<Value = ItemSet> {
+    proptest::collection::vec(0u32..50, 0..8).prop_map(|v| v.into_iter().collect())
+}
+
+fn refused() -> impl Strategy<Value = Vec<Refused>> {
+    proptest::collection::vec(0u32..50, 0..4).prop_map(|v| {
+        let set: ItemSet = v.into_iter().collect();
+        set.iter()
+            .map(|item| Refused {
+                item,
+                sku: format!("S{item}"),
+                reason: "out of range".into(),
+            })
+            .collect()
+    })
+}
+
 fn receipt() -> impl Strategy<Value = Receipt> {
     "[a-z0-9]{1,4}".prop_map(|id| Receipt { id })
 }
@@ -110,6 +141,10 @@ fn event() -> impl Strategy<Value = Event> {
         2 => (at_ms(), adapter_error()).prop_map(|(at_ms, error)| Event::VerifyFailed { at_ms, error }),
         3 => Just(Event::TimerFired),
         1 => Just(Event::Cancel),
+        2 => (at_ms(), positions(), refused(), proptest::option::of(adapter_error()))
+            .prop_map(|(at_ms, done, refused, rest)| Event::UploadPartial { at_ms, done, refused, rest }),
+        2 => (at_ms(), positions(), proptest::option::of(adapter_error()))
+            .prop_map(|(at_ms, done, rest)| Event::VerifyPartial { at_ms, done, rest }),
     ]
 }
 
@@ -122,6 +157,9 @@ struct Step {
     at_ms: i64,
     error: AdapterError,
     receipt: Receipt,
+    done: ItemSet,
+    refused: Vec<Refused>,
+    rest: Option<AdapterError>,
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -131,14 +169,24 @@ fn step() -> impl Strategy<Value = Step> {
         at_ms(),
         adapter_error(),
         receipt(),
+        (
+            positions(),
+            refused(),
+            proptest::option::of(adapter_error()),
+        ),
     )
-        .prop_map(|(steer, event, at_ms, error, receipt)| Step {
-            steer,
-            event,
-            at_ms,
-            error,
-            receipt,
-        })
+        .prop_map(
+            |(steer, event, at_ms, error, receipt, (done, refused, rest))| Step {
+                steer,
+                event,
+                at_ms,
+                error,
+                receipt,
+                done,
+                refused,
+                rest,
+            },
+        )
 }
 
 impl Step {
@@ -148,6 +196,7 @@ impl Step {
             return self.event.clone();
         };
         let (at_ms, error, receipt) = (self.at_ms, self.error.clone(), self.receipt.clone());
+        let (done, refused, rest) = (self.done.clone(), self.refused.clone(), self.rest.clone());
         let choices: Vec<Event> = match state {
             State::Pending {} => vec![
                 Event::Begin {
@@ -167,7 +216,16 @@ impl Step {
                 },
                 Event::Uploaded { receipt },
                 Event::Probed { found: None },
-                Event::UploadFailed { at_ms, error },
+                Event::UploadFailed {
+                    at_ms,
+                    error: error.clone(),
+                },
+                Event::UploadPartial {
+                    at_ms,
+                    done: done.clone(),
+                    refused,
+                    rest: rest.clone(),
+                },
             ],
             State::Verifying { .. } => vec![
                 Event::Verified,
@@ -176,6 +234,7 @@ impl Step {
                     details: "differs".into(),
                 },
                 Event::VerifyFailed { at_ms, error },
+                Event::VerifyPartial { at_ms, done, rest },
             ],
             State::Backoff { .. } => vec![Event::TimerFired],
             _ => return self.event.clone(),
@@ -199,6 +258,7 @@ fn check_invariants(input: &SyncInput, state: &State) -> Result<(), TestCaseErro
             generation,
             failures,
             key,
+            ..
         }
         | State::Verifying {
             batch,
@@ -228,6 +288,21 @@ fn check_invariants(input: &SyncInput, state: &State) -> Result<(), TestCaseErro
                 p.max_attempts
             );
             prop_assert_eq!(*key, input.key(*batch, *generation), "key of {:?}", state);
+            if let Some(p) = state.progress() {
+                // Progress is never an empty record, and only the current batch's
+                // positions count as applied or verified.
+                prop_assert!(p != &Progress::default(), "empty progress kept: {state:?}");
+                let items = input.batches[*batch as usize].items;
+                prop_assert!(
+                    p.quarantined.iter().all(|q| q.batch <= *batch),
+                    "quarantine from a later batch: {state:?}"
+                );
+                let here = p.refused_in(*batch).len();
+                prop_assert!(
+                    !input.policy.refusal_is_systemic(here, items),
+                    "a systemic refusal kept as quarantine: {state:?}"
+                );
+            }
         }
         State::Tripped { failures, .. } => {
             prop_assert!(
@@ -236,7 +311,15 @@ fn check_invariants(input: &SyncInput, state: &State) -> Result<(), TestCaseErro
                 p.max_failures
             );
         }
-        State::Done { batches, items } => {
+        State::Done {
+            batches,
+            items,
+            quarantined,
+        } => {
+            if let Some(q) = quarantined {
+                prop_assert!(!q.is_empty());
+                prop_assert!(q.iter().all(|q| q.batch < n));
+            }
             prop_assert_eq!(*batches, n);
             prop_assert_eq!(
                 *items,
@@ -305,6 +388,12 @@ fn check_transition(
     }
     for c in commands {
         match c {
+            Command::Probe { batch, key } if input.read_first => {
+                prop_assert!(
+                    matches!(next, State::Uploading { batch: b, key: k, .. } if b == batch && k == key),
+                    "{c:?} from {next:?}"
+                );
+            }
             Command::Upload { batch, key } | Command::Probe { batch, key } => {
                 prop_assert!(
                     matches!(next, State::Uploading { batch: b, key: k, .. } if b == batch && k == key),
@@ -350,10 +439,32 @@ fn check_transition(
     );
     prop_assert_eq!(
         notice.circuit == Some(CircuitChange::Close),
-        matches!(
-            (prev, event),
-            (State::Verifying { batch: 0, .. }, Event::Verified)
-        )
+        matches!(prev, State::Verifying { batch: 0, .. })
+            && (matches!(next, State::Done { .. })
+                || matches!(next, State::Uploading { batch, .. } if *batch > 0))
+    );
+    // The quarantine only grows within a sync; only a systemic refusal (a failed
+    // validation: a fresh generation of the same batch) takes that batch's refusals back.
+    let (q0, q1) = (prev.quarantined(), next.quarantined());
+    if !EndpointSync::is_terminal(next) || matches!(next, State::Done { .. }) {
+        if q1.len() >= q0.len() {
+            prop_assert_eq!(
+                &q1[..q0.len()],
+                q0,
+                "quarantine rewritten: {:?} -> {:?}",
+                prev,
+                next
+            );
+        } else {
+            let (b0, g0, _) = position(prev).unwrap();
+            prop_assert!(matches!(position(next), Some((b1, g1, _)) if b1 == b0 && g1 == g0 + 1));
+            let kept: Vec<_> = q0.iter().filter(|q| q.batch != b0).cloned().collect();
+            prop_assert_eq!(q1, &kept[..]);
+        }
+    }
+    prop_assert_eq!(
+        notice.alerts.iter().any(|a| a.kind == "item_quarantined"),
+        q1.len() > q0.len()
     );
     if let Some(CircuitChange::Open {
         failures, policy, ..

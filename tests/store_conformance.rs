@@ -493,13 +493,13 @@ async fn alert_deliveries_are_leased_retried_and_given_up(store: Arc<dyn Store>)
     );
     let all = store.alerts(10).await.unwrap();
     assert_eq!(all.len(), 1);
-    let first = store.claim_alert_deliveries(0, 50, 3, 10).await.unwrap();
+    let first = store.claim_alert_deliveries(0, 1_000, 3, 10).await.unwrap();
     assert_eq!(first.len(), 1);
     assert_eq!(first[0].delivery_attempts, 1);
     // Leased: not handed out again until its retry time.
     assert!(
         store
-            .claim_alert_deliveries(0, 50, 3, 10)
+            .claim_alert_deliveries(0, 1_000, 3, 10)
             .await
             .unwrap()
             .is_empty()
@@ -509,7 +509,7 @@ async fn alert_deliveries_are_leased_retried_and_given_up(store: Arc<dyn Store>)
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(120)).await;
-    let second = store.claim_alert_deliveries(0, 50, 3, 10).await.unwrap();
+    let second = store.claim_alert_deliveries(0, 1_000, 3, 10).await.unwrap();
     assert_eq!(second.len(), 1);
     assert_eq!(
         second[0].delivery_error.as_deref(),

@@ -35,6 +35,7 @@ fn batch(endpoint: &str) -> Batch {
         })
         .collect();
     Batch {
+        remainder: false,
         endpoint: endpoint.into(),
         snapshot: 1,
         index: 0,

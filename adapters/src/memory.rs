@@ -194,6 +194,7 @@ mod tests {
             .collect();
         let key = batch_key(endpoint, 1, index, &payload_hash(&items), 0);
         Batch {
+            remainder: false,
             endpoint: endpoint.into(),
             snapshot: 1,
             index,

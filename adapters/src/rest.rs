@@ -408,15 +408,17 @@ fn compare(expected: &[Item], shown: Vec<Item>) -> Verification {
 impl PortalAdapter for RestAdapter {
     async fn upload(&self, batch: &Batch) -> AdapterResult<Receipt> {
         const OP: &str = "upload";
+        // A remainder (items left after a partial attempt) is its own request.
+        let key = batch.request_key();
         let body = UploadBody {
-            key: batch.key,
+            key,
             snapshot: batch.snapshot,
             index: batch.index,
             items: &batch.items,
         };
         let req = self
             .request(reqwest::Method::POST, "/batches")
-            .header("Idempotency-Key", batch.key.to_string())
+            .header("Idempotency-Key", key.to_string())
             .json(&body);
         let resp = self.send(OP, req).await?;
         if !resp.status().is_success() {

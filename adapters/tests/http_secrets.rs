@@ -153,6 +153,7 @@ async fn secrets_never_appear_in_errors_journal_or_logs() {
     let secrets = creds.secrets();
     let registry = registry(Arc::new(MemoryIdCache::new()), secrets.clone());
     let batch = Batch {
+        remainder: false,
         endpoint: "x".into(),
         snapshot: 1,
         index: 0,

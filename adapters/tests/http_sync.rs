@@ -246,6 +246,7 @@ async fn graphql_user_errors_are_rejected() {
     let mut bad = items(1, 0);
     bad[0].qty = -1;
     let batch = bulwark_workflows::catalog::Batch {
+        remainder: false,
         endpoint: "gq-v".into(),
         snapshot: 1,
         index: 0,
@@ -427,6 +428,7 @@ async fn per_batch_writes_are_chunked_with_derived_idempotency_keys() {
         ))
         .unwrap();
     let batch = bulwark_workflows::catalog::Batch {
+        remainder: false,
         endpoint: "ep-c".into(),
         snapshot: 1,
         index: 0,
@@ -480,6 +482,7 @@ async fn login_token_from_a_response_header() {
         ))
         .unwrap();
     let batch = bulwark_workflows::catalog::Batch {
+        remainder: false,
         endpoint: "shop-h".into(),
         snapshot: 1,
         index: 0,
@@ -527,6 +530,7 @@ async fn read_back_compares_quantities_prices_and_currency() {
         .build(&endpoint("gq-c", "gql", sim.graphql_url("gq-c"), GQL_CREDS))
         .unwrap();
     let batch = |items: Vec<Item>| bulwark_workflows::catalog::Batch {
+        remainder: false,
         endpoint: "gq-c".into(),
         snapshot: 1,
         index: 0,

@@ -41,6 +41,7 @@ fn items(n: usize, seed: i64) -> Vec<Item> {
 fn batch(endpoint: &str, index: u32, items: Vec<Item>) -> Batch {
     let key = batch_key(endpoint, 1, index, &payload_hash(&items), 0);
     Batch {
+        remainder: false,
         endpoint: endpoint.into(),
         snapshot: 1,
         index,

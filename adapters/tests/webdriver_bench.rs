@@ -56,6 +56,7 @@ fn batch(endpoint: &str) -> Batch {
         })
         .collect();
     Batch {
+        remainder: false,
         endpoint: endpoint.into(),
         snapshot: 1,
         index: 0,

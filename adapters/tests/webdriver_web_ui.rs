@@ -150,6 +150,7 @@ fn items(n: usize, seed: i64) -> Vec<Item> {
 
 fn batch(endpoint: &str, items: Vec<Item>) -> Batch {
     Batch {
+        remainder: false,
         endpoint: endpoint.into(),
         snapshot: 1,
         index: 0,

@@ -58,6 +58,9 @@ pub(crate) struct SyncSection {
     cooldown_ms: u64,
     max_cooldown_ms: u64,
     attempt_timeout_ms: u64,
+    /// Percent of a batch's items an endpoint may refuse before that counts as a failed
+    /// validation (below it, refused items are quarantined and the rest goes on).
+    max_refused_percent: u32,
     /// What to send for SKUs gone from the source: `leave` (default) or `zero_stock`.
     on_removed: OnRemoved,
 }
@@ -75,6 +78,7 @@ impl Default for SyncSection {
             cooldown_ms: o.policy.cooldown_ms,
             max_cooldown_ms: o.policy.max_cooldown_ms,
             attempt_timeout_ms: o.policy.attempt_timeout_ms,
+            max_refused_percent: o.policy.max_refused_percent,
             on_removed: o.on_removed,
         }
     }
@@ -90,6 +94,7 @@ impl SyncSection {
             cooldown_ms: self.cooldown_ms,
             max_cooldown_ms: self.max_cooldown_ms,
             attempt_timeout_ms: self.attempt_timeout_ms,
+            max_refused_percent: self.max_refused_percent,
         }
     }
 }
@@ -105,6 +110,7 @@ struct PolicyOverrides {
     cooldown_ms: Option<u64>,
     max_cooldown_ms: Option<u64>,
     attempt_timeout_ms: Option<u64>,
+    max_refused_percent: Option<u32>,
 }
 
 impl PolicyOverrides {
@@ -119,7 +125,8 @@ impl PolicyOverrides {
             backoff_max_ms,
             cooldown_ms,
             max_cooldown_ms,
-            attempt_timeout_ms
+            attempt_timeout_ms,
+            max_refused_percent
         );
         p
     }

@@ -62,9 +62,90 @@ pub enum AdapterError {
     /// Credentials refused.
     #[error("authentication failed: {0}")]
     Auth(String),
+    /// Some items of the call were settled, others not: an adapter that handles items one
+    /// by one (or a bulk API that answers per item) reports what it got done, so that a
+    /// retry repeats only the rest and one refused item does not fail its batch.
+    #[error("{0}")]
+    Partial(Box<Partial>),
     /// The endpoint's configuration is unusable.
     #[error("configuration error: {0}")]
     Config(String),
+}
+
+/// What an adapter settled in a call that did not settle every item.
+///
+/// From [`PortalAdapter::upload`]: `done` items were applied, `rejected` ones were refused
+/// by the platform for what they carry (a value out of range, a SKU it does not know; the
+/// sync quarantines them and goes on), and `rest`, if set, says why the remaining items
+/// did not land (classified like any failure: transient ones are retried, only for them).
+/// From [`PortalAdapter::verify`]: `done` items were read back and show the batch's
+/// values, and `rest` says why the others could not be read (`rejected` is not used).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Partial {
+    /// SKUs settled (applied, or read back matching).
+    pub done: Vec<String>,
+    /// SKUs the platform refused, with its message.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rejected: Vec<ItemRejection>,
+    /// Why the items neither done nor rejected were not settled (`None`: there are none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rest: Option<AdapterError>,
+}
+
+/// One item a platform refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ItemRejection {
+    /// The SKU.
+    pub sku: String,
+    /// What the platform said (no secrets).
+    pub message: String,
+}
+
+impl std::fmt::Display for Partial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} item(s) settled", self.done.len())?;
+        if let Some(first) = self.rejected.first() {
+            write!(
+                f,
+                ", {} refused (first: {}: {})",
+                self.rejected.len(),
+                first.sku,
+                first.message
+            )?;
+        }
+        if let Some(rest) = &self.rest {
+            write!(f, "; the others: {rest}")?;
+        }
+        Ok(())
+    }
+}
+
+impl AdapterError {
+    /// A [`AdapterError::Partial`] (or `rest` alone when nothing was settled or refused).
+    pub fn partial(
+        done: Vec<String>,
+        rejected: Vec<ItemRejection>,
+        rest: Option<AdapterError>,
+    ) -> AdapterError {
+        match rest {
+            Some(rest) if done.is_empty() && rejected.is_empty() => rest,
+            rest => AdapterError::Partial(Box::new(Partial {
+                done,
+                rejected,
+                rest,
+            })),
+        }
+    }
+
+    /// Is this failure worth retrying (the call may succeed later unchanged)?
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            AdapterError::Transient(_)
+                | AdapterError::RateLimited { .. }
+                | AdapterError::Unavailable { .. }
+        )
+    }
 }
 
 /// Result alias for adapter calls.
@@ -74,9 +155,14 @@ pub type AdapterResult<T> = Result<T, AdapterError>;
 /// different endpoints; the runtime never runs two calls for the same endpoint at once.
 #[async_trait]
 pub trait PortalAdapter: Send + Sync {
-    /// Send a batch (absolute values) tagged with its idempotency key.
+    /// Send a batch (absolute values) tagged with its idempotency key. `Ok` means every
+    /// item was applied; an adapter that can tell items apart answers
+    /// [`AdapterError::Partial`] when only some were (see [`Partial`]). A retry then carries
+    /// only the items not yet settled ([`Batch::remainder`]).
     async fn upload(&self, batch: &Batch) -> AdapterResult<Receipt>;
-    /// Read the batch's items back and compare them with the batch.
+    /// Read the batch's items back and compare them with the batch. When only some items
+    /// could be read, answer [`AdapterError::Partial`] with those that match (unless one
+    /// differs: that is a [`Verification::Mismatch`]).
     async fn verify(&self, batch: &Batch, receipt: &Receipt) -> AdapterResult<Verification>;
     /// Has an upload with this key already landed? Used before any re-send.
     async fn probe(&self, endpoint: &str, key: Uuid) -> AdapterResult<Option<Receipt>>;
@@ -156,6 +242,7 @@ pub fn retry_after(err: &AdapterError) -> Option<Duration> {
         | AdapterError::Unavailable { retry_after_ms, .. } => {
             Some(Duration::from_millis(*retry_after_ms))
         }
+        AdapterError::Partial(p) => p.rest.as_ref().and_then(retry_after),
         _ => None,
     }
 }

@@ -39,6 +39,28 @@ pub struct Batch {
     pub key: Uuid,
     /// Items, sorted by SKU.
     pub items: Vec<Item>,
+    /// Set when `items` is what remains of the batch after an earlier attempt settled
+    /// some of its items (same `key`: per-item idempotency keys derived from it stay the
+    /// same). A whole-request idempotency key must then come from
+    /// [`Batch::request_key`], since the request carries other content than the first.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub remainder: bool,
+}
+
+impl Batch {
+    /// The idempotency key of this request as a whole: `key` for a full batch; for a
+    /// remainder, a key derived from `key` and the SKUs it carries (stable on replay).
+    pub fn request_key(&self) -> Uuid {
+        if !self.remainder {
+            return self.key;
+        }
+        let mut name = String::from("remainder");
+        for item in &self.items {
+            name.push('\u{1f}');
+            name.push_str(&item.sku);
+        }
+        Uuid::new_v5(&self.key, name.as_bytes())
+    }
 }
 
 /// Namespace for Bulwark's uuid v5 idempotency keys.

@@ -23,6 +23,7 @@ use uuid::Uuid;
 
 use crate::adapter::{AdapterError, Receipt};
 use crate::catalog::batch_key;
+use crate::itemset::ItemSet;
 
 /// Retry and circuit policy of one endpoint sync.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,6 +46,16 @@ pub struct SyncPolicy {
     /// (a timeout). Defaulted for journals written before it existed.
     #[serde(default = "default_attempt_timeout_ms")]
     pub attempt_timeout_ms: u64,
+    /// Share of a batch's items (percent) the endpoint may refuse before the refusal
+    /// counts as a failed validation of the batch (the endpoint, not the items, is then
+    /// the problem). Below it, refused items are quarantined and the batch goes on. A
+    /// single refused item is always quarantined. Defaulted for older journals.
+    #[serde(default = "default_max_refused_percent")]
+    pub max_refused_percent: u32,
+}
+
+fn default_max_refused_percent() -> u32 {
+    20
 }
 
 fn default_max_cooldown_ms() -> u64 {
@@ -65,6 +76,7 @@ impl Default for SyncPolicy {
             cooldown_ms: 3_600_000,
             max_cooldown_ms: default_max_cooldown_ms(),
             attempt_timeout_ms: default_attempt_timeout_ms(),
+            max_refused_percent: default_max_refused_percent(),
         }
     }
 }
@@ -102,7 +114,19 @@ impl SyncPolicy {
         if self.attempt_timeout_ms == 0 {
             return Err("attempt_timeout_ms must be at least 1".into());
         }
+        if self.max_refused_percent > 100 {
+            return Err(format!(
+                "max_refused_percent ({}) exceeds 100",
+                self.max_refused_percent
+            ));
+        }
         Ok(())
+    }
+
+    /// Do `refused` of a batch's `items` refused items mean the endpoint is failing (a
+    /// failed validation) rather than those items (quarantine)?
+    pub fn refusal_is_systemic(&self, refused: usize, items: u32) -> bool {
+        refused > 1 && refused as u64 * 100 > u64::from(self.max_refused_percent) * u64::from(items)
     }
 }
 
@@ -139,6 +163,15 @@ pub struct SyncInput {
     /// policy existed zeroed them, and decode so.
     #[serde(default = "crate::staging::OnRemoved::before_policy")]
     pub on_removed: crate::staging::OnRemoved,
+    /// Read back before the first write of every batch: set when the endpoint's previous
+    /// sync ended without confirming (tripped, cancelled), so what it sent may have landed
+    /// on an endpoint that cannot deduplicate.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read_first: bool,
+    /// Quarantined SKUs (as sent) this sync carries: those the diff changes, and those an
+    /// operator asked to retry, which are added to the diff at the target's values.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retry: Vec<String>,
 }
 
 impl SyncInput {
@@ -206,6 +239,29 @@ pub enum Event {
         at_ms: i64,
         /// Classified error.
         error: AdapterError,
+    },
+    /// The upload settled some items but not all (see [`crate::adapter::Partial`]).
+    UploadPartial {
+        /// Time of the answer (ms).
+        at_ms: i64,
+        /// Positions applied.
+        done: ItemSet,
+        /// Items the endpoint refused.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        refused: Vec<Refused>,
+        /// Why the others did not land (`None`: there are none).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rest: Option<AdapterError>,
+    },
+    /// The read-back confirmed some items, but could not read the others.
+    VerifyPartial {
+        /// Time of the answer (ms).
+        at_ms: i64,
+        /// Positions read back showing the batch's values.
+        done: ItemSet,
+        /// Why the others could not be read (`None`: there are none).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rest: Option<AdapterError>,
     },
     /// Result of probing for the current key (before any re-send).
     Probed {
@@ -280,6 +336,106 @@ pub struct Ctx<'a> {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct EndpointSync;
 
+/// Per-item progress of a sync, kept in its states (so it is journaled with every
+/// transition and survives a crash): what the current batch already settled, and what the
+/// endpoint refused so far.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Items of the current batch the endpoint applied under the current generation (a
+    /// retry does not send them again).
+    #[serde(default, skip_serializing_if = "ItemSet::is_empty")]
+    pub applied: ItemSet,
+    /// Items of the current batch read back showing the batch's values.
+    #[serde(default, skip_serializing_if = "ItemSet::is_empty")]
+    pub verified: ItemSet,
+    /// Items the endpoint refused in this sync, every batch so far: quarantined.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quarantined: Vec<Quarantined>,
+}
+
+/// An item the endpoint refused: it is left as the endpoint has it (the rest goes on).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quarantined {
+    /// Batch index.
+    pub batch: u32,
+    /// Position within the batch.
+    pub item: u32,
+    /// The SKU (as sent, i.e. after the endpoint's mapping).
+    pub sku: String,
+    /// What the endpoint said.
+    pub reason: String,
+}
+
+/// An item refused in an [`Event::UploadPartial`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refused {
+    /// Position within the batch.
+    pub item: u32,
+    /// The SKU.
+    pub sku: String,
+    /// What the endpoint said.
+    pub reason: String,
+}
+
+impl Progress {
+    fn of(p: &Option<Progress>) -> Progress {
+        p.clone().unwrap_or_default()
+    }
+
+    /// `None` when there is nothing to keep (the states then look as they did before
+    /// per-item progress existed).
+    fn pack(self) -> Option<Progress> {
+        (self != Progress::default()).then_some(self)
+    }
+
+    /// Items of batch `batch` refused so far.
+    pub fn refused_in(&self, batch: u32) -> ItemSet {
+        self.quarantined
+            .iter()
+            .filter(|q| q.batch == batch)
+            .map(|q| q.item)
+            .collect()
+    }
+
+    /// Items of batch `batch` an upload need not send: applied or refused.
+    pub fn upload_skips(&self, batch: u32) -> ItemSet {
+        let mut s = self.refused_in(batch);
+        s.extend(&self.applied);
+        s
+    }
+
+    /// Items of batch `batch` a read-back need not read: verified or refused.
+    pub fn verify_skips(&self, batch: u32) -> ItemSet {
+        let mut s = self.refused_in(batch);
+        s.extend(&self.verified);
+        s
+    }
+
+    /// A new batch starts: only the quarantine carries over.
+    fn next_batch(self) -> Progress {
+        Progress {
+            quarantined: self.quarantined,
+            ..Progress::default()
+        }
+    }
+
+    /// A fresh generation of batch `batch` (after a failed validation): nothing counts as
+    /// applied any more; what was verified stays verified.
+    fn regenerate(self) -> Progress {
+        Progress {
+            applied: ItemSet::new(),
+            ..self
+        }
+    }
+
+    /// Forget what batch `batch` had refused (a systemic refusal is a failed validation,
+    /// and the re-send carries those items again).
+    fn unrefuse(mut self, batch: u32) -> Progress {
+        self.quarantined.retain(|q| q.batch != batch);
+        self
+    }
+}
+
 /// Transient failures outlasted `max_attempts`: that counts as a failed validation, but
 /// nothing says the endpoint refused the data, so the same key is kept (an attempt that
 /// did land is deduplicated, and the upload path probes before re-sending) and the step
@@ -287,15 +443,20 @@ pub struct EndpointSync;
 #[allow(clippy::too_many_arguments)]
 fn exhausted(
     ctx: &mut Ctx<'_>,
-    batch: u32,
-    generation: u32,
+    step: Step,
     failures: u32,
-    key: Uuid,
     at_ms: i64,
     error: &AdapterError,
     receipt: Option<Receipt>,
+    progress: Progress,
 ) -> Outcome<State> {
-    let step = if receipt.is_some() {
+    let Step {
+        batch,
+        generation,
+        key,
+        ..
+    } = step;
+    let name = if receipt.is_some() {
         "verify"
     } else {
         "upload"
@@ -303,7 +464,7 @@ fn exhausted(
     let failures = match ctx.input.policy.circuit().count_failure(failures) {
         Count::Open(failures) => {
             return Transition(State::tripped(
-                format!("batch {batch}: {step}: retries exhausted: {error}"),
+                format!("batch {batch}: {name}: retries exhausted: {error}"),
                 failures,
             ));
         }
@@ -312,7 +473,14 @@ fn exhausted(
     let until = ctx.input.retry_at(at_ms, 2, key, error);
     ctx.commands.push(Command::Sleep { until });
     Transition(State::backoff(
-        batch, 1, generation, failures, key, until, receipt,
+        batch,
+        1,
+        generation,
+        failures,
+        key,
+        until,
+        receipt,
+        progress.pack(),
     ))
 }
 
@@ -323,6 +491,7 @@ fn failed(
     generation: u32,
     failures: u32,
     reason: String,
+    progress: Progress,
 ) -> Outcome<State> {
     let failures = match ctx.input.policy.circuit().count_failure(failures) {
         Count::Open(failures) => {
@@ -334,19 +503,139 @@ fn failed(
     let generation = generation + 1;
     let key = ctx.input.key(batch, generation);
     ctx.commands.push(Command::Upload { batch, key });
-    Transition(State::uploading(batch, 1, generation, failures, key))
+    Transition(State::uploading(
+        batch,
+        1,
+        generation,
+        failures,
+        key,
+        progress.regenerate().pack(),
+    ))
 }
 
 /// Start batch `batch` (with `failures` consecutive failed validations already counted:
 /// 0, or one short of the threshold for a half-open probe).
-fn next_batch(ctx: &mut Ctx<'_>, batch: u32, failures: u32) -> Outcome<State> {
+fn next_batch(ctx: &mut Ctx<'_>, batch: u32, failures: u32, progress: Progress) -> Outcome<State> {
     let n = ctx.input.batches.len() as u32;
+    let progress = progress.next_batch();
     if batch >= n {
-        return Transition(State::done(n, ctx.input.items()));
+        let quarantined = (!progress.quarantined.is_empty()).then_some(progress.quarantined);
+        return Transition(State::done(n, ctx.input.items(), quarantined));
     }
     let key = ctx.input.key(batch, 0);
-    ctx.commands.push(Command::Upload { batch, key });
-    Transition(State::uploading(batch, 1, 0, failures, key))
+    if ctx.input.read_first {
+        // An earlier sync of this content ended unconfirmed: what it sent may have landed.
+        ctx.commands.push(Command::Probe { batch, key });
+    } else {
+        ctx.commands.push(Command::Upload { batch, key });
+    }
+    Transition(State::uploading(
+        batch,
+        1,
+        0,
+        failures,
+        key,
+        progress.pack(),
+    ))
+}
+
+/// Where one step of a batch stands (the fields every active state shares).
+#[derive(Debug, Clone, Copy)]
+struct Step {
+    batch: u32,
+    attempt: u32,
+    generation: u32,
+    key: Uuid,
+}
+
+/// A failed call (upload, probe or verify; `receipt` set for a verify) at `attempt`.
+/// `progressed`: the call settled some items, so it does not count as a failed attempt.
+#[allow(clippy::too_many_arguments)]
+fn call_failed(
+    ctx: &mut Ctx<'_>,
+    step: Step,
+    failures: u32,
+    at_ms: i64,
+    error: &AdapterError,
+    receipt: Option<Receipt>,
+    progress: Progress,
+    progressed: bool,
+) -> Outcome<State> {
+    let Step {
+        batch,
+        attempt,
+        generation,
+        key,
+    } = step;
+    let name = if receipt.is_some() {
+        "verify"
+    } else {
+        "upload"
+    };
+    match error {
+        e if e.is_transient() && (progressed || attempt < ctx.input.policy.max_attempts) => {
+            let next = if progressed { 2 } else { attempt + 1 };
+            let until = ctx.input.retry_at(at_ms, next, key, error);
+            ctx.commands.push(Command::Sleep { until });
+            Transition(State::backoff(
+                batch,
+                next,
+                generation,
+                failures,
+                key,
+                until,
+                receipt,
+                progress.pack(),
+            ))
+        }
+        AdapterError::Auth(_) | AdapterError::Config(_) => Transition(State::tripped(
+            format!("batch {batch}: {error}"),
+            failures + 1,
+        )),
+        e if e.is_transient() => exhausted(ctx, step, failures, at_ms, error, receipt, progress),
+        _ => failed(
+            ctx,
+            batch,
+            generation,
+            failures,
+            format!("{name}: {error}"),
+            progress,
+        ),
+    }
+}
+
+/// Read back what batch `batch` still has to confirm, or move on if nothing is left.
+fn verify_or_next(
+    ctx: &mut Ctx<'_>,
+    step: Step,
+    failures: u32,
+    receipt: Receipt,
+    progress: Progress,
+) -> Outcome<State> {
+    let Step {
+        batch,
+        generation,
+        key,
+        ..
+    } = step;
+    let n = ctx.input.batches[batch as usize].items;
+    if progress.verify_skips(batch).len() >= n as usize {
+        return next_batch(ctx, batch + 1, 0, progress);
+    }
+    ctx.commands.push(Command::Verify {
+        batch,
+        key,
+        receipt: receipt.clone(),
+    });
+    Transition(State::verifying(
+        batch,
+        1,
+        generation,
+        failures,
+        key,
+        receipt,
+        progress.pack(),
+    ))
 }
 
 #[state_machine(
@@ -372,14 +661,16 @@ impl EndpointSync {
                 } else {
                     0
                 };
-                next_batch(context, 0, failures)
+                next_batch(context, 0, failures, Progress::default())
             }
             _ => Super,
         }
     }
 
-    /// Intent recorded: batch `batch` under `key` may or may not have reached the endpoint.
+    /// Intent recorded: batch `batch` under `key` may or may not have reached the endpoint
+    /// (except the items `progress` says were applied or refused).
     #[state(superstate = "active")]
+    #[allow(clippy::too_many_arguments)]
     fn uploading(
         context: &mut Ctx<'_>,
         batch: &u32,
@@ -387,68 +678,91 @@ impl EndpointSync {
         generation: &u32,
         failures: &u32,
         key: &Uuid,
+        progress: &Option<Progress>,
         event: &Event,
     ) -> Outcome<State> {
-        let (batch, attempt, generation, failures, key) =
-            (*batch, *attempt, *generation, *failures, *key);
+        let step = Step {
+            batch: *batch,
+            attempt: *attempt,
+            generation: *generation,
+            key: *key,
+        };
+        let (batch, generation, failures, key) = (*batch, *generation, *failures, *key);
+        let progress = Progress::of(progress);
         match event {
             Event::Uploaded { receipt }
             | Event::Probed {
                 found: Some(receipt),
-            } => {
-                context.commands.push(Command::Verify {
-                    batch,
-                    key,
-                    receipt: receipt.clone(),
-                });
-                Transition(State::verifying(
-                    batch,
-                    1,
-                    generation,
-                    failures,
-                    key,
-                    receipt.clone(),
-                ))
-            }
+            } => verify_or_next(context, step, failures, receipt.clone(), progress),
             Event::Probed { found: None } => {
                 context.commands.push(Command::Upload { batch, key });
                 Handled
             }
-            Event::UploadFailed { at_ms, error } => match error {
-                AdapterError::Transient(_)
-                | AdapterError::RateLimited { .. }
-                | AdapterError::Unavailable { .. }
-                    if attempt < context.input.policy.max_attempts =>
+            Event::UploadFailed { at_ms, error } => call_failed(
+                context, step, failures, *at_ms, error, None, progress, false,
+            ),
+            Event::UploadPartial {
+                at_ms,
+                done,
+                refused,
+                rest,
+            } => {
+                let n = context.input.batches[batch as usize].items;
+                if let Some(p) = done
+                    .iter()
+                    .chain(refused.iter().map(|r| r.item))
+                    .find(|&p| p >= n)
                 {
-                    let until = context.input.retry_at(*at_ms, attempt + 1, key, error);
-                    context.commands.push(Command::Sleep { until });
-                    Transition(State::backoff(
+                    context.refused = Some(format!("item {p} is beyond batch {batch} ({n} items)"));
+                    return Handled;
+                }
+                let mut progress = progress;
+                let progressed = progress.applied.extend(done) > 0;
+                for r in refused {
+                    if !progress
+                        .quarantined
+                        .iter()
+                        .any(|q| q.batch == batch && q.item == r.item)
+                    {
+                        progress.quarantined.push(Quarantined {
+                            batch,
+                            item: r.item,
+                            sku: r.sku.clone(),
+                            reason: r.reason.clone(),
+                        });
+                    }
+                }
+                let refused_here = progress.refused_in(batch).len();
+                if context.input.policy.refusal_is_systemic(refused_here, n) {
+                    // Most of the batch refused: the endpoint, not the items, is the
+                    // problem. A failed validation; the re-send carries every item again.
+                    let first = refused.first().map_or(String::new(), |r| {
+                        format!(" (first: {}: {})", r.sku, r.reason)
+                    });
+                    return failed(
+                        context,
                         batch,
-                        attempt + 1,
                         generation,
                         failures,
-                        key,
-                        until,
-                        None,
-                    ))
+                        format!("upload: {refused_here} of {n} items refused{first}"),
+                        progress.unrefuse(batch),
+                    );
                 }
-                AdapterError::Auth(_) | AdapterError::Config(_) => Transition(State::tripped(
-                    format!("batch {batch}: {error}"),
-                    failures + 1,
-                )),
-                AdapterError::Transient(_)
-                | AdapterError::RateLimited { .. }
-                | AdapterError::Unavailable { .. } => exhausted(
-                    context, batch, generation, failures, key, *at_ms, error, None,
-                ),
-                _ => failed(
-                    context,
-                    batch,
-                    generation,
-                    failures,
-                    format!("upload: {error}"),
-                ),
-            },
+                match rest {
+                    None => verify_or_next(
+                        context,
+                        step,
+                        failures,
+                        Receipt {
+                            id: key.to_string(),
+                        },
+                        progress,
+                    ),
+                    Some(error) => call_failed(
+                        context, step, failures, *at_ms, error, None, progress, progressed,
+                    ),
+                }
+            }
             _ => Super,
         }
     }
@@ -464,61 +778,59 @@ impl EndpointSync {
         failures: &u32,
         key: &Uuid,
         receipt: &Receipt,
+        progress: &Option<Progress>,
         event: &Event,
     ) -> Outcome<State> {
-        let (batch, attempt, generation, failures, key) =
-            (*batch, *attempt, *generation, *failures, *key);
+        let step = Step {
+            batch: *batch,
+            attempt: *attempt,
+            generation: *generation,
+            key: *key,
+        };
+        let (batch, generation, failures) = (*batch, *generation, *failures);
+        let progress = Progress::of(progress);
         match event {
-            Event::Verified => next_batch(context, batch + 1, 0),
+            Event::Verified => next_batch(context, batch + 1, 0, progress),
             Event::Mismatch { details } => failed(
                 context,
                 batch,
                 generation,
                 failures,
                 format!("verify: {details}"),
+                progress,
             ),
-            Event::VerifyFailed { at_ms, error } => match error {
-                AdapterError::Transient(_)
-                | AdapterError::RateLimited { .. }
-                | AdapterError::Unavailable { .. }
-                    if attempt < context.input.policy.max_attempts =>
-                {
-                    let until = context.input.retry_at(*at_ms, attempt + 1, key, error);
-                    context.commands.push(Command::Sleep { until });
-                    Transition(State::backoff(
-                        batch,
-                        attempt + 1,
-                        generation,
-                        failures,
-                        key,
-                        until,
-                        Some(receipt.clone()),
-                    ))
+            Event::VerifyFailed { at_ms, error } => call_failed(
+                context,
+                step,
+                failures,
+                *at_ms,
+                error,
+                Some(receipt.clone()),
+                progress,
+                false,
+            ),
+            Event::VerifyPartial { at_ms, done, rest } => {
+                let n = context.input.batches[batch as usize].items;
+                if let Some(p) = done.iter().find(|&p| p >= n) {
+                    context.refused = Some(format!("item {p} is beyond batch {batch} ({n} items)"));
+                    return Handled;
                 }
-                AdapterError::Auth(_) | AdapterError::Config(_) => Transition(State::tripped(
-                    format!("batch {batch}: {error}"),
-                    failures + 1,
-                )),
-                AdapterError::Transient(_)
-                | AdapterError::RateLimited { .. }
-                | AdapterError::Unavailable { .. } => exhausted(
-                    context,
-                    batch,
-                    generation,
-                    failures,
-                    key,
-                    *at_ms,
-                    error,
-                    Some(receipt.clone()),
-                ),
-                _ => failed(
-                    context,
-                    batch,
-                    generation,
-                    failures,
-                    format!("verify: {error}"),
-                ),
-            },
+                let mut progress = progress;
+                let progressed = progress.verified.extend(done) > 0;
+                match rest {
+                    None => next_batch(context, batch + 1, 0, progress),
+                    Some(error) => call_failed(
+                        context,
+                        step,
+                        failures,
+                        *at_ms,
+                        error,
+                        Some(receipt.clone()),
+                        progress,
+                        progressed,
+                    ),
+                }
+            }
             _ => Super,
         }
     }
@@ -535,6 +847,7 @@ impl EndpointSync {
         key: &Uuid,
         until: &i64,
         receipt: &Option<Receipt>,
+        progress: &Option<Progress>,
         event: &Event,
     ) -> Outcome<State> {
         let _ = until;
@@ -544,7 +857,14 @@ impl EndpointSync {
             (Event::TimerFired, None) => {
                 // The failed attempt may have landed: probe before re-sending.
                 context.commands.push(Command::Probe { batch, key });
-                Transition(State::uploading(batch, attempt, generation, failures, key))
+                Transition(State::uploading(
+                    batch,
+                    attempt,
+                    generation,
+                    failures,
+                    key,
+                    progress.clone(),
+                ))
             }
             (Event::TimerFired, Some(receipt)) => {
                 context.commands.push(Command::Verify {
@@ -559,16 +879,24 @@ impl EndpointSync {
                     failures,
                     key,
                     receipt.clone(),
+                    progress.clone(),
                 ))
             }
             _ => Super,
         }
     }
 
-    /// Every batch verified.
+    /// Every batch verified, except the items listed in `quarantined` (refused by the
+    /// endpoint, which keeps what it had for them).
     #[state]
-    fn done(context: &mut Ctx<'_>, batches: &u32, items: &u64, event: &Event) -> Outcome<State> {
-        let _ = (batches, items);
+    fn done(
+        context: &mut Ctx<'_>,
+        batches: &u32,
+        items: &u64,
+        quarantined: &Option<Vec<Quarantined>>,
+        event: &Event,
+    ) -> Outcome<State> {
+        let _ = (batches, items, quarantined);
         context.refused = Some(format!("{event:?} after Done"));
         Handled
     }
@@ -619,6 +947,8 @@ fn event_name(event: &Event) -> &'static str {
         Event::Begin { .. } => "Begin",
         Event::Uploaded { .. } => "Uploaded",
         Event::UploadFailed { .. } => "UploadFailed",
+        Event::UploadPartial { .. } => "UploadPartial",
+        Event::VerifyPartial { .. } => "VerifyPartial",
         Event::Probed { .. } => "Probed",
         Event::Verified => "Verified",
         Event::Mismatch { .. } => "Mismatch",
@@ -739,24 +1069,50 @@ impl Machine for EndpointSync {
             }
             // The first batch verified: the endpoint works, so an open (half-open)
             // circuit closes. Later batches need not say it again.
-            (State::Verifying { batch: 0, .. }, Event::Verified, _) => {
+            (State::Verifying { batch: 0, .. }, _, next)
+                if matches!(next, State::Done { .. })
+                    || matches!(next, State::Uploading { batch, .. } if *batch > 0) =>
+            {
                 notice.circuit = Some(CircuitChange::Close);
             }
             _ => {}
         }
+        // Items the endpoint refused: quarantined, alerted once (a few named, then a count).
+        let (before, after) = (quarantine_of(previous), quarantine_of(state));
+        if after.len() > before.len() {
+            const NAMED: usize = 3;
+            let new = &after[before.len()..];
+            let named: Vec<String> = new
+                .iter()
+                .take(NAMED)
+                .map(|q| format!("{} ({})", q.sku, q.reason))
+                .collect();
+            let more = new.len().saturating_sub(NAMED);
+            notice.alerts.push(Alert {
+                kind: "item_quarantined",
+                level: AlertLevel::Warn,
+                message: format!(
+                    "endpoint {}: refused and quarantined (left as the endpoint has it; the rest goes on): {}{}",
+                    input.endpoint,
+                    named.join("; "),
+                    if more > 0 {
+                        format!("; and {more} more")
+                    } else {
+                        String::new()
+                    }
+                ),
+            });
+        }
         // Transient failures that outlasted max_attempts count as a failed validation.
-        if let (
-            Event::UploadFailed { error, .. } | Event::VerifyFailed { error, .. },
-            Some(before),
-            Some(after),
-        ) = (event, failures_of(previous), failures_of(state))
+        let error = match event {
+            Event::UploadFailed { error, .. } | Event::VerifyFailed { error, .. } => Some(error),
+            Event::UploadPartial { rest, .. } | Event::VerifyPartial { rest, .. } => rest.as_ref(),
+            _ => None,
+        };
+        if let (Some(error), Some(before), Some(after)) =
+            (error, failures_of(previous), failures_of(state))
             && after > before
-            && matches!(
-                error,
-                AdapterError::Transient(_)
-                    | AdapterError::RateLimited { .. }
-                    | AdapterError::Unavailable { .. }
-            )
+            && error.is_transient()
         {
             notice.alerts.push(Alert {
                 kind: "retries_exhausted",
@@ -775,6 +1131,43 @@ impl State {
     /// Consecutive failed validations this state counts (`None`: it counts none).
     pub fn failures(&self) -> Option<u32> {
         failures_of(self)
+    }
+}
+
+/// Items quarantined so far in `state`.
+fn quarantine_of(state: &State) -> &[Quarantined] {
+    match state {
+        State::Uploading {
+            progress: Some(p), ..
+        }
+        | State::Verifying {
+            progress: Some(p), ..
+        }
+        | State::Backoff {
+            progress: Some(p), ..
+        } => &p.quarantined,
+        State::Done {
+            quarantined: Some(q),
+            ..
+        } => q,
+        _ => &[],
+    }
+}
+
+impl State {
+    /// This sync's progress within its current batch, and its quarantine so far.
+    pub fn progress(&self) -> Option<&Progress> {
+        match self {
+            State::Uploading { progress, .. }
+            | State::Verifying { progress, .. }
+            | State::Backoff { progress, .. } => progress.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// Items quarantined so far (in a Done state: by the whole sync).
+    pub fn quarantined(&self) -> &[Quarantined] {
+        quarantine_of(self)
     }
 }
 

@@ -8,6 +8,8 @@ const AT: i64 = 1_700_000_000_000;
 
 fn input(batches: u32) -> SyncInput {
     SyncInput {
+        read_first: false,
+        retry: Vec::new(),
         endpoint: "ep-1".into(),
         snapshot: 7,
         base: Some(3),
@@ -38,6 +40,7 @@ fn opens_circuit(inp: &SyncInput, s: &State, next: &State) -> bool {
 
 fn uploading(inp: &SyncInput, batch: u32, attempt: u32, generation: u32, failures: u32) -> State {
     State::Uploading {
+        progress: None,
         batch,
         attempt,
         generation,
@@ -48,6 +51,7 @@ fn uploading(inp: &SyncInput, batch: u32, attempt: u32, generation: u32, failure
 
 fn verifying(inp: &SyncInput, batch: u32, attempt: u32, generation: u32, failures: u32) -> State {
     State::Verifying {
+        progress: None,
         batch,
         attempt,
         generation,
@@ -68,6 +72,7 @@ fn backoff(
     rcpt: Option<Receipt>,
 ) -> State {
     State::Backoff {
+        progress: None,
         batch,
         attempt,
         generation,
@@ -156,6 +161,7 @@ fn all_events() -> Vec<Event> {
 fn terminal_states() -> Vec<State> {
     vec![
         State::Done {
+            quarantined: None,
             batches: 2,
             items: 5,
         },
@@ -219,6 +225,7 @@ fn begin_with_no_batches_is_done_at_once() {
     assert_eq!(
         t.state,
         State::Done {
+            quarantined: None,
             batches: 0,
             items: 0
         }
@@ -242,6 +249,7 @@ fn begin_uploads_batch_zero_under_generation_zero_key() {
     assert_eq!(
         t.state,
         State::Uploading {
+            progress: None,
             batch: 0,
             attempt: 1,
             generation: 0,
@@ -271,6 +279,7 @@ fn uploaded_moves_to_verifying_with_a_verify_command() {
     assert_eq!(
         t.state,
         State::Verifying {
+            progress: None,
             batch: 1,
             attempt: 1,
             generation: 1,
@@ -304,6 +313,7 @@ fn probe_hit_moves_to_verifying_without_resending() {
     assert_eq!(
         t.state,
         State::Verifying {
+            progress: None,
             batch: 0,
             attempt: 1,
             generation: 0,
@@ -356,6 +366,7 @@ fn transient_upload_failure_backs_off() {
         },
     );
     let State::Backoff {
+        progress: _,
         batch,
         attempt,
         generation,
@@ -492,6 +503,7 @@ fn rejected_upload_counts_a_failure_and_resends_under_a_new_key() {
     assert_eq!(
         t.state,
         State::Uploading {
+            progress: None,
             batch: 0,
             attempt: 1,
             generation: 4,
@@ -715,6 +727,7 @@ fn verified_moves_to_the_next_batch_and_resets_failures() {
     assert_eq!(
         t.state,
         State::Uploading {
+            progress: None,
             batch: 1,
             attempt: 1,
             generation: 0,
@@ -734,6 +747,7 @@ fn verified_last_batch_is_done_with_totals() {
     assert_eq!(
         t.state,
         State::Done {
+            quarantined: None,
             batches: 3,
             items: 9
         }
@@ -811,6 +825,7 @@ fn transient_verify_failure_backs_off_keeping_the_receipt() {
         },
     );
     let State::Backoff {
+        progress: _,
         batch,
         attempt,
         generation,
@@ -1045,6 +1060,7 @@ fn is_terminal_wake_at_and_status() {
         ),
         (
             State::Done {
+                quarantined: None,
                 batches: 1,
                 items: 1,
             },
@@ -1093,9 +1109,23 @@ fn states_round_trip_through_json_with_stable_variant_names() {
     assert_eq!(
         json,
         serde_json::json!({"Uploading": {
-            "batch": 0, "attempt": 1, "generation": 0, "failures": 0, "key": key.to_string()
+            "batch": 0, "attempt": 1, "generation": 0, "failures": 0, "key": key.to_string(),
+            "progress": null
         }})
     );
+    // Journals written before per-item progress existed still decode.
+    let old = serde_json::json!({"Uploading": {
+        "batch": 0, "attempt": 1, "generation": 0, "failures": 0, "key": key.to_string()
+    }});
+    assert_eq!(
+        serde_json::from_value::<State>(old).unwrap(),
+        uploading(&inp, 0, 1, 0, 0)
+    );
+    let old_done = serde_json::json!({"Done": {"batches": 2, "items": 7}});
+    assert!(matches!(
+        serde_json::from_value::<State>(old_done).unwrap(),
+        State::Done { batches: 2, items: 7, quarantined: None }
+    ));
     assert_eq!(
         serde_json::to_value(State::Pending {}).unwrap(),
         serde_json::json!({"Pending": {}})
@@ -1140,8 +1170,268 @@ fn a_full_happy_run_folds_to_done() {
     assert_eq!(
         t.state,
         State::Done {
+            quarantined: None,
             batches: 3,
             items: 9
         }
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// Per-item outcomes: progress, quarantine, systemic refusals
+// ---------------------------------------------------------------------------------------
+
+fn wide_input() -> SyncInput {
+    let mut inp = input(2);
+    inp.batch_size = 10;
+    inp.batches[0].items = 10;
+    inp.batches[1].items = 10;
+    inp
+}
+
+fn refused(item: u32) -> Refused {
+    Refused {
+        item,
+        sku: format!("S{item}"),
+        reason: "price out of range".into(),
+    }
+}
+
+#[test]
+fn one_refused_item_is_quarantined_and_the_batch_goes_on() {
+    let inp = wide_input();
+    let s = uploading(&inp, 0, 1, 0, 0);
+    let ev = Event::UploadPartial {
+        at_ms: AT,
+        done: (0..10).filter(|&i| i != 3).collect(),
+        refused: vec![refused(3)],
+        rest: None,
+    };
+    let t = apply(&inp, &s, ev.clone());
+    let State::Verifying {
+        batch: 0,
+        failures: 0,
+        progress: Some(p),
+        ..
+    } = &t.state
+    else {
+        panic!("{:?}", t.state)
+    };
+    assert_eq!(p.quarantined.len(), 1);
+    assert_eq!(p.verify_skips(0).iter().collect::<Vec<_>>(), vec![3]);
+    assert!(matches!(t.commands[..], [Command::Verify { batch: 0, .. }]));
+    let notice = EndpointSync::notice(&inp, &s, &ev, &t.state);
+    let alert = notice
+        .alerts
+        .iter()
+        .find(|a| a.kind == "item_quarantined")
+        .expect("quarantine alerted");
+    assert!(alert.message.contains("S3") && alert.message.contains("price out of range"));
+    assert!(notice.circuit.is_none());
+    // Verified: batch 1 starts with the quarantine carried, per-batch progress cleared.
+    let v = apply(&inp, &t.state, Event::Verified);
+    let State::Uploading {
+        batch: 1,
+        progress: Some(p1),
+        ..
+    } = &v.state
+    else {
+        panic!("{:?}", v.state)
+    };
+    assert!(p1.applied.is_empty() && p1.verified.is_empty());
+    assert_eq!(p1.quarantined, p.quarantined);
+    // Alerted once: moving on does not alert again.
+    assert!(
+        EndpointSync::notice(&inp, &t.state, &Event::Verified, &v.state)
+            .alerts
+            .is_empty()
+    );
+    let d = apply(&inp, &v.state, Event::Uploaded { receipt: receipt("r") });
+    let done = apply(&inp, &d.state, Event::Verified);
+    assert!(
+        matches!(&done.state, State::Done { quarantined: Some(q), .. } if q.len() == 1 && q[0].sku == "S3"),
+        "{:?}",
+        done.state
+    );
+}
+
+#[test]
+fn a_mostly_refused_batch_is_a_failed_validation() {
+    let inp = wide_input();
+    let s = uploading(&inp, 0, 1, 0, 0);
+    let t = apply(
+        &inp,
+        &s,
+        Event::UploadPartial {
+            at_ms: AT,
+            done: (3..10).collect(),
+            refused: vec![refused(0), refused(1), refused(2)],
+            rest: None,
+        },
+    );
+    // 3 of 10 refused is over the default 20 %: re-send everything under a fresh key.
+    assert_eq!(t.state, uploading(&inp, 0, 1, 1, 1));
+    assert_eq!(
+        t.commands,
+        vec![Command::Upload {
+            batch: 0,
+            key: inp.key(0, 1)
+        }]
+    );
+    // Two refused of ten stays below it.
+    let t = apply(
+        &inp,
+        &s,
+        Event::UploadPartial {
+            at_ms: AT,
+            done: (2..10).collect(),
+            refused: vec![refused(0), refused(1)],
+            rest: None,
+        },
+    );
+    assert!(matches!(t.state, State::Verifying { failures: 0, .. }));
+    // A single item refused is always the item's problem, even in a batch of one.
+    let mut one = input(1);
+    one.batches[0].items = 1;
+    let t = apply(
+        &one,
+        &uploading(&one, 0, 1, 0, 0),
+        Event::UploadPartial {
+            at_ms: AT,
+            done: ItemSet::new(),
+            refused: vec![refused(0)],
+            rest: None,
+        },
+    );
+    // Nothing left to verify: done, with the item quarantined.
+    assert!(
+        matches!(&t.state, State::Done { quarantined: Some(q), .. } if q.len() == 1),
+        "{:?}",
+        t.state
+    );
+}
+
+#[test]
+fn progress_survives_retries_and_resets_the_attempt_count() {
+    let mut inp = wide_input();
+    inp.policy.max_attempts = 2;
+    // At the last attempt, a call that settled some items still earns a retry.
+    let s = uploading(&inp, 0, 2, 0, 0);
+    let t = apply(
+        &inp,
+        &s,
+        Event::UploadPartial {
+            at_ms: AT,
+            done: (0..4).collect(),
+            refused: vec![],
+            rest: Some(transient()),
+        },
+    );
+    let State::Backoff {
+        attempt: 2,
+        failures: 0,
+        progress: Some(p),
+        receipt: None,
+        ..
+    } = &t.state
+    else {
+        panic!("{:?}", t.state)
+    };
+    assert_eq!(p.upload_skips(0).to_string(), "0-3");
+    // The retry probes, keeping the progress; the re-upload sends only the rest.
+    let r = apply(&inp, &t.state, Event::TimerFired);
+    assert_eq!(r.state.progress(), Some(p));
+    let t2 = apply(
+        &inp,
+        &r.state,
+        Event::UploadPartial {
+            at_ms: AT,
+            done: ItemSet::new(),
+            refused: vec![],
+            rest: Some(transient()),
+        },
+    );
+    // No progress at the last attempt: exhausted, a failed validation, same key.
+    assert!(
+        matches!(&t2.state, State::Backoff { attempt: 1, failures: 1, generation: 0, progress: Some(p2), .. } if p2 == p),
+        "{:?}",
+        t2.state
+    );
+    // A verify that confirmed some items keeps them.
+    let v = verifying(&inp, 0, 1, 0, 0);
+    let t3 = apply(
+        &inp,
+        &v,
+        Event::VerifyPartial {
+            at_ms: AT,
+            done: (0..7).collect(),
+            rest: Some(transient()),
+        },
+    );
+    assert_eq!(
+        t3.state.progress().unwrap().verify_skips(0).to_string(),
+        "0-6"
+    );
+    // A mismatch afterwards re-sends under a fresh key: applied is forgotten, verified kept.
+    let retry = apply(&inp, &t3.state, Event::TimerFired);
+    let m = apply(
+        &inp,
+        &retry.state,
+        Event::Mismatch {
+            details: "S8 shows 3".into(),
+        },
+    );
+    let p = m.state.progress().unwrap();
+    assert_eq!(p.verified.to_string(), "0-6");
+    assert!(p.applied.is_empty());
+    assert_eq!(p.upload_skips(0).to_string(), "");
+}
+
+#[test]
+fn positions_beyond_the_batch_are_refused() {
+    let inp = wide_input();
+    refuse(
+        &inp,
+        &uploading(&inp, 0, 1, 0, 0),
+        Event::UploadPartial {
+            at_ms: AT,
+            done: [10].into_iter().collect(),
+            refused: vec![],
+            rest: None,
+        },
+    );
+    refuse(
+        &inp,
+        &verifying(&inp, 0, 1, 0, 0),
+        Event::VerifyPartial {
+            at_ms: AT,
+            done: [12].into_iter().collect(),
+            rest: None,
+        },
+    );
+}
+
+#[test]
+fn an_unsettled_endpoint_is_read_back_before_each_first_write() {
+    let mut inp = input(2);
+    inp.read_first = true;
+    let t = apply(
+        &inp,
+        &State::Pending {},
+        Event::Begin {
+            at_ms: AT,
+            circuit_open: false,
+            probe: false,
+        },
+    );
+    assert_eq!(
+        t.commands,
+        vec![Command::Probe {
+            batch: 0,
+            key: inp.key(0, 0)
+        }]
+    );
+    let v = apply(&inp, &t.state, Event::Uploaded { receipt: receipt("r") });
+    let n = apply(&inp, &v.state, Event::Verified);
+    assert!(matches!(n.commands[..], [Command::Probe { batch: 1, .. }]));
 }

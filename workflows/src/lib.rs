@@ -8,6 +8,7 @@ pub mod catalog;
 #[allow(missing_docs)]
 pub mod endpoint_sync;
 pub mod error;
+pub mod itemset;
 pub mod mapping;
 pub mod staging;
 pub mod sync;

@@ -713,6 +713,182 @@ impl Staging {
     }
 }
 
+/// One quarantined item of an endpoint (see [`Staging::quarantine`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct QuarantineRow {
+    /// Endpoint id.
+    pub endpoint: String,
+    /// The SKU as sent to the endpoint (after its mapping).
+    pub sku: String,
+    /// Snapshot whose value the endpoint refused.
+    pub snapshot: i64,
+    /// Run that recorded it.
+    pub run: i64,
+    /// What the endpoint said.
+    pub reason: String,
+    /// When it was recorded (ms).
+    pub at: i64,
+    /// An operator asked that the next sync carries it again.
+    pub retry_requested: bool,
+}
+
+/// What a finished run settles for one endpoint (see [`Staging::settle`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settled {
+    /// Endpoint id.
+    pub endpoint: String,
+    /// The run's target snapshot.
+    pub snapshot: i64,
+    /// `Some(mapping key)` if the endpoint confirmed the snapshot (its sync is Done);
+    /// `None` if the sync ended without confirming (tripped, cancelled): unsettled.
+    pub confirmed: Option<Option<String>>,
+    /// The final status of the sync (for unsettled ones).
+    pub status: String,
+    /// Quarantined SKUs the sync carried (their old rows are replaced).
+    pub carried: Vec<String>,
+    /// What it quarantined: `(sku, reason)`.
+    pub quarantined: Vec<(String, String)>,
+}
+
+impl Staging {
+    /// Record what a finished run settled, in one transaction: confirmed snapshots,
+    /// endpoints left unsettled, and the quarantine (rows of SKUs a confirmed sync carried
+    /// are replaced by what it quarantined). Idempotent.
+    pub async fn settle(&self, run: i64, settled: &[Settled]) -> Result<()> {
+        let now = bulwark_engine::now_ms();
+        let confirmed: Vec<&Settled> = settled.iter().filter(|s| s.confirmed.is_some()).collect();
+        let unsettled: Vec<&Settled> = settled.iter().filter(|s| s.confirmed.is_none()).collect();
+        on_db!(self.db, |pool| {
+            let mut tx = pool.begin().await?;
+            for chunk in confirmed.chunks(500) {
+                let sql = format!(
+                    "INSERT INTO endpoint_confirmed (endpoint_id, snapshot_id, run_id, at, mapping_key) VALUES {}
+                     ON CONFLICT (endpoint_id) DO UPDATE SET snapshot_id = excluded.snapshot_id,
+                         run_id = excluded.run_id, at = excluded.at, mapping_key = excluded.mapping_key",
+                    numbered(chunk.len(), 5)
+                );
+                let mut q = sqlx::query(AssertSqlSafe(sql));
+                for s in chunk {
+                    q = q
+                        .bind(&s.endpoint)
+                        .bind(s.snapshot)
+                        .bind(run)
+                        .bind(now)
+                        .bind(s.confirmed.clone().flatten());
+                }
+                q.execute(&mut *tx).await?;
+                let sql = format!(
+                    "DELETE FROM endpoint_unsettled WHERE endpoint_id IN ({})",
+                    (1..=chunk.len())
+                        .map(|i| format!("${i}"))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                );
+                let mut q = sqlx::query(AssertSqlSafe(sql));
+                for s in chunk {
+                    q = q.bind(&s.endpoint);
+                }
+                q.execute(&mut *tx).await?;
+            }
+            for chunk in unsettled.chunks(500) {
+                let sql = format!(
+                    "INSERT INTO endpoint_unsettled (endpoint_id, snapshot_id, run_id, status, at) VALUES {}
+                     ON CONFLICT (endpoint_id) DO UPDATE SET snapshot_id = excluded.snapshot_id,
+                         run_id = excluded.run_id, status = excluded.status, at = excluded.at",
+                    numbered(chunk.len(), 5)
+                );
+                let mut q = sqlx::query(AssertSqlSafe(sql));
+                for s in chunk {
+                    q = q
+                        .bind(&s.endpoint)
+                        .bind(s.snapshot)
+                        .bind(run)
+                        .bind(&s.status)
+                        .bind(now);
+                }
+                q.execute(&mut *tx).await?;
+            }
+            // Quarantine bookkeeping is per item, and rare.
+            for s in &confirmed {
+                for sku in &s.carried {
+                    sqlx::query(
+                        "DELETE FROM endpoint_quarantine WHERE endpoint_id = $1 AND sku = $2 AND run_id <> $3",
+                    )
+                    .bind(&s.endpoint)
+                    .bind(sku)
+                    .bind(run)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                for (sku, reason) in &s.quarantined {
+                    sqlx::query(
+                        "INSERT INTO endpoint_quarantine (endpoint_id, sku, snapshot_id, run_id, reason, at, retry_requested)
+                         VALUES ($1, $2, $3, $4, $5, $6, 0)
+                         ON CONFLICT (endpoint_id, sku) DO UPDATE SET snapshot_id = excluded.snapshot_id,
+                             run_id = excluded.run_id, reason = excluded.reason, at = excluded.at,
+                             retry_requested = 0",
+                    )
+                    .bind(&s.endpoint)
+                    .bind(sku)
+                    .bind(s.snapshot)
+                    .bind(run)
+                    .bind(reason)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+
+    /// Endpoints whose last sync ended without confirming.
+    pub async fn unsettled(&self) -> Result<std::collections::HashSet<String>> {
+        const SQL: &str = "SELECT endpoint_id FROM endpoint_unsettled";
+        let rows: Vec<(String,)> =
+            on_db!(self.db, |pool| sqlx::query_as(SQL).fetch_all(pool).await?);
+        Ok(rows.into_iter().map(|(e,)| e).collect())
+    }
+
+    /// Every quarantined item, by endpoint and SKU.
+    pub async fn quarantine(&self) -> Result<Vec<QuarantineRow>> {
+        const SQL: &str =
+            "SELECT endpoint_id, sku, snapshot_id, run_id, reason, at, retry_requested
+                           FROM endpoint_quarantine ORDER BY endpoint_id, sku";
+        let rows: Vec<(String, String, i64, i64, String, i64, i64)> =
+            on_db!(self.db, |pool| sqlx::query_as(SQL).fetch_all(pool).await?);
+        Ok(rows
+            .into_iter()
+            .map(
+                |(endpoint, sku, snapshot, run, reason, at, retry)| QuarantineRow {
+                    endpoint,
+                    sku,
+                    snapshot,
+                    run,
+                    reason,
+                    at,
+                    retry_requested: retry != 0,
+                },
+            )
+            .collect())
+    }
+
+    /// Ask that the next sync carries these quarantined items again (all of `endpoint`'s,
+    /// or every endpoint's; only `sku` if given). Returns how many rows were marked.
+    pub async fn request_retry(&self, endpoint: Option<&str>, sku: Option<&str>) -> Result<u64> {
+        const SQL: &str = "UPDATE endpoint_quarantine SET retry_requested = 1
+                           WHERE ($1 IS NULL OR endpoint_id = $1) AND ($2 IS NULL OR sku = $2)";
+        let n = on_db!(self.db, |pool| sqlx::query(SQL)
+            .bind(endpoint)
+            .bind(sku)
+            .execute(pool)
+            .await?
+            .rows_affected());
+        Ok(n)
+    }
+}
+
 /// Hex SHA-256 over the canonical JSON of items sorted by SKU.
 pub fn content_hash(items: &[Item]) -> String {
     let mut h = Sha256::new();

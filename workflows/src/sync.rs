@@ -15,10 +15,13 @@ use tokio::sync::{Mutex, Semaphore};
 
 use crate::adapter::{AdapterError, EndpointConfig, PortalAdapter, Verification};
 use crate::catalog::{Batch, Item, payload_hash};
-use crate::endpoint_sync::{BatchPlan, Command, EndpointSync, Event, State, SyncInput, SyncPolicy};
+use crate::endpoint_sync::{
+    BatchPlan, Command, EndpointSync, Event, Refused, State, SyncInput, SyncPolicy,
+};
 use crate::error::{Result, SyncError};
+use crate::itemset::ItemSet;
 use crate::mapping::EndpointMapping;
-use crate::staging::{OnRemoved, Staging, diff};
+use crate::staging::{OnRemoved, Settled, Staging, diff};
 
 /// Options of a sync run.
 #[derive(Debug, Clone)]
@@ -199,14 +202,45 @@ impl DiffCache {
         Ok(d)
     }
 
+    /// Every item a sync moving an endpoint from `base` to `target` carries: the diff,
+    /// plus the `retry` SKUs (quarantined ones) at `target`'s values, sorted by SKU.
+    pub async fn planned_items(
+        &self,
+        base: Option<i64>,
+        target: i64,
+        mapping: Option<&EndpointMapping>,
+        on_removed: OnRemoved,
+        retry: &[String],
+    ) -> Result<Arc<Vec<Item>>> {
+        let diff = self.diff_mapped(base, target, mapping, on_removed).await?;
+        let extra: std::collections::HashSet<&str> = retry
+            .iter()
+            .map(String::as_str)
+            .filter(|sku| diff.binary_search_by(|i| i.sku.as_str().cmp(sku)).is_err())
+            .collect();
+        if extra.is_empty() {
+            return Ok(diff);
+        }
+        let full = self.diff_mapped(None, target, mapping, on_removed).await?;
+        let mut items: Vec<Item> = diff.to_vec();
+        items.extend(
+            full.iter()
+                .filter(|i| extra.contains(i.sku.as_str()))
+                .cloned(),
+        );
+        items.sort_by(|a, b| a.sku.cmp(&b.sku));
+        Ok(Arc::new(items))
+    }
+
     /// Items of batch `index` of `input`.
     pub async fn batch_items(&self, input: &SyncInput, index: u32) -> Result<Vec<Item>> {
         let all = self
-            .diff_mapped(
+            .planned_items(
                 input.base,
                 input.snapshot,
                 input.mapping.as_ref(),
                 input.on_removed,
+                &input.retry,
             )
             .await?;
         let bs = input.batch_size as usize;
@@ -248,6 +282,14 @@ pub async fn plan_run(
         )));
     }
     let confirmed = staging.confirmed_with_mapping().await?;
+    let unsettled = staging.unsettled().await?;
+    let mut quarantine: HashMap<String, Vec<(String, bool)>> = HashMap::new();
+    for q in staging.quarantine().await? {
+        quarantine
+            .entry(q.endpoint)
+            .or_default()
+            .push((q.sku, q.retry_requested));
+    }
     let busy = store.open_subjects(EndpointSync::KIND).await?;
     let mut plan = Plan {
         snapshot,
@@ -275,10 +317,29 @@ pub async fn plan_run(
                 .map_err(|e| SyncError::Config(format!("endpoint {:?}: {e}", ep.id)))?,
             None => options.on_removed,
         };
-        let items = diffs
+        // Quarantined SKUs this sync carries: those the diff changes, and those an
+        // operator asked to retry.
+        let diff = diffs
             .diff_mapped(base, snapshot, mapping.as_ref(), on_removed)
             .await?;
-        if base == Some(snapshot) || items.is_empty() {
+        let mut retry: Vec<String> = quarantine
+            .get(&ep.id)
+            .map(|rows| {
+                rows.iter()
+                    .filter(|(sku, requested)| {
+                        *requested || diff.binary_search_by(|i| i.sku.as_str().cmp(sku)).is_ok()
+                    })
+                    .map(|(sku, _)| sku.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        retry.sort();
+        let items = diffs
+            .planned_items(base, snapshot, mapping.as_ref(), on_removed, &retry)
+            .await?;
+        // A requested SKU the target no longer has cannot be carried.
+        retry.retain(|sku| items.binary_search_by(|i| i.sku.as_str().cmp(sku)).is_ok());
+        if items.is_empty() || (base == Some(snapshot) && retry.is_empty()) {
             plan.up_to_date += 1;
             continue;
         }
@@ -308,6 +369,8 @@ pub async fn plan_run(
             },
             mapping,
             on_removed,
+            read_first: unsettled.contains(&ep.id),
+            retry,
         };
         let state = EndpointSync::initial(&input);
         new.push(NewWorkflow {
@@ -341,6 +404,8 @@ pub struct EffectStats {
     pub probe_hits: AtomicU64,
     /// Uploads (and probes) that failed.
     pub upload_failures: AtomicU64,
+    /// Uploads that settled some items but not all (the rest retried, or quarantined).
+    pub partial_uploads: AtomicU64,
     /// Batches verified: the endpoint shows what was sent.
     pub verified: AtomicU64,
     /// Batches whose read-back differed from what was sent (a failed validation).
@@ -385,6 +450,7 @@ impl EffectStats {
              bulwark_batches_total{{outcome=\"verified\"}} {}\n\
              bulwark_batches_total{{outcome=\"mismatch\"}} {}\n\
              bulwark_batches_total{{outcome=\"upload_failed\"}} {}\n\
+             bulwark_batches_total{{outcome=\"upload_partial\"}} {}\n\
              bulwark_batches_total{{outcome=\"verify_failed\"}} {}\n\
              # HELP bulwark_effects_in_flight Adapter calls in flight now (this process).\n\
              # TYPE bulwark_effects_in_flight gauge\n\
@@ -392,6 +458,7 @@ impl EffectStats {
             get(&self.verified),
             get(&self.mismatches),
             get(&self.upload_failures),
+            get(&self.partial_uploads),
             get(&self.verify_failures),
             get(&self.in_flight),
         );
@@ -624,12 +691,15 @@ impl SyncEffects {
         })
     }
 
+    /// Batch `index` of `input`, without the positions in `skip` (then a remainder).
+    /// Returns the batch and the position of each item it carries within the whole batch.
     async fn batch(
         &self,
         input: &SyncInput,
         index: u32,
         key: uuid::Uuid,
-    ) -> std::result::Result<Batch, String> {
+        skip: &ItemSet,
+    ) -> std::result::Result<(Batch, Vec<u32>), String> {
         let items = self
             .diffs
             .batch_items(input, index)
@@ -643,13 +713,46 @@ impl SyncEffects {
                 input.endpoint
             ));
         }
-        Ok(Batch {
-            endpoint: input.endpoint.clone(),
-            snapshot: input.snapshot,
-            index,
-            key,
-            items,
+        let (positions, items): (Vec<u32>, Vec<Item>) = items
+            .into_iter()
+            .enumerate()
+            .map(|(i, item)| (i as u32, item))
+            .filter(|(i, _)| !skip.contains(*i))
+            .unzip();
+        Ok((
+            Batch {
+                endpoint: input.endpoint.clone(),
+                snapshot: input.snapshot,
+                index,
+                key,
+                items,
+                remainder: !skip.is_empty(),
+            },
+            positions,
+        ))
+    }
+
+    /// The positions (within the whole batch) of the SKUs an adapter named.
+    fn positions(
+        input: &SyncInput,
+        batch: &Batch,
+        positions: &[u32],
+        skus: impl Iterator<Item = String>,
+    ) -> Vec<(u32, String)> {
+        let by_sku: HashMap<&str, u32> = batch
+            .items
+            .iter()
+            .zip(positions)
+            .map(|(item, &p)| (item.sku.as_str(), p))
+            .collect();
+        skus.filter_map(|sku| match by_sku.get(sku.as_str()) {
+            Some(&p) => Some((p, sku)),
+            None => {
+                tracing::warn!(endpoint = %input.endpoint, batch = batch.index, sku = %sku, "adapter named a SKU the call did not carry; ignored");
+                None
+            }
         })
+        .collect()
     }
 }
 
@@ -658,7 +761,7 @@ impl Effects<EndpointSync> for SyncEffects {
     async fn execute(
         &self,
         ctx: &WorkflowCtx<EndpointSync>,
-        _state: &State,
+        state: &State,
         command: Command,
     ) -> Option<Event> {
         let input = &ctx.input;
@@ -686,7 +789,11 @@ impl Effects<EndpointSync> for SyncEffects {
                 Some(Event::TimerFired)
             }
             Command::Upload { batch, key } => {
-                let b = match self.batch(input, batch, key).await {
+                let skip = state
+                    .progress()
+                    .map(|p| p.upload_skips(batch))
+                    .unwrap_or_default();
+                let (b, positions) = match self.batch(input, batch, key, &skip).await {
                     Ok(b) => b,
                     Err(e) => {
                         tracing::error!(workflow = ctx.id, endpoint = %input.endpoint, error = %e, "cannot build batch");
@@ -697,6 +804,50 @@ impl Effects<EndpointSync> for SyncEffects {
                 self.count(|s| &s.uploads);
                 Some(match result {
                     Ok(receipt) => Event::Uploaded { receipt },
+                    Err(AdapterError::Partial(p)) => {
+                        self.count(|s| &s.partial_uploads);
+                        let p = *p;
+                        let done: ItemSet =
+                            Self::positions(input, &b, &positions, p.done.into_iter())
+                                .into_iter()
+                                .map(|(i, _)| i)
+                                .collect();
+                        let mut reasons: HashMap<String, String> = HashMap::new();
+                        for r in p.rejected {
+                            reasons.entry(r.sku).or_insert(r.message);
+                        }
+                        let mut refused: Vec<Refused> = Self::positions(
+                            input,
+                            &b,
+                            &positions,
+                            reasons.keys().cloned().collect::<Vec<_>>().into_iter(),
+                        )
+                        .into_iter()
+                        .filter(|(i, _)| !done.contains(*i))
+                        .map(|(item, sku)| Refused {
+                            item,
+                            reason: reasons.remove(&sku).unwrap_or_default(),
+                            sku,
+                        })
+                        .collect();
+                        refused.sort_by_key(|r| r.item);
+                        // Every item accounted for and no reason given: nothing is left.
+                        let rest = p.rest.or_else(|| {
+                            let settled = done.len() + refused.len();
+                            (settled < b.items.len()).then(|| {
+                                AdapterError::Transient(format!(
+                                    "the adapter settled {settled} of {} items and said nothing of the others",
+                                    b.items.len()
+                                ))
+                            })
+                        });
+                        Event::UploadPartial {
+                            at_ms: now_ms(),
+                            done,
+                            refused,
+                            rest,
+                        }
+                    }
                     Err(error) => {
                         self.count(|s| &s.upload_failures);
                         Event::UploadFailed {
@@ -706,7 +857,23 @@ impl Effects<EndpointSync> for SyncEffects {
                     }
                 })
             }
-            Command::Probe { key, .. } => {
+            Command::Probe { batch, key } => {
+                let skip = state
+                    .progress()
+                    .map(|p| p.upload_skips(batch))
+                    .unwrap_or_default();
+                // A remainder was sent under its own request key: ask for that one.
+                let key = if skip.is_empty() {
+                    key
+                } else {
+                    match self.batch(input, batch, key, &skip).await {
+                        Ok((b, _)) => b.request_key(),
+                        Err(e) => {
+                            tracing::error!(workflow = ctx.id, endpoint = %input.endpoint, error = %e, "cannot build batch");
+                            return None;
+                        }
+                    }
+                };
                 let result = self
                     .call(input, adapter.probe(&input.endpoint, key))
                     .await?;
@@ -732,7 +899,11 @@ impl Effects<EndpointSync> for SyncEffects {
                 key,
                 receipt,
             } => {
-                let b = match self.batch(input, batch, key).await {
+                let skip = state
+                    .progress()
+                    .map(|p| p.verify_skips(batch))
+                    .unwrap_or_default();
+                let (b, positions) = match self.batch(input, batch, key, &skip).await {
                     Ok(b) => b,
                     Err(e) => {
                         tracing::error!(workflow = ctx.id, endpoint = %input.endpoint, error = %e, "cannot build batch");
@@ -749,6 +920,29 @@ impl Effects<EndpointSync> for SyncEffects {
                     Ok(Verification::Mismatch { details }) => {
                         self.count(|s| &s.mismatches);
                         Event::Mismatch { details }
+                    }
+                    Err(AdapterError::Partial(p)) => {
+                        self.count(|s| &s.verify_failures);
+                        let p = *p;
+                        let done: ItemSet =
+                            Self::positions(input, &b, &positions, p.done.into_iter())
+                                .into_iter()
+                                .map(|(i, _)| i)
+                                .collect();
+                        let rest = p.rest.or_else(|| {
+                            (done.len() < b.items.len()).then(|| {
+                                AdapterError::Transient(format!(
+                                    "the adapter confirmed {} of {} items and said nothing of the others",
+                                    done.len(),
+                                    b.items.len()
+                                ))
+                            })
+                        });
+                        Event::VerifyPartial {
+                            at_ms: now_ms(),
+                            done,
+                            rest,
+                        }
                     }
                     Err(error) => {
                         self.count(|s| &s.verify_failures);
@@ -823,15 +1017,39 @@ pub async fn finalize_as(
     if rows.iter().any(|w| !w.terminal) {
         return Ok(false);
     }
-    let mut confirmed = Vec::new();
-    for w in rows.iter().filter(|w| w.status == "Done") {
+    let mut settled = Vec::new();
+    for w in &rows {
         let input: SyncInput = serde_json::from_str(&w.input_json).map_err(|e| {
             SyncError::Corrupt(format!("workflow {}: input does not decode: {e}", w.id))
         })?;
+        let done = w.status == "Done";
+        // A skipped endpoint sent nothing; it stays as it was.
+        if !done && w.status == "Skipped" {
+            continue;
+        }
+        let quarantined = if done {
+            let state: State = serde_json::from_str(&w.state_json).map_err(|e| {
+                SyncError::Corrupt(format!("workflow {}: state does not decode: {e}", w.id))
+            })?;
+            state
+                .quarantined()
+                .iter()
+                .map(|q| (q.sku.clone(), q.reason.clone()))
+                .collect()
+        } else {
+            Vec::new()
+        };
         let key = input.mapping.as_ref().map(EndpointMapping::cache_key);
-        confirmed.push((input.endpoint, input.snapshot, key));
+        settled.push(Settled {
+            endpoint: input.endpoint,
+            snapshot: input.snapshot,
+            confirmed: done.then_some(key),
+            status: w.status.clone(),
+            carried: input.retry,
+            quarantined,
+        });
     }
-    staging.confirm(run, &confirmed).await?;
+    staging.settle(run, &settled).await?;
     let tripped: Vec<&str> = rows
         .iter()
         .filter(|w| w.status == "Tripped")

@@ -1014,7 +1014,7 @@ impl HttpAdapter {
 impl PortalAdapter for HttpAdapter {
     async fn upload(&self, batch: &Batch) -> AdapterResult<Receipt> {
         const OP: &str = "upload";
-        let suspect = self.take_suspect(batch.key);
+        let suspect = self.take_suspect(batch.request_key());
         let mut ids = self.ids(&batch.items).await?;
         let w = &self.profile.config().write;
         let default_receipt = batch.key.to_string();

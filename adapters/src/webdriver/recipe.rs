@@ -492,6 +492,7 @@ price_column = "Price"
     fn parses_and_renders_a_manifest() {
         let r = Recipe::from_toml(RECIPE).unwrap();
         let batch = Batch {
+            remainder: false,
             endpoint: "e".into(),
             snapshot: 3,
             index: 0,
