@@ -37,8 +37,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bulwark_workflows::adapter::{
-    AdapterError, AdapterFactory, AdapterResult, EndpointConfig, PortalAdapter, Receipt,
-    Verification,
+    AdapterError, AdapterFactory, AdapterResult, EndpointConfig, ItemRejection, PortalAdapter,
+    Receipt, Verification,
 };
 use bulwark_workflows::catalog::{Batch, Item};
 use reqwest::StatusCode;
@@ -103,6 +103,16 @@ struct UploadBody<'a> {
 #[derive(Deserialize)]
 struct ReceiptBody {
     receipt: String,
+    /// Items the portal refused while applying the rest.
+    #[serde(default)]
+    rejected: Vec<RejectedBody>,
+}
+
+#[derive(Deserialize)]
+struct RejectedBody {
+    sku: String,
+    #[serde(default)]
+    error: String,
 }
 
 #[derive(Serialize)]
@@ -425,10 +435,34 @@ impl PortalAdapter for RestAdapter {
             return Err(self.status_error(OP, resp).await);
         }
         let receipt: ReceiptBody = self.decode(OP, resp).await?;
-        tracing::debug!(endpoint = %self.endpoint, key = %batch.key, index = batch.index, receipt = %receipt.receipt, "batch uploaded");
-        Ok(Receipt {
-            id: receipt.receipt,
-        })
+        tracing::debug!(endpoint = %self.endpoint, key = %batch.key, index = batch.index, receipt = %receipt.receipt, refused = receipt.rejected.len(), "batch uploaded");
+        if receipt.rejected.is_empty() {
+            return Ok(Receipt {
+                id: receipt.receipt,
+            });
+        }
+        // The portal applied the batch except these items.
+        let refused: std::collections::HashSet<&str> =
+            receipt.rejected.iter().map(|r| r.sku.as_str()).collect();
+        let done = batch
+            .items
+            .iter()
+            .filter(|i| !refused.contains(i.sku.as_str()))
+            .map(|i| i.sku.clone())
+            .collect();
+        let rejected = receipt
+            .rejected
+            .into_iter()
+            .map(|r| ItemRejection {
+                message: if r.error.is_empty() {
+                    "refused by the portal (no reason given)".into()
+                } else {
+                    r.error
+                },
+                sku: r.sku,
+            })
+            .collect();
+        Err(AdapterError::partial(done, rejected, None))
     }
 
     async fn verify(&self, batch: &Batch, _receipt: &Receipt) -> AdapterResult<Verification> {

@@ -101,6 +101,8 @@ pub struct ApiSimStats {
     pub reads: u64,
     /// Responses deliberately lost after applying.
     pub responses_lost: u64,
+    /// Requests failed by [`ApiSimHandle::fail_requests`].
+    pub faults_injected: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -119,6 +121,10 @@ struct EpData {
     /// Id → SKU.
     ids: HashMap<String, String>,
     lose_writes: u32,
+    /// SKUs every write of which is refused (422 / `userErrors`).
+    refuse_skus: std::collections::HashSet<String>,
+    /// Probability that a request (other than a login) fails.
+    fail_rate: f64,
 }
 
 #[derive(Default)]
@@ -130,9 +136,11 @@ struct Counters {
     writes_refused: AtomicU64,
     reads: AtomicU64,
     responses_lost: AtomicU64,
+    faults_injected: AtomicU64,
 }
 
 struct Inner {
+    rng: Mutex<rand::rngs::StdRng>,
     config: ApiSimConfig,
     endpoints: Mutex<HashMap<String, EpData>>,
     tokens: Mutex<HashMap<String, (String, Instant)>>,
@@ -219,6 +227,9 @@ impl Inner {
             };
             if qty < 0 {
                 return Err(Some("must not be negative".to_owned()));
+            }
+            if ep.refuse_skus.contains(&sku) {
+                return Err(Some(format!("SKU {sku} cannot be sold in this shop")));
             }
             let p = ep.products.get_mut(&sku).ok_or(None)?;
             p.qty = qty;
@@ -531,7 +542,44 @@ fn router(state: Shared) -> Router {
             get(rest_get).patch(rest_patch),
         )
         .route("/graphql/{endpoint}", post(graphql))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            inject_faults,
+        ))
         .with_state(state)
+}
+
+/// [`ApiSimHandle::fail_requests`]: roll the dice for every request but logins.
+async fn inject_faults(
+    State(s): State<Shared>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use rand::Rng;
+    let path = req.uri().path().to_owned();
+    let endpoint = path.split('/').nth(2).unwrap_or_default().to_owned();
+    let p = s.with_ep(&endpoint, |ep| ep.fail_rate);
+    if p <= 0.0 || path.ends_with("/login") {
+        return next.run(req).await;
+    }
+    let roll = {
+        let mut rng = s.rng.lock().expect("simulator rng");
+        rng.random_bool(p).then(|| rng.random_bool(0.5))
+    };
+    match roll {
+        None => next.run(req).await,
+        Some(before) => {
+            s.counters.faults_injected.fetch_add(1, Ordering::Relaxed);
+            if before {
+                return status_json(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    json!({"error": "injected failure"}),
+                );
+            }
+            let _ = next.run(req).await;
+            s.lose_response()
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -602,6 +650,7 @@ impl ApiSimHandle {
             writes_refused: l(&c.writes_refused),
             reads: l(&c.reads),
             responses_lost: l(&c.responses_lost),
+            faults_injected: l(&c.faults_injected),
         }
     }
 
@@ -637,6 +686,23 @@ impl ApiSimHandle {
     /// without a response.
     pub fn lose_next_writes(&self, endpoint: &str, n: u32) {
         self.inner.with_ep(endpoint, |ep| ep.lose_writes = n);
+    }
+
+    /// Every write of these SKUs at `endpoint` is refused (422 with a reason, or GraphQL
+    /// `userErrors`), as a platform refuses a SKU it will not sell.
+    pub fn refuse_skus(&self, endpoint: &str, skus: &[&str]) {
+        self.inner.with_ep(endpoint, |ep| {
+            ep.refuse_skus = skus.iter().map(|s| (*s).to_owned()).collect();
+        });
+    }
+
+    /// Each request to `endpoint` (logins excepted) fails with probability `p`: half of
+    /// them with a 503 before anything happens, half processed and then left without an
+    /// answer (the connection closes: a write is applied but unconfirmed). Dice from a
+    /// fixed seed.
+    pub fn fail_requests(&self, endpoint: &str, p: f64) {
+        self.inner
+            .with_ep(endpoint, |ep| ep.fail_rate = p.clamp(0.0, 1.0));
     }
 
     /// Every token issued so far stops being accepted.
@@ -702,6 +768,7 @@ pub async fn start_with(
 ) -> std::io::Result<ApiSimHandle> {
     let acceptor = tls.map(|t| t.acceptor()).transpose()?;
     let inner = Arc::new(Inner {
+        rng: Mutex::new(rand::SeedableRng::seed_from_u64(0x5eed_b01)),
         config,
         endpoints: Mutex::new(HashMap::new()),
         tokens: Mutex::new(HashMap::new()),

@@ -57,7 +57,7 @@ use axum::{Json, Router};
 use bulwark_workflows::catalog::Item;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
+use serde_json::{Value, json};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqliteSynchronous};
 use sqlx::{ConnectOptions, Connection};
 use tokio::sync::{mpsc, oneshot};
@@ -104,6 +104,14 @@ pub enum Fault {
         retry_after: String,
         /// How many requests get the 503.
         times: u32,
+    },
+    /// Refuses these SKUs item by item (as a platform refuses a value out of its range or
+    /// a SKU it does not know) and applies the rest of each upload: the answer is 200 with
+    /// the receipt and `"rejected": [{"sku", "error"}]`; a repeated key gets the same
+    /// answer.
+    RejectSkus {
+        /// The SKUs refused.
+        skus: Vec<String>,
     },
     /// Healthy, but every request takes `latency_ms` (a slow portal).
     Slow {
@@ -167,6 +175,9 @@ pub struct SimStats {
     pub deduplicated: u64,
     /// Uploads refused by a [`Fault::Reject`] endpoint.
     pub rejected: u64,
+    /// Items refused by a [`Fault::RejectSkus`] endpoint (the rest of their uploads applied).
+    #[serde(default)]
+    pub items_refused: u64,
     /// Failures injected by [`Fault::Flaky`] endpoints.
     pub faults_injected: u64,
 }
@@ -349,6 +360,8 @@ async fn writer_loop(
 struct EndpointData {
     items: HashMap<String, Item>,
     applied: HashMap<Uuid, Arc<str>>,
+    /// The items each applied key had refused (its answer is repeated on a duplicate).
+    refused: HashMap<Uuid, Vec<Value>>,
     /// Upload deliveries received (well-formed; including rejected and duplicate ones).
     deliveries: u64,
     /// Times each (snapshot, batch index) was applied (under distinct keys).
@@ -375,6 +388,7 @@ struct Counters {
     duplicates_applied: AtomicU64,
     deduplicated: AtomicU64,
     rejected: AtomicU64,
+    items_refused: AtomicU64,
     faults_injected: AtomicU64,
 }
 
@@ -486,6 +500,7 @@ impl SimState {
             duplicates_applied: l(&c.duplicates_applied),
             deduplicated: l(&c.deduplicated),
             rejected: l(&c.rejected),
+            items_refused: l(&c.items_refused),
             faults_injected: l(&c.faults_injected),
         }
     }
@@ -787,7 +802,11 @@ async fn upload_to_completion(
                 );
             }
             counters.deduplicated.fetch_add(1, Ordering::Relaxed);
-            (StatusCode::OK, Json(json!({ "receipt": &*receipt }))).into_response()
+            let mut body = json!({ "receipt": &*receipt });
+            if let Some(r) = data.refused.get(&req.key) {
+                body["rejected"] = Value::Array(r.clone());
+            }
+            (StatusCode::OK, Json(body)).into_response()
         } else {
             let receipt: Arc<str> = format!("r-{}", Uuid::new_v4()).into();
             let applied = WriteOp::Applied {
@@ -804,7 +823,20 @@ async fn upload_to_completion(
                 );
             }
             let corrupt = fault == Fault::Corrupt;
+            let refuse: &[String] = match &fault {
+                Fault::RejectSkus { skus } => skus,
+                _ => &[],
+            };
+            let mut refused = Vec::new();
             for mut item in req.items {
+                if refuse.contains(&item.sku) {
+                    counters.items_refused.fetch_add(1, Ordering::Relaxed);
+                    refused.push(json!({
+                        "sku": item.sku,
+                        "error": format!("price tier {} is below the platform's minimum", item.tiers.first().map_or(0, |t| t.price_minor)),
+                    }));
+                    continue;
+                }
                 if corrupt {
                     item.qty += 1;
                 }
@@ -818,7 +850,12 @@ async fn upload_to_completion(
                 .entry((req.snapshot, req.index))
                 .or_default() += 1;
             counters.batches_applied.fetch_add(1, Ordering::Relaxed);
-            (StatusCode::CREATED, Json(json!({ "receipt": &*receipt }))).into_response()
+            let mut body = json!({ "receipt": &*receipt });
+            if !refused.is_empty() {
+                body["rejected"] = Value::Array(refused.clone());
+                data.refused.insert(req.key, refused);
+            }
+            (StatusCode::CREATED, Json(body)).into_response()
         }
     };
     after.finish(resp).await

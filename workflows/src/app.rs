@@ -738,7 +738,24 @@ impl Bulwark {
             journal_rows: self.store.journal_len().await?,
             alerts: self.store.alerts(20).await?.len(),
             insecure_tls: self.staging.insecure_tls().await?,
+            quarantined: self.staging.quarantine().await?.len(),
         })
+    }
+
+    /// Items endpoints refused (quarantined): each endpoint keeps what it had for them
+    /// while the rest of its catalog syncs.
+    pub async fn quarantine(&self) -> Result<Vec<crate::staging::QuarantineRow>> {
+        self.staging.quarantine().await
+    }
+
+    /// Ask that the next sync carries quarantined items again (all, one endpoint's, or
+    /// one SKU's), even if their snapshot value did not change. Returns how many.
+    pub async fn retry_quarantined(
+        &self,
+        endpoint: Option<&str>,
+        sku: Option<&str>,
+    ) -> Result<u64> {
+        self.staging.request_retry(endpoint, sku).await
     }
 
     /// Record which of `configured` endpoints skip TLS certificate verification
@@ -909,6 +926,8 @@ pub struct Status {
     /// Endpoints that skip TLS certificate verification (`insecure_skip_verify`), as
     /// recorded by the last sync or worker started with them.
     pub insecure_tls: Vec<String>,
+    /// Items quarantined at endpoints (see [`Bulwark::quarantine`]).
+    pub quarantined: usize,
 }
 
 fn hostname() -> String {

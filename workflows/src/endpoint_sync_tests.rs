@@ -1124,7 +1124,11 @@ fn states_round_trip_through_json_with_stable_variant_names() {
     let old_done = serde_json::json!({"Done": {"batches": 2, "items": 7}});
     assert!(matches!(
         serde_json::from_value::<State>(old_done).unwrap(),
-        State::Done { batches: 2, items: 7, quarantined: None }
+        State::Done {
+            batches: 2,
+            items: 7,
+            quarantined: None
+        }
     ));
     assert_eq!(
         serde_json::to_value(State::Pending {}).unwrap(),
@@ -1246,7 +1250,13 @@ fn one_refused_item_is_quarantined_and_the_batch_goes_on() {
             .alerts
             .is_empty()
     );
-    let d = apply(&inp, &v.state, Event::Uploaded { receipt: receipt("r") });
+    let d = apply(
+        &inp,
+        &v.state,
+        Event::Uploaded {
+            receipt: receipt("r"),
+        },
+    );
     let done = apply(&inp, &d.state, Event::Verified);
     assert!(
         matches!(&done.state, State::Done { quarantined: Some(q), .. } if q.len() == 1 && q[0].sku == "S3"),
@@ -1431,7 +1441,13 @@ fn an_unsettled_endpoint_is_read_back_before_each_first_write() {
             key: inp.key(0, 0)
         }]
     );
-    let v = apply(&inp, &t.state, Event::Uploaded { receipt: receipt("r") });
+    let v = apply(
+        &inp,
+        &t.state,
+        Event::Uploaded {
+            receipt: receipt("r"),
+        },
+    );
     let n = apply(&inp, &v.state, Event::Verified);
     assert!(matches!(n.commands[..], [Command::Probe { batch: 1, .. }]));
 }

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bulwark_workflows::adapter::{
-    AdapterError, AdapterResult, EndpointConfig, PortalAdapter, Receipt, Verification,
+    AdapterError, AdapterResult, EndpointConfig, ItemRejection, PortalAdapter, Receipt,
+    Verification,
 };
 use bulwark_workflows::catalog::{Batch, Item};
 use serde_json::{Map, Value, json};
@@ -27,6 +28,61 @@ pub const DEFAULT_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_RETRY_AFTER_MS: u64 = 1_000;
 /// Longest excerpt of a body quoted in an error or log line, in characters.
 pub const MAX_EXCERPT_CHARS: usize = 300;
+/// What a read-back found, by SKU (absent: the platform does not show the SKU).
+type Shown2 = HashMap<String, Result<Shown, String>>;
+
+/// What a per-item call settled so far.
+#[derive(Default)]
+struct ItemOutcomes {
+    done: Vec<String>,
+    rejected: Vec<ItemRejection>,
+    /// The first failure that leaves items unsettled (a systemic one wins).
+    rest: Option<AdapterError>,
+    /// A systemic failure: the remaining items are not tried.
+    stop: Option<AdapterError>,
+    failed: Vec<String>,
+}
+
+impl ItemOutcomes {
+    fn record(&mut self, sku: String, e: AdapterError) {
+        match e {
+            AdapterError::Rejected(message) => self.rejected.push(ItemRejection { sku, message }),
+            e => {
+                if is_systemic(&e) && self.stop.is_none() {
+                    self.stop = Some(e.clone());
+                    self.rest = Some(e);
+                } else if self.rest.is_none() {
+                    self.rest = Some(e);
+                }
+                self.failed.push(sku);
+            }
+        }
+    }
+
+    fn skus(&self) -> Vec<String> {
+        self.rejected
+            .iter()
+            .map(|r| r.sku.clone())
+            .chain(self.failed.iter().cloned())
+            .collect()
+    }
+
+    fn into_result(self, receipt: Receipt) -> AdapterResult<Receipt> {
+        if self.rejected.is_empty() && self.rest.is_none() {
+            return Ok(receipt);
+        }
+        Err(AdapterError::partial(self.done, self.rejected, self.rest))
+    }
+}
+
+/// A failure that will not go away for the next item either: stop the call.
+fn is_systemic(e: &AdapterError) -> bool {
+    matches!(
+        e,
+        AdapterError::Auth(_) | AdapterError::Config(_) | AdapterError::RateLimited { .. }
+    )
+}
+
 /// How many differing SKUs a mismatch names at most.
 pub const MAX_MISMATCHES_SHOWN: usize = 5;
 
@@ -649,10 +705,17 @@ impl HttpAdapter {
         AdapterError::Transient(format!("endpoint {}: {e}", self.endpoint))
     }
 
-    /// The platform's ids of `items` (empty without a lookup): cached ones, then lookups.
-    async fn ids(&self, items: &[Item]) -> AdapterResult<HashMap<String, String>> {
+    /// The platform's ids of `items` (empty without a lookup): cached ones, then
+    /// lookups, item by item: a SKU whose lookup fails is listed with its error
+    /// and the others go on (a systemic failure, e.g. refused credentials, stops the rest:
+    /// each of them is listed with it). `Err` only when the id cache fails.
+    async fn ids_each(
+        &self,
+        items: &[Item],
+    ) -> AdapterResult<(HashMap<String, String>, Vec<(String, AdapterError)>)> {
+        let mut failed = Vec::new();
         if self.profile.lookup.is_none() {
-            return Ok(HashMap::new());
+            return Ok((HashMap::new(), failed));
         }
         let skus: Vec<String> = items.iter().map(|i| i.sku.clone()).collect();
         let mut ids = self
@@ -662,10 +725,24 @@ impl HttpAdapter {
             .map_err(|e| self.transient_cache(e))?;
         let mut found = Vec::new();
         let missing: Vec<&Item> = items.iter().filter(|i| !ids.contains_key(&i.sku)).collect();
+        let mut stop: Option<AdapterError> = None;
         for item in missing {
-            let id = self.lookup(item).await?;
-            found.push((item.sku.clone(), id.clone()));
-            ids.insert(item.sku.clone(), id);
+            if let Some(e) = &stop {
+                failed.push((item.sku.clone(), e.clone()));
+                continue;
+            }
+            match self.lookup(item).await {
+                Ok(id) => {
+                    found.push((item.sku.clone(), id.clone()));
+                    ids.insert(item.sku.clone(), id);
+                }
+                Err(e) => {
+                    if is_systemic(&e) {
+                        stop = Some(e.clone());
+                    }
+                    failed.push((item.sku.clone(), e));
+                }
+            }
         }
         if !found.is_empty() {
             self.cache
@@ -673,7 +750,7 @@ impl HttpAdapter {
                 .await
                 .map_err(|e| self.transient_cache(e))?;
         }
-        Ok(ids)
+        Ok((ids, failed))
     }
 
     async fn lookup(&self, item: &Item) -> AdapterResult<String> {
@@ -794,16 +871,19 @@ impl HttpAdapter {
         Ok(())
     }
 
-    /// What the platform shows for each item of `batch` (absent SKUs are missing).
+    /// What the platform shows for each item of `batch` (absent SKUs are missing), and,
+    /// reading item by item, the items that could not be read, with why (a per-batch
+    /// read is all or nothing).
     async fn read_back(
         &self,
         batch: &Batch,
         ids: &HashMap<String, String>,
-    ) -> AdapterResult<HashMap<String, Result<Shown, String>>> {
+    ) -> AdapterResult<(Shown2, HashMap<String, AdapterError>)> {
         const OP: &str = "verify";
         let paths = &self.profile.read_paths;
         let decimals = self.profile.config().price_decimals;
         let mut out = HashMap::new();
+        let mut unread: HashMap<String, AdapterError> = HashMap::new();
         match self.profile.config().read.mode {
             Mode::PerBatch => {
                 let mut ctx = self.base_ctx();
@@ -852,7 +932,16 @@ impl HttpAdapter {
                 }
             }
             Mode::PerItem => {
+                let mut stop: Option<AdapterError> = None;
                 for item in &batch.items {
+                    if let Some(e) = &stop {
+                        unread.insert(item.sku.clone(), e.clone());
+                        continue;
+                    }
+                    if self.profile.uses_lookup() && !ids.contains_key(&item.sku) {
+                        // Its id could not be looked up (the caller knows why).
+                        continue;
+                    }
                     let ctx = self.item_ctx(batch, item, ids.get(&item.sku), batch.key.to_string());
                     match self.call(OP, &self.profile.read, &ctx, &[]).await {
                         Ok(resp) => {
@@ -869,12 +958,18 @@ impl HttpAdapter {
                                 self.forget_id(&item.sku).await?;
                             }
                         }
-                        Err(f) => return Err(f.into_error()),
+                        Err(f) => {
+                            let e = f.into_error();
+                            if is_systemic(&e) {
+                                stop = Some(e.clone());
+                            }
+                            unread.insert(item.sku.clone(), e);
+                        }
                     }
                 }
             }
         }
-        Ok(out)
+        Ok((out, unread))
     }
 
     fn parse_shown(&self, rec: &Value) -> Result<Shown, String> {
@@ -1015,33 +1110,60 @@ impl PortalAdapter for HttpAdapter {
     async fn upload(&self, batch: &Batch) -> AdapterResult<Receipt> {
         const OP: &str = "upload";
         let suspect = self.take_suspect(batch.request_key());
-        let mut ids = self.ids(&batch.items).await?;
+        let (mut ids, lookup_failed) = self.ids_each(&batch.items).await?;
         let w = &self.profile.config().write;
         let default_receipt = batch.key.to_string();
         match w.mode {
             Mode::PerItem => {
-                // After an unanswered attempt, write only what does not show yet.
-                let todo: Vec<&Item> = if suspect {
-                    let shown = self.read_back(batch, &ids).await?;
-                    batch
-                        .items
-                        .iter()
-                        .filter(|i| self.differs(i, shown.get(&i.sku)).is_some())
-                        .collect()
-                } else {
-                    batch.items.iter().collect()
-                };
-                tracing::debug!(endpoint = %self.endpoint, key = %batch.key, items = todo.len(), of = batch.items.len(), suspect, "http adapter per-item upload");
-                for item in todo {
-                    self.write_item(batch, item, &mut ids).await?;
+                // Item by item: one refused or failing item does not stop the others; the
+                // answer says which landed (AdapterError::Partial), so a retry sends only
+                // the rest.
+                let mut outcome = ItemOutcomes::default();
+                for (sku, e) in lookup_failed {
+                    outcome.record(sku, e);
                 }
-                Ok(Receipt {
+                let mut skip: HashSet<String> = outcome.skus().into_iter().collect();
+                // After an unanswered attempt, write only what does not show yet.
+                if suspect && outcome.stop.is_none() {
+                    let (shown, unread) = self.read_back(batch, &ids).await?;
+                    for item in &batch.items {
+                        if skip.contains(item.sku.as_str()) {
+                            continue;
+                        }
+                        if let Some(e) = unread.get(&item.sku) {
+                            outcome.record(item.sku.clone(), e.clone());
+                            skip.insert(item.sku.clone());
+                        } else if self.differs(item, shown.get(&item.sku)).is_none() {
+                            outcome.done.push(item.sku.clone());
+                            skip.insert(item.sku.clone());
+                        }
+                    }
+                }
+                tracing::debug!(endpoint = %self.endpoint, key = %batch.key, items = batch.items.len() - skip.len(), of = batch.items.len(), suspect, "http adapter per-item upload");
+                for item in &batch.items {
+                    if skip.contains(item.sku.as_str()) {
+                        continue;
+                    }
+                    if let Some(e) = &outcome.stop {
+                        let e = e.clone();
+                        outcome.record(item.sku.clone(), e);
+                        continue;
+                    }
+                    match self.write_item(batch, item, &mut ids).await {
+                        Ok(()) => outcome.done.push(item.sku.clone()),
+                        Err(e) => outcome.record(item.sku.clone(), e),
+                    }
+                }
+                outcome.into_result(Receipt {
                     id: default_receipt,
                 })
             }
             Mode::PerBatch => {
+                if let Some((_, e)) = lookup_failed.into_iter().next() {
+                    return Err(e);
+                }
                 if suspect {
-                    let shown = self.read_back(batch, &ids).await?;
+                    let (shown, _) = self.read_back(batch, &ids).await?;
                     if self.compare(&batch.items, &shown) == Verification::Verified {
                         tracing::info!(endpoint = %self.endpoint, key = %batch.key, "batch already shows; not sent again");
                         return Ok(Receipt {
@@ -1052,11 +1174,13 @@ impl PortalAdapter for HttpAdapter {
                 let per = w.items_per_request.unwrap_or(usize::MAX).max(1);
                 let decimals = self.profile.config().price_decimals;
                 let mut receipt = None;
+                // A remainder is a request of its own: its keys derive from its own key.
+                let base = batch.request_key();
                 for (i, chunk) in batch.items.chunks(per).enumerate() {
                     let key = if i == 0 {
-                        batch.key
+                        base
                     } else {
-                        Uuid::new_v5(&batch.key, format!("chunk-{i}").as_bytes())
+                        Uuid::new_v5(&base, format!("chunk-{i}").as_bytes())
                     };
                     let mut ctx = self.base_ctx();
                     ctx.insert("key".into(), Value::String(key.to_string()));
@@ -1110,9 +1234,28 @@ impl PortalAdapter for HttpAdapter {
         if batch.items.is_empty() {
             return Ok(Verification::Verified);
         }
-        let ids = self.ids(&batch.items).await?;
-        let shown = self.read_back(batch, &ids).await?;
-        Ok(self.compare(&batch.items, &shown))
+        let (ids, lookup_failed) = self.ids_each(&batch.items).await?;
+        let (shown, mut unread) = self.read_back(batch, &ids).await?;
+        for (sku, e) in lookup_failed {
+            unread.insert(sku, e);
+        }
+        // Items that could be read must match; the others are read again later.
+        let read: Vec<Item> = batch
+            .items
+            .iter()
+            .filter(|i| !unread.contains_key(&i.sku))
+            .cloned()
+            .collect();
+        let verdict = self.compare(&read, &shown);
+        if unread.is_empty() || matches!(verdict, Verification::Mismatch { .. }) {
+            return Ok(verdict);
+        }
+        let rest = batch.items.iter().find_map(|i| unread.get(&i.sku)).cloned();
+        Err(AdapterError::partial(
+            read.into_iter().map(|i| i.sku).collect(),
+            Vec::new(),
+            rest,
+        ))
     }
 
     async fn probe(&self, endpoint: &str, key: Uuid) -> AdapterResult<Option<Receipt>> {
