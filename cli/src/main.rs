@@ -431,6 +431,7 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             }
             let report = report?;
             progress::print_summary(&report);
+            progress::print_quarantine(&app).await?;
             app.close().await;
             if !report.refused.is_empty() || report.unfinished > 0 {
                 return Ok(ExitCode::from(1));

@@ -56,6 +56,33 @@ pub(crate) enum Ops {
         #[arg(long)]
         json: bool,
     },
+    /// Items endpoints refused (a value out of range, a SKU they do not know), left as each
+    /// endpoint had them while the rest syncs: endpoint, SKU, snapshot, reason.
+    Quarantine {
+        #[command(flatten)]
+        db: DbArg,
+        /// Only this endpoint's.
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Have the next sync carry quarantined items again, even if the snapshot did not
+    /// change them (all of them, one endpoint's, or one SKU's).
+    Retry {
+        #[command(flatten)]
+        db: DbArg,
+        /// Only this endpoint's.
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// Only this SKU (as sent to the endpoint).
+        #[arg(long)]
+        sku: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Close an endpoint's circuit by hand (the next run syncs it again).
     ResetCircuit {
         /// The endpoint id.
@@ -90,11 +117,22 @@ fn detail(w: &WorkflowRow) -> String {
             .and_then(|r| r.as_str())
             .unwrap_or("")
             .to_string(),
-        "Done" => format!(
-            "{} batches, {} items",
-            inner.get("batches").and_then(|b| b.as_u64()).unwrap_or(0),
-            inner.get("items").and_then(|b| b.as_u64()).unwrap_or(0)
-        ),
+        "Done" => {
+            let quarantined = inner
+                .get("quarantined")
+                .and_then(|q| q.as_array())
+                .map_or(0, Vec::len);
+            format!(
+                "{} batches, {} items{}",
+                inner.get("batches").and_then(|b| b.as_u64()).unwrap_or(0),
+                inner.get("items").and_then(|b| b.as_u64()).unwrap_or(0),
+                if quarantined > 0 {
+                    format!(", {quarantined} quarantined")
+                } else {
+                    String::new()
+                }
+            )
+        }
         _ => inner
             .get("batch")
             .map(|b| format!("batch {b}"))
@@ -427,6 +465,62 @@ pub(crate) async fn run(op: Ops) -> Result<ExitCode> {
                         cut(event, 44)
                     );
                 }
+            }
+        }
+        Ops::Quarantine { db, endpoint, json } => {
+            let app = open(&db).await?;
+            let rows: Vec<_> = app
+                .quarantine()
+                .await?
+                .into_iter()
+                .filter(|q| endpoint.as_ref().is_none_or(|e| *e == q.endpoint))
+                .collect();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else if rows.is_empty() {
+                println!("nothing quarantined");
+            } else {
+                println!(
+                    "{:<16} {:<16} {:>8}  {:<19} reason",
+                    "endpoint", "sku", "snapshot", "since"
+                );
+                for q in &rows {
+                    let retry = if q.retry_requested {
+                        " (retry asked)"
+                    } else {
+                        ""
+                    };
+                    println!(
+                        "{:<16} {:<16} {:>8}  {:<19} {}{retry}",
+                        cut(&q.endpoint, 16),
+                        cut(&q.sku, 16),
+                        q.snapshot,
+                        chrono_ms(q.at),
+                        cut(&q.reason, 60)
+                    );
+                }
+                println!(
+                    "{} item(s); `bulwark retry` has the next sync carry them again",
+                    rows.len()
+                );
+            }
+        }
+        Ops::Retry {
+            db,
+            endpoint,
+            sku,
+            json,
+        } => {
+            let app = open(&db).await?;
+            let n = app
+                .retry_quarantined(endpoint.as_deref(), sku.as_deref())
+                .await?;
+            if json {
+                println!("{}", serde_json::json!({ "marked": n }));
+            } else if n == 0 {
+                println!("no quarantined item matches");
+            } else {
+                println!("{n} quarantined item(s) will be carried by the next sync");
             }
         }
         Ops::ResetCircuit { id, db, json } => {

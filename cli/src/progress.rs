@@ -158,6 +158,12 @@ pub(crate) fn print_status(s: &Status) {
         "journal rows: {}, recent alerts: {}",
         s.journal_rows, s.alerts
     );
+    if s.quarantined > 0 {
+        println!(
+            "quarantined items: {} (refused by their endpoint; `bulwark quarantine` lists them)",
+            s.quarantined
+        );
+    }
     if !s.insecure_tls.is_empty() {
         println!(
             "TLS verification OFF (insecure_skip_verify) for {} endpoint(s):",
@@ -168,6 +174,21 @@ pub(crate) fn print_status(s: &Status) {
         }
     }
     crate::ops::print_runs(&s.runs);
+}
+
+/// One line on what endpoints refused, if they refused anything.
+pub(crate) async fn print_quarantine(app: &bulwark_workflows::app::Bulwark) -> anyhow::Result<()> {
+    let q = app.quarantine().await?;
+    if !q.is_empty() {
+        let endpoints: std::collections::BTreeSet<&str> =
+            q.iter().map(|r| r.endpoint.as_str()).collect();
+        println!(
+            "quarantined: {} item(s) at {} endpoint(s), refused by the endpoint and left as it had them (`bulwark quarantine`, `bulwark retry`)",
+            q.len(),
+            endpoints.len()
+        );
+    }
+    Ok(())
 }
 
 pub(crate) fn print_summary_worker(r: &SyncReport) {

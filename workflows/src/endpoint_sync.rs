@@ -574,8 +574,9 @@ fn call_failed(
     };
     match error {
         e if e.is_transient() && (progressed || attempt < ctx.input.policy.max_attempts) => {
-            let next = if progressed { 2 } else { attempt + 1 };
-            let until = ctx.input.retry_at(at_ms, next, key, error);
+            // A call that settled items starts a fresh round of attempts.
+            let next = if progressed { 1 } else { attempt + 1 };
+            let until = ctx.input.retry_at(at_ms, next.max(2), key, error);
             ctx.commands.push(Command::Sleep { until });
             Transition(State::backoff(
                 batch,

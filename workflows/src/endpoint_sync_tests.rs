@@ -1338,7 +1338,7 @@ fn progress_survives_retries_and_resets_the_attempt_count() {
         },
     );
     let State::Backoff {
-        attempt: 2,
+        attempt: 1,
         failures: 0,
         progress: Some(p),
         receipt: None,
@@ -1349,23 +1349,34 @@ fn progress_survives_retries_and_resets_the_attempt_count() {
     };
     assert_eq!(p.upload_skips(0).to_string(), "0-3");
     // The retry probes, keeping the progress; the re-upload sends only the rest.
+    let no_progress = Event::UploadPartial {
+        at_ms: AT,
+        done: ItemSet::new(),
+        refused: vec![],
+        rest: Some(transient()),
+    };
     let r = apply(&inp, &t.state, Event::TimerFired);
     assert_eq!(r.state.progress(), Some(p));
-    let t2 = apply(
-        &inp,
-        &r.state,
-        Event::UploadPartial {
-            at_ms: AT,
-            done: ItemSet::new(),
-            refused: vec![],
-            rest: Some(transient()),
-        },
-    );
-    // No progress at the last attempt: exhausted, a failed validation, same key.
+    let t2 = apply(&inp, &r.state, no_progress.clone());
     assert!(
-        matches!(&t2.state, State::Backoff { attempt: 1, failures: 1, generation: 0, progress: Some(p2), .. } if p2 == p),
+        matches!(
+            &t2.state,
+            State::Backoff {
+                attempt: 2,
+                failures: 0,
+                ..
+            }
+        ),
         "{:?}",
         t2.state
+    );
+    // No progress at the last attempt: exhausted, a failed validation, same key.
+    let r2 = apply(&inp, &t2.state, Event::TimerFired);
+    let t3 = apply(&inp, &r2.state, no_progress);
+    assert!(
+        matches!(&t3.state, State::Backoff { attempt: 1, failures: 1, generation: 0, progress: Some(p3), .. } if p3 == p),
+        "{:?}",
+        t3.state
     );
     // A verify that confirmed some items keeps them.
     let v = verifying(&inp, 0, 1, 0, 0);
