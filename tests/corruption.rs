@@ -167,24 +167,63 @@ async fn corrupt_journal_rows_are_reported_and_refused_by_replay() {
             "{why}"
         );
     }
+    // The refused two are retired as Corrupt (terminal, alerted); the other two finish.
     assert_eq!(
-        report.by_status.get("Done").copied().unwrap_or(0),
-        2,
+        report.by_status.get("Corrupt").copied(),
+        Some(2),
         "{report:?}"
     );
     assert_eq!(sink.duplicates(), 0);
-    // The refused workflows are left as they were (not half-applied, not marked done), and
-    // the run stays open so nothing new is planned over them.
     let store = app.store();
     let rows = bulwark_engine::Store::workflows(store.as_ref(), None, None)
         .await
         .unwrap();
     for id in [bad_json, gap] {
-        assert!(!rows.iter().find(|w| w.id == id).unwrap().terminal);
+        let w = rows.iter().find(|w| w.id == id).unwrap();
+        assert!(w.terminal && w.status == "Corrupt", "{w:?}");
     }
+    let alerts = bulwark_engine::Store::alerts(store.as_ref(), 50)
+        .await
+        .unwrap();
+    let corrupt: Vec<_> = alerts
+        .iter()
+        .filter(|a| a.kind == "workflow_corrupt")
+        .collect();
+    assert_eq!(corrupt.len(), 2, "{alerts:?}");
+    for id in [bad_json, gap] {
+        assert!(
+            corrupt
+                .iter()
+                .any(|a| a.workflow == Some(id) && a.message.contains("corrupt journal")),
+            "{corrupt:?}"
+        );
+    }
+    // Their run finished, so the same call planned a new run: the two endpoints are
+    // synced afresh (read back first: what the retired workflows sent may have landed).
+    let plan = report.plan.as_ref().expect("a new run is planned");
+    assert_eq!(plan.workflows, 2, "{plan:?}");
+    assert_eq!(report.by_status.get("Done").copied(), Some(4), "{report:?}");
+    assert_eq!(sink.duplicates(), 0, "nothing applied twice");
+    let runs = bulwark_engine::Store::runs(store.as_ref()).await.unwrap();
+    assert!(runs.iter().all(|r| r.status == "finished"), "{runs:?}");
+    // The audit is clean, and still names the retired journals' problems, apart.
+    let audit = app.audit().await.unwrap();
+    assert!(audit.findings.is_empty(), "{:?}", audit.findings);
+    assert_eq!(audit.retired_workflows, 2);
     assert!(
-        report.plan.is_none(),
-        "no new run may start while workflows are refused"
+        audit.retired.iter().any(|f| f.workflow == bad_json),
+        "{:?}",
+        audit.retired
+    );
+    // And the next sync finds every endpoint up to date.
+    let report = app
+        .sync(&memory_endpoints(4), &options, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        report.plan.as_ref().map(|p| p.workflows),
+        Some(0),
+        "{report:?}"
     );
 }
 
@@ -224,4 +263,177 @@ async fn a_changed_mapping_forces_a_full_send() {
         settled.uploads, 0,
         "the new mapping is now what the endpoint confirmed"
     );
+}
+
+/// One corrupt workflow never stops the fleet: of 200 endpoint syncs interrupted midway,
+/// one has an unreadable journal row; replay finishes the other 199, retires that one as
+/// Corrupt, the run finishes, and a new run syncs its endpoint from what it last confirmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_row_in_one_of_200_workflows_stops_only_that_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("bulwark.db");
+    seed_snapshot(&db, 3).await.unwrap();
+    let sink = Arc::new(MemoryPortal::new());
+    let n = 200;
+    {
+        let portal = Arc::new(CrashingPortal::new(sink.clone(), Some(500), false));
+        let app = Bulwark::open(&db, registry_for(portal)).await.unwrap();
+        let options = SyncOptions {
+            batch_size: 1,
+            ..Default::default()
+        };
+        let r = tokio::time::timeout(
+            Duration::from_millis(1_500),
+            app.sync(&memory_endpoints(n), &options, None),
+        )
+        .await;
+        assert!(r.is_err(), "the sync should have hung at the crash point");
+    }
+    let victim: (i64, String) = {
+        let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+            .await
+            .unwrap();
+        let victim: (i64, String) = sqlx::query_as(
+            "SELECT id, subject FROM workflows WHERE terminal = 0 AND seq >= 2 ORDER BY id LIMIT 1",
+        )
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+        sqlx::query(
+            "UPDATE journal SET state_json = '{\"Uploading\": [' WHERE workflow_id = ? AND seq = 2",
+        )
+        .bind(victim.0)
+        .execute(&mut c)
+        .await
+        .unwrap();
+        c.close().await.unwrap();
+        victim
+    };
+    let app = Bulwark::open(&db, registry_for(sink.clone()))
+        .await
+        .unwrap();
+    let options = SyncOptions {
+        batch_size: 1,
+        ..Default::default()
+    };
+    let report = app
+        .sync(&memory_endpoints(n), &options, None)
+        .await
+        .unwrap();
+    assert_eq!(report.refused.len(), 1, "{:?}", report.refused);
+    assert_eq!(report.refused[0].0, victim.0);
+    assert_eq!(
+        report.by_status.get("Corrupt").copied(),
+        Some(1),
+        "{report:?}"
+    );
+    // 199 endpoints finished in the resumed run (those that had finished before the crash
+    // count from that run), and the new run synced the victim's endpoint.
+    let plan = report.plan.as_ref().expect("a new run");
+    assert_eq!(plan.workflows, 1, "only the victim's endpoint: {plan:?}");
+    let rows = bulwark_engine::Store::workflows(app.store().as_ref(), plan.run, None)
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        (rows[0].subject.as_str(), rows[0].status.as_str()),
+        (victim.1.as_str(), "Done")
+    );
+    let input: serde_json::Value = serde_json::from_str(&rows[0].input_json).unwrap();
+    assert_eq!(
+        input["read_first"], true,
+        "unsettled: read back before writing"
+    );
+    assert_eq!(sink.duplicates(), 0);
+    let confirmed = app.staging().confirmed_with_mapping().await.unwrap();
+    assert_eq!(
+        confirmed.len(),
+        n as usize,
+        "every endpoint confirmed the snapshot"
+    );
+    let audit = app.audit().await.unwrap();
+    assert!(audit.findings.is_empty(), "{:?}", audit.findings);
+    assert_eq!(audit.retired_workflows, 1);
+    app.close().await;
+}
+
+/// An operator retires a corrupt unfinished workflow with `bulwark audit --repair` (the
+/// real binary): the audit fails before, the run finishes after, and the audit passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_repair_retires_a_corrupt_workflow_and_finishes_its_run() {
+    use bulwark_tests::bulwark;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("bulwark.db");
+    seed_snapshot(&db, 3).await.unwrap();
+    let sink = Arc::new(MemoryPortal::new());
+    crash_midway(&db, sink.clone(), 10).await;
+    let victim: i64 = {
+        let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+            .await
+            .unwrap();
+        let id: i64 = sqlx::query_scalar(
+            "SELECT id FROM workflows WHERE terminal = 0 AND seq >= 1 ORDER BY id LIMIT 1",
+        )
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+        // Leases of the crashed process must not block the repair.
+        sqlx::query("UPDATE workflows SET lease_until = 0")
+            .execute(&mut c)
+            .await
+            .unwrap();
+        sqlx::query("UPDATE journal SET event_json = 'garbage' WHERE workflow_id = ? AND seq = 1")
+            .bind(id)
+            .execute(&mut c)
+            .await
+            .unwrap();
+        c.close().await.unwrap();
+        id
+    };
+    let out = bulwark().args(["audit", "--db"]).arg(&db).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("workflow {victim}")), "{text}");
+
+    let out = bulwark()
+        .args(["audit", "--repair", "--db"])
+        .arg(&db)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains(&format!("retired workflow {victim} as Corrupt")),
+        "{text}"
+    );
+    assert!(text.contains("1 workflow(s) retired as Corrupt"), "{text}");
+    assert!(text.contains(": 0 finding(s)"), "{text}");
+    // Repairing again finds nothing more to do; the alert names the workflow.
+    let again = bulwark_tests::run_ok(bulwark().args(["audit", "--repair", "--db"]).arg(&db));
+    assert!(again.contains("nothing to repair"), "{again}");
+    let alerts = bulwark_tests::run_ok(bulwark().args(["alerts", "--db"]).arg(&db));
+    assert!(alerts.contains("workflow_corrupt"), "{alerts}");
+    // The other unfinished workflows are still there for the next sync to resume.
+    let app = Bulwark::open(&db, registry_for(sink.clone()))
+        .await
+        .unwrap();
+    let options = SyncOptions {
+        batch_size: 1,
+        ..Default::default()
+    };
+    let report = app
+        .sync(&memory_endpoints(4), &options, None)
+        .await
+        .unwrap();
+    assert!(report.refused.is_empty(), "{:?}", report.refused);
+    assert_eq!(sink.duplicates(), 0);
+    let runs = bulwark_engine::Store::runs(app.store().as_ref())
+        .await
+        .unwrap();
+    assert!(runs.iter().all(|r| r.status == "finished"), "{runs:?}");
+    app.close().await;
 }

@@ -273,6 +273,11 @@ enum Command {
     Audit {
         #[command(flatten)]
         db: DbArg,
+        /// Retire every unfinished workflow with a problem as `Corrupt` (alerted; its
+        /// journal is kept) and finish the runs waiting on it; the next sync plans those
+        /// endpoints afresh from what they last confirmed.
+        #[arg(long)]
+        repair: bool,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -575,12 +580,32 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
                 ops::print_alerts(&alerts, webhook);
             }
         }
-        Command::Audit { db, json } => {
+        Command::Audit { db, repair, json } => {
             let app = Bulwark::open(&db.db, bulwark_adapters::default_registry()).await?;
+            let repaired = if repair {
+                Some(app.repair().await?)
+            } else {
+                None
+            };
             let r = app.audit().await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
+                let v = serde_json::json!({ "audit": &r, "repair": &repaired });
+                println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
+                if let Some(rep) = &repaired {
+                    for (id, why) in &rep.retired {
+                        println!("retired workflow {id} as Corrupt: {why}");
+                    }
+                    for (id, why) in &rep.left {
+                        println!("left workflow {id} as it is: {why}");
+                    }
+                    if !rep.finished_runs.is_empty() {
+                        println!("finished run(s): {:?}", rep.finished_runs);
+                    }
+                    if rep.retired.is_empty() && rep.left.is_empty() {
+                        println!("nothing to repair");
+                    }
+                }
                 let kinds: Vec<String> =
                     r.by_kind.iter().map(|(k, n)| format!("{n} {k}")).collect();
                 println!(
@@ -592,6 +617,16 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
                 );
                 for f in &r.findings {
                     println!("  {f}");
+                }
+                if r.retired_workflows > 0 {
+                    println!(
+                        "{} workflow(s) retired as Corrupt (alerted, no longer driven), {} problem(s) in their journals:",
+                        r.retired_workflows,
+                        r.retired.len()
+                    );
+                    for f in r.retired.iter().take(20) {
+                        println!("  {f}");
+                    }
                 }
             }
             if !r.findings.is_empty() {

@@ -105,7 +105,13 @@ pub(crate) fn print_summary(r: &SyncReport) {
             ),
         }
     } else {
-        println!("no sealed snapshot yet: run `bulwark snapshot` first");
+        if r.unfinished > 0 || !r.refused.is_empty() {
+            println!(
+                "no new run planned: workflows of an earlier run could not finish (above); the next sync tries again"
+            );
+        } else {
+            println!("no sealed snapshot yet: run `bulwark snapshot` first");
+        }
     }
     println!(
         "endpoints: {} done, {} tripped, {} skipped, {} cancelled",

@@ -206,10 +206,12 @@ pub async fn replay<M: Machine>(store: &dyn Store, row: &WorkflowRow) -> Result<
 
 /// Audit every workflow of kind `M::KIND`: returns (workflows checked, journal rows read,
 /// findings).
-pub async fn audit<M: Machine>(store: &dyn Store) -> Result<(usize, usize, Vec<Finding>)> {
+pub async fn audit<M: Machine>(store: &dyn Store) -> Result<AuditSummary> {
     let rows = store.workflows(None, Some(M::KIND)).await?;
-    let mut findings = Vec::new();
-    let mut read = 0;
+    let mut out = AuditSummary {
+        workflows: rows.len(),
+        ..AuditSummary::default()
+    };
     for chunk in rows.chunks(2000) {
         let (from, to) = (chunk[0].id, chunk[chunk.len() - 1].id + 1);
         // The range may hold other kinds' rows too: only this kind's are counted.
@@ -223,9 +225,34 @@ pub async fn audit<M: Machine>(store: &dyn Store) -> Result<(usize, usize, Vec<F
             while i < journal.len() && journal[i].workflow == row.id {
                 i += 1;
             }
-            read += i - start;
-            findings.extend(check_workflow::<M>(row, &journal[start..i]).1);
+            out.journal_rows += i - start;
+            let journal = &journal[start..i];
+            if row.terminal && row.status == crate::runtime::RETIRED_STATUS {
+                // Retired: its row no longer follows its journal; what the journal itself
+                // holds is still reported, apart.
+                out.retired_workflows += 1;
+                out.retired
+                    .extend(check_journal::<M>(row.id, &row.input_json, journal).1);
+            } else {
+                out.findings.extend(check_workflow::<M>(row, journal).1);
+            }
         }
     }
-    Ok((rows.len(), read, findings))
+    Ok(out)
+}
+
+/// What [`audit`] found for one machine kind.
+#[derive(Debug, Clone, Default)]
+pub struct AuditSummary {
+    /// Workflows checked.
+    pub workflows: usize,
+    /// Journal rows read.
+    pub journal_rows: usize,
+    /// Problems in live or finished workflows.
+    pub findings: Vec<Finding>,
+    /// Workflows retired as [`crate::runtime::RETIRED_STATUS`] (refused, alerted, no longer
+    /// driven).
+    pub retired_workflows: usize,
+    /// Problems in the journals of retired workflows (kept for inspection).
+    pub retired: Vec<Finding>,
 }

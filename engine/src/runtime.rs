@@ -77,6 +77,8 @@ pub struct RunOutcome {
     pub refused: Vec<(WorkflowId, String)>,
     /// Workflows left non-terminal with nothing to do, or stopped by request.
     pub unfinished: usize,
+    /// Refused workflows retired as [`RETIRED_STATUS`] (also counted in `refused`).
+    pub retired: usize,
     /// Final states by name.
     pub by_status: BTreeMap<String, usize>,
 }
@@ -85,6 +87,53 @@ enum End {
     Finished(&'static str, u64),
     Fenced(u64),
     Unfinished(u64),
+    /// Refused for good (corrupt journal or input, illegal transition) and retired as
+    /// [`RETIRED_STATUS`]: terminal, alerted.
+    Retired(String),
+}
+
+/// The status a workflow that cannot go on is retired with (see [`Store::retire`]).
+pub const RETIRED_STATUS: &str = "Corrupt";
+
+/// Is `e` a refusal that no retry will cure (the workflow's own data is wrong), as opposed
+/// to a store or network failure?
+fn is_permanent(e: &EngineError) -> bool {
+    matches!(
+        e,
+        EngineError::Corrupt { .. } | EngineError::Transition { .. } | EngineError::Json { .. }
+    )
+}
+
+/// Retire a workflow refused for good; returns how the attempt to drive it ended.
+async fn retire_refused<M: Machine>(
+    store: &dyn Store,
+    row: &WorkflowRow,
+    epoch: Option<i64>,
+    e: EngineError,
+) -> Result<End> {
+    if !is_permanent(&e) {
+        return Err(e);
+    }
+    let reason = e.to_string();
+    let alert = crate::store::NewAlert {
+        kind: "workflow_corrupt".into(),
+        level: crate::AlertLevel::Error,
+        subject: row.subject.clone(),
+        message: format!(
+            "{} {} of {:?} (run {}) retired as {RETIRED_STATUS}: {reason}; its journal is kept for inspection, and the next run plans {:?} afresh",
+            M::KIND,
+            row.id,
+            row.subject,
+            row.run_id,
+            row.subject
+        ),
+    };
+    if store.retire(row.id, epoch, RETIRED_STATUS, &alert).await? {
+        Ok(End::Retired(reason))
+    } else {
+        // Another worker holds it now (or it already ended): not ours to retire.
+        Err(e)
+    }
 }
 
 /// Drives workflows of one machine kind.
@@ -200,17 +249,33 @@ impl<M: Machine> Runtime<M> {
         for w in claimed {
             held.push((w.id, w.epoch));
             let row = claimed_row::<M>(w);
+            // A workflow that cannot be folded is retired (terminal, alerted), so that
+            // the signal (a cancel) still ends its run.
+            let epoch = Some(row.epoch);
             let input: M::Input = match serde_json::from_str(&row.input_json) {
                 Ok(i) => i,
                 Err(e) => {
-                    refused.push((row.id, format!("input does not decode: {e}")));
+                    let e = EngineError::Corrupt {
+                        workflow: row.id,
+                        seq: 0,
+                        detail: format!("input does not decode: {e}"),
+                    };
+                    let why = e.to_string();
+                    retire_refused::<M>(self.store.as_ref(), &row, epoch, e)
+                        .await
+                        .ok();
+                    refused.push((row.id, why));
                     continue;
                 }
             };
             let state = match audit::replay::<M>(self.store.as_ref(), &row).await {
                 Ok(s) => s,
                 Err(e) => {
-                    refused.push((row.id, e.to_string()));
+                    let why = e.to_string();
+                    retire_refused::<M>(self.store.as_ref(), &row, epoch, e)
+                        .await
+                        .ok();
+                    refused.push((row.id, why));
                     continue;
                 }
             };
@@ -441,6 +506,15 @@ fn record(outcome: &mut RunOutcome, id: WorkflowId, result: Result<End>) {
             outcome.transitions += n;
             outcome.unfinished += 1;
         }
+        Ok(End::Retired(reason)) => {
+            tracing::error!(workflow = id, error = %reason, "workflow refused and retired as {RETIRED_STATUS}");
+            *outcome
+                .by_status
+                .entry(RETIRED_STATUS.to_string())
+                .or_default() += 1;
+            outcome.retired += 1;
+            outcome.refused.push((id, reason));
+        }
         Err(e) => {
             tracing::error!(workflow = id, error = %e, "workflow refused");
             outcome.refused.push((id, e.to_string()));
@@ -530,9 +604,18 @@ async fn drive<M: Machine>(
         run = row.run_id,
         subject = %row.subject
     );
-    drive_workflow::<M>(store, journal, effects, observer, worker, stop, lost, row)
-        .instrument(span)
-        .await
+    let kept = row.clone();
+    let epoch = row.epoch;
+    let store2 = store.clone();
+    async move {
+        match drive_workflow::<M>(store, journal, effects, observer, worker, stop, lost, row).await
+        {
+            Err(e) => retire_refused::<M>(store2.as_ref(), &kept, Some(epoch), e).await,
+            ok => ok,
+        }
+    }
+    .instrument(span)
+    .await
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -660,6 +660,41 @@ impl Store for SqliteStore {
         Ok(rows.iter().map(circuit_from).collect())
     }
 
+    async fn retire(
+        &self,
+        workflow: WorkflowId,
+        epoch: Option<i64>,
+        status: &str,
+        alert: &NewAlert,
+    ) -> Result<bool> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        let n = sqlx::query(
+            "UPDATE workflows SET status = ?, terminal = 1, lease_owner = NULL, lease_until = NULL,
+                 wake_at = NULL, updated_at = ?
+             WHERE id = ? AND terminal = 0
+               AND ((? IS NOT NULL AND lease_epoch = ?) OR (? IS NULL AND coalesce(lease_until, 0) < ?))",
+        )
+        .bind(status)
+        .bind(now)
+        .bind(workflow)
+        .bind(epoch)
+        .bind(epoch)
+        .bind(epoch)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if n > 0 {
+            insert_alert(&mut tx, now, alert, Some((workflow, -1))).await?;
+        }
+        tx.commit().await?;
+        if n > 0 {
+            crate::circuit::trace_alert(alert);
+        }
+        Ok(n > 0)
+    }
+
     async fn reset_circuit(&self, subject: &str, by: &str) -> Result<bool> {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;

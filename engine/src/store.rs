@@ -301,6 +301,19 @@ pub trait Store: Send + Sync + 'static {
     async fn journal_len(&self) -> Result<i64>;
     /// Every circuit ever opened (closed ones included), by subject.
     async fn circuits(&self) -> Result<Vec<CircuitRow>>;
+    /// Retire an unfinished workflow that cannot go on (its journal or input is corrupt, or
+    /// it recorded an illegal transition): it becomes terminal with `status` (e.g.
+    /// `Corrupt`), its lease is dropped, and `alert` is recorded with it, in one
+    /// transaction. With `epoch`, only the holder of that lease may do it; without, only
+    /// while no live lease holds the workflow (an operator's repair). Its journal is kept
+    /// as it is, for inspection. Returns whether it was retired.
+    async fn retire(
+        &self,
+        workflow: WorkflowId,
+        epoch: Option<i64>,
+        status: &str,
+        alert: &NewAlert,
+    ) -> Result<bool>;
     /// Close a subject's circuit by hand (`by`: who or why, for the alert it records).
     /// Returns whether one was open.
     async fn reset_circuit(&self, subject: &str, by: &str) -> Result<bool>;

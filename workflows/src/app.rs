@@ -167,8 +167,26 @@ pub struct AuditReport {
     pub by_kind: std::collections::BTreeMap<String, usize>,
     /// Journal rows read.
     pub journal_rows: usize,
-    /// Every problem found.
+    /// Every problem found in workflows that are live or finished.
     pub findings: Vec<bulwark_engine::Finding>,
+    /// Workflows retired as `Corrupt` (refused for good, alerted; their endpoints were
+    /// planned afresh).
+    pub retired_workflows: usize,
+    /// Problems in the journals of retired workflows (kept for inspection; they do not
+    /// fail the audit: each was alerted when it was retired).
+    pub retired: Vec<bulwark_engine::Finding>,
+}
+
+/// What [`Bulwark::repair`] did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct RepairReport {
+    /// Workflows retired as `Corrupt`, with the problem found.
+    pub retired: Vec<(i64, String)>,
+    /// Workflows with problems left as they are (finished ones, or leased by a live
+    /// worker), with the problem.
+    pub left: Vec<(i64, String)>,
+    /// Sync runs that could finish once their workflows were retired.
+    pub finished_runs: Vec<i64>,
 }
 
 /// An opened Bulwark database: its store, staging, the adapters it knows and this
@@ -635,8 +653,15 @@ impl Bulwark {
                     report.resumed_runs.push(run);
                 }
             }
-            if report.unfinished > 0 || !report.refused.is_empty() {
+            let open = !self
+                .store
+                .open_subjects(EndpointSync::KIND)
+                .await?
+                .is_empty();
+            if report.unfinished > 0 || open {
                 // Do not start new work on top of workflows that could not finish.
+                // (Refused workflows that were retired as Corrupt are finished: their
+                // endpoints are planned afresh from what they last confirmed.)
                 return Ok(self.finish_report(report, &effects, started));
             }
         }
@@ -699,13 +724,14 @@ impl Bulwark {
     /// Re-fold every endpoint-sync journal through the transition function.
     pub async fn audit(&self) -> Result<AuditReport> {
         let mut report = AuditReport::default();
-        let mut add =
-            |kind: &str, (n, rows, findings): (usize, usize, Vec<bulwark_engine::Finding>)| {
-                report.workflows += n;
-                report.journal_rows += rows;
-                report.findings.extend(findings);
-                report.by_kind.insert(kind.to_string(), n);
-            };
+        let mut add = |kind: &str, a: bulwark_engine::audit::AuditSummary| {
+            report.workflows += a.workflows;
+            report.journal_rows += a.journal_rows;
+            report.findings.extend(a.findings);
+            report.retired_workflows += a.retired_workflows;
+            report.retired.extend(a.retired);
+            report.by_kind.insert(kind.to_string(), a.workflows);
+        };
         add(
             EndpointSync::KIND,
             bulwark_engine::audit::audit::<EndpointSync>(self.store.as_ref()).await?,
@@ -715,6 +741,60 @@ impl Bulwark {
             bulwark_engine::audit::audit::<crate::snapshot_flow::SnapshotFlow>(self.store.as_ref())
                 .await?,
         );
+        Ok(report)
+    }
+
+    /// Retire every unfinished workflow the audit finds a problem in (and no live lease
+    /// holds) as `Corrupt`, with an alert, then finish the sync runs that were waiting on
+    /// them. What an operator runs after a crash left a journal unreadable (workers also
+    /// retire such workflows themselves when they meet them). Returns the retired ids with
+    /// the first problem of each, and the runs finished.
+    pub async fn repair(&self) -> Result<RepairReport> {
+        let audit = self.audit().await?;
+        let rows = self.store.workflows(None, None).await?;
+        let mut report = RepairReport::default();
+        let mut seen = std::collections::HashSet::new();
+        for f in &audit.findings {
+            if !seen.insert(f.workflow) {
+                continue;
+            }
+            let Some(w) = rows.iter().find(|w| w.id == f.workflow) else {
+                continue;
+            };
+            if w.terminal {
+                report.left.push((w.id, f.to_string()));
+                continue;
+            }
+            let alert = bulwark_engine::NewAlert {
+                kind: "workflow_corrupt".into(),
+                level: bulwark_engine::AlertLevel::Error,
+                subject: w.subject.clone(),
+                message: format!(
+                    "{} {} of {:?} (run {}) retired as Corrupt by bulwark audit --repair: {f}; its journal is kept for inspection",
+                    w.kind, w.id, w.subject, w.run_id
+                ),
+            };
+            if self
+                .store
+                .retire(w.id, None, bulwark_engine::runtime::RETIRED_STATUS, &alert)
+                .await?
+            {
+                report.retired.push((w.id, f.to_string()));
+            } else {
+                report.left.push((
+                    w.id,
+                    format!("{f} (a live lease holds it; stop its worker first)"),
+                ));
+            }
+        }
+        for r in self.store.runs().await? {
+            if r.kind == "sync"
+                && r.status == "running"
+                && crate::sync::finalize(self.store.as_ref(), &self.staging, r.id).await?
+            {
+                report.finished_runs.push(r.id);
+            }
+        }
         Ok(report)
     }
 

@@ -1019,9 +1019,28 @@ pub async fn finalize_as(
     }
     let mut settled = Vec::new();
     for w in &rows {
-        let input: SyncInput = serde_json::from_str(&w.input_json).map_err(|e| {
-            SyncError::Corrupt(format!("workflow {}: input does not decode: {e}", w.id))
-        })?;
+        let input: SyncInput = match serde_json::from_str(&w.input_json) {
+            Ok(i) => i,
+            // Retired because its input is unreadable: what it sent is unknown, so the
+            // endpoint reads back before its next write.
+            Err(_) if w.status == bulwark_engine::runtime::RETIRED_STATUS => {
+                settled.push(Settled {
+                    endpoint: w.subject.clone(),
+                    snapshot: 0,
+                    confirmed: None,
+                    status: w.status.clone(),
+                    carried: Vec::new(),
+                    quarantined: Vec::new(),
+                });
+                continue;
+            }
+            Err(e) => {
+                return Err(SyncError::Corrupt(format!(
+                    "workflow {}: input does not decode: {e}",
+                    w.id
+                )));
+            }
+        };
         let done = w.status == "Done";
         // A skipped endpoint sent nothing; it stays as it was.
         if !done && w.status == "Skipped" {
@@ -1052,7 +1071,7 @@ pub async fn finalize_as(
     staging.settle(run, &settled).await?;
     let tripped: Vec<&str> = rows
         .iter()
-        .filter(|w| w.status == "Tripped")
+        .filter(|w| w.status == "Tripped" || w.status == bulwark_engine::runtime::RETIRED_STATUS)
         .map(|w| w.subject.as_str())
         .collect();
     let alert = (!tripped.is_empty()).then(|| {
@@ -1063,7 +1082,7 @@ pub async fn finalize_as(
             level: AlertLevel::Warn,
             subject: format!("run:{run}"),
             message: format!(
-                "run {run} finished with {} of {} endpoint(s) tripped: {}{}",
+                "run {run} finished with {} of {} endpoint(s) tripped or corrupt: {}{}",
                 tripped.len(),
                 rows.len(),
                 shown.join(", "),
