@@ -559,7 +559,8 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             simulator::serve_forever(config, listen, tls.as_ref()).await?;
         }
         Command::Status { db, json } => {
-            let app = Bulwark::open(&db.db, bulwark_adapters::default_registry()).await?;
+            let app =
+                Bulwark::open_for_reading(&db.db, bulwark_adapters::default_registry()).await?;
             let status = app.status().await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
@@ -569,7 +570,8 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
         }
         Command::Ops(op) => return ops::run(op).await,
         Command::Alerts { db, limit, json } => {
-            let app = Bulwark::open(&db.db, bulwark_adapters::default_registry()).await?;
+            let app =
+                Bulwark::open_for_reading(&db.db, bulwark_adapters::default_registry()).await?;
             let alerts = bulwark_engine::Store::alerts(app.store().as_ref(), limit).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&alerts)?);
@@ -581,7 +583,12 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             }
         }
         Command::Audit { db, repair, json } => {
-            let app = Bulwark::open(&db.db, bulwark_adapters::default_registry()).await?;
+            let registry = bulwark_adapters::default_registry();
+            let app = if repair {
+                Bulwark::open(&db.db, registry).await?
+            } else {
+                Bulwark::open_for_reading(&db.db, registry).await?
+            };
             let repaired = if repair {
                 Some(app.repair().await?)
             } else {

@@ -232,6 +232,11 @@ async fn open(db: &DbArg) -> Result<Bulwark> {
     Ok(Bulwark::open(&db.db, bulwark_adapters::default_registry()).await?)
 }
 
+/// Open for a command that only reads (works on a read-only database or a full disk).
+async fn open_read(db: &DbArg) -> Result<Bulwark> {
+    Ok(Bulwark::open_for_reading(&db.db, bulwark_adapters::default_registry()).await?)
+}
+
 /// Latest endpoint-sync workflow per endpoint.
 pub(crate) async fn latest(store: &dyn Store) -> Result<BTreeMap<String, WorkflowRow>> {
     let mut by: BTreeMap<String, WorkflowRow> = BTreeMap::new();
@@ -303,7 +308,7 @@ pub(crate) async fn endpoint_history(
 pub(crate) async fn run(op: Ops) -> Result<ExitCode> {
     match op {
         Ops::Runs { db, json } => {
-            let app = open(&db).await?;
+            let app = open_read(&db).await?;
             let status = app.status().await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&status.runs)?);
@@ -312,7 +317,7 @@ pub(crate) async fn run(op: Ops) -> Result<ExitCode> {
             }
         }
         Ops::Run { id, db, json } => {
-            let app = open(&db).await?;
+            let app = open_read(&db).await?;
             let store = app.store();
             let Some(run) = store.runs().await?.into_iter().find(|r| r.id == id) else {
                 bail!("no run {id}")
@@ -349,7 +354,7 @@ pub(crate) async fn run(op: Ops) -> Result<ExitCode> {
             tripped,
             json,
         } => {
-            let app = open(&db).await?;
+            let app = open_read(&db).await?;
             let store = app.store();
             let lines: Vec<EndpointLine> = if tripped {
                 // Tripped: the circuit is open (later runs skip it) or the latest sync
@@ -398,7 +403,7 @@ pub(crate) async fn run(op: Ops) -> Result<ExitCode> {
             }
         }
         Ops::Endpoint { id, db, json } => {
-            let app = open(&db).await?;
+            let app = open_read(&db).await?;
             let Some(EndpointHistory {
                 rows,
                 journal,
@@ -468,7 +473,7 @@ pub(crate) async fn run(op: Ops) -> Result<ExitCode> {
             }
         }
         Ops::Quarantine { db, endpoint, json } => {
-            let app = open(&db).await?;
+            let app = open_read(&db).await?;
             let rows: Vec<_> = app
                 .quarantine()
                 .await?

@@ -40,6 +40,26 @@ pub enum EngineError {
         /// Newest migration this build knows.
         known: i64,
     },
+    /// The database's filesystem is full.
+    #[error(
+        "{path}: no space left on its disk ({detail}); free space there and run again: nothing was half-written (each journal commit is whole)"
+    )]
+    DiskFull {
+        /// The database file.
+        path: String,
+        /// What SQLite or the OS said.
+        detail: String,
+    },
+    /// The database (or its directory, where SQLite keeps its WAL files) cannot be written.
+    #[error(
+        "{path} cannot be written by this process ({detail}); this command writes to it. Read-only commands (status, runs, endpoints, alerts, audit, quarantine) still work"
+    )]
+    ReadOnly {
+        /// The database file.
+        path: String,
+        /// What SQLite or the OS said.
+        detail: String,
+    },
     /// Another process is working on this database.
     #[error(
         "another bulwark process is already working on {path} (lock file {lock}); stop it first"

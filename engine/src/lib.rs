@@ -77,6 +77,18 @@ impl Backend {
         }
     }
 
+    /// Open for reading only: SQLite without creating, migrating or writing anything
+    /// ([`SqliteStore::open_read_only`]); PostgreSQL as [`Backend::open`] does.
+    pub async fn open_read_only(url: &str) -> Result<Self> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Self::open(url).await;
+        }
+        let path = url.strip_prefix("sqlite://").unwrap_or(url);
+        Ok(Self::Sqlite(std::sync::Arc::new(
+            SqliteStore::open_read_only(path).await?,
+        )))
+    }
+
     /// The generic store.
     pub fn store(&self) -> std::sync::Arc<dyn Store> {
         match self {

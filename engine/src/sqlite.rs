@@ -34,7 +34,157 @@ pub struct WorkerLock {
     _file: File,
 }
 
+/// The primary SQLite result code of a database error, if it is one.
+fn sqlite_code(e: &sqlx::Error) -> Option<i64> {
+    match e {
+        sqlx::Error::Database(d) => d
+            .code()
+            .and_then(|c| c.parse::<i64>().ok())
+            .map(|c| c & 0xff),
+        _ => None,
+    }
+}
+
+/// Does `dir` accept a new file? (`Err` with the OS error if not.)
+fn dir_writable(dir: &Path) -> std::io::Result<()> {
+    let probe = dir.join(format!(".bulwark-write-probe-{}", std::process::id()));
+    std::fs::write(&probe, b"probe")?;
+    std::fs::remove_file(&probe)
+}
+
+/// Name the real cause of a failure to open or write `path`: a full disk, a file or
+/// directory this process cannot write; else `fallback` (e.g. not a Bulwark database).
+fn classify(
+    path: &Path,
+    e: sqlx::Error,
+    fallback: impl FnOnce(sqlx::Error) -> EngineError,
+) -> EngineError {
+    let shown = path.display().to_string();
+    let detail = e.to_string();
+    match sqlite_code(&e) {
+        Some(13) => {
+            return EngineError::DiskFull {
+                path: shown,
+                detail,
+            };
+        }
+        Some(8) => {
+            return EngineError::ReadOnly {
+                path: shown,
+                detail,
+            };
+        }
+        // I/O errors and files that cannot be opened: ask the filesystem why.
+        Some(10 | 14) | None => {
+            let file = std::fs::OpenOptions::new().append(true).open(path);
+            let dir = path
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            let why = match file {
+                Err(err) => Some(err),
+                Ok(_) => dir_writable(dir).err(),
+            };
+            if let Some(err) = why {
+                if err.raw_os_error() == Some(28) {
+                    return EngineError::DiskFull {
+                        path: shown,
+                        detail: format!("{err}; SQLite said: {detail}"),
+                    };
+                }
+                if err.kind() == std::io::ErrorKind::PermissionDenied
+                    || err.raw_os_error() == Some(30)
+                {
+                    return EngineError::ReadOnly {
+                        path: shown,
+                        detail: format!("{err}; SQLite said: {detail}"),
+                    };
+                }
+            }
+        }
+        _ => {}
+    }
+    fallback(e)
+}
+
 impl SqliteStore {
+    /// Open an existing Bulwark database for reading only: nothing is created, migrated or
+    /// written, so it works on a read-only file, a read-only directory, or a full disk.
+    /// The schema must be current (a database not yet migrated by this Bulwark is
+    /// refused, naming the fix).
+    pub async fn open_read_only(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let shown = path.display().to_string();
+        if !path.exists() {
+            return Err(EngineError::Other(format!("{shown}: no such database")));
+        }
+        let base = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
+            .read_only(true)
+            .busy_timeout(Duration::from_secs(30))
+            .foreign_keys(false);
+        // Without a writable directory (or with a full disk) SQLite cannot make the WAL
+        // index it needs; a database with no pending WAL can then be read as immutable.
+        let wal = PathBuf::from(format!("{}-wal", path.display()));
+        let wal_empty = std::fs::metadata(&wal).map_or(true, |m| m.len() == 0);
+        let options = match SqlitePoolOptions::new()
+            .max_connections(2)
+            .connect_with(base.clone())
+            .await
+        {
+            Ok(pool) => match sqlx::query_scalar::<_, i64>("PRAGMA application_id")
+                .fetch_one(&pool)
+                .await
+            {
+                Ok(_) => {
+                    pool.close().await;
+                    base
+                }
+                Err(_) if wal_empty => {
+                    pool.close().await;
+                    base.immutable(true)
+                }
+                Err(e) => return Err(classify(&path, e, EngineError::Db)),
+            },
+            Err(_) if wal_empty => base.immutable(true),
+            Err(e) => return Err(classify(&path, e, EngineError::Db)),
+        };
+        let pool = SqlitePoolOptions::new()
+            .max_connections(2)
+            .connect_with(options)
+            .await
+            .map_err(|e| classify(&path, e, EngineError::Db))?;
+        let app_id: i64 = sqlx::query_scalar("PRAGMA application_id")
+            .fetch_one(&pool)
+            .await
+            .map_err(|e| classify(&path, e, EngineError::Db))?;
+        if app_id != APPLICATION_ID {
+            return Err(EngineError::NotBulwark {
+                path: shown,
+                detail: format!("application_id is {app_id:#x}"),
+            });
+        }
+        let migrator = sqlx::migrate!("../migrations/sqlite");
+        let known = migrator.iter().map(|m| m.version).max().unwrap_or(0);
+        let found: i64 = sqlx::query_scalar(
+            "SELECT coalesce(max(version), 0) FROM _sqlx_migrations WHERE success",
+        )
+        .fetch_one(&pool)
+        .await?;
+        if found < known {
+            return Err(EngineError::Other(format!(
+                "{shown} has schema version {found}; this Bulwark reads version {known}: open it once with write access to migrate it"
+            )));
+        }
+        if found > known {
+            return Err(EngineError::SchemaTooNew {
+                url: shown,
+                found,
+                known,
+            });
+        }
+        Ok(Self { pool, path })
+    }
+
     /// Open (creating if missing) a Bulwark database, refusing files that are not ours,
     /// and apply pending migrations.
     pub async fn open(path: impl AsRef<Path>) -> Result<Self> {
@@ -61,16 +211,20 @@ impl SqliteStore {
                     .journal_mode(SqliteJournalMode::Wal),
             )
             .await
-            .map_err(|e| EngineError::NotBulwark {
-                path: shown.clone(),
-                detail: format!("cannot read it as SQLite: {e}"),
+            .map_err(|e| {
+                classify(&path, e, |e| EngineError::NotBulwark {
+                    path: shown.clone(),
+                    detail: format!("cannot read it as SQLite: {e}"),
+                })
             })?;
             let app_id: i64 = sqlx::query_scalar("PRAGMA application_id")
                 .fetch_one(&mut conn)
                 .await
-                .map_err(|e| EngineError::NotBulwark {
-                    path: shown.clone(),
-                    detail: format!("cannot read it as SQLite: {e}"),
+                .map_err(|e| {
+                    classify(&path, e, |e| EngineError::NotBulwark {
+                        path: shown.clone(),
+                        detail: format!("cannot read it as SQLite: {e}"),
+                    })
                 })?;
             let tables: i64 =
                 sqlx::query_scalar("SELECT count(*) FROM sqlite_master WHERE type = 'table'")
@@ -88,13 +242,22 @@ impl SqliteStore {
             .max_connections(4)
             .min_connections(1)
             .connect_with(options)
-            .await?;
+            .await
+            .map_err(|e| classify(&path, e, EngineError::Db))?;
         sqlx::query(AssertSqlSafe(format!(
             "PRAGMA application_id = {APPLICATION_ID}"
         )))
         .execute(&pool)
-        .await?;
-        crate::migrate_checked(sqlx::migrate!("../migrations/sqlite"), &pool, &shown).await?;
+        .await
+        .map_err(|e| classify(&path, e, EngineError::Db))?;
+        match crate::migrate_checked(sqlx::migrate!("../migrations/sqlite"), &pool, &shown).await {
+            Err(EngineError::Migrate(sqlx::migrate::MigrateError::Execute(e))) => {
+                return Err(classify(&path, e, |e| {
+                    EngineError::Migrate(sqlx::migrate::MigrateError::Execute(e))
+                }));
+            }
+            other => other?,
+        }
         Ok(Self { pool, path })
     }
 
@@ -122,10 +285,14 @@ impl SqliteStore {
             })?;
         match file.try_lock() {
             Ok(()) => Ok(WorkerLock { _file: file }),
-            Err(_) => Err(EngineError::Locked {
+            Err(std::fs::TryLockError::WouldBlock) => Err(EngineError::Locked {
                 path: self.path.display().to_string(),
                 lock: lock.display().to_string(),
             }),
+            Err(std::fs::TryLockError::Error(e)) => Err(EngineError::Other(format!(
+                "cannot lock {}: {e}",
+                lock.display()
+            ))),
         }
     }
 

@@ -385,9 +385,34 @@ impl Bulwark {
     /// `postgres://…[?schema=NAME]` URL for several workers on one PostgreSQL database.
     pub async fn open(location: impl AsRef<Path>, registry: AdapterRegistry) -> Result<Self> {
         let backend = Backend::open(&location.as_ref().to_string_lossy()).await?;
+        Ok(Self::over(backend, registry))
+    }
+
+    /// Open for reading (status, audit, listings): as [`Bulwark::open`] when the database
+    /// can be written, else read-only (a read-only file or directory, a full disk), where
+    /// anything that writes fails.
+    pub async fn open_for_reading(
+        location: impl AsRef<Path>,
+        registry: AdapterRegistry,
+    ) -> Result<Self> {
+        let url = location.as_ref().to_string_lossy().into_owned();
+        match Backend::open(&url).await {
+            Ok(backend) => Ok(Self::over(backend, registry)),
+            Err(
+                bulwark_engine::EngineError::ReadOnly { .. }
+                | bulwark_engine::EngineError::DiskFull { .. },
+            ) => {
+                tracing::info!(database = %url, "cannot write the database; reading it read-only");
+                Ok(Self::over(Backend::open_read_only(&url).await?, registry))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn over(backend: Backend, registry: AdapterRegistry) -> Self {
         let store = backend.store();
         let staging = Staging::new(backend.clone());
-        Ok(Self {
+        Self {
             backend,
             store,
             staging,
@@ -396,7 +421,7 @@ impl Bulwark {
             journal_config: JournalConfig::default(),
             effects: Arc::default(),
             worker: format!("{}-{}", hostname(), std::process::id()),
-        })
+        }
     }
 
     /// Start a worker on the current tokio runtime: it claims endpoint syncs of any open
