@@ -114,6 +114,38 @@ async fn a_refused_sku_is_quarantined_listed_and_retried() {
     assert!(endpoints.contains("1 quarantined"), "{endpoints}");
     let alerts = run_ok(bulwark().args(["alerts", "--db"]).arg(&db));
     assert!(alerts.contains("item_quarantined"), "{alerts}");
+    // The dashboard lists them too.
+    let web = bulwark_tests::free_port();
+    let _serve = bulwark_tests::KillOnDrop(
+        bulwark()
+            .args(["serve", "--listen", &format!("127.0.0.1:{web}"), "--db"])
+            .arg(&db)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    bulwark_tests::wait_for_port(web);
+    let overview: serde_json::Value = bulwark_adapters::rest::RestAdapter::shared_client()
+        .get(format!("http://127.0.0.1:{web}/api/overview"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(overview["quarantined"], 2, "{overview}");
+    assert_eq!(overview["quarantine"][0]["sku"], bad.as_str(), "{overview}");
+    let page = bulwark_adapters::rest::RestAdapter::shared_client()
+        .get(format!("http://127.0.0.1:{web}/"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("Quarantined items"));
+    drop(_serve);
     let audit = run_ok(bulwark().args(["audit", "--db"]).arg(&db));
     assert!(audit.contains(": 0 finding(s)"), "{audit}");
 

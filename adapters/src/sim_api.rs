@@ -768,7 +768,7 @@ pub async fn start_with(
 ) -> std::io::Result<ApiSimHandle> {
     let acceptor = tls.map(|t| t.acceptor()).transpose()?;
     let inner = Arc::new(Inner {
-        rng: Mutex::new(rand::SeedableRng::seed_from_u64(0x5eed_b01)),
+        rng: Mutex::new(rand::SeedableRng::seed_from_u64(0x05ee_db01)),
         config,
         endpoints: Mutex::new(HashMap::new()),
         tokens: Mutex::new(HashMap::new()),

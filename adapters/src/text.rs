@@ -22,16 +22,10 @@
 use encoding_rs::Encoding;
 
 /// How a source's column bytes become text.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct TextDecoding {
     /// What bytes that are not UTF-8 are (None: nothing else, they are rejected).
     fallback: Option<&'static Encoding>,
-}
-
-impl Default for TextDecoding {
-    fn default() -> Self {
-        Self { fallback: None }
-    }
 }
 
 impl TextDecoding {

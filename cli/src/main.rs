@@ -596,8 +596,15 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             };
             let r = app.audit().await?;
             if json {
-                let v = serde_json::json!({ "audit": &r, "repair": &repaired });
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                match &repaired {
+                    // The same shape as without --repair, plus what the repair did.
+                    Some(rep) => {
+                        let mut v = serde_json::to_value(&r)?;
+                        v["repair"] = serde_json::to_value(rep)?;
+                        println!("{}", serde_json::to_string_pretty(&v)?);
+                    }
+                    None => println!("{}", serde_json::to_string_pretty(&r)?),
+                }
             } else {
                 if let Some(rep) = &repaired {
                     for (id, why) in &rep.retired {

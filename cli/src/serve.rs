@@ -183,7 +183,13 @@ async fn overview(State(ctx): State<Shared>) -> Response {
                     .filter(|(s, _)| {
                         matches!(
                             s.as_str(),
-                            "Done" | "Tripped" | "Skipped" | "Cancelled" | "Sealed" | "Aborted"
+                            "Done"
+                                | "Tripped"
+                                | "Skipped"
+                                | "Cancelled"
+                                | "Corrupt"
+                                | "Sealed"
+                                | "Aborted"
                         )
                     })
                     .map(|(_, n)| n)
@@ -204,6 +210,8 @@ async fn overview(State(ctx): State<Shared>) -> Response {
             "alerts": store.alerts(50).await?,
             "journal_rows": status.journal_rows,
             "insecure_tls": status.insecure_tls,
+            "quarantine": ctx.app.quarantine().await?.into_iter().take(500).collect::<Vec<_>>(),
+            "quarantined": status.quarantined,
         }))
     }
     .await;

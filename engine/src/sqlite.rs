@@ -68,14 +68,9 @@ fn classify(
                 detail,
             };
         }
-        Some(8) => {
-            return EngineError::ReadOnly {
-                path: shown,
-                detail,
-            };
-        }
-        // I/O errors and files that cannot be opened: ask the filesystem why.
-        Some(10 | 14) | None => {
+        // Read-only, I/O errors and files that cannot be opened: ask the filesystem why
+        // (a read-only connection that SQLite had to write to is not a read-only file).
+        Some(8 | 10 | 14) | None => {
             let file = std::fs::OpenOptions::new().append(true).open(path);
             let dir = path
                 .parent()

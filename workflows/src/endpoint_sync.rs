@@ -13,6 +13,9 @@
 //! The machine is pure: everything time-dependent (`at_ms`) arrives inside events, and
 //! effects leave as [`Command`]s for the runtime.
 
+// statig's generated state constructors take a state's fields as arguments.
+#![allow(clippy::too_many_arguments)]
+
 use bulwark_engine::circuit::Count;
 use bulwark_engine::{
     Alert, AlertLevel, CircuitChange, CircuitPolicy, Machine, Notice, Transition, TransitionError,

@@ -556,7 +556,7 @@ impl HttpAdapter {
                 500..=599 => ErrorClass::Transient,
                 _ => ErrorClass::Config,
             };
-            let retry_after_ms = crate::transport::retry_after_ms(&headers);
+            let retry_after_ms = crate::transport::retry_after_ms(headers);
             return Err(Failure {
                 class,
                 message: msg(text),
