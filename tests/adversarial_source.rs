@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use bulwark_adapters::simulator::{self, SimConfig};
-use bulwark_tests::{bulwark, run_ok};
+use bulwark_tests::{bulwark, run_ok, shown};
 use sqlx::{AssertSqlSafe, Connection};
 
 /// One legacy row: SKU bytes, quantity and three prices as text (None: NULL).
@@ -189,29 +189,6 @@ async fn sqlite_insert(path: &Path, rows: &[Row]) {
             .await
             .unwrap();
     }
-}
-
-async fn shown(base: &str, skus: &[&str]) -> BTreeMap<String, i64> {
-    let body: serde_json::Value = bulwark_adapters::rest::RestAdapter::shared_client()
-        .post(format!("{base}/items/query"))
-        .json(&serde_json::json!({ "skus": skus }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    body["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| {
-            (
-                i["sku"].as_str().unwrap().to_string(),
-                i["qty"].as_i64().unwrap(),
-            )
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,25 +3,8 @@
 //! and `bulwark status` show the SKU, and `bulwark retry` has the next sync carry it.
 
 use bulwark_adapters::simulator::{self, Fault, SimConfig};
-use bulwark_tests::{bulwark, run_ok};
+use bulwark_tests::{bulwark, run_ok, shown_qty};
 use sqlx::Connection;
-
-async fn shown_qty(base: &str, sku: &str) -> Option<i64> {
-    let body: serde_json::Value = bulwark_adapters::rest::RestAdapter::shared_client()
-        .post(format!("{base}/items/query"))
-        .json(&serde_json::json!({ "skus": [sku] }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    body["items"]
-        .as_array()
-        .unwrap()
-        .first()
-        .map(|i| i["qty"].as_i64().unwrap())
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_sku_is_quarantined_listed_and_retried() {

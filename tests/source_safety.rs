@@ -3,7 +3,7 @@
 //! held until `bulwark snapshot approve`.
 
 use bulwark_adapters::simulator::{self, SimConfig};
-use bulwark_tests::{bulwark, run_ok};
+use bulwark_tests::{bulwark, run_ok, shown_qty};
 use sqlx::Connection;
 
 async fn legacy(path: &std::path::Path, sql: &str) {
@@ -14,23 +14,6 @@ async fn legacy(path: &std::path::Path, sql: &str) {
         .execute(&mut c)
         .await
         .unwrap();
-}
-
-async fn shown_qty(base: &str, sku: &str) -> Option<i64> {
-    let body: serde_json::Value = bulwark_adapters::rest::RestAdapter::shared_client()
-        .post(format!("{base}/items/query"))
-        .json(&serde_json::json!({ "skus": [sku] }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    body["items"]
-        .as_array()
-        .unwrap()
-        .first()
-        .map(|i| i["qty"].as_i64().unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

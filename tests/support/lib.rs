@@ -159,3 +159,33 @@ pub fn legacy_snapshot(
             .arg(db),
     )
 }
+
+/// What a portal simulator endpoint at `base` shows for `skus`: quantity by SKU (absent
+/// SKUs are left out), read through its own query route.
+pub async fn shown(base: &str, skus: &[&str]) -> std::collections::BTreeMap<String, i64> {
+    let body: serde_json::Value = bulwark_adapters::rest::RestAdapter::shared_client()
+        .post(format!("{base}/items/query"))
+        .json(&serde_json::json!({ "skus": skus }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["sku"].as_str().unwrap().to_string(),
+                i["qty"].as_i64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The quantity a portal simulator endpoint at `base` shows for `sku`, if any.
+pub async fn shown_qty(base: &str, sku: &str) -> Option<i64> {
+    shown(base, &[sku]).await.get(sku).copied()
+}
