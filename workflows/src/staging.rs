@@ -193,6 +193,14 @@ macro_rules! on_db {
     };
 }
 
+/// `$1,$2,…,$n`.
+fn placeholders(n: usize) -> String {
+    (1..=n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// `($1,$2,…),(…)` for `rows` rows of `cols` columns.
 fn numbered(rows: usize, cols: usize) -> String {
     (0..rows)
@@ -635,30 +643,18 @@ impl Staging {
         run: i64,
         confirmed: &[(String, i64, Option<String>)],
     ) -> Result<()> {
-        let now = bulwark_engine::now_ms();
-        on_db!(self.db, |pool| {
-            let mut tx = pool.begin().await?;
-            for chunk in confirmed.chunks(500) {
-                let sql = format!(
-                    "INSERT INTO endpoint_confirmed (endpoint_id, snapshot_id, run_id, at, mapping_key) VALUES {}
-                     ON CONFLICT (endpoint_id) DO UPDATE SET snapshot_id = excluded.snapshot_id,
-                         run_id = excluded.run_id, at = excluded.at, mapping_key = excluded.mapping_key",
-                    numbered(chunk.len(), 5)
-                );
-                let mut q = sqlx::query(AssertSqlSafe(sql));
-                for (endpoint, snapshot, mapping) in chunk {
-                    q = q
-                        .bind(endpoint)
-                        .bind(snapshot)
-                        .bind(run)
-                        .bind(now)
-                        .bind(mapping);
-                }
-                q.execute(&mut *tx).await?;
-            }
-            tx.commit().await?;
-        });
-        Ok(())
+        let settled: Vec<Settled> = confirmed
+            .iter()
+            .map(|(endpoint, snapshot, mapping)| Settled {
+                endpoint: endpoint.clone(),
+                snapshot: *snapshot,
+                confirmed: Some(mapping.clone()),
+                status: "Done".into(),
+                carried: Vec::new(),
+                quarantined: Vec::new(),
+            })
+            .collect();
+        self.settle(run, &settled).await
     }
 }
 
@@ -676,10 +672,7 @@ impl Staging {
             for chunk in configured.chunks(500) {
                 let sql = format!(
                     "DELETE FROM endpoint_insecure_tls WHERE endpoint_id IN ({})",
-                    (1..=chunk.len())
-                        .map(|i| format!("${i}"))
-                        .collect::<Vec<_>>()
-                        .join(",")
+                    placeholders(chunk.len())
                 );
                 let mut q = sqlx::query(AssertSqlSafe(sql));
                 for id in chunk {
@@ -779,10 +772,7 @@ impl Staging {
                 q.execute(&mut *tx).await?;
                 let sql = format!(
                     "DELETE FROM endpoint_unsettled WHERE endpoint_id IN ({})",
-                    (1..=chunk.len())
-                        .map(|i| format!("${i}"))
-                        .collect::<Vec<_>>()
-                        .join(",")
+                    placeholders(chunk.len())
                 );
                 let mut q = sqlx::query(AssertSqlSafe(sql));
                 for s in chunk {
