@@ -86,6 +86,7 @@ fn sync_input() -> impl Strategy<Value = SyncInput> {
                 on_removed: bulwark_workflows::staging::OnRemoved::Leave,
                 read_first,
                 retry: Vec::new(),
+                repair: Vec::new(),
             },
         )
 }

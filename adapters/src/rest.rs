@@ -20,7 +20,7 @@
 //! * upload: `POST {base_url}/batches`, header `Idempotency-Key: <key>`, body
 //!   `{"key", "snapshot", "index", "items"}` → 200/201 `{"receipt": "..."}`;
 //! * verify: `POST {base_url}/items/query`, body `{"skus": [...]}` → 200 `{"items": [...]}`
-//!   (unknown SKUs are absent);
+//!   (unknown SKUs are absent); reconcile's read-back asks the same;
 //! * probe: `GET {base_url}/uploads/{key}` → 200 `{"receipt": "..."}` or 404.
 //!
 //! Error classification (every call): 400/409/422 → [`AdapterError::Rejected`];
@@ -38,7 +38,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bulwark_workflows::adapter::{
     AdapterError, AdapterFactory, AdapterResult, EndpointConfig, ItemRejection, PortalAdapter,
-    Receipt, Verification,
+    ReadBack, Receipt, Verification,
 };
 use bulwark_workflows::catalog::{Batch, Item};
 use reqwest::StatusCode;
@@ -54,7 +54,7 @@ pub const DEFAULT_RETRY_AFTER_MS: u64 = 1_000;
 /// Longest excerpt of a response body quoted in an error, in characters.
 pub const MAX_EXCERPT_CHARS: usize = 200;
 /// How many differing SKUs a [`Verification::Mismatch`] names at most.
-pub const MAX_MISMATCHES_SHOWN: usize = 5;
+pub const MAX_MISMATCHES_SHOWN: usize = bulwark_workflows::adapter::MAX_DIFFERENCES_SHOWN;
 
 /// The clients of adapters built by [`RestAdapter::new`] and [`RestAdapter::factory`],
 /// one per distinct transport.
@@ -376,41 +376,48 @@ fn describe_item(item: Option<&Item>) -> String {
     }
 }
 
+/// Compare what the endpoint shows with what the batch says, item by item.
+fn read_items(expected: &[Item], shown: Vec<Item>) -> ReadBack {
+    let shown: HashMap<String, Item> = shown.into_iter().map(|i| (i.sku.clone(), i)).collect();
+    ReadBack::of(
+        expected,
+        |_| None,
+        |want| {
+            let got = shown.get(&want.sku);
+            (got != Some(want)).then(|| {
+                format!(
+                    "expected {}, shown {}",
+                    describe_item(Some(want)),
+                    describe_item(got)
+                )
+            })
+        },
+    )
+}
+
 /// Compare what the endpoint shows with what the batch says.
 fn compare(expected: &[Item], shown: Vec<Item>) -> Verification {
-    let shown: HashMap<String, Item> = shown.into_iter().map(|i| (i.sku.clone(), i)).collect();
-    let mut differing = 0usize;
-    let mut details = Vec::new();
-    for want in expected {
-        let got = shown.get(&want.sku);
-        if got == Some(want) {
-            continue;
+    Verification::of(expected.len(), &read_items(expected, shown).differing)
+}
+
+impl RestAdapter {
+    /// What the portal shows for the batch's SKUs (unknown SKUs are absent).
+    async fn query(&self, op: &'static str, batch: &Batch) -> AdapterResult<Vec<Item>> {
+        if batch.items.is_empty() {
+            return Ok(Vec::new());
         }
-        differing += 1;
-        if details.len() < MAX_MISMATCHES_SHOWN {
-            details.push(format!(
-                "{}: expected {}, shown {}",
-                want.sku,
-                describe_item(Some(want)),
-                describe_item(got)
-            ));
-        }
-    }
-    if differing == 0 {
-        Verification::Verified
-    } else {
-        let more = if differing > details.len() {
-            format!("; and {} more", differing - details.len())
-        } else {
-            String::new()
+        let body = QueryBody {
+            skus: batch.items.iter().map(|i| i.sku.as_str()).collect(),
         };
-        Verification::Mismatch {
-            details: format!(
-                "{differing} of {} items differ: {}{more}",
-                expected.len(),
-                details.join("; ")
-            ),
+        let req = self
+            .request(reqwest::Method::POST, "/items/query")
+            .json(&body);
+        let resp = self.send(op, req).await?;
+        if !resp.status().is_success() {
+            return Err(self.status_error(op, resp).await);
         }
+        let shown: ItemsBody = self.decode(op, resp).await?;
+        Ok(shown.items)
     }
 }
 
@@ -466,22 +473,13 @@ impl PortalAdapter for RestAdapter {
     }
 
     async fn verify(&self, batch: &Batch, _receipt: &Receipt) -> AdapterResult<Verification> {
-        const OP: &str = "verify";
-        if batch.items.is_empty() {
-            return Ok(Verification::Verified);
-        }
-        let body = QueryBody {
-            skus: batch.items.iter().map(|i| i.sku.as_str()).collect(),
-        };
-        let req = self
-            .request(reqwest::Method::POST, "/items/query")
-            .json(&body);
-        let resp = self.send(OP, req).await?;
-        if !resp.status().is_success() {
-            return Err(self.status_error(OP, resp).await);
-        }
-        let shown: ItemsBody = self.decode(OP, resp).await?;
-        Ok(compare(&batch.items, shown.items))
+        let shown = self.query("verify", batch).await?;
+        Ok(compare(&batch.items, shown))
+    }
+
+    async fn read_back(&self, batch: &Batch) -> AdapterResult<ReadBack> {
+        let shown = self.query("read back", batch).await?;
+        Ok(read_items(&batch.items, shown))
     }
 
     async fn probe(&self, endpoint: &str, key: Uuid) -> AdapterResult<Option<Receipt>> {

@@ -671,6 +671,18 @@ impl ApiSimHandle {
         items
     }
 
+    /// Set what `endpoint` shows for `sku` (an existing product) as a person editing the
+    /// shop by hand would: no write is counted. Returns false if the product is unknown.
+    pub fn edit_item(&self, endpoint: &str, sku: &str, qty: i64) -> bool {
+        self.inner.with_ep(endpoint, |ep| match ep.products.get_mut(sku) {
+            Some(p) => {
+                p.qty = qty;
+                true
+            }
+            None => false,
+        })
+    }
+
     /// Every token a login issued (to check that none leaks).
     pub fn issued_tokens(&self) -> Vec<String> {
         self.inner.issued.lock().expect("tokens").clone()

@@ -11,6 +11,9 @@
 //! * `POST /ep/{e}/items/query` (body `{"skus": [...]}`) → `{"items": [...]}` with the
 //!   current values (unknown SKUs are absent).
 //! * `GET /ep/{e}/uploads/{key}` → `{"receipt": ...}` if applied, else 404.
+//! * Admin: `PUT /admin/faults/{e}` (a [`Fault`]), `GET /admin/endpoints/{e}` (what it
+//!   received), `PUT /admin/items/{e}/{sku}` (`{"qty": n}`) and `DELETE` of the same path:
+//!   a hand edit in the shop, drift that `bulwark reconcile` repairs.
 //!
 //! Faults ([`Fault`]) are chosen per endpoint from [`SimConfig::profiles`], falling back to
 //! [`SimConfig::default_fault`]. With [`SimConfig::required_token`] set, every request must
@@ -569,6 +572,29 @@ impl SimState {
             .clone()
     }
 
+    /// Change what `endpoint` shows for `sku` as a person editing the shop by hand would:
+    /// set its quantity (an unknown SKU is created without price tiers), or with `None`
+    /// delete it. Nothing is recorded as delivered: this is drift, for reconcile to find.
+    pub async fn edit_item(&self, endpoint: &str, sku: &str, qty: Option<i64>) {
+        let slot = self.slot(endpoint);
+        let mut data = slot.lock().await;
+        match qty {
+            Some(qty) => {
+                data.items
+                    .entry(sku.to_string())
+                    .or_insert_with(|| Item {
+                        sku: sku.to_string(),
+                        qty,
+                        tiers: Vec::new(),
+                    })
+                    .qty = qty;
+            }
+            None => {
+                data.items.remove(sku);
+            }
+        }
+    }
+
     /// What `endpoint` received so far.
     pub async fn endpoint_report(&self, endpoint: &str) -> EndpointReport {
         let slot = self.slot(endpoint);
@@ -918,6 +944,29 @@ async fn set_fault(
     StatusCode::NO_CONTENT
 }
 
+/// Body of `PUT /admin/items/{endpoint}/{sku}`.
+#[derive(Debug, Deserialize)]
+struct EditReq {
+    qty: i64,
+}
+
+async fn edit_item(
+    State(state): State<SimState>,
+    UrlPath((endpoint, sku)): UrlPath<(String, String)>,
+    Json(req): Json<EditReq>,
+) -> StatusCode {
+    state.edit_item(&endpoint, &sku, Some(req.qty)).await;
+    StatusCode::NO_CONTENT
+}
+
+async fn delete_item(
+    State(state): State<SimState>,
+    UrlPath((endpoint, sku)): UrlPath<(String, String)>,
+) -> StatusCode {
+    state.edit_item(&endpoint, &sku, None).await;
+    StatusCode::NO_CONTENT
+}
+
 async fn endpoint_report(
     State(state): State<SimState>,
     UrlPath(endpoint): UrlPath<String>,
@@ -934,6 +983,10 @@ pub fn router(state: SimState) -> Router {
         .route("/ep/{endpoint}/uploads/{key}", get(probe))
         .route("/admin/faults/{endpoint}", axum::routing::put(set_fault))
         .route("/admin/endpoints/{endpoint}", get(endpoint_report))
+        .route(
+            "/admin/items/{endpoint}/{sku}",
+            axum::routing::put(edit_item).delete(delete_item),
+        )
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }

@@ -209,6 +209,9 @@ pub(crate) struct ScheduleSection {
     pub(crate) snapshot: Option<CronExpr>,
     /// When to start a sync run towards the newest sealed snapshot.
     pub(crate) sync: Option<CronExpr>,
+    /// When to reconcile: read every endpoint back and send drifted items again (in the
+    /// run it enqueues, which also syncs towards the newest sealed snapshot).
+    pub(crate) reconcile: Option<CronExpr>,
 }
 
 /// A cron expression, checked when the file is read (so an error names its line).
@@ -685,6 +688,7 @@ host_rate_per_sec = 50
 max_in_flight = 2
 [schedule]
 sync = "*/5 * * * * *"
+reconcile = "0 3 * * 0"
 [alerts]
 webhook_url = "http://127.0.0.1:9/hook"
 [[endpoint]]
@@ -717,6 +721,7 @@ settings = { base_url = "http://127.0.0.1:9/ep/b" }
         );
         assert!(eps[1].policy.is_none());
         assert_eq!(c.schedule.sync.as_ref().unwrap().0, "*/5 * * * * *");
+        assert_eq!(c.schedule.reconcile.as_ref().unwrap().0, "0 3 * * 0");
         assert_eq!(
             c.webhook_url().unwrap().as_deref(),
             Some("http://127.0.0.1:9/hook")

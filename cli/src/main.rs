@@ -6,6 +6,7 @@ mod config;
 mod demo;
 mod ops;
 mod progress;
+mod reconcile_cmd;
 mod serve;
 mod snapshot_cmd;
 mod webui_cmd;
@@ -178,6 +179,27 @@ enum Command {
         endpoints: EndpointArgs,
         #[command(flatten)]
         sync: SyncArgs,
+        /// (PostgreSQL) wait until the workers have finished the run.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Repair drift: read back every item each endpoint should show (what it last
+    /// confirmed), and sync it again to the newest sealed snapshot sending every item that
+    /// differs (changed by hand in the shop, lost by the platform) along with the diff.
+    /// On PostgreSQL the repairing run is enqueued for `bulwark worker` processes.
+    Reconcile {
+        #[command(flatten)]
+        db: DbArg,
+        #[command(flatten)]
+        endpoints: EndpointArgs,
+        #[command(flatten)]
+        sync: SyncArgs,
+        /// Only this endpoint (repeatable).
+        #[arg(long = "endpoint", value_name = "ID")]
+        only: Vec<String>,
+        /// Print what was read back as JSON (and no sync summary).
+        #[arg(long)]
+        json: bool,
         /// (PostgreSQL) wait until the workers have finished the run.
         #[arg(long)]
         wait: bool,
@@ -442,6 +464,17 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
                 return Ok(ExitCode::from(1));
             }
         }
+        Command::Reconcile {
+            db,
+            endpoints,
+            sync,
+            only,
+            json,
+            wait,
+        } => {
+            let setup = setup(&db, &endpoints, &sync).await?;
+            return reconcile_cmd::run(setup, &only, json, wait).await;
+        }
         Command::Check { config, json } => {
             let loaded = config::Config::load(&config)?;
             let db = loaded
@@ -465,6 +498,7 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
                         "schedule": {
                             "snapshot": loaded.schedule.snapshot.as_ref().map(|c| &c.0),
                             "sync": loaded.schedule.sync.as_ref().map(|c| &c.0),
+                            "reconcile": loaded.schedule.reconcile.as_ref().map(|c| &c.0),
                         },
                     })
                 );

@@ -125,6 +125,7 @@ impl AlertDelivery {
 /// The configured schedules (`[schedule]`), firing snapshots of `[source]` and sync runs.
 fn schedules(
     config: &Config,
+    registry: bulwark_workflows::adapter::AdapterRegistry,
     db: &str,
     endpoints: &[EndpointConfig],
     options: &SyncOptions,
@@ -136,6 +137,9 @@ fn schedules(
     }
     if let Some(c) = &config.schedule.sync {
         list.push(Schedule::new("sync", &c.0).map_err(anyhow::Error::msg)?);
+    }
+    if let Some(c) = &config.schedule.reconcile {
+        list.push(Schedule::new("reconcile", &c.0).map_err(anyhow::Error::msg)?);
     }
     if list.is_empty() {
         return Ok(None);
@@ -151,7 +155,7 @@ fn schedules(
     );
     Ok(Some(async move {
         // One handle for the scheduler and every job it fires.
-        let app = match Bulwark::open(&db, bulwark_adapters::default_registry()).await {
+        let app = match Bulwark::open(&db, registry).await {
             Ok(a) => Arc::new(a),
             Err(e) => {
                 tracing::error!(error = %e, "scheduler: cannot open the database");
@@ -180,6 +184,24 @@ fn schedules(
                             }
                         }
                     }
+                    "reconcile" => match app.enqueue_reconcile(&endpoints, &options).await {
+                        Ok(Some((plan, found))) => {
+                            let drifted: usize = found.iter().map(|f| f.drifted.len()).sum();
+                            let read: u64 = found.iter().map(|f| f.read).sum();
+                            let unread: u64 = found.iter().map(|f| f.unread).sum();
+                            match plan.run {
+                                Some(run) => eprintln!(
+                                    "scheduled reconcile: {read} item(s) read back, {drifted} drifted, {unread} unread; run {run} enqueued ({} endpoint(s) to sync, {} item(s) to send again)",
+                                    plan.workflows, plan.repairs
+                                ),
+                                None => eprintln!(
+                                    "scheduled reconcile: {read} item(s) read back, {drifted} drifted, {unread} unread; nothing to send"
+                                ),
+                            }
+                        }
+                        Ok(None) => eprintln!("scheduled reconcile: no sealed snapshot yet"),
+                        Err(e) => tracing::error!(error = %e, "scheduled reconcile failed"),
+                    },
                     _ => match app.enqueue(&endpoints, &options).await {
                         Ok(Some(plan)) => match plan.run {
                             Some(run) => eprintln!(
@@ -231,7 +253,7 @@ pub(crate) async fn run(args: WorkerArgs) -> Result<ExitCode> {
         });
     }
     let scheduler = match &config {
-        Some(c) => schedules(c, &db, &endpoints, &options, stop.clone())?,
+        Some(c) => schedules(c, registry.clone(), &db, &endpoints, &options, stop.clone())?,
         None => None,
     };
     if scheduler.is_some() && args.exit_when_idle {
@@ -325,18 +347,24 @@ pub(crate) async fn enqueue(setup: crate::Setup, wait: bool) -> Result<ExitCode>
         plan.snapshot, plan.workflows, plan.up_to_date, plan.batches
     );
     if wait {
-        let store = app.store();
-        loop {
-            let runs = store.runs().await?;
-            if runs.iter().any(|r| r.id == run && r.status != "running") {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-        let counts = store.status_counts(Some(run)).await?;
-        let states: Vec<String> = counts.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        println!("run {run} finished: {}", states.join(" "));
+        wait_for_run(&app, run).await?;
     }
     app.close().await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Wait until the workers have finished `run`, then print its final states.
+pub(crate) async fn wait_for_run(app: &Bulwark, run: i64) -> Result<()> {
+    let store = app.store();
+    loop {
+        let runs = store.runs().await?;
+        if runs.iter().any(|r| r.id == run && r.status != "running") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let counts = store.status_counts(Some(run)).await?;
+    let states: Vec<String> = counts.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    println!("run {run} finished: {}", states.join(" "));
+    Ok(())
 }

@@ -32,6 +32,86 @@ pub enum Verification {
     },
 }
 
+/// What reading a batch's items back found, item by item: what reconcile repairs from.
+/// A SKU is in exactly one of `matching`, `differing` and `unread`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadBack {
+    /// SKUs the endpoint shows with the batch's values.
+    pub matching: Vec<String>,
+    /// SKUs it shows with other values, or does not show at all.
+    pub differing: Vec<Difference>,
+    /// SKUs that could not be read (read again another time, never assumed either way).
+    pub unread: Vec<String>,
+    /// Why the first of `unread` could not be read.
+    pub unread_error: Option<AdapterError>,
+}
+
+/// One SKU an endpoint shows differently from what it should.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Difference {
+    /// The SKU (as sent).
+    pub sku: String,
+    /// What differs, e.g. `qty expected 5 shown 3` or `not shown` (no secrets).
+    pub detail: String,
+}
+
+/// How many differing SKUs a mismatch names at most.
+pub const MAX_DIFFERENCES_SHOWN: usize = 5;
+
+impl Verification {
+    /// The verdict on `items` items read back, of which `differing` differ: `Verified`
+    /// when none does, else a mismatch naming the first [`MAX_DIFFERENCES_SHOWN`].
+    pub fn of(items: usize, differing: &[Difference]) -> Verification {
+        if differing.is_empty() {
+            return Verification::Verified;
+        }
+        let shown: Vec<String> = differing
+            .iter()
+            .take(MAX_DIFFERENCES_SHOWN)
+            .map(|d| format!("{}: {}", d.sku, d.detail))
+            .collect();
+        let more = match differing.len().saturating_sub(shown.len()) {
+            0 => String::new(),
+            n => format!("; and {n} more"),
+        };
+        Verification::Mismatch {
+            details: format!(
+                "{} of {items} items differ: {}{more}",
+                differing.len(),
+                shown.join("; ")
+            ),
+        }
+    }
+}
+
+impl ReadBack {
+    /// Sort `items` into matching, differing (`differs` says how, `None`: it matches) and
+    /// unread (`unread` says why, checked first).
+    pub fn of<'a>(
+        items: &[crate::catalog::Item],
+        unread: impl Fn(&str) -> Option<&'a AdapterError>,
+        mut differs: impl FnMut(&crate::catalog::Item) -> Option<String>,
+    ) -> ReadBack {
+        let mut out = ReadBack::default();
+        for item in items {
+            if let Some(e) = unread(&item.sku) {
+                if out.unread_error.is_none() {
+                    out.unread_error = Some(e.clone());
+                }
+                out.unread.push(item.sku.clone());
+            } else if let Some(detail) = differs(item) {
+                out.differing.push(Difference {
+                    sku: item.sku.clone(),
+                    detail,
+                });
+            } else {
+                out.matching.push(item.sku.clone());
+            }
+        }
+        out
+    }
+}
+
 /// A classified adapter failure. The class decides what the state machine does next.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -166,7 +246,18 @@ pub trait PortalAdapter: Send + Sync {
     async fn verify(&self, batch: &Batch, receipt: &Receipt) -> AdapterResult<Verification>;
     /// Has an upload with this key already landed? Used before any re-send.
     async fn probe(&self, endpoint: &str, key: Uuid) -> AdapterResult<Option<Receipt>>;
+    /// Read the batch's items back and say, item by item, which show the batch's values
+    /// and which do not (reconcile: `bulwark reconcile`). No write, no idempotency key
+    /// involved. An adapter that cannot tell items apart keeps the default, which answers
+    /// a configuration error: its endpoints are not reconciled.
+    async fn read_back(&self, batch: &Batch) -> AdapterResult<ReadBack> {
+        let _ = batch;
+        Err(AdapterError::Config(READ_BACK_UNSUPPORTED.into()))
+    }
 }
+
+/// What the default [`PortalAdapter::read_back`] answers.
+pub const READ_BACK_UNSUPPORTED: &str = "this adapter cannot read items back one by one";
 
 /// Settings an adapter factory receives for one endpoint (from config).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

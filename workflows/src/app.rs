@@ -106,6 +106,17 @@ impl SyncProgress for ProgressEvents {
     }
 }
 
+/// What a drive plans after resuming.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Planning {
+    /// Nothing (replay only).
+    None,
+    /// A sync run towards the newest sealed snapshot.
+    Sync,
+    /// A reconcile, then its repairing sync run.
+    Reconcile,
+}
+
 /// What a call to [`Bulwark::sync`] did.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct SyncReport {
@@ -129,6 +140,9 @@ pub struct SyncReport {
     pub verifies: u64,
     /// Probe calls, and how many found the batch already landed.
     pub probes: (u64, u64),
+    /// What a reconcile found, endpoint by endpoint (set by [`Bulwark::reconcile`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reconcile: Option<Vec<crate::reconcile::EndpointDrift>>,
     /// Wall time.
     pub seconds: f64,
 }
@@ -539,6 +553,17 @@ impl Bulwark {
             Backend::Sqlite(s) => Some(s.lock_for_work()?),
             Backend::Postgres(_) => None,
         };
+        let (diffs, effects) = self.effects(endpoints, options)?;
+        Ok((lock, diffs, effects))
+    }
+
+    /// The snapshot diffs, and effects over every endpoint's adapter (built now, so a bad
+    /// endpoint fails before anything runs).
+    fn effects(
+        &self,
+        endpoints: &[EndpointConfig],
+        options: &SyncOptions,
+    ) -> Result<(Arc<DiffCache>, Arc<SyncEffects>)> {
         let mut adapters: HashMap<String, Arc<dyn PortalAdapter>> = HashMap::new();
         let mut hosts = HashMap::new();
         for ep in endpoints {
@@ -559,7 +584,7 @@ impl Bulwark {
             )
             .counting_into(self.effects.clone()),
         );
-        Ok((lock, diffs, effects))
+        Ok((diffs, effects))
     }
 
     /// Resume every unfinished sync (replaying it from the journal), then plan and run a
@@ -570,7 +595,85 @@ impl Bulwark {
         options: &SyncOptions,
         progress: Option<Arc<dyn SyncProgress>>,
     ) -> Result<SyncReport> {
-        self.drive(endpoints, options, progress, true).await
+        self.drive(endpoints, options, progress, Planning::Sync).await
+    }
+
+    /// Repair drift: resume what is unfinished, then read back every endpoint of
+    /// `endpoints` that confirmed a sync, compare what it shows with what it confirmed, and
+    /// run a sync towards the newest sealed snapshot that also sends every drifted item
+    /// again. What each endpoint showed is recorded ([`Staging::reconciles`]) and reported
+    /// in [`SyncReport::reconcile`]. Endpoints whose syncs are unfinished are not read.
+    pub async fn reconcile(
+        &self,
+        endpoints: &[EndpointConfig],
+        options: &SyncOptions,
+        progress: Option<Arc<dyn SyncProgress>>,
+    ) -> Result<SyncReport> {
+        self.drive(endpoints, options, progress, Planning::Reconcile)
+            .await
+    }
+
+    /// The reconcile of [`Bulwark::reconcile`] without running the sync: read back, record
+    /// the drift, and plan the repairing run for workers (`bulwark worker`,
+    /// `[schedule] reconcile`). `None` when no snapshot is sealed yet.
+    pub async fn enqueue_reconcile(
+        &self,
+        endpoints: &[EndpointConfig],
+        options: &SyncOptions,
+    ) -> Result<Option<(Plan, Vec<crate::reconcile::EndpointDrift>)>> {
+        let Some(snap) = self.staging.latest_sealed().await? else {
+            return Ok(None);
+        };
+        let (diffs, effects) = self.effects(endpoints, options)?;
+        Ok(Some(
+            self.plan_reconcile(&diffs, &effects, endpoints, options, snap.id)
+                .await?,
+        ))
+    }
+
+    /// Read back, plan the repairing run, and record what each endpoint showed.
+    async fn plan_reconcile(
+        &self,
+        diffs: &DiffCache,
+        effects: &SyncEffects,
+        endpoints: &[EndpointConfig],
+        options: &SyncOptions,
+        snapshot: i64,
+    ) -> Result<(Plan, Vec<crate::reconcile::EndpointDrift>)> {
+        let busy = self.store.open_subjects(EndpointSync::KIND).await?;
+        let found = crate::reconcile::find_drift(
+            &self.staging,
+            diffs,
+            effects,
+            endpoints,
+            options,
+            &busy,
+        )
+        .await?;
+        let repair: HashMap<String, Vec<String>> = found
+            .iter()
+            .filter(|f| !f.drifted.is_empty())
+            .map(|f| {
+                (
+                    f.endpoint.clone(),
+                    f.drifted.iter().map(|d| d.sku.clone()).collect(),
+                )
+            })
+            .collect();
+        let plan = crate::sync::plan_run_with(
+            self.store.as_ref(),
+            &self.staging,
+            diffs,
+            endpoints,
+            snapshot,
+            options,
+            Some(&repair),
+        )
+        .await?;
+        let at = bulwark_engine::now_ms();
+        let rows: Vec<_> = found.iter().map(|f| f.row(at, plan.run)).collect();
+        self.staging.record_reconcile(&rows).await?;
+        Ok((plan, found))
     }
 
     /// Resume every unfinished sync (replaying it from the journal) and finish it, without
@@ -581,7 +684,7 @@ impl Bulwark {
         options: &SyncOptions,
         progress: Option<Arc<dyn SyncProgress>>,
     ) -> Result<SyncReport> {
-        self.drive(endpoints, options, progress, false).await
+        self.drive(endpoints, options, progress, Planning::None).await
     }
 
     /// Cancel sync run `run`: every unfinished endpoint sync of it takes the operator's
@@ -629,7 +732,7 @@ impl Bulwark {
         endpoints: &[EndpointConfig],
         options: &SyncOptions,
         progress: Option<Arc<dyn SyncProgress>>,
-        plan_new: bool,
+        planning: Planning,
     ) -> Result<SyncReport> {
         let started = Instant::now();
         let (_lock, diffs, effects) = self.prepare(endpoints, options).await?;
@@ -692,19 +795,27 @@ impl Bulwark {
         }
 
         // 2. A new run towards the newest sealed snapshot.
-        if !plan_new {
+        if planning == Planning::None {
             return Ok(self.finish_report(report, &effects, started));
         }
         if let Some(snap) = self.staging.latest_sealed().await? {
-            let plan = plan_run(
-                self.store.as_ref(),
-                &self.staging,
-                &diffs,
-                endpoints,
-                snap.id,
-                options,
-            )
-            .await?;
+            let plan = if planning == Planning::Reconcile {
+                let (plan, found) = self
+                    .plan_reconcile(&diffs, &effects, endpoints, options, snap.id)
+                    .await?;
+                report.reconcile = Some(found);
+                plan
+            } else {
+                plan_run(
+                    self.store.as_ref(),
+                    &self.staging,
+                    &diffs,
+                    endpoints,
+                    snap.id,
+                    options,
+                )
+                .await?
+            };
             tracing::debug!(
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 workflows = plan.workflows,

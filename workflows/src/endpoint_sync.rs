@@ -175,6 +175,10 @@ pub struct SyncInput {
     /// operator asked to retry, which are added to the diff at the target's values.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub retry: Vec<String>,
+    /// SKUs (as sent) a reconcile found the endpoint showing other values than it last
+    /// confirmed (drift): added to the diff at the target's values, like `retry`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub repair: Vec<String>,
 }
 
 impl SyncInput {
@@ -187,6 +191,14 @@ impl SyncInput {
             &self.batches[batch as usize].hash,
             generation,
         )
+    }
+
+    /// The SKUs carried beyond the diff (`retry` and `repair`), sorted, each once.
+    pub fn extra_skus(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.retry.iter().chain(&self.repair).cloned().collect();
+        v.sort();
+        v.dedup();
+        v
     }
 
     fn items(&self) -> u64 {

@@ -10,6 +10,7 @@ fn input(batches: u32) -> SyncInput {
     SyncInput {
         read_first: false,
         retry: Vec::new(),
+        repair: Vec::new(),
         endpoint: "ep-1".into(),
         snapshot: 7,
         base: Some(3),

@@ -879,6 +879,99 @@ impl Staging {
     }
 }
 
+impl Staging {
+    /// Record what a reconcile found at each endpoint (replacing its previous record), and
+    /// the sync run that repairs it, if one was planned.
+    pub async fn record_reconcile(&self, rows: &[ReconcileRow]) -> Result<()> {
+        const SQL: &str = "INSERT INTO endpoint_reconcile
+             (endpoint_id, at, snapshot_id, items_read, drifted, unread, run_id, skipped, detail)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+             ON CONFLICT (endpoint_id) DO UPDATE SET at = excluded.at,
+               snapshot_id = excluded.snapshot_id, items_read = excluded.items_read,
+               drifted = excluded.drifted, unread = excluded.unread, run_id = excluded.run_id,
+               skipped = excluded.skipped, detail = excluded.detail";
+        on_db!(self.db, |pool| {
+            let mut tx = pool.begin().await?;
+            for r in rows {
+                sqlx::query(SQL)
+                    .bind(&r.endpoint)
+                    .bind(r.at)
+                    .bind(r.snapshot)
+                    .bind(i64::try_from(r.read).unwrap_or(i64::MAX))
+                    .bind(i64::try_from(r.drifted).unwrap_or(i64::MAX))
+                    .bind(i64::try_from(r.unread).unwrap_or(i64::MAX))
+                    .bind(r.run)
+                    .bind(r.skipped.as_deref())
+                    .bind(&r.detail)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+
+    /// Every endpoint's last reconcile, by endpoint id.
+    pub async fn reconciles(&self) -> Result<Vec<ReconcileRow>> {
+        const SQL: &str = "SELECT endpoint_id, at, snapshot_id, items_read, drifted, unread,
+                                  run_id, skipped, detail
+                           FROM endpoint_reconcile ORDER BY endpoint_id";
+        #[allow(clippy::type_complexity)]
+        let rows: Vec<(
+            String,
+            i64,
+            Option<i64>,
+            i64,
+            i64,
+            i64,
+            Option<i64>,
+            Option<String>,
+            String,
+        )> = on_db!(self.db, |pool| sqlx::query_as(SQL).fetch_all(pool).await?);
+        Ok(rows
+            .into_iter()
+            .map(
+                |(endpoint, at, snapshot, read, drifted, unread, run, skipped, detail)| {
+                    ReconcileRow {
+                        endpoint,
+                        at,
+                        snapshot,
+                        read: read.max(0) as u64,
+                        drifted: drifted.max(0) as u64,
+                        unread: unread.max(0) as u64,
+                        run,
+                        skipped,
+                        detail,
+                    }
+                },
+            )
+            .collect())
+    }
+}
+
+/// What the last reconcile found at one endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ReconcileRow {
+    /// Endpoint id.
+    pub endpoint: String,
+    /// When (ms since the epoch).
+    pub at: i64,
+    /// The snapshot the endpoint had confirmed, which its read-back was compared with.
+    pub snapshot: Option<i64>,
+    /// Items read back.
+    pub read: u64,
+    /// Items that showed other values (sent again by `run`).
+    pub drifted: u64,
+    /// Items that could not be read.
+    pub unread: u64,
+    /// The sync run that repairs the drift (or syncs the endpoint anyway).
+    pub run: Option<i64>,
+    /// Why the endpoint was not (fully) read, if so.
+    pub skipped: Option<String>,
+    /// The first differences, `SKU: what differs`, joined by `; `.
+    pub detail: String,
+}
+
 /// Hex SHA-256 over the canonical JSON of items sorted by SKU.
 pub fn content_hash(items: &[Item]) -> String {
     let mut h = Sha256::new();

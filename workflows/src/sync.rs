@@ -124,6 +124,8 @@ pub struct Plan {
     pub batches: u64,
     /// Items planned.
     pub items: u64,
+    /// Drifted items planned to be sent again (a reconcile's repairs; part of `items`).
+    pub repairs: u64,
 }
 
 /// (base, target, mapping cache key, removal policy) of a cached diff.
@@ -203,17 +205,18 @@ impl DiffCache {
     }
 
     /// Every item a sync moving an endpoint from `base` to `target` carries: the diff,
-    /// plus the `retry` SKUs (quarantined ones) at `target`'s values, sorted by SKU.
+    /// plus the `extra` SKUs (quarantined ones retried, drifted ones repaired) at
+    /// `target`'s values, sorted by SKU.
     pub async fn planned_items(
         &self,
         base: Option<i64>,
         target: i64,
         mapping: Option<&EndpointMapping>,
         on_removed: OnRemoved,
-        retry: &[String],
+        extra: &[String],
     ) -> Result<Arc<Vec<Item>>> {
         let diff = self.diff_mapped(base, target, mapping, on_removed).await?;
-        let extra: std::collections::HashSet<&str> = retry
+        let extra: std::collections::HashSet<&str> = extra
             .iter()
             .map(String::as_str)
             .filter(|sku| diff.binary_search_by(|i| i.sku.as_str().cmp(sku)).is_err())
@@ -240,7 +243,7 @@ impl DiffCache {
                 input.snapshot,
                 input.mapping.as_ref(),
                 input.on_removed,
-                &input.retry,
+                &input.extra_skus(),
             )
             .await?;
         let bs = input.batch_size as usize;
@@ -264,6 +267,21 @@ pub async fn plan_run(
     endpoints: &[EndpointConfig],
     snapshot: i64,
     options: &SyncOptions,
+) -> Result<Plan> {
+    plan_run_with(store, staging, diffs, endpoints, snapshot, options, None).await
+}
+
+/// [`plan_run`], and with `repair` (a reconcile's finding: endpoint → drifted SKUs, as
+/// sent), each endpoint's sync also carries its drifted SKUs at the target's values, also
+/// when the endpoint already shows the target.
+pub async fn plan_run_with(
+    store: &dyn Store,
+    staging: &Staging,
+    diffs: &DiffCache,
+    endpoints: &[EndpointConfig],
+    snapshot: i64,
+    options: &SyncOptions,
+    repair: Option<&HashMap<String, Vec<String>>>,
 ) -> Result<Plan> {
     if options.batch_size == 0 {
         return Err(SyncError::Config("batch_size must be at least 1".into()));
@@ -334,12 +352,28 @@ pub async fn plan_run(
             })
             .unwrap_or_default();
         retry.sort();
+        let mut drifted: Vec<String> = repair
+            .and_then(|r| r.get(&ep.id))
+            .cloned()
+            .unwrap_or_default();
+        drifted.sort();
+        drifted.dedup();
+        let extra: Vec<String> = {
+            let mut v: Vec<String> = retry.iter().chain(&drifted).cloned().collect();
+            v.sort();
+            v.dedup();
+            v
+        };
         let items = diffs
-            .planned_items(base, snapshot, mapping.as_ref(), on_removed, &retry)
+            .planned_items(base, snapshot, mapping.as_ref(), on_removed, &extra)
             .await?;
-        // A requested SKU the target no longer has cannot be carried.
-        retry.retain(|sku| items.binary_search_by(|i| i.sku.as_str().cmp(sku)).is_ok());
-        if items.is_empty() || (base == Some(snapshot) && retry.is_empty()) {
+        // A requested or drifted SKU the target no longer has cannot be carried.
+        let carried = |sku: &String| items.binary_search_by(|i| i.sku.as_str().cmp(sku)).is_ok();
+        retry.retain(carried);
+        drifted.retain(carried);
+        plan.repairs += drifted.len() as u64;
+        if items.is_empty() || (base == Some(snapshot) && retry.is_empty() && drifted.is_empty())
+        {
             plan.up_to_date += 1;
             continue;
         }
@@ -371,6 +405,7 @@ pub async fn plan_run(
             on_removed,
             read_first: unsettled.contains(&ep.id),
             retry,
+            repair: drifted,
         };
         let state = EndpointSync::initial(&input);
         new.push(NewWorkflow {
@@ -385,7 +420,10 @@ pub async fn plan_run(
     if new.is_empty() {
         return Ok(plan);
     }
-    let params = serde_json::json!({ "snapshot": snapshot, "batch_size": options.batch_size, "endpoints": endpoints.len() });
+    let mut params = serde_json::json!({ "snapshot": snapshot, "batch_size": options.batch_size, "endpoints": endpoints.len() });
+    if repair.is_some() {
+        params["reconcile"] = serde_json::json!({ "repairs": plan.repairs });
+    }
     let (run, _) = store.start_run("sync", &params.to_string(), &new).await?;
     plan.run = Some(run);
     Ok(plan)
@@ -400,6 +438,8 @@ pub struct EffectStats {
     pub verifies: AtomicU64,
     /// Probe calls.
     pub probes: AtomicU64,
+    /// Read-back calls of reconciles.
+    pub reads: AtomicU64,
     /// Probes that found the batch already landed (a re-send avoided).
     pub probe_hits: AtomicU64,
     /// Uploads (and probes) that failed.
@@ -431,6 +471,7 @@ impl EffectStats {
              bulwark_adapter_calls_total{{call=\"upload\"}} {}\n\
              bulwark_adapter_calls_total{{call=\"verify\"}} {}\n\
              bulwark_adapter_calls_total{{call=\"probe\"}} {}\n\
+             bulwark_adapter_calls_total{{call=\"read_back\"}} {}\n\
              # HELP bulwark_probe_hits_total Probes that found the batch already landed (a re-send avoided).\n\
              # TYPE bulwark_probe_hits_total counter\n\
              bulwark_probe_hits_total {}\n\
@@ -440,6 +481,7 @@ impl EffectStats {
             get(&self.uploads),
             get(&self.verifies),
             get(&self.probes),
+            get(&self.reads),
             get(&self.probe_hits),
             get(&self.timeouts),
         );
@@ -673,9 +715,19 @@ impl SyncEffects {
         input: &SyncInput,
         call: impl std::future::Future<Output = std::result::Result<T, AdapterError>>,
     ) -> Option<std::result::Result<T, AdapterError>> {
-        let _gates = self.gates.enter(&input.endpoint).await;
+        self.call_on(&input.endpoint, &input.policy, call).await
+    }
+
+    /// [`SyncEffects::call`] for `endpoint` under `policy`.
+    async fn call_on<T>(
+        &self,
+        endpoint: &str,
+        policy: &SyncPolicy,
+        call: impl std::future::Future<Output = std::result::Result<T, AdapterError>>,
+    ) -> Option<std::result::Result<T, AdapterError>> {
+        let _gates = self.gates.enter(endpoint).await;
         let _global = self.in_flight.acquire().await.ok()?;
-        let limit = std::time::Duration::from_millis(input.policy.attempt_timeout_ms.max(1));
+        let limit = std::time::Duration::from_millis(policy.attempt_timeout_ms.max(1));
         let in_flight = self.in_flight();
         let result = tokio::time::timeout(limit, call).await;
         drop(in_flight);
@@ -689,6 +741,33 @@ impl SyncEffects {
                 )))
             }
         })
+    }
+
+    /// Is `endpoint`'s circuit open now?
+    pub(crate) async fn circuit_open(&self, endpoint: &str) -> bool {
+        matches!(
+            self.circuits.admission(endpoint, now_ms()).await,
+            Admission::Open { .. }
+        )
+    }
+
+    /// Read `batch` back through its endpoint's adapter, under the same limits and
+    /// per-attempt timeout as any call (a reconcile's read).
+    pub(crate) async fn read_back(
+        &self,
+        policy: &SyncPolicy,
+        batch: &Batch,
+    ) -> std::result::Result<crate::adapter::ReadBack, AdapterError> {
+        let Some(adapter) = self.adapters.get(&batch.endpoint).cloned() else {
+            return Err(AdapterError::Config(format!(
+                "endpoint {:?} has no adapter",
+                batch.endpoint
+            )));
+        };
+        self.count(|s| &s.reads);
+        self.call_on(&batch.endpoint, policy, adapter.read_back(batch))
+            .await
+            .unwrap_or_else(|| Err(AdapterError::Transient("shutting down".into())))
     }
 
     /// Batch `index` of `input`, without the positions in `skip` (then a remainder).

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bulwark_workflows::adapter::{
-    AdapterError, AdapterResult, EndpointConfig, ItemRejection, PortalAdapter, Receipt,
-    Verification,
+    AdapterError, AdapterResult, EndpointConfig, ItemRejection, PortalAdapter, ReadBack,
+    Receipt, Verification,
 };
 use bulwark_workflows::catalog::{Batch, Item};
 use serde_json::{Map, Value, json};
@@ -84,7 +84,7 @@ fn is_systemic(e: &AdapterError) -> bool {
 }
 
 /// How many differing SKUs a mismatch names at most.
-pub const MAX_MISMATCHES_SHOWN: usize = 5;
+pub const MAX_MISMATCHES_SHOWN: usize = bulwark_workflows::adapter::MAX_DIFFERENCES_SHOWN;
 
 /// A classified failure of one request (before it becomes an [`AdapterError`]).
 #[derive(Debug)]
@@ -874,7 +874,7 @@ impl HttpAdapter {
     /// What the platform shows for each item of `batch` (absent SKUs are missing), and,
     /// reading item by item, the items that could not be read, with why (a per-batch
     /// read is all or nothing).
-    async fn read_back(
+    async fn read_shown(
         &self,
         batch: &Batch,
         ids: &HashMap<String, String>,
@@ -1077,30 +1077,12 @@ impl HttpAdapter {
         items: &[Item],
         shown: &HashMap<String, Result<Shown, String>>,
     ) -> Verification {
-        let mut differing = 0usize;
-        let mut details = Vec::new();
-        for want in items {
-            if let Some(d) = self.differs(want, shown.get(&want.sku)) {
-                differing += 1;
-                if details.len() < MAX_MISMATCHES_SHOWN {
-                    details.push(format!("{}: {d}", want.sku));
-                }
-            }
-        }
-        if differing == 0 {
-            return Verification::Verified;
-        }
-        let more = if differing > details.len() {
-            format!("; and {} more", differing - details.len())
-        } else {
-            String::new()
-        };
-        Verification::Mismatch {
-            details: self.scrub(&format!(
-                "{differing} of {} items differ: {}{more}",
-                items.len(),
-                details.join("; ")
-            )),
+        let read = ReadBack::of(items, |_| None, |want| self.differs(want, shown.get(&want.sku)));
+        match Verification::of(items.len(), &read.differing) {
+            Verification::Mismatch { details } => Verification::Mismatch {
+                details: self.scrub(&details),
+            },
+            v => v,
         }
     }
 }
@@ -1125,7 +1107,7 @@ impl PortalAdapter for HttpAdapter {
                 let mut skip: HashSet<String> = outcome.skus().into_iter().collect();
                 // After an unanswered attempt, write only what does not show yet.
                 if suspect && outcome.stop.is_none() {
-                    let (shown, unread) = self.read_back(batch, &ids).await?;
+                    let (shown, unread) = self.read_shown(batch, &ids).await?;
                     for item in &batch.items {
                         if skip.contains(item.sku.as_str()) {
                             continue;
@@ -1163,7 +1145,7 @@ impl PortalAdapter for HttpAdapter {
                     return Err(e);
                 }
                 if suspect {
-                    let (shown, _) = self.read_back(batch, &ids).await?;
+                    let (shown, _) = self.read_shown(batch, &ids).await?;
                     if self.compare(&batch.items, &shown) == Verification::Verified {
                         tracing::info!(endpoint = %self.endpoint, key = %batch.key, "batch already shows; not sent again");
                         return Ok(Receipt {
@@ -1235,7 +1217,7 @@ impl PortalAdapter for HttpAdapter {
             return Ok(Verification::Verified);
         }
         let (ids, lookup_failed) = self.ids_each(&batch.items).await?;
-        let (shown, mut unread) = self.read_back(batch, &ids).await?;
+        let (shown, mut unread) = self.read_shown(batch, &ids).await?;
         for (sku, e) in lookup_failed {
             unread.insert(sku, e);
         }
@@ -1256,6 +1238,22 @@ impl PortalAdapter for HttpAdapter {
             Vec::new(),
             rest,
         ))
+    }
+
+    async fn read_back(&self, batch: &Batch) -> AdapterResult<ReadBack> {
+        if batch.items.is_empty() {
+            return Ok(ReadBack::default());
+        }
+        let (ids, lookup_failed) = self.ids_each(&batch.items).await?;
+        let (shown, mut unread) = self.read_shown(batch, &ids).await?;
+        unread.extend(lookup_failed);
+        let mut read = ReadBack::of(&batch.items, |sku| unread.get(sku), |want| {
+            self.differs(want, shown.get(&want.sku))
+        });
+        for d in &mut read.differing {
+            d.detail = self.scrub(&d.detail);
+        }
+        Ok(read)
     }
 
     async fn probe(&self, endpoint: &str, key: Uuid) -> AdapterResult<Option<Receipt>> {

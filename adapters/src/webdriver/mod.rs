@@ -37,8 +37,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bulwark_workflows::adapter::{
-    AdapterError, AdapterFactory, AdapterResult, EndpointConfig, PortalAdapter, Receipt,
-    Verification,
+    AdapterError, AdapterFactory, AdapterResult, EndpointConfig, PortalAdapter, ReadBack,
+    Receipt, Verification,
 };
 use bulwark_workflows::catalog::Batch;
 use uuid::Uuid;
@@ -57,8 +57,6 @@ pub const DEFAULT_STEP_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_DEADLINE_MS: u64 = 300_000;
 /// Default artifacts directory.
 pub const DEFAULT_ARTIFACTS_DIR: &str = "bulwark-data/artifacts";
-/// How many differing SKUs a mismatch names at most.
-const MAX_MISMATCHES_SHOWN: usize = 5;
 /// Re-logins tolerated within one adapter call.
 const MAX_RELOGINS: usize = 3;
 
@@ -166,12 +164,14 @@ struct PhaseState {
 enum Op<'a> {
     Upload(&'a Batch),
     Verify(&'a Batch),
+    ReadBack(&'a Batch),
     Probe(Uuid),
 }
 
 enum Out {
     Receipt(Receipt),
     Verification(Verification),
+    ReadBack(ReadBack),
     Probe(Option<Receipt>),
 }
 
@@ -372,6 +372,12 @@ impl WebDriverAdapter {
                         .await
                         .map(Out::Verification),
                 ),
+                Op::ReadBack(b) => (
+                    "read back",
+                    self.observe_steps(s, b, &mut st)
+                        .await
+                        .map(|seen| Out::ReadBack(self.read_items(b, &seen))),
+                ),
                 Op::Probe(key) => ("probe", self.probe(s, *key, &mut st).await.map(Out::Probe)),
             };
             match res {
@@ -446,6 +452,17 @@ impl WebDriverAdapter {
         batch: &Batch,
         st: &mut PhaseState,
     ) -> Result<Verification, Fail> {
+        let seen = self.observe_steps(s, batch, st).await?;
+        Ok(self.compare(batch, &seen))
+    }
+
+    /// Run the verify recipe over the batch: what the portal shows, by portal SKU.
+    async fn observe_steps(
+        &self,
+        s: &mut pool::Session,
+        batch: &Batch,
+        st: &mut PhaseState,
+    ) -> Result<Observed, Fail> {
         let ctx = self.ctx(Some(BatchCtx::new(batch)));
         let mut r = self.runner(s, None);
         r.progress = st.resume.take();
@@ -456,50 +473,44 @@ impl WebDriverAdapter {
         st.resume = r.progress;
         st.observed = std::mem::take(&mut r.observed);
         res?;
-        Ok(self.compare(batch, &std::mem::take(&mut st.observed)))
+        Ok(std::mem::take(&mut st.observed))
     }
 
     fn compare(&self, batch: &Batch, observed: &Observed) -> Verification {
-        let mut diffs = Vec::new();
-        let mut count = 0;
-        for item in &batch.items {
-            let want = recipe::ItemCtx::new(item, &self.sku_prefix);
-            let problem = match observed.get(&want.portal_sku) {
-                None => Some("not shown".to_owned()),
-                Some((qty, price)) => {
-                    let q = qty.as_deref().and_then(|q| q.trim().parse::<i64>().ok());
-                    let p = price.as_deref().and_then(parse_price);
-                    if q != Some(want.qty) {
-                        Some(format!(
-                            "qty {:?} != {}",
-                            qty.as_deref().unwrap_or("?"),
-                            want.qty
-                        ))
-                    } else if p != Some(want.price_minor) {
-                        Some(format!(
-                            "price {:?} != {}",
-                            price.as_deref().unwrap_or("?"),
-                            want.price
-                        ))
-                    } else {
-                        None
+        Verification::of(batch.items.len(), &self.read_items(batch, observed).differing)
+    }
+
+    /// Item by item, does the portal show what the batch says?
+    fn read_items(&self, batch: &Batch, observed: &Observed) -> ReadBack {
+        ReadBack::of(
+            &batch.items,
+            |_| None,
+            |item| {
+                let want = recipe::ItemCtx::new(item, &self.sku_prefix);
+                match observed.get(&want.portal_sku) {
+                    None => Some(format!("{} not shown", want.portal_sku)),
+                    Some((qty, price)) => {
+                        let q = qty.as_deref().and_then(|q| q.trim().parse::<i64>().ok());
+                        let p = price.as_deref().and_then(parse_price);
+                        if q != Some(want.qty) {
+                            Some(format!(
+                                "qty {:?} != {}",
+                                qty.as_deref().unwrap_or("?"),
+                                want.qty
+                            ))
+                        } else if p != Some(want.price_minor) {
+                            Some(format!(
+                                "price {:?} != {}",
+                                price.as_deref().unwrap_or("?"),
+                                want.price
+                            ))
+                        } else {
+                            None
+                        }
                     }
                 }
-            };
-            if let Some(p) = problem {
-                count += 1;
-                if diffs.len() < MAX_MISMATCHES_SHOWN {
-                    diffs.push(format!("{}: {p}", want.portal_sku));
-                }
-            }
-        }
-        if count == 0 {
-            Verification::Verified
-        } else {
-            Verification::Mismatch {
-                details: format!("{count} item(s) differ: {}", diffs.join("; ")),
-            }
-        }
+            },
+        )
     }
 
     async fn probe_steps(&self, s: &mut pool::Session, key: Uuid) -> Result<Option<Receipt>, Fail> {
@@ -611,6 +622,13 @@ impl PortalAdapter for WebDriverAdapter {
         match self.call(Op::Verify(batch)).await? {
             Out::Verification(v) => Ok(v),
             _ => unreachable!("verify returns a verification"),
+        }
+    }
+
+    async fn read_back(&self, batch: &Batch) -> AdapterResult<ReadBack> {
+        match self.call(Op::ReadBack(batch)).await? {
+            Out::ReadBack(r) => Ok(r),
+            _ => unreachable!("read back returns a read-back"),
         }
     }
 
