@@ -61,7 +61,7 @@ async fn reconcile_repairs_hand_edits_exactly_once_across_a_kill() {
     assert_eq!(want.len(), 120);
 
     // Hand edits at every endpoint: one changed quantity each, one deleted product at some.
-    let client = reqwest::Client::new();
+    let client = bulwark_adapters::rest::RestAdapter::shared_client();
     let admin = format!("{portal}/admin/items");
     for i in 0..ENDPOINTS {
         let sku = &skus[(i * 7) % skus.len()];
@@ -170,6 +170,68 @@ async fn reconcile_repairs_hand_edits_exactly_once_across_a_kill() {
         String::from_utf8_lossy(&err.stderr).contains("\"nope\""),
         "{}",
         String::from_utf8_lossy(&err.stderr)
+    );
+    sim.shutdown().await.unwrap();
+}
+
+/// On PostgreSQL `bulwark reconcile` reads back and enqueues the repairing run; workers
+/// send it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_reconcile_enqueues_the_repair_for_workers() {
+    let Some(base) = bulwark_tests::pg_url() else {
+        return;
+    };
+    let db = bulwark_tests::pg_schema_url(&base, "reconcile");
+    let dir = tempfile::tempdir().unwrap();
+    legacy_snapshot(dir.path(), 30, &db);
+    let sim = simulator::start(SimConfig::default(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let portal = format!("http://{}", sim.addr());
+    let cmd = |verb: &str| {
+        let mut c = bulwark();
+        c.args([verb, "--portal-url", &portal, "--endpoints", "3", "--db", &db]);
+        c
+    };
+    let out = run_ok(&mut cmd("sync"));
+    assert!(out.contains("enqueued"), "{out}");
+    run_ok(cmd("worker").arg("--exit-when-idle"));
+    let base_url = sim.base_url("ep-00002");
+    let before = sim.stats().batches_applied;
+    assert_eq!(before, 3);
+    // A SKU of the legacy source, edited by hand at one endpoint.
+    let legacy = dir.path().join("legacy.db");
+    let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}", legacy.display()))
+        .await
+        .unwrap();
+    let skus: Vec<String> = sqlx::query_scalar("SELECT sku FROM products ORDER BY sku")
+        .fetch_all(&mut c)
+        .await
+        .unwrap();
+    drop(c);
+    let client = bulwark_adapters::rest::RestAdapter::shared_client();
+    let mut all = shown(&base_url, &[skus[4].as_str()]).await;
+    let (sku, qty) = all.pop_first().unwrap();
+    let r = client
+        .put(format!("{portal}/admin/items/ep-00002/{sku}"))
+        .json(&serde_json::json!({ "qty": qty + 1000 }))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    let out = run_ok(&mut cmd("reconcile"));
+    assert!(
+        out.contains("1 drifted at 1 endpoint(s)") && out.contains(&sku),
+        "{out}"
+    );
+    assert!(out.contains("1 drifted item(s) to send again"), "{out}");
+    assert_eq!(sim.stats().batches_applied, before, "workers send it, not reconcile");
+    run_ok(cmd("worker").arg("--exit-when-idle"));
+    assert_eq!(sim.stats().batches_applied, before + 1);
+    assert_eq!(
+        bulwark_tests::shown_qty(&base_url, &sku).await,
+        Some(qty),
+        "repaired"
     );
     sim.shutdown().await.unwrap();
 }

@@ -287,7 +287,7 @@ async fn batch_portal_edits_and_deletions_are_repaired_and_unreadable_adapters_a
     assert_eq!(applied, 6);
 
     // A changed quantity, a deleted product (the shop lost it), through the admin API.
-    let client = reqwest::Client::new();
+    let client = bulwark_adapters::rest::RestAdapter::shared_client();
     let admin = format!("http://{}/admin/items", sim.addr());
     let r = client
         .put(format!("{admin}/ep-a/{}", want[3].sku))
