@@ -54,7 +54,10 @@ async fn reconcile_repairs_hand_edits_exactly_once_across_a_kill() {
         c
     };
     let out = run_ok(&mut cmd("sync"));
-    assert!(out.contains(&format!("endpoints: {ENDPOINTS} done")), "{out}");
+    assert!(
+        out.contains(&format!("endpoints: {ENDPOINTS} done")),
+        "{out}"
+    );
     let all: Vec<&str> = skus.iter().map(String::as_str).collect();
     let ep = |i: usize| format!("ep-{:05}", i + 1);
     let want = shown(&sim.base_url(&ep(0)), &all).await;
@@ -161,7 +164,14 @@ async fn reconcile_repairs_hand_edits_exactly_once_across_a_kill() {
     assert!(out.contains("endpoints: 1 done"), "{out}");
     assert_eq!(shown(&sim.base_url(&ep(5)), &all).await, want);
     let err = bulwark()
-        .args(["reconcile", "--portal-url", &portal, "--endpoint", "nope", "--db"])
+        .args([
+            "reconcile",
+            "--portal-url",
+            &portal,
+            "--endpoint",
+            "nope",
+            "--db",
+        ])
         .arg(&db)
         .output()
         .unwrap();
@@ -190,7 +200,15 @@ async fn on_postgres_reconcile_enqueues_the_repair_for_workers() {
     let portal = format!("http://{}", sim.addr());
     let cmd = |verb: &str| {
         let mut c = bulwark();
-        c.args([verb, "--portal-url", &portal, "--endpoints", "3", "--db", &db]);
+        c.args([
+            verb,
+            "--portal-url",
+            &portal,
+            "--endpoints",
+            "3",
+            "--db",
+            &db,
+        ]);
         c
     };
     let out = run_ok(&mut cmd("sync"));
@@ -225,7 +243,11 @@ async fn on_postgres_reconcile_enqueues_the_repair_for_workers() {
         "{out}"
     );
     assert!(out.contains("1 drifted item(s) to send again"), "{out}");
-    assert_eq!(sim.stats().batches_applied, before, "workers send it, not reconcile");
+    assert_eq!(
+        sim.stats().batches_applied,
+        before,
+        "workers send it, not reconcile"
+    );
     run_ok(cmd("worker").arg("--exit-when-idle"));
     assert_eq!(sim.stats().batches_applied, before + 1);
     assert_eq!(

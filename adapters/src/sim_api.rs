@@ -674,13 +674,14 @@ impl ApiSimHandle {
     /// Set what `endpoint` shows for `sku` (an existing product) as a person editing the
     /// shop by hand would: no write is counted. Returns false if the product is unknown.
     pub fn edit_item(&self, endpoint: &str, sku: &str, qty: i64) -> bool {
-        self.inner.with_ep(endpoint, |ep| match ep.products.get_mut(sku) {
-            Some(p) => {
-                p.qty = qty;
-                true
-            }
-            None => false,
-        })
+        self.inner
+            .with_ep(endpoint, |ep| match ep.products.get_mut(sku) {
+                Some(p) => {
+                    p.qty = qty;
+                    true
+                }
+                None => false,
+            })
     }
 
     /// Every token a login issued (to check that none leaks).

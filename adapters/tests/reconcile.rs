@@ -112,7 +112,10 @@ async fn hand_edits_are_found_by_reading_back_and_only_they_are_sent_again() {
         "{first:?}"
     );
     assert_eq!(drifted_skus(found(&report, "gq-1")), vec![&want[4].sku]);
-    assert!(sim.stats().reads >= reads_before + 24, "every item was read");
+    assert!(
+        sim.stats().reads >= reads_before + 24,
+        "every item was read"
+    );
     // Exactly the drifted items were written again, once each.
     assert_eq!(sim.stats().writes_applied, 27, "{:?}", sim.stats());
     for (ep, item) in [("shop-1", 2), ("shop-1", 9), ("gq-1", 4)] {
@@ -147,7 +150,10 @@ async fn hand_edits_are_found_by_reading_back_and_only_they_are_sent_again() {
     assert_eq!(report.uploads, 0);
     assert_eq!(sim.stats().writes_applied, 27);
     let rows = app.staging().reconciles().await.unwrap();
-    assert!(rows.iter().all(|r| r.drifted == 0 && r.run.is_none()), "{rows:?}");
+    assert!(
+        rows.iter().all(|r| r.drifted == 0 && r.run.is_none()),
+        "{rows:?}"
+    );
 
     // Drift and a new snapshot at once: one run sends the diff and the repair, and the
     // drift is measured against what the endpoint had confirmed.
@@ -162,7 +168,11 @@ async fn hand_edits_are_found_by_reading_back_and_only_they_are_sent_again() {
     assert!(found(&report, "gq-1").drifted.is_empty());
     assert_eq!(shown(&sim, "shop-1"), normalized(changed.clone()));
     assert_eq!(shown(&sim, "gq-1"), normalized(changed.clone()));
-    assert_eq!(sim.writes_for("shop-1", &want[0].sku), 2, "sent once, at the new value");
+    assert_eq!(
+        sim.writes_for("shop-1", &want[0].sku),
+        2,
+        "sent once, at the new value"
+    );
     assert_clean_audit(&app).await;
     app.close().await;
     sim.shutdown().await;
@@ -205,19 +215,29 @@ async fn quarantined_items_are_not_drift_and_unreadable_ones_are_never_assumed()
     let f = found(&report, "shop-f");
     eprintln!("faulty reconcile: {f:?}, {:?}", sim.stats());
     assert!(sim.stats().faults_injected > 5, "{:?}", sim.stats());
-    assert_eq!(f.read + f.unread, 29, "every item but the quarantined one: {f:?}");
+    assert_eq!(
+        f.read + f.unread,
+        29,
+        "every item but the quarantined one: {f:?}"
+    );
     assert!(
         f.drifted.iter().all(|d| d.sku != bad),
         "a quarantined item is not drift: {f:?}"
     );
     let edited: Vec<&str> = [1, 12, 25].iter().map(|&i| want[i].sku.as_str()).collect();
     for d in &f.drifted {
-        assert!(edited.contains(&d.sku.as_str()), "only edits drifted: {f:?}");
+        assert!(
+            edited.contains(&d.sku.as_str()),
+            "only edits drifted: {f:?}"
+        );
     }
     sim.fail_requests("shop-f", 0.0);
     // Whatever could not be read or repaired then is repaired by the next reconcile.
     let report = app.reconcile(&eps, &opts, None).await.unwrap();
-    assert!(report.unfinished == 0 && report.refused.is_empty(), "{report:?}");
+    assert!(
+        report.unfinished == 0 && report.refused.is_empty(),
+        "{report:?}"
+    );
     for (i, item) in want.iter().enumerate() {
         let got = sim
             .items("shop-f")
@@ -236,7 +256,11 @@ async fn quarantined_items_are_not_drift_and_unreadable_ones_are_never_assumed()
     }
     let f = found(&report, "shop-f");
     assert_eq!((f.read, f.unread), (29, 0), "{f:?}");
-    assert_eq!(app.quarantine().await.unwrap().len(), 1, "still quarantined");
+    assert_eq!(
+        app.quarantine().await.unwrap().len(),
+        1,
+        "still quarantined"
+    );
     assert_clean_audit(&app).await;
     app.close().await;
     sim.shutdown().await;

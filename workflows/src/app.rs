@@ -595,7 +595,8 @@ impl Bulwark {
         options: &SyncOptions,
         progress: Option<Arc<dyn SyncProgress>>,
     ) -> Result<SyncReport> {
-        self.drive(endpoints, options, progress, Planning::Sync).await
+        self.drive(endpoints, options, progress, Planning::Sync)
+            .await
     }
 
     /// Repair drift: resume what is unfinished, then read back every endpoint of
@@ -641,15 +642,9 @@ impl Bulwark {
         snapshot: i64,
     ) -> Result<(Plan, Vec<crate::reconcile::EndpointDrift>)> {
         let busy = self.store.open_subjects(EndpointSync::KIND).await?;
-        let found = crate::reconcile::find_drift(
-            &self.staging,
-            diffs,
-            effects,
-            endpoints,
-            options,
-            &busy,
-        )
-        .await?;
+        let found =
+            crate::reconcile::find_drift(&self.staging, diffs, effects, endpoints, options, &busy)
+                .await?;
         let repair: HashMap<String, Vec<String>> = found
             .iter()
             .filter(|f| !f.drifted.is_empty())
@@ -684,7 +679,8 @@ impl Bulwark {
         options: &SyncOptions,
         progress: Option<Arc<dyn SyncProgress>>,
     ) -> Result<SyncReport> {
-        self.drive(endpoints, options, progress, Planning::None).await
+        self.drive(endpoints, options, progress, Planning::None)
+            .await
     }
 
     /// Cancel sync run `run`: every unfinished endpoint sync of it takes the operator's

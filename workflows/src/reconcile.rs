@@ -177,10 +177,7 @@ async fn read_endpoint(
             "its circuit is open",
         ));
     }
-    let expected = match diffs
-        .diff_mapped(None, snapshot, mapping, on_removed)
-        .await
-    {
+    let expected = match diffs.diff_mapped(None, snapshot, mapping, on_removed).await {
         Ok(items) => items,
         Err(e) => {
             return Ok(EndpointDrift::skipped(
@@ -255,10 +252,7 @@ async fn read_endpoint(
             if found.skipped.is_none()
                 && let Some(e) = last
             {
-                found.skipped = Some(format!(
-                    "{} item(s) could not be read: {e}",
-                    pending.len()
-                ));
+                found.skipped = Some(format!("{} item(s) could not be read: {e}", pending.len()));
             }
         }
     }

@@ -372,8 +372,7 @@ pub async fn plan_run_with(
         retry.retain(carried);
         drifted.retain(carried);
         plan.repairs += drifted.len() as u64;
-        if items.is_empty() || (base == Some(snapshot) && retry.is_empty() && drifted.is_empty())
-        {
+        if items.is_empty() || (base == Some(snapshot) && retry.is_empty() && drifted.is_empty()) {
             plan.up_to_date += 1;
             continue;
         }

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bulwark_workflows::adapter::{
-    AdapterError, AdapterResult, EndpointConfig, ItemRejection, PortalAdapter, ReadBack,
-    Receipt, Verification,
+    AdapterError, AdapterResult, EndpointConfig, ItemRejection, PortalAdapter, ReadBack, Receipt,
+    Verification,
 };
 use bulwark_workflows::catalog::{Batch, Item};
 use serde_json::{Map, Value, json};
@@ -1077,7 +1077,11 @@ impl HttpAdapter {
         items: &[Item],
         shown: &HashMap<String, Result<Shown, String>>,
     ) -> Verification {
-        let read = ReadBack::of(items, |_| None, |want| self.differs(want, shown.get(&want.sku)));
+        let read = ReadBack::of(
+            items,
+            |_| None,
+            |want| self.differs(want, shown.get(&want.sku)),
+        );
         match Verification::of(items.len(), &read.differing) {
             Verification::Mismatch { details } => Verification::Mismatch {
                 details: self.scrub(&details),
@@ -1247,9 +1251,11 @@ impl PortalAdapter for HttpAdapter {
         let (ids, lookup_failed) = self.ids_each(&batch.items).await?;
         let (shown, mut unread) = self.read_shown(batch, &ids).await?;
         unread.extend(lookup_failed);
-        let mut read = ReadBack::of(&batch.items, |sku| unread.get(sku), |want| {
-            self.differs(want, shown.get(&want.sku))
-        });
+        let mut read = ReadBack::of(
+            &batch.items,
+            |sku| unread.get(sku),
+            |want| self.differs(want, shown.get(&want.sku)),
+        );
         for d in &mut read.differing {
             d.detail = self.scrub(&d.detail);
         }

@@ -37,8 +37,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bulwark_workflows::adapter::{
-    AdapterError, AdapterFactory, AdapterResult, EndpointConfig, PortalAdapter, ReadBack,
-    Receipt, Verification,
+    AdapterError, AdapterFactory, AdapterResult, EndpointConfig, PortalAdapter, ReadBack, Receipt,
+    Verification,
 };
 use bulwark_workflows::catalog::Batch;
 use uuid::Uuid;
@@ -477,7 +477,10 @@ impl WebDriverAdapter {
     }
 
     fn compare(&self, batch: &Batch, observed: &Observed) -> Verification {
-        Verification::of(batch.items.len(), &self.read_items(batch, observed).differing)
+        Verification::of(
+            batch.items.len(),
+            &self.read_items(batch, observed).differing,
+        )
     }
 
     /// Item by item, does the portal show what the batch says?
