@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex};
 use axum::http::HeaderMap;
 use axum::response::IntoResponse;
 use bulwark_adapters::http::{HttpAdapter, MemoryIdCache, SqliteIdCache};
-use bulwark_adapters::sim_api::{self, ApiSimConfig};
 use bulwark_adapters::simulator::{self, SimConfig};
 use bulwark_workflows::adapter::{AdapterError, Receipt};
 use bulwark_workflows::app::Bulwark;
@@ -68,18 +67,7 @@ async fn secrets_never_appear_in_errors_journal_or_logs() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("bulwark.db");
     let creds = Creds::random();
-    let api = sim_api::start(
-        ApiSimConfig {
-            username: creds.username.clone(),
-            password: creds.password.clone(),
-            api_key: creds.api_key.clone(),
-            token_ttl_secs: 3600,
-            currency: "EUR".into(),
-        },
-        loopback(),
-    )
-    .await
-    .unwrap();
+    let api = api_sim(&creds).await;
     let portal = simulator::start(
         SimConfig {
             required_token: Some(creds.portal_token.clone()),

@@ -7,42 +7,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use bulwark_adapters::http::{IdCache, MemoryIdCache, SqliteIdCache};
-use bulwark_adapters::sim_api::{self, ApiSimConfig, ApiSimHandle};
-use bulwark_adapters::sim_tls::{ServerTls, TestCa};
+use bulwark_adapters::sim_api::ApiSimHandle;
+use bulwark_adapters::sim_tls::TestCa;
 use bulwark_adapters::simulator::{self, SimConfig};
-use bulwark_workflows::app::{Bulwark, SyncReport};
+use bulwark_workflows::app::Bulwark;
 use bulwark_workflows::catalog::Item;
 use http_common::*;
-
-fn done(report: &SyncReport) -> usize {
-    report.by_status.get("Done").copied().unwrap_or(0)
-}
-
-async fn api_sim(creds: &Creds) -> ApiSimHandle {
-    api_sim_with(creds, None).await
-}
-
-async fn api_sim_with(creds: &Creds, tls: Option<&ServerTls>) -> ApiSimHandle {
-    sim_api::start_with(
-        ApiSimConfig {
-            username: creds.username.clone(),
-            password: creds.password.clone(),
-            api_key: creds.api_key.clone(),
-            token_ttl_secs: 3600,
-            currency: "EUR".into(),
-        },
-        loopback(),
-        tls,
-    )
-    .await
-    .unwrap()
-}
-
-async fn assert_clean_audit(app: &Bulwark) {
-    let audit = app.audit().await.unwrap();
-    assert!(audit.findings.is_empty(), "{:?}", audit.findings);
-    assert!(audit.journal_rows > 0);
-}
 
 /// What the API simulator shows for the SKUs of `want`.
 fn shown(sim: &ApiSimHandle, endpoint: &str, want: &[Item]) -> Vec<Item> {

@@ -8,33 +8,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use bulwark_adapters::http::MemoryIdCache;
-use bulwark_adapters::sim_api::{self, ApiSimConfig, ApiSimHandle};
+use bulwark_adapters::sim_api::ApiSimHandle;
 use bulwark_adapters::simulator::{self, SimConfig};
 use bulwark_workflows::adapter::EndpointConfig;
 use bulwark_workflows::app::{Bulwark, SyncReport};
 use bulwark_workflows::catalog::Item;
 use bulwark_workflows::reconcile::EndpointDrift;
 use http_common::*;
-
-fn done(report: &SyncReport) -> usize {
-    report.by_status.get("Done").copied().unwrap_or(0)
-}
-
-async fn api_sim(creds: &Creds) -> ApiSimHandle {
-    sim_api::start_with(
-        ApiSimConfig {
-            username: creds.username.clone(),
-            password: creds.password.clone(),
-            api_key: creds.api_key.clone(),
-            token_ttl_secs: 3600,
-            currency: "EUR".into(),
-        },
-        loopback(),
-        None,
-    )
-    .await
-    .unwrap()
-}
 
 fn shown(sim: &ApiSimHandle, endpoint: &str) -> Vec<Item> {
     normalized(sim.items(endpoint))
@@ -54,11 +34,6 @@ fn drifted_skus(f: &EndpointDrift) -> Vec<&str> {
     let mut v: Vec<&str> = f.drifted.iter().map(|d| d.sku.as_str()).collect();
     v.sort();
     v
-}
-
-async fn assert_clean_audit(app: &Bulwark) {
-    let audit = app.audit().await.unwrap();
-    assert!(audit.findings.is_empty(), "{:?}", audit.findings);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

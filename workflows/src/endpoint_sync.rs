@@ -85,6 +85,29 @@ impl Default for SyncPolicy {
 }
 
 impl SyncPolicy {
+    /// The wait (ms) before attempt `attempt` (2, 3, …) of a call keyed `key`: exponential
+    /// with deterministic jitter derived from the key, never sooner than the `Retry-After`
+    /// of `error` (but no longer than a cooldown).
+    pub fn retry_delay_ms(&self, attempt: u32, key: Uuid, error: Option<&AdapterError>) -> u64 {
+        let exp = self
+            .backoff_base_ms
+            .saturating_mul(1u64 << attempt.saturating_sub(2).min(30));
+        let delay = exp.min(self.backoff_max_ms);
+        // "Equal jitter": half fixed, half spread by the key.
+        let spread = (key.as_u128() as u64
+            ^ u64::from(attempt).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+            % (delay / 2 + 1);
+        let mut wait = delay / 2 + spread;
+        if let Some(retry_after_ms) = error
+            .and_then(crate::adapter::retry_after)
+            .map(|d| d.as_millis() as u64)
+        {
+            // Honour Retry-After, but no endpoint may park a sync longer than a cooldown.
+            wait = wait.max(retry_after_ms.min(self.cooldown_ms));
+        }
+        wait
+    }
+
     /// The circuit-breaker part of the policy.
     pub fn circuit(&self) -> CircuitPolicy {
         CircuitPolicy {
@@ -195,36 +218,18 @@ impl SyncInput {
 
     /// The SKUs carried beyond the diff (`retry` and `repair`), sorted, each once.
     pub fn extra_skus(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.retry.iter().chain(&self.repair).cloned().collect();
-        v.sort();
-        v.dedup();
-        v
+        crate::sync::sorted_union(&self.retry, &self.repair)
     }
 
     fn items(&self) -> u64 {
         self.batches.iter().map(|b| u64::from(b.items)).sum()
     }
 
-    /// Retry delay before attempt `attempt` (2, 3, …): exponential with deterministic
-    /// jitter (derived from the key, so replay computes the same instant), never sooner
-    /// than the endpoint's `Retry-After`.
+    /// Retry instant of attempt `attempt` (2, 3, …) after a failure at `at_ms`: see
+    /// [`SyncPolicy::retry_delay_ms`] (derived from the key, so replay computes the same
+    /// instant).
     pub fn retry_at(&self, at_ms: i64, attempt: u32, key: Uuid, error: &AdapterError) -> i64 {
-        let p = &self.policy;
-        let exp = p
-            .backoff_base_ms
-            .saturating_mul(1u64 << attempt.saturating_sub(2).min(30));
-        let delay = exp.min(p.backoff_max_ms);
-        // "Equal jitter": half fixed, half spread by the key.
-        let spread = (key.as_u128() as u64
-            ^ u64::from(attempt).wrapping_mul(0x9E37_79B9_7F4A_7C15))
-            % (delay / 2 + 1);
-        let mut wait = delay / 2 + spread;
-        if let Some(retry_after_ms) =
-            crate::adapter::retry_after(error).map(|d| d.as_millis() as u64)
-        {
-            // Honour Retry-After, but no endpoint may park a sync longer than a cooldown.
-            wait = wait.max(retry_after_ms.min(p.cooldown_ms));
-        }
+        let wait = self.policy.retry_delay_ms(attempt, key, Some(error));
         at_ms.saturating_add(i64::try_from(wait).unwrap_or(i64::MAX))
     }
 }

@@ -16,7 +16,7 @@ use uuid::Uuid;
 use crate::adapter::{AdapterError, Difference, EndpointConfig, READ_BACK_UNSUPPORTED};
 use crate::catalog::{Batch, Item, KEY_NAMESPACE};
 use crate::endpoint_sync::SyncPolicy;
-use crate::error::{Result, SyncError};
+use crate::error::Result;
 use crate::mapping::EndpointMapping;
 use crate::staging::{OnRemoved, ReconcileRow, Staging};
 use crate::sync::{DiffCache, SyncEffects, SyncOptions};
@@ -100,12 +100,7 @@ pub async fn find_drift(
     let mut work = Vec::new();
     let mut out = Vec::new();
     for ep in endpoints {
-        let on_removed = match ep.settings.get("on_removed") {
-            Some(v) => v
-                .parse()
-                .map_err(|e| SyncError::Config(format!("endpoint {:?}: {e}", ep.id)))?,
-            None => options.on_removed,
-        };
+        let on_removed = crate::sync::endpoint_on_removed(ep, options)?;
         let mapping = EndpointMapping::from_settings(&ep.settings)?;
         let policy = ep.policy.clone().unwrap_or_else(|| options.policy.clone());
         let Some((snapshot, key)) = confirmed.get(&ep.id).cloned() else {
@@ -243,7 +238,8 @@ async fn read_endpoint(
             if !pending.is_empty() {
                 attempt += 1;
                 if attempt <= policy.max_attempts.max(1) {
-                    tokio::time::sleep(backoff(policy, attempt, last.as_ref())).await;
+                    let wait = policy.retry_delay_ms(attempt, batch.key, last.as_ref());
+                    tokio::time::sleep(Duration::from_millis(wait)).await;
                 }
             }
         }
@@ -257,17 +253,4 @@ async fn read_endpoint(
         }
     }
     Ok(found)
-}
-
-/// The wait before read attempt `attempt` (2, 3, …): exponential, never sooner than the
-/// endpoint's `Retry-After` (bounded by the cooldown).
-fn backoff(policy: &SyncPolicy, attempt: u32, error: Option<&AdapterError>) -> Duration {
-    let exp = policy
-        .backoff_base_ms
-        .saturating_mul(1u64 << attempt.saturating_sub(2).min(30))
-        .min(policy.backoff_max_ms);
-    let asked = error
-        .and_then(crate::adapter::retry_after)
-        .map_or(0, |d| (d.as_millis() as u64).min(policy.cooldown_ms));
-    Duration::from_millis(exp.max(asked))
 }

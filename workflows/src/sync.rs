@@ -259,6 +259,25 @@ impl DiffCache {
     }
 }
 
+/// What `ep`'s syncs do with SKUs gone from the source: its `on_removed` setting, else the
+/// run's.
+pub(crate) fn endpoint_on_removed(ep: &EndpointConfig, options: &SyncOptions) -> Result<OnRemoved> {
+    match ep.settings.get("on_removed") {
+        Some(v) => v
+            .parse()
+            .map_err(|e| SyncError::Config(format!("endpoint {:?}: {e}", ep.id))),
+        None => Ok(options.on_removed),
+    }
+}
+
+/// The SKUs in `a` or `b`, sorted, each once.
+pub(crate) fn sorted_union(a: &[String], b: &[String]) -> Vec<String> {
+    let mut v: Vec<String> = a.iter().chain(b).cloned().collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
 /// Create a sync run towards `snapshot` for every endpoint that does not already show it.
 pub async fn plan_run(
     store: &dyn Store,
@@ -329,12 +348,7 @@ pub async fn plan_run_with(
             .get(&ep.id)
             .filter(|(_, k)| *k == key)
             .map(|(s, _)| *s);
-        let on_removed = match ep.settings.get("on_removed") {
-            Some(v) => v
-                .parse()
-                .map_err(|e| SyncError::Config(format!("endpoint {:?}: {e}", ep.id)))?,
-            None => options.on_removed,
-        };
+        let on_removed = endpoint_on_removed(ep, options)?;
         // Quarantined SKUs this sync carries: those the diff changes, and those an
         // operator asked to retry.
         let diff = diffs
@@ -358,12 +372,7 @@ pub async fn plan_run_with(
             .unwrap_or_default();
         drifted.sort();
         drifted.dedup();
-        let extra: Vec<String> = {
-            let mut v: Vec<String> = retry.iter().chain(&drifted).cloned().collect();
-            v.sort();
-            v.dedup();
-            v
-        };
+        let extra = sorted_union(&retry, &drifted);
         let items = diffs
             .planned_items(base, snapshot, mapping.as_ref(), on_removed, &extra)
             .await?;

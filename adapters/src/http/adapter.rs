@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bulwark_workflows::adapter::{
-    AdapterError, AdapterResult, EndpointConfig, ItemRejection, PortalAdapter, ReadBack, Receipt,
-    Verification,
+    AdapterError, AdapterResult, Difference, EndpointConfig, ItemRejection, PortalAdapter,
+    ReadBack, Receipt, Verification,
 };
 use bulwark_workflows::catalog::{Batch, Item};
 use serde_json::{Map, Value, json};
@@ -1082,7 +1082,12 @@ impl HttpAdapter {
             |_| None,
             |want| self.differs(want, shown.get(&want.sku)),
         );
-        match Verification::of(items.len(), &read.differing) {
+        self.verdict(items.len(), &read.differing)
+    }
+
+    /// The verdict on `items` items read, of which `differing` differ (scrubbed).
+    fn verdict(&self, items: usize, differing: &[Difference]) -> Verification {
+        match Verification::of(items, differing) {
             Verification::Mismatch { details } => Verification::Mismatch {
                 details: self.scrub(&details),
             },
@@ -1217,30 +1222,16 @@ impl PortalAdapter for HttpAdapter {
     }
 
     async fn verify(&self, batch: &Batch, _receipt: &Receipt) -> AdapterResult<Verification> {
-        if batch.items.is_empty() {
-            return Ok(Verification::Verified);
-        }
-        let (ids, lookup_failed) = self.ids_each(&batch.items).await?;
-        let (shown, mut unread) = self.read_shown(batch, &ids).await?;
-        for (sku, e) in lookup_failed {
-            unread.insert(sku, e);
-        }
+        let read = self.read_back(batch).await?;
         // Items that could be read must match; the others are read again later.
-        let read: Vec<Item> = batch
-            .items
-            .iter()
-            .filter(|i| !unread.contains_key(&i.sku))
-            .cloned()
-            .collect();
-        let verdict = self.compare(&read, &shown);
-        if unread.is_empty() || matches!(verdict, Verification::Mismatch { .. }) {
-            return Ok(verdict);
+        if !read.differing.is_empty() || read.unread.is_empty() {
+            let n = read.matching.len() + read.differing.len();
+            return Ok(self.verdict(n, &read.differing));
         }
-        let rest = batch.items.iter().find_map(|i| unread.get(&i.sku)).cloned();
         Err(AdapterError::partial(
-            read.into_iter().map(|i| i.sku).collect(),
+            read.matching,
             Vec::new(),
-            rest,
+            read.unread_error,
         ))
     }
 

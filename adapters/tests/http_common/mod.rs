@@ -7,8 +7,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use bulwark_adapters::http::{self, IdCache, MapSecrets, Profiles, Secrets};
+use bulwark_adapters::sim_api::{self, ApiSimConfig, ApiSimHandle};
+use bulwark_adapters::sim_tls::ServerTls;
 use bulwark_workflows::adapter::{AdapterRegistry, EndpointConfig};
-use bulwark_workflows::app::{Bulwark, SyncProgress};
+use bulwark_workflows::app::{Bulwark, SyncProgress, SyncReport};
 use bulwark_workflows::catalog::{Item, PriceTier};
 use bulwark_workflows::endpoint_sync::{State, SyncPolicy};
 use bulwark_workflows::sync::SyncOptions;
@@ -179,4 +181,38 @@ pub fn normalized(mut items: Vec<Item>) -> Vec<Item> {
     }
     items.sort_by(|a, b| a.sku.cmp(&b.sku));
     items
+}
+
+/// Endpoint syncs of `report` that ended `Done`.
+pub fn done(report: &SyncReport) -> usize {
+    report.by_status.get("Done").copied().unwrap_or(0)
+}
+
+/// The API simulator, accepting `creds`, over plain HTTP.
+pub async fn api_sim(creds: &Creds) -> ApiSimHandle {
+    api_sim_with(creds, None).await
+}
+
+/// The API simulator, accepting `creds`, over TLS if `tls` is given.
+pub async fn api_sim_with(creds: &Creds, tls: Option<&ServerTls>) -> ApiSimHandle {
+    sim_api::start_with(
+        ApiSimConfig {
+            username: creds.username.clone(),
+            password: creds.password.clone(),
+            api_key: creds.api_key.clone(),
+            token_ttl_secs: 3600,
+            currency: "EUR".into(),
+        },
+        loopback(),
+        tls,
+    )
+    .await
+    .unwrap()
+}
+
+/// Every journal re-folds without a finding (and there is a journal).
+pub async fn assert_clean_audit(app: &Bulwark) {
+    let audit = app.audit().await.unwrap();
+    assert!(audit.findings.is_empty(), "{:?}", audit.findings);
+    assert!(audit.journal_rows > 0);
 }
