@@ -108,6 +108,7 @@ impl MemoryPortal {
 #[async_trait]
 impl PortalAdapter for MemoryPortal {
     async fn upload(&self, batch: &Batch) -> AdapterResult<Receipt> {
+        bulwark_workflows::adapter::fence_check()?;
         self.uploads.fetch_add(1, Ordering::Relaxed);
         let mut shard = self.shard(&batch.key);
         if let Some(entry) = shard.get(&batch.key) {

@@ -266,6 +266,7 @@ impl RestAdapter {
         op: &str,
         req: reqwest::RequestBuilder,
     ) -> AdapterResult<reqwest::Response> {
+        bulwark_workflows::adapter::fence_check()?;
         req.send().await.map_err(|e| self.transport_error(op, &e))
     }
 

@@ -15,6 +15,10 @@
 //!   received), `PUT /admin/items/{e}/{sku}` (`{"qty": n}`) and `DELETE` of the same path:
 //!   a hand edit in the shop, drift that `bulwark reconcile` repairs.
 //!
+//! With [`SimConfig::no_idempotency`] it is a platform without idempotency keys: every
+//! upload is applied (a repeat too) and recorded with its snapshot and arrival time, the
+//! shape under which a late write from a paused worker would do harm (effect fencing).
+//!
 //! Faults ([`Fault`]) are chosen per endpoint from [`SimConfig::profiles`], falling back to
 //! [`SimConfig::default_fault`]. With [`SimConfig::required_token`] set, every request must
 //! carry `Authorization: Bearer <token>` (else 401).
@@ -138,6 +142,11 @@ pub struct SimConfig {
     pub default_fault: Fault,
     /// If set, every request must carry `Authorization: Bearer <token>`, else 401.
     pub required_token: Option<String>,
+    /// Behave like a platform **without idempotency keys**: every upload is applied, a
+    /// repeated key included, and `GET /ep/{e}/uploads/{key}` knows no upload (404). The
+    /// durable record then also gets a `writes` row per applied upload, with the snapshot
+    /// it carried and when it arrived, so a test can tell stale or late writes apart.
+    pub no_idempotency: bool,
 }
 
 impl fmt::Debug for SimConfig {
@@ -147,6 +156,7 @@ impl fmt::Debug for SimConfig {
             .field("latency_ms", &self.latency_ms)
             .field("profiles", &self.profiles)
             .field("default_fault", &self.default_fault)
+            .field("no_idempotency", &self.no_idempotency)
             .field(
                 "required_token",
                 &self.required_token.as_ref().map(|_| "<redacted>"),
@@ -242,6 +252,15 @@ enum WriteOp {
         items: i64,
         receipt: Arc<str>,
     },
+    /// An applied upload, in [`SimConfig::no_idempotency`] mode (keys may repeat).
+    Write {
+        endpoint: String,
+        key: Uuid,
+        snapshot: i64,
+        index: u32,
+        items: i64,
+        at_ms: i64,
+    },
 }
 
 struct WriteReq {
@@ -278,6 +297,14 @@ async fn open_db(path: &Path) -> Result<SqliteConnection, sqlx::Error> {
              items INTEGER NOT NULL,
              receipt TEXT NOT NULL,
              PRIMARY KEY (endpoint, key)
+         );
+         CREATE TABLE IF NOT EXISTS writes (
+             endpoint TEXT NOT NULL,
+             key TEXT NOT NULL,
+             snapshot INTEGER NOT NULL,
+             batch_index INTEGER NOT NULL,
+             items INTEGER NOT NULL,
+             at_ms INTEGER NOT NULL
          );",
     )
     .execute(&mut conn)
@@ -319,6 +346,26 @@ async fn commit_group(conn: &mut SqliteConnection, group: &[WriteReq]) -> Result
                     .bind(i64::from(*index))
                     .bind(*items)
                     .bind(&**receipt)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                WriteOp::Write {
+                    endpoint,
+                    key,
+                    snapshot,
+                    index,
+                    items,
+                    at_ms,
+                } => {
+                    sqlx::query(
+                        "INSERT INTO writes (endpoint, key, snapshot, batch_index, items, at_ms) VALUES (?, ?, ?, ?, ?, ?)",
+                    )
+                    .bind(endpoint.as_str())
+                    .bind(key.to_string())
+                    .bind(*snapshot)
+                    .bind(i64::from(*index))
+                    .bind(*items)
+                    .bind(*at_ms)
                     .execute(&mut *tx)
                     .await?;
                 }
@@ -794,11 +841,13 @@ async fn upload_to_completion(
     }
     let counters = &state.inner.counters;
     counters.uploads_received.fetch_add(1, Ordering::Relaxed);
+    let no_idempotency = state.inner.config.no_idempotency;
+    let at_ms = now_ms();
     let delivery = WriteOp::Delivery {
         endpoint: endpoint.clone(),
         key: req.key,
         index: req.index,
-        at_ms: now_ms(),
+        at_ms,
     };
 
     let slot = state.slot(&endpoint);
@@ -820,7 +869,12 @@ async fn upload_to_completion(
                     req.index
                 ),
             )
-        } else if let Some(receipt) = data.applied.get(&req.key).cloned() {
+        } else if let Some(receipt) = data
+            .applied
+            .get(&req.key)
+            .filter(|_| !no_idempotency)
+            .cloned()
+        {
             if let Err(e) = state.persist(vec![delivery]).await {
                 return error(
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -835,12 +889,24 @@ async fn upload_to_completion(
             (StatusCode::OK, Json(body)).into_response()
         } else {
             let receipt: Arc<str> = format!("r-{}", Uuid::new_v4()).into();
-            let applied = WriteOp::Applied {
-                endpoint: endpoint.clone(),
-                key: req.key,
-                index: req.index,
-                items: i64::try_from(req.items.len()).unwrap_or(i64::MAX),
-                receipt: receipt.clone(),
+            let items = i64::try_from(req.items.len()).unwrap_or(i64::MAX);
+            let applied = if no_idempotency {
+                WriteOp::Write {
+                    endpoint: endpoint.clone(),
+                    key: req.key,
+                    snapshot: req.snapshot,
+                    index: req.index,
+                    items,
+                    at_ms,
+                }
+            } else {
+                WriteOp::Applied {
+                    endpoint: endpoint.clone(),
+                    key: req.key,
+                    index: req.index,
+                    items,
+                    receipt: receipt.clone(),
+                }
             };
             if let Err(e) = state.persist(vec![delivery, applied]).await {
                 return error(
@@ -868,7 +934,9 @@ async fn upload_to_completion(
                 }
                 data.items.insert(item.sku.clone(), item);
             }
-            if data.applied.insert(req.key, receipt.clone()).is_some() {
+            if no_idempotency {
+                // No record of keys: a repeat is applied again, and no probe finds it.
+            } else if data.applied.insert(req.key, receipt.clone()).is_some() {
                 counters.duplicates_applied.fetch_add(1, Ordering::Relaxed);
             }
             *data

@@ -16,9 +16,13 @@ use bulwark_workflows::sync::SyncOptions;
 /// Options of `bulwark bench`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct BenchArgs {
-    /// Endpoints (one durable workflow each).
-    #[arg(long, default_value_t = 7200)]
-    endpoints: u32,
+    /// `w1` (engine overhead) or `w4` (the pause test of effect fencing: PostgreSQL,
+    /// three worker processes, one stopped or killed mid-run; needs --db postgres://…).
+    #[arg(long, default_value = "w1", value_parser = ["w1", "w4"])]
+    workload: String,
+    /// Endpoints (one durable workflow each) [default: 7200 for W1, 60 for W4].
+    #[arg(long)]
+    endpoints: Option<u32>,
     /// Batches per endpoint.
     #[arg(long, default_value_t = 4)]
     batches: u32,
@@ -29,6 +33,28 @@ pub(crate) struct BenchArgs {
     /// (PostgreSQL) numbers of worker processes to measure, e.g. `1,3`.
     #[arg(long, default_value = "1,3", value_delimiter = ',')]
     workers: Vec<usize>,
+    /// (W4) rounds per signal.
+    #[arg(long, default_value_t = 10)]
+    runs: u32,
+    /// (W4) signals sent to the worker holding the most leases: STOP (then CONT after
+    /// the others finished this run and a newer snapshot's) and/or KILL.
+    #[arg(long, default_value = "STOP,KILL", value_delimiter = ',', value_parser = ["STOP", "KILL"])]
+    signals: Vec<String>,
+    /// (W4) SKUs of the demo legacy database.
+    #[arg(long, default_value_t = 1000)]
+    skus: u32,
+    /// (W4) items per batch.
+    #[arg(long, default_value_t = 100)]
+    batch_size: u32,
+    /// (W4) the workers' lease, in milliseconds.
+    #[arg(long, default_value_t = 3000)]
+    lease_ms: i64,
+}
+
+impl BenchArgs {
+    fn w1_endpoints(&self) -> u32 {
+        self.endpoints.unwrap_or(7200)
+    }
 }
 
 fn peak_rss_mib() -> f64 {
@@ -44,6 +70,23 @@ fn peak_rss_mib() -> f64 {
 }
 
 pub(crate) async fn run(args: BenchArgs) -> Result<()> {
+    if args.workload == "w4" {
+        let db = args
+            .db
+            .clone()
+            .filter(|d| crate::is_postgres(d))
+            .ok_or_else(|| anyhow::anyhow!("W4 runs on PostgreSQL: give --db postgres://…"))?;
+        return crate::bench_pause::run(crate::bench_pause::PauseArgs {
+            db,
+            runs: args.runs,
+            endpoints: args.endpoints.unwrap_or(60),
+            skus: args.skus,
+            batch_size: args.batch_size,
+            lease_ms: args.lease_ms,
+            signals: args.signals,
+        })
+        .await;
+    }
     if let Some(url) = args.db.as_deref().filter(|d| crate::is_postgres(d)) {
         for &n in &args.workers {
             run_postgres(url, n, &args).await?;
@@ -67,7 +110,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
 
     // One item per batch: W1 measures the engine, not payload handling.
     seed(&app, args.batches).await?;
-    let endpoints: Vec<EndpointConfig> = (1..=args.endpoints)
+    let endpoints: Vec<EndpointConfig> = (1..=args.w1_endpoints())
         .map(|i| EndpointConfig {
             policy: None,
             id: format!("ep-{i:05}"),
@@ -86,17 +129,18 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
     println!("backend: sqlite (WAL, synchronous=FULL), group commits of up to 4096 appends");
     println!(
         "endpoints: {}  batches: {}  concurrency: every workflow at once (one task each)",
-        args.endpoints, args.batches
+        args.w1_endpoints(),
+        args.batches
     );
     let started = Instant::now();
     let report = app.sync(&endpoints, &options, None).await?;
     let wall = started.elapsed().as_secs_f64();
-    let steps = u64::from(args.endpoints) * u64::from(args.batches) * 2;
+    let steps = u64::from(args.w1_endpoints()) * u64::from(args.batches) * 2;
     let done = report.by_status.get("Done").copied().unwrap_or(0);
     anyhow::ensure!(
-        done == args.endpoints as usize,
+        done == args.w1_endpoints() as usize,
         "only {done} of {} endpoints finished",
-        args.endpoints
+        args.w1_endpoints()
     );
     anyhow::ensure!(
         sink.duplicates() == 0,
@@ -149,7 +193,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-fn schema_url(url: &str, schema: &str) -> String {
+pub(crate) fn schema_url(url: &str, schema: &str) -> String {
     format!(
         "{url}{}schema={schema}",
         if url.contains('?') { '&' } else { '?' }
@@ -175,7 +219,7 @@ async fn seed(app: &Bulwark, batches: u32) -> Result<()> {
 async fn run_postgres(url: &str, workers: usize, args: &BenchArgs) -> Result<()> {
     let schema = format!("bulwark_bench_{}_{workers}", std::process::id());
     let db = schema_url(url, &schema);
-    let (registry, endpoints, _) = crate::worker::memory_setup(args.endpoints);
+    let (registry, endpoints, _) = crate::worker::memory_setup(args.w1_endpoints());
     let app = Bulwark::open(&db, registry).await?;
     seed(&app, args.batches).await?;
     let options = SyncOptions {
@@ -203,10 +247,11 @@ async fn run_postgres(url: &str, workers: usize, args: &BenchArgs) -> Result<()>
     }
     println!(
         "endpoints: {}  batches: {}  worker_processes: {workers}",
-        args.endpoints, args.batches
+        args.w1_endpoints(),
+        args.batches
     );
     let exe = std::env::current_exe()?;
-    let capacity = (args.endpoints as usize).div_ceil(workers) + 1;
+    let capacity = (args.w1_endpoints() as usize).div_ceil(workers) + 1;
     let started_ms = bulwark_engine::now_ms();
     let started = Instant::now();
     let mut children = Vec::new();
@@ -227,7 +272,7 @@ async fn run_postgres(url: &str, workers: usize, args: &BenchArgs) -> Result<()>
                     "--db",
                     &db,
                     "--endpoints",
-                    &args.endpoints.to_string(),
+                    &args.w1_endpoints().to_string(),
                     "--capacity",
                     &capacity.to_string(),
                 ])
@@ -245,9 +290,9 @@ async fn run_postgres(url: &str, workers: usize, args: &BenchArgs) -> Result<()>
         store.status_counts(Some(run)).await?.into_iter().collect();
     let done = counts.get("Done").copied().unwrap_or(0);
     anyhow::ensure!(
-        done == i64::from(args.endpoints),
+        done == i64::from(args.w1_endpoints()),
         "only {done} of {} endpoints finished: {counts:?}",
-        args.endpoints
+        args.w1_endpoints()
     );
     // Wall time of the work itself: from spawning the workers to the last journaled step
     // (idle workers notice the end only at their next poll).
@@ -260,7 +305,7 @@ async fn run_postgres(url: &str, workers: usize, args: &BenchArgs) -> Result<()>
         bulwark_engine::Backend::Sqlite(_) => unreachable!("postgres bench"),
     };
     let wall = (last_ms - started_ms) as f64 / 1000.0;
-    let steps = u64::from(args.endpoints) * u64::from(args.batches) * 2;
+    let steps = u64::from(args.w1_endpoints()) * u64::from(args.batches) * 2;
     let rows = store.journal_len().await?;
     println!("durable_steps: {steps} steps");
     println!("journal_rows: {rows} rows");

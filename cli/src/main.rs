@@ -2,6 +2,7 @@
 //! thin wrapper over a library call.
 
 mod bench;
+mod bench_pause;
 mod config;
 mod demo;
 mod ops;
@@ -264,6 +265,10 @@ enum Command {
         /// Require client certificates signed by this PEM CA (mutual TLS).
         #[arg(long, requires = "tls_cert")]
         tls_client_ca: Option<PathBuf>,
+        /// Act as a platform without idempotency keys: apply every upload, repeats too,
+        /// and record each in the `writes` table of --record (snapshot, arrival time).
+        #[arg(long)]
+        no_idempotency: bool,
     },
     /// Run the web-UI portal simulator (for the `webdriver` adapter) until SIGTERM/SIGINT;
     /// optionally write its recipes to disk and serve its state as JSON.
@@ -570,6 +575,7 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             tls_cert,
             tls_key,
             tls_client_ca,
+            no_idempotency,
         } => {
             if let Some(r) = &record {
                 ensure_parent(r)?;
@@ -586,6 +592,7 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
                 db_path: record,
                 latency_ms,
                 profiles: broken_profiles(endpoints, broken),
+                no_idempotency,
                 ..Default::default()
             };
             let scheme = if tls.is_some() { "https" } else { "http" };

@@ -13,6 +13,7 @@ use bulwark_engine::alerts::{DeliveryOptions, deliver_alerts};
 use bulwark_engine::schedule::{BoxFuture, Schedule, run_schedules};
 use bulwark_workflows::adapter::{AdapterRegistry, EndpointConfig, PortalAdapter};
 use bulwark_workflows::app::Bulwark;
+use bulwark_workflows::app::WorkerOptions;
 use bulwark_workflows::sync::SyncOptions;
 
 use crate::config::Config;
@@ -37,6 +38,10 @@ pub(crate) struct WorkerArgs {
     /// Lease length in milliseconds (heartbeats renew it every third of that).
     #[arg(long, default_value_t = 30_000)]
     lease_ms: i64,
+    /// Send no request once less than this is left of a lease whose renewal is not
+    /// confirmed (default: a quarter of the lease). Keep it above the request timeout.
+    #[arg(long)]
+    effect_margin_ms: Option<i64>,
     /// Exit once every run is finished and nothing is claimable (not with schedules).
     #[arg(long)]
     exit_when_idle: bool,
@@ -296,20 +301,18 @@ pub(crate) async fn run(args: WorkerArgs) -> Result<ExitCode> {
         if alerts.is_some() { ", webhook on" } else { "" },
     );
     let scheduler = scheduler.map(tokio::spawn);
-    let work = WorkOptions {
-        capacity: args.capacity,
-        exit_when_idle: args.exit_when_idle,
+    let worker = WorkerOptions {
+        work: WorkOptions {
+            capacity: args.capacity,
+            exit_when_idle: args.exit_when_idle,
+            ..Default::default()
+        },
+        lease_ms: args.lease_ms,
+        effect_margin_ms: args.effect_margin_ms,
         ..Default::default()
     };
     let report = app
-        .work(
-            &endpoints,
-            &options,
-            work,
-            args.lease_ms,
-            stop.clone(),
-            None,
-        )
+        .work(&endpoints, &options, &worker, stop.clone(), None)
         .await;
     stop.store(true, Ordering::Relaxed);
     if let Some(m) = metrics {

@@ -51,6 +51,11 @@ pub async fn deliver_alerts(
     stop: Arc<AtomicBool>,
 ) {
     while !stop.load(Ordering::Relaxed) {
+        // A claim holds its deliveries for `retry`; past that (less a quarter to spare)
+        // another worker may claim them, so this one sends none of them any more: effect
+        // fencing on the monotonic clock, as for workflows (a process resumed after a
+        // pause stops at once).
+        let claimed_at = std::time::Instant::now();
         let batch = store
             .claim_alert_deliveries(
                 options.since_ms,
@@ -71,6 +76,16 @@ pub async fn deliver_alerts(
             continue;
         }
         for alert in alerts {
+            // The store held it for min(10 min, retry × 2^(attempts − 1)).
+            let shift = (alert.delivery_attempts - 1).clamp(0, 20) as u32;
+            let held = (options.retry * (1u32 << shift)).min(Duration::from_secs(600));
+            if claimed_at.elapsed() >= held - held / 4 {
+                tracing::warn!(
+                    alert = alert.id,
+                    "alert claim ran out before delivery; leaving it to the next claim"
+                );
+                break;
+            }
             let outcome = sink.deliver(&alert).await;
             match &outcome {
                 Ok(()) => tracing::debug!(alert = alert.id, "alert delivered"),

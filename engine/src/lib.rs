@@ -30,6 +30,7 @@ pub mod alerts;
 pub mod audit;
 pub mod circuit;
 pub mod error;
+pub mod fence;
 pub mod journal;
 pub mod machine;
 pub mod postgres;

@@ -5,12 +5,14 @@ use std::collections::{BTreeMap, VecDeque};
 use std::marker::PhantomData;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use tokio::task::JoinSet;
 
 use crate::audit;
 use crate::error::{EngineError, Result};
+use crate::fence::{self, Fence};
 use crate::journal::Journal;
 use crate::machine::Machine;
 use crate::store::{
@@ -53,6 +55,9 @@ pub struct RuntimeConfig {
     pub worker: String,
     /// Lease length in milliseconds.
     pub lease_ms: i64,
+    /// Effects stop once less than this is left of a lease whose renewal has not been
+    /// confirmed (see [`crate::fence`]); `None`: a quarter of `lease_ms`.
+    pub effect_margin_ms: Option<i64>,
 }
 
 impl Default for RuntimeConfig {
@@ -60,7 +65,36 @@ impl Default for RuntimeConfig {
         Self {
             worker: format!("worker-{}", std::process::id()),
             lease_ms: 60_000,
+            effect_margin_ms: None,
         }
+    }
+}
+
+impl RuntimeConfig {
+    /// A worker `worker` holding leases of `lease_ms`, with the default effect margin.
+    pub fn new(worker: impl Into<String>, lease_ms: i64) -> Self {
+        Self {
+            worker: worker.into(),
+            lease_ms,
+            effect_margin_ms: None,
+        }
+    }
+
+    fn lease(&self) -> Duration {
+        Duration::from_millis(self.lease_ms.max(1) as u64)
+    }
+
+    fn margin(&self) -> Duration {
+        let ms = self
+            .effect_margin_ms
+            .unwrap_or(self.lease_ms / 4)
+            .clamp(0, self.lease_ms.max(0));
+        Duration::from_millis(ms as u64)
+    }
+
+    /// The fence of a workflow whose lease was granted by a request sent at `sent_at`.
+    fn fence(&self, id: WorkflowId, sent_at: Instant) -> Fence {
+        Fence::new(id, sent_at, self.lease(), self.margin())
     }
 }
 
@@ -171,6 +205,7 @@ impl<M: Machine> Runtime<M> {
         effects: Arc<dyn Effects<M>>,
         observer: Option<Observer<M>>,
     ) -> Result<RunOutcome> {
+        let sent_at = Instant::now();
         let claimed = self
             .store
             .claim(&crate::store::ClaimRequest {
@@ -186,9 +221,15 @@ impl<M: Machine> Runtime<M> {
             workflows: claimed.len(),
             ..Default::default()
         };
+        let held: Held = Arc::default();
+        let heartbeat = self.heartbeat(held.clone());
         let worker: Arc<str> = Arc::from(self.config.worker.as_str());
         let mut tasks = JoinSet::new();
         for w in claimed {
+            let fence = self.config.fence(w.id, sent_at);
+            held.lock()
+                .expect("held")
+                .insert(w.id, (w.epoch, fence.clone()));
             let store = self.store.clone();
             let journal = self.journal.clone();
             let effects = effects.clone();
@@ -200,26 +241,75 @@ impl<M: Machine> Runtime<M> {
                 let row = claimed_row::<M>(w);
                 (
                     id,
-                    drive::<M>(
-                        store,
-                        journal,
-                        effects,
-                        observer,
-                        worker,
-                        stop,
-                        Arc::default(),
-                        row,
-                    )
-                    .await,
+                    drive::<M>(store, journal, effects, observer, worker, stop, fence, row).await,
                 )
             });
         }
+        let mut failed = None;
         while let Some(joined) = tasks.join_next().await {
-            let (id, result) =
-                joined.map_err(|e| EngineError::Other(format!("workflow task panicked: {e}")))?;
-            record(&mut outcome, id, result);
+            match joined {
+                Ok((id, result)) => {
+                    held.lock().expect("held").remove(&id);
+                    record(&mut outcome, id, result);
+                }
+                Err(e) => {
+                    failed
+                        .get_or_insert(EngineError::Other(format!("workflow task panicked: {e}")));
+                }
+            }
         }
-        Ok(outcome)
+        heartbeat.abort();
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(outcome),
+        }
+    }
+
+    /// Keep the leases of `held` alive: renew them every third of the lease; a confirmed
+    /// renewal moves each one's fence on, a workflow another worker holds now has its
+    /// fence marked lost. A failed renewal moves nothing: effects stop at the deadline.
+    fn heartbeat(&self, held: Held) -> tokio::task::JoinHandle<()> {
+        let (store, owner, lease_ms, lease) = (
+            self.store.clone(),
+            self.config.worker.clone(),
+            self.config.lease_ms,
+            self.config.lease(),
+        );
+        tokio::spawn(async move {
+            let every = Duration::from_millis((lease_ms / 3).max(50) as u64);
+            loop {
+                tokio::time::sleep(every).await;
+                let snapshot: Vec<(WorkflowId, i64)> = held
+                    .lock()
+                    .expect("held")
+                    .iter()
+                    .map(|(id, (epoch, _))| (*id, *epoch))
+                    .collect();
+                if snapshot.is_empty() {
+                    continue;
+                }
+                let sent_at = Instant::now();
+                match store.renew(&owner, &snapshot, lease_ms).await {
+                    Ok(renewed) => {
+                        let renewed: std::collections::HashSet<_> = renewed.into_iter().collect();
+                        for (id, (_, fence)) in held.lock().expect("held").iter() {
+                            if renewed.contains(id) {
+                                fence.renewed(sent_at, lease);
+                            } else if fence.lose() {
+                                tracing::warn!(
+                                    workflow = id,
+                                    "lease lost (another worker claimed it); stopping it before its next effect"
+                                );
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!(
+                        error = %e,
+                        "lease heartbeat failed; effects stop when the leases run out unless a renewal succeeds"
+                    ),
+                }
+            }
+        })
     }
 }
 
@@ -326,7 +416,7 @@ impl Default for WorkOptions {
     }
 }
 
-type Held = Arc<std::sync::Mutex<std::collections::HashMap<WorkflowId, (i64, Arc<AtomicBool>)>>>;
+type Held = Arc<std::sync::Mutex<std::collections::HashMap<WorkflowId, (i64, Fence)>>>;
 
 impl<M: Machine> Runtime<M> {
     /// Work as one of possibly many workers on a shared database: claim runnable workflows
@@ -348,44 +438,7 @@ impl<M: Machine> Runtime<M> {
         let worker: Arc<str> = Arc::from(self.config.worker.as_str());
         let held: Held = Arc::default();
         let mut outcome = RunOutcome::default();
-        let heartbeat = {
-            let (store, held, owner, lease) = (
-                self.store.clone(),
-                held.clone(),
-                self.config.worker.clone(),
-                self.config.lease_ms,
-            );
-            tokio::spawn(async move {
-                let every = std::time::Duration::from_millis((lease / 3).max(50) as u64);
-                loop {
-                    tokio::time::sleep(every).await;
-                    let snapshot: Vec<(WorkflowId, i64)> = held
-                        .lock()
-                        .expect("held")
-                        .iter()
-                        .map(|(id, (epoch, _))| (*id, *epoch))
-                        .collect();
-                    if snapshot.is_empty() {
-                        continue;
-                    }
-                    match store.renew(&owner, &snapshot, lease).await {
-                        Ok(renewed) => {
-                            let renewed: std::collections::HashSet<_> =
-                                renewed.into_iter().collect();
-                            for (id, (_, lost)) in held.lock().expect("held").iter() {
-                                if !renewed.contains(id) && !lost.swap(true, Ordering::Relaxed) {
-                                    tracing::warn!(
-                                        workflow = id,
-                                        "lease lost (another worker claimed it); stopping it"
-                                    );
-                                }
-                            }
-                        }
-                        Err(e) => tracing::warn!(error = %e, "lease heartbeat failed"),
-                    }
-                }
-            })
-        };
+        let heartbeat = self.heartbeat(held.clone());
         let mut tasks = JoinSet::new();
         let result: Result<()> = async {
             // Claim at start, when notified, when the poll interval passes (leases of dead
@@ -404,6 +457,7 @@ impl<M: Machine> Runtime<M> {
                     want_claim = true;
                 }
                 if want_claim && free > 0 {
+                    let sent_at = Instant::now();
                     let claimed = self
                         .store
                         .claim(&crate::store::ClaimRequest {
@@ -424,8 +478,8 @@ impl<M: Machine> Runtime<M> {
                         tracing::info!(claimed = claimed.len(), "claimed workflows");
                     }
                     for w in claimed {
-                        let lost = Arc::new(AtomicBool::new(false));
-                        held.lock().expect("held").insert(w.id, (w.epoch, lost.clone()));
+                        let fence = self.config.fence(w.id, sent_at);
+                        held.lock().expect("held").insert(w.id, (w.epoch, fence.clone()));
                         let (store, journal, effects, observer, worker, stop) = (
                             self.store.clone(),
                             self.journal.clone(),
@@ -437,7 +491,7 @@ impl<M: Machine> Runtime<M> {
                         let row = claimed_row::<M>(w);
                         tasks.spawn(async move {
                             let id = row.id;
-                            (id, drive::<M>(store, journal, effects, observer, worker, stop, lost, row).await)
+                            (id, drive::<M>(store, journal, effects, observer, worker, stop, fence, row).await)
                         });
                     }
                 }
@@ -593,7 +647,7 @@ async fn drive<M: Machine>(
     observer: Option<Observer<M>>,
     worker: Arc<str>,
     stop: Arc<AtomicBool>,
-    lost: Arc<AtomicBool>,
+    fence: Fence,
     row: WorkflowRow,
 ) -> Result<End> {
     use tracing::Instrument;
@@ -608,7 +662,7 @@ async fn drive<M: Machine>(
     let epoch = row.epoch;
     let store2 = store.clone();
     async move {
-        match drive_workflow::<M>(store, journal, effects, observer, worker, stop, lost, row).await
+        match drive_workflow::<M>(store, journal, effects, observer, worker, stop, fence, row).await
         {
             Err(e) => retire_refused::<M>(store2.as_ref(), &kept, Some(epoch), e).await,
             ok => ok,
@@ -626,7 +680,7 @@ async fn drive_workflow<M: Machine>(
     observer: Option<Observer<M>>,
     worker: Arc<str>,
     stop: Arc<AtomicBool>,
-    lost: Arc<AtomicBool>,
+    fence: Fence,
     row: WorkflowRow,
 ) -> Result<End> {
     let input: M::Input =
@@ -655,14 +709,28 @@ async fn drive_workflow<M: Machine>(
     let mut written = 0u64;
     let mut queue: VecDeque<M::Command> = M::resume(&ctx.input, &state).into();
     while let Some(command) = queue.pop_front() {
-        if lost.load(Ordering::Relaxed) {
+        if fence.is_lost() {
             // The heartbeat found another worker holds this workflow now.
             return Ok(End::Fenced(written));
         }
         if stop.load(Ordering::Relaxed) {
             return Ok(End::Unfinished(written));
         }
-        let Some(event) = effects.execute(&ctx, &state, command).await else {
+        // Effect fencing: no command starts on a lease that may have run out (a worker
+        // resumed after a pause sees it at once), and what a command returns after one
+        // of its requests was refused is dropped unjournaled (replay verifies first).
+        if let Err(e) = fence.check() {
+            tracing::warn!(error = %e, "stopping the workflow before its next command");
+            return Ok(End::Fenced(written));
+        }
+        let executed = fence::scope(fence.clone(), effects.execute(&ctx, &state, command)).await;
+        if fence.tripped() {
+            tracing::warn!(
+                "an effect was refused (lease lost or unconfirmed); dropping the command's result"
+            );
+            return Ok(End::Fenced(written));
+        }
+        let Some(event) = executed else {
             continue;
         };
         let next =

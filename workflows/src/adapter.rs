@@ -150,6 +150,24 @@ pub enum AdapterError {
     /// The endpoint's configuration is unusable.
     #[error("configuration error: {0}")]
     Config(String),
+    /// Not sent: this worker's lease on the workflow is lost or about to run out (effect
+    /// fencing, [`bulwark_engine::fence`]). The runtime drops the call's result without
+    /// journaling it; the worker that holds the workflow now goes on from the journal.
+    #[error("not sent: {0}")]
+    Fenced(String),
+}
+
+impl From<bulwark_engine::fence::Fenced> for AdapterError {
+    fn from(e: bulwark_engine::fence::Fenced) -> Self {
+        AdapterError::Fenced(e.to_string())
+    }
+}
+
+/// Check effect fencing before sending a request: call it right before every request an
+/// adapter sends (also each one inside a per-item loop, a lookup or a pagination), and
+/// return its error as it is. Outside a workflow (a probe, `bulwark check`) it allows all.
+pub fn fence_check() -> AdapterResult<()> {
+    bulwark_engine::fence::check().map_err(AdapterError::from)
 }
 
 /// What an adapter settled in a call that did not settle every item.
@@ -224,6 +242,7 @@ impl AdapterError {
             AdapterError::Transient(_)
                 | AdapterError::RateLimited { .. }
                 | AdapterError::Unavailable { .. }
+                | AdapterError::Fenced(_)
         )
     }
 }

@@ -330,6 +330,10 @@ pub struct WorkerOptions {
     pub work: WorkOptions,
     /// Lease length in milliseconds (heartbeats renew it every third of that).
     pub lease_ms: i64,
+    /// No request is sent once less than this is left of a lease whose renewal has not
+    /// been confirmed (effect fencing); `None`: a quarter of `lease_ms`. Choose it above
+    /// the adapters' request timeout.
+    pub effect_margin_ms: Option<i64>,
     /// Most progress events kept for a subscriber that falls behind.
     pub events: usize,
 }
@@ -339,6 +343,7 @@ impl Default for WorkerOptions {
         Self {
             work: WorkOptions::default(),
             lease_ms: 30_000,
+            effect_margin_ms: None,
             events: 4096,
         }
     }
@@ -463,8 +468,7 @@ impl Bulwark {
             app.work(
                 &endpoints,
                 &options,
-                worker.work,
-                worker.lease_ms,
+                &worker,
                 s,
                 Some(e as Arc<dyn SyncProgress>),
             )
@@ -1014,19 +1018,20 @@ impl Bulwark {
         &self,
         endpoints: &[EndpointConfig],
         options: &SyncOptions,
-        work: WorkOptions,
-        lease_ms: i64,
+        worker: &WorkerOptions,
         stop: Arc<std::sync::atomic::AtomicBool>,
         progress: Option<Arc<dyn SyncProgress>>,
     ) -> Result<SyncReport> {
         let started = Instant::now();
+        let work = worker.work.clone();
         let (_lock, _, effects) = self.prepare(endpoints, options).await?;
         let runtime = Runtime::<EndpointSync>::new(
             self.store.clone(),
             self.journal(),
             RuntimeConfig {
                 worker: self.worker.clone(),
-                lease_ms,
+                lease_ms: worker.lease_ms,
+                effect_margin_ms: worker.effect_margin_ms,
             },
         );
         let rt_stop = runtime.stop_flag();

@@ -93,6 +93,8 @@ struct Failure {
     message: String,
     /// The response's `Retry-After`, if it had one.
     retry_after_ms: Option<u64>,
+    /// Not sent at all: effect fencing refused the request.
+    fenced: bool,
 }
 
 impl Failure {
@@ -101,10 +103,14 @@ impl Failure {
             class,
             message,
             retry_after_ms: None,
+            fenced: false,
         }
     }
 
     fn into_error(self) -> AdapterError {
+        if self.fenced {
+            return AdapterError::Fenced(self.message);
+        }
         match (self.class, self.retry_after_ms) {
             (ErrorClass::Rejected, _) => AdapterError::Rejected(self.message),
             (ErrorClass::Transient, None) => AdapterError::Transient(self.message),
@@ -125,6 +131,12 @@ impl Failure {
 impl From<AdapterError> for Failure {
     fn from(e: AdapterError) -> Self {
         let (class, message, retry_after_ms) = match e {
+            AdapterError::Fenced(m) => {
+                return Self {
+                    fenced: true,
+                    ..Self::new(ErrorClass::Transient, m)
+                };
+            }
             AdapterError::Rejected(m) => (ErrorClass::Rejected, m, None),
             AdapterError::Auth(m) => (ErrorClass::Auth, m, None),
             AdapterError::RateLimited {
@@ -143,6 +155,7 @@ impl From<AdapterError> for Failure {
             class,
             message,
             retry_after_ms,
+            fenced: false,
         }
     }
 }
@@ -466,6 +479,8 @@ impl HttpAdapter {
                 .body(b.clone());
         }
         tracing::debug!(endpoint = %self.endpoint, op, method = %req.method, url = %self.scrub(&url), "http adapter request");
+        // Effect fencing: checked after rendering, right before the request leaves.
+        bulwark_workflows::adapter::fence_check()?;
         let resp = match rb.send().await {
             Ok(r) => r,
             Err(e) => {
@@ -558,9 +573,8 @@ impl HttpAdapter {
             };
             let retry_after_ms = crate::transport::retry_after_ms(headers);
             return Err(Failure {
-                class,
-                message: msg(text),
                 retry_after_ms,
+                ..Failure::new(class, msg(text))
             });
         }
         for (path, class, source) in &self.profile.errors {

@@ -265,6 +265,10 @@ impl WebDriverAdapter {
 
     /// Turn a step failure into an adapter error, saving a screenshot and the page.
     async fn fail(&self, s: &pool::Session, phase: &str, fail: Fail) -> AdapterError {
+        if let Fail::Fenced { at, message } = fail {
+            // Nothing went wrong on the page: no screenshot, no warning per step.
+            return AdapterError::Fenced(format!("endpoint {}: {at}: {message}", self.endpoint));
+        }
         let secrets = self.secret_values();
         let label = format!("{}-{phase}", self.endpoint);
         let (png, html) = capture(s, &self.artifacts, &label, &secrets).await;
@@ -294,6 +298,7 @@ impl WebDriverAdapter {
                 AdapterError::Transient(msg(format!("{at}: browser error: {message}")))
             }
             Fail::Config { at, message } => AdapterError::Config(msg(format!("{at}: {message}"))),
+            Fail::Fenced { at, message } => AdapterError::Fenced(format!("{at}: {message}")),
         };
         tracing::warn!(endpoint = %self.endpoint, error = %err, "webdriver step failed");
         err

@@ -25,6 +25,8 @@ pub(crate) enum Fail {
     Driver { at: String, message: String },
     /// The recipe cannot work (template error, missing secret, ...).
     Config { at: String, message: String },
+    /// Not done: effect fencing refused the step (this worker's lease is lost or ending).
+    Fenced { at: String, message: String },
 }
 
 /// What a runner needs to know about the endpoint.
@@ -220,6 +222,12 @@ impl Runner<'_> {
 
     async fn step(&mut self, at: &str, step: &Step, ctx: &Ctx) -> Result<(), Fail> {
         tracing::debug!(step = at, selector = step.selector(), "webdriver step");
+        // Effect fencing: every step (a read too: it may follow a write's click) is
+        // checked before the browser is told to do it.
+        bulwark_workflows::adapter::fence_check().map_err(|e| Fail::Fenced {
+            at: at.to_owned(),
+            message: e.to_string(),
+        })?;
         match step {
             Step::Goto { url } => {
                 let url = self.render(at, url, ctx)?;
