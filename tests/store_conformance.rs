@@ -222,7 +222,9 @@ async fn appends_are_conditional_on_seq_and_epoch(store: Arc<dyn Store>) {
 async fn a_new_claim_fences_the_previous_holder(store: Arc<dyn Store>) {
     let run = store.create_run("sync", "{}").await.unwrap();
     let id = store.create_workflows(run, &[new_wf("a")]).await.unwrap()[0];
-    let first = store.claim(&claim("w1", 50)).await.unwrap()[0].epoch;
+    let claimed = store.claim(&claim("w1", 50)).await.unwrap();
+    assert_eq!(claimed[0].previous_owner, None, "nobody held it");
+    let first = claimed[0].epoch;
     assert_eq!(
         store
             .append_batch(&[append(id, 1, first, "One")])
@@ -235,6 +237,11 @@ async fn a_new_claim_fences_the_previous_holder(store: Arc<dyn Store>) {
     assert_eq!(second.len(), 1);
     assert_eq!((second[0].seq, second[0].epoch), (1, first + 1));
     assert_eq!(second[0].state_json, "\"One\"");
+    assert_eq!(
+        second[0].previous_owner.as_deref(),
+        Some("w1"),
+        "a takeover names whose lease ran out"
+    );
     // The paused first worker wakes up and tries to go on: refused.
     assert_eq!(
         store
@@ -646,4 +653,53 @@ async fn runs_finish_and_count_states(store: Arc<dyn Store>) {
     let r = &store.runs().await.unwrap()[0];
     assert_eq!(r.status, "finished");
     assert!(r.finished_at.is_some());
+}
+
+/// A worker stopped (SIGSTOP) in the middle of a commit holds its row locks, and claims
+/// skip locked rows: without the server's idle-in-transaction timeout its workflows would
+/// never be taken over (W4 found it).
+#[tokio::test]
+async fn postgres_a_worker_stopped_inside_a_transaction_does_not_keep_its_workflows() {
+    let Some(f) = postgres("stalled_tx").await else {
+        return;
+    };
+    let store = f.store();
+    let run = store.create_run("sync", "{}").await.unwrap();
+    let id = store.create_workflows(run, &[new_wf("a")]).await.unwrap()[0];
+    store.claim(&claim("w1", 200)).await.unwrap();
+    let Backend::Postgres(pg) = &f.backend else {
+        unreachable!("postgres fixture")
+    };
+    let mut stalled = pg.pool().acquire().await.unwrap().detach();
+    sqlx::query("BEGIN").execute(&mut stalled).await.unwrap();
+    sqlx::query("SELECT id FROM workflows WHERE id = $1 FOR UPDATE")
+        .bind(id)
+        .execute(&mut stalled)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await; // w1's lease runs out
+    assert!(
+        store.claim(&claim("w2", 60_000)).await.unwrap().is_empty(),
+        "the locked row is skipped while the transaction lives"
+    );
+    let started = std::time::Instant::now();
+    let taken = loop {
+        let c = store.claim(&claim("w2", 60_000)).await.unwrap();
+        if !c.is_empty() {
+            break c;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "still locked after 15 s: the server did not end the stalled session"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(taken[0].id, id);
+    assert_eq!(taken[0].previous_owner.as_deref(), Some("w1"));
+    assert!(
+        sqlx::query("COMMIT").execute(&mut stalled).await.is_err(),
+        "the stalled session was ended"
+    );
+    drop(stalled);
+    f.done().await;
 }

@@ -312,10 +312,32 @@ async fn round(exe: &Path, args: &PauseArgs, i: u32, sig: &str) -> Result<Round>
         Ok::<_, anyhow::Error>(n)
     };
     let limit = Duration::from_secs(180);
-    wait_until("the first run to finish", limit, async || {
+    let open_workflows = async || -> String {
+        let rows: Vec<(i64, String, Option<String>, Option<i64>)> = sqlx::query_as(
+            "SELECT id, status, lease_owner, lease_until FROM workflows WHERE NOT terminal ORDER BY id",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap_or_default();
+        let now = now_ms();
+        rows.iter()
+            .map(|(id, st, owner, until)| {
+                format!(
+                    "workflow {id} {st} held by {} (lease {})",
+                    owner.as_deref().unwrap_or("nobody"),
+                    until.map_or("none".into(), |u| format!("{} ms from now", u - now))
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    if let Err(e) = wait_until("the first run to finish", limit, async || {
         Ok(runs_open().await? == 0)
     })
-    .await?;
+    .await
+    {
+        bail!("{e}: {} (victim {owner})", open_workflows().await);
+    }
     // A newer snapshot in which a third of the quantities changed (every batch has some;
     // under the held-snapshot threshold), synced by the two others.
     {
@@ -334,10 +356,13 @@ async fn round(exe: &Path, args: &PauseArgs, i: u32, sig: &str) -> Result<Round>
         out.contains("enqueued"),
         "second sync did not enqueue: {out}\n(snapshot: {snap})"
     );
-    wait_until("the second run to finish", limit, async || {
+    if let Err(e) = wait_until("the second run to finish", limit, async || {
         Ok(runs_open().await? == 0)
     })
-    .await?;
+    .await
+    {
+        bail!("{e}: {} (victim {owner})", open_workflows().await);
+    }
 
     let resume_ms = now_ms();
     if sig == "STOP" {

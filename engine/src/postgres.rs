@@ -96,6 +96,10 @@ fn connect_error(shown: &str, e: sqlx::Error) -> EngineError {
     }
 }
 
+/// How long the server lets a session of ours sit idle inside a transaction before it
+/// ends it (and so releases its locks): see [`PostgresStore::open`].
+pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "3s";
+
 impl PostgresStore {
     /// Connect to `url` (`postgres://user[:password]@host:port/db[?schema=NAME]`), create
     /// the schema if needed and apply pending migrations. Refuses a schema written by a
@@ -108,7 +112,22 @@ impl PostgresStore {
                 url: shown.clone(),
                 detail: format!("bad URL: {e}"),
             })?
-            .options([("search_path", schema.as_str())]);
+            // NOTICEs ("schema … already exists, skipping" at every start) are noise in
+            // the logs; warnings and errors still come through.
+            //
+            // A worker stopped (SIGSTOP, a frozen VM) inside a transaction would hold its
+            // row locks for as long as it is stopped, and claims skip locked rows: the
+            // workflows it was committing would never be taken over. The server ends such
+            // a session instead (every transaction here is a few statements with no
+            // waiting in between), which releases the locks.
+            .options([
+                ("search_path", schema.as_str()),
+                ("client_min_messages", "warning"),
+                (
+                    "idle_in_transaction_session_timeout",
+                    IDLE_IN_TRANSACTION_TIMEOUT,
+                ),
+            ]);
         let pool = PgPoolOptions::new()
             .max_connections(8)
             .acquire_timeout(Duration::from_secs(10))
@@ -222,12 +241,12 @@ impl Store for PostgresStore {
         let mut tx = self.pool.begin().await?;
         let rows = sqlx::query(
             "UPDATE workflows w SET lease_owner = $1, lease_epoch = w.lease_epoch + 1, lease_until = $2
-             FROM (SELECT id FROM workflows
+             FROM (SELECT id, lease_owner AS previous FROM workflows
                    WHERE NOT terminal AND kind = $3 AND ($4::bigint IS NULL OR run_id = $4)
                      AND (lease_until IS NULL OR lease_until < $5)
                    ORDER BY id LIMIT $6 FOR UPDATE SKIP LOCKED) c
              WHERE w.id = c.id
-             RETURNING w.id, w.run_id, w.subject, w.seq, w.lease_epoch",
+             RETURNING w.id, w.run_id, w.subject, w.seq, w.lease_epoch, c.previous",
         )
         .bind(&request.owner)
         .bind(now + request.lease_ms)
@@ -264,6 +283,7 @@ impl Store for PostgresStore {
                     state_json,
                     seq: r.get(3),
                     epoch: r.get(4),
+                    previous_owner: r.get(5),
                 }
             })
             .collect();

@@ -217,6 +217,7 @@ impl<M: Machine> Runtime<M> {
             })
             .await?;
         tracing::debug!(claimed = claimed.len(), "claimed");
+        log_takeovers(&claimed, &self.config.worker);
         let mut outcome = RunOutcome {
             workflows: claimed.len(),
             ..Default::default()
@@ -416,6 +417,23 @@ impl Default for WorkOptions {
     }
 }
 
+/// Log, per previous owner, the workflows taken over from a worker whose lease ran out.
+fn log_takeovers(claimed: &[crate::store::ClaimedWorkflow], me: &str) {
+    let mut from: BTreeMap<&str, usize> = BTreeMap::new();
+    for w in claimed {
+        if let Some(p) = w.previous_owner.as_deref().filter(|p| *p != me) {
+            *from.entry(p).or_default() += 1;
+        }
+    }
+    for (previous, n) in from {
+        tracing::info!(
+            workflows = n,
+            from = previous,
+            "took over {n} workflow(s) from worker {previous} whose lease expired"
+        );
+    }
+}
+
 type Held = Arc<std::sync::Mutex<std::collections::HashMap<WorkflowId, (i64, Fence)>>>;
 
 impl<M: Machine> Runtime<M> {
@@ -477,6 +495,7 @@ impl<M: Machine> Runtime<M> {
                     if claimed_any {
                         tracing::info!(claimed = claimed.len(), "claimed workflows");
                     }
+                    log_takeovers(&claimed, &self.config.worker);
                     for w in claimed {
                         let fence = self.config.fence(w.id, sent_at);
                         held.lock().expect("held").insert(w.id, (w.epoch, fence.clone()));

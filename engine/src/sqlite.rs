@@ -357,6 +357,21 @@ impl Store for SqliteStore {
         let limit = request.limit.map(|l| l as i64).unwrap_or(-1);
         let lease_ms = request.lease_ms;
         let mut tx = self.pool.begin().await?;
+        // Who held them (RETURNING sees only the new values); one process works here, so
+        // the set cannot change between the two statements.
+        let previous: std::collections::HashMap<i64, String> = sqlx::query(
+            "SELECT id, lease_owner FROM workflows WHERE terminal = 0 AND kind = ? AND (? IS NULL OR run_id = ?)
+                 AND lease_owner IS NOT NULL AND lease_owner IS NOT ?",
+        )
+        .bind(kind)
+        .bind(run)
+        .bind(run)
+        .bind(owner)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
         let rows = sqlx::query(
             "UPDATE workflows SET lease_owner = ?, lease_epoch = lease_epoch + 1, lease_until = ?
              WHERE id IN (SELECT id FROM workflows WHERE terminal = 0 AND kind = ? AND (? IS NULL OR run_id = ?)
@@ -403,6 +418,7 @@ impl Store for SqliteStore {
                     state_json,
                     seq: r.get(3),
                     epoch: r.get(4),
+                    previous_owner: previous.get(&id).cloned(),
                 }
             })
             .collect();

@@ -63,6 +63,9 @@ pub struct ClaimedWorkflow {
     pub seq: i64,
     /// The lease epoch this worker now holds.
     pub epoch: i64,
+    /// The worker whose lease ran out without being released (it died, stopped or lost
+    /// touch with the database): this claim is a takeover. `None` for released work.
+    pub previous_owner: Option<String>,
 }
 
 /// How serious an alert is (also the level of its tracing event).
