@@ -32,6 +32,8 @@ pub(crate) struct Config {
     pub(crate) alerts: AlertsSection,
     #[serde(default)]
     pub(crate) schedule: ScheduleSection,
+    #[serde(default)]
+    pub(crate) worker: WorkerSection,
     /// The legacy source read by scheduled snapshots.
     pub(crate) source: Option<SourceSection>,
     pub(crate) http: Option<HttpSection>,
@@ -214,6 +216,45 @@ pub(crate) struct ScheduleSection {
     pub(crate) reconcile: Option<CronExpr>,
 }
 
+/// `[worker]`: how `bulwark worker` holds and claims work (its flags override these).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct WorkerSection {
+    /// Lease length; heartbeats renew it every third of that.
+    pub(crate) lease_ms: Option<i64>,
+    /// No request is sent once less than this is left of an unconfirmed lease.
+    pub(crate) effect_margin_ms: Option<i64>,
+    /// Most endpoint syncs one worker drives at once.
+    pub(crate) capacity: Option<usize>,
+    /// How often an idle worker looks for work nobody notified it of (expired leases).
+    pub(crate) poll_ms: Option<u64>,
+}
+
+impl WorkerSection {
+    /// The first key whose value is unusable, and why.
+    fn check(&self) -> Option<(&'static str, String)> {
+        let lease = self.lease_ms.unwrap_or(crate::worker::DEFAULT_LEASE_MS);
+        if lease < 300 {
+            return Some(("lease_ms", format!("{lease} is too short (at least 300)")));
+        }
+        if let Some(m) = self.effect_margin_ms
+            && !(0..lease).contains(&m)
+        {
+            return Some((
+                "effect_margin_ms",
+                format!("{m} must be at least 0 and below lease_ms ({lease})"),
+            ));
+        }
+        if self.capacity == Some(0) {
+            return Some(("capacity", "must be at least 1".into()));
+        }
+        if self.poll_ms == Some(0) {
+            return Some(("poll_ms", "must be at least 1".into()));
+        }
+        None
+    }
+}
+
 /// A cron expression, checked when the file is read (so an error names its line).
 #[derive(Debug, Clone)]
 pub(crate) struct CronExpr(pub(crate) String);
@@ -329,6 +370,9 @@ impl Config {
         if let Err(e) = s.policy().validate() {
             let key = e.split_whitespace().next().unwrap_or("").to_string();
             return Err(src.error(&["sync", &key], e));
+        }
+        if let Some((key, e)) = config.worker.check() {
+            return Err(src.error(&["worker", key], e));
         }
         let l = &config.limits;
         for (key, bad) in [
@@ -861,6 +905,42 @@ settings = { base_url = "http://127.0.0.1:9/ep/b" }
     }
 
     #[test]
+    fn worker_keys_are_read_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            "w.toml",
+            "[worker]\nlease_ms = 9000\neffect_margin_ms = 2000\ncapacity = 50\npoll_ms = 500\n",
+        );
+        let c = Config::load(&p).unwrap();
+        assert_eq!(
+            (
+                c.worker.lease_ms,
+                c.worker.effect_margin_ms,
+                c.worker.capacity,
+                c.worker.poll_ms
+            ),
+            (Some(9000), Some(2000), Some(50), Some(500))
+        );
+        for (text, key) in [
+            (
+                "[worker]\nlease_ms = 9000\neffect_margin_ms = 9000\n",
+                "worker.effect_margin_ms",
+            ),
+            ("[worker]\nlease_ms = 10\n", "worker.lease_ms"),
+            ("[worker]\ncapacity = 0\n", "worker.capacity"),
+            ("[worker]\nlease = 10\n", "lease"),
+        ] {
+            let p = write(dir.path(), "bad.toml", text);
+            let err = Config::load(&p).unwrap_err().to_string();
+            assert!(
+                err.contains(key) && err.contains("bad.toml"),
+                "{text}: {err}"
+            );
+        }
+    }
+
+    #[test]
     fn the_reference_lists_every_key() {
         // Every key the configuration types accept, spelled as the reference spells it.
         let sections: Vec<(&str, Vec<&str>)> = vec![
@@ -869,6 +949,7 @@ settings = { base_url = "http://127.0.0.1:9/ep/b" }
             ("limits.host.\"H\"", fields::<HostSection>()),
             ("alerts", fields::<AlertsSection>()),
             ("schedule", fields::<ScheduleSection>()),
+            ("worker", fields::<WorkerSection>()),
             ("source", fields::<SourceSection>()),
             ("http", fields::<HttpSection>()),
             ("endpoint", fields::<EndpointEntry>()),

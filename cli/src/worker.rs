@@ -32,14 +32,17 @@ pub(crate) struct WorkerArgs {
     sink: String,
     #[command(flatten)]
     sync: SyncArgs,
-    /// Most endpoint syncs driven at once by this worker.
-    #[arg(long, default_value_t = 10_000)]
-    capacity: usize,
-    /// Lease length in milliseconds (heartbeats renew it every third of that).
-    #[arg(long, default_value_t = 30_000)]
-    lease_ms: i64,
+    /// Most endpoint syncs driven at once by this worker [default: `[worker] capacity`,
+    /// else 10000].
+    #[arg(long)]
+    capacity: Option<usize>,
+    /// Lease length in milliseconds; heartbeats renew it every third of that [default:
+    /// `[worker] lease_ms`, else 30000].
+    #[arg(long)]
+    lease_ms: Option<i64>,
     /// Send no request once less than this is left of a lease whose renewal is not
-    /// confirmed (default: a quarter of the lease). Keep it above the request timeout.
+    /// confirmed [default: `[worker] effect_margin_ms`, else a quarter of the lease]. Keep
+    /// it above the request timeout.
     #[arg(long)]
     effect_margin_ms: Option<i64>,
     /// Exit once every run is finished and nothing is claimable (not with schedules).
@@ -54,6 +57,9 @@ pub(crate) struct WorkerArgs {
     #[arg(long, default_value = "BULWARK_SERVE_TOKEN")]
     metrics_token_env: String,
 }
+
+/// A worker's lease when neither `--lease-ms` nor `[worker] lease_ms` says otherwise.
+pub(crate) const DEFAULT_LEASE_MS: i64 = 30_000;
 
 /// Endpoints of the in-process sink (`--sink memory`), ids as the demo's.
 pub(crate) fn memory_setup(n: u32) -> (AdapterRegistry, Vec<EndpointConfig>, Arc<MemoryPortal>) {
@@ -301,14 +307,46 @@ pub(crate) async fn run(args: WorkerArgs) -> Result<ExitCode> {
         if alerts.is_some() { ", webhook on" } else { "" },
     );
     let scheduler = scheduler.map(tokio::spawn);
+    let file = config.as_ref().map(|c| &c.worker);
+    let lease_ms = args
+        .lease_ms
+        .or(file.and_then(|w| w.lease_ms))
+        .unwrap_or(DEFAULT_LEASE_MS);
+    let effect_margin_ms = args
+        .effect_margin_ms
+        .or(file.and_then(|w| w.effect_margin_ms));
+    anyhow::ensure!(
+        lease_ms >= 300,
+        "--lease-ms {lease_ms} is too short (at least 300)"
+    );
+    if let Some(m) = effect_margin_ms {
+        anyhow::ensure!(
+            (0..lease_ms).contains(&m),
+            "--effect-margin-ms {m} must be at least 0 and below the lease ({lease_ms} ms)"
+        );
+    }
+    let mut work = WorkOptions {
+        capacity: args
+            .capacity
+            .or(file.and_then(|w| w.capacity))
+            .unwrap_or(10_000)
+            .max(1),
+        exit_when_idle: args.exit_when_idle,
+        ..Default::default()
+    };
+    if let Some(ms) = file.and_then(|w| w.poll_ms) {
+        work.poll = Duration::from_millis(ms);
+    }
+    eprintln!(
+        "lease {lease_ms} ms (renewed every {} ms), effects stop {} ms before an unconfirmed lease ends, capacity {}",
+        lease_ms / 3,
+        effect_margin_ms.unwrap_or(lease_ms / 4),
+        work.capacity
+    );
     let worker = WorkerOptions {
-        work: WorkOptions {
-            capacity: args.capacity,
-            exit_when_idle: args.exit_when_idle,
-            ..Default::default()
-        },
-        lease_ms: args.lease_ms,
-        effect_margin_ms: args.effect_margin_ms,
+        work,
+        lease_ms,
+        effect_margin_ms,
         ..Default::default()
     };
     let report = app
