@@ -44,6 +44,15 @@ fn signal(child: &Child, sig: &str) {
     assert!(st.success(), "kill -{sig} failed");
 }
 
+/// The line of `bulwark status` about the worker with process id `pid`.
+fn worker_line(status: &str, pid: u32) -> String {
+    status
+        .lines()
+        .find(|l| l.contains(&format!("-{pid}:")))
+        .unwrap_or_else(|| panic!("worker {pid} not in status:\n{status}"))
+        .to_owned()
+}
+
 #[test]
 fn workers_survive_a_kill_and_a_pause_longer_than_the_lease() {
     let Some(base) = bulwark_tests::pg_url() else {
@@ -142,9 +151,25 @@ fn workers_survive_a_kill_and_a_pause_longer_than_the_lease() {
         workers[1].0.try_wait().unwrap().is_none(),
         "worker 1 finished too early to be stopped"
     );
+    let status = ok(bulwark().args(["status", "--db", &db]));
+    for w in &workers[1..] {
+        assert!(
+            worker_line(&status, w.0.id()).contains(": live;"),
+            "{status}"
+        );
+    }
     signal(&workers[1].0, "STOP");
     // Far longer than the lease: worker 2 claims what workers 0 and 1 held.
     std::thread::sleep(Duration::from_millis(6000));
+    // `bulwark status` tells the stopped worker by its heartbeats: it was live, it is not.
+    let status = ok(bulwark().args(["status", "--db", &db]));
+    let stopped = worker_line(&status, workers[1].0.id());
+    assert!(!stopped.contains(": live;"), "{status}");
+    assert!(stopped.contains("lease 1000 ms"), "{status}");
+    assert!(
+        stopped.contains(" s ago") && !stopped.contains("heartbeat 0."),
+        "{status}"
+    );
     signal(&workers[1].0, "CONT");
 
     let start = Instant::now();

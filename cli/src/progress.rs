@@ -179,7 +179,49 @@ pub(crate) fn print_status(s: &Status) {
             println!("  {line}");
         }
     }
+    print_workers(&s.workers);
     crate::ops::print_runs(&s.runs);
+}
+
+/// Workers by their heartbeats: live (beating within its lease) or silent, and the leases
+/// each holds; a silent worker's expired leases are taken over at the next claim.
+fn print_workers(workers: &[bulwark_engine::WorkerRow]) {
+    if workers.is_empty() {
+        return;
+    }
+    let now = bulwark_engine::now_ms();
+    println!("workers (heard of in the last day):");
+    for w in workers {
+        let ago = (now - w.last_beat).max(0);
+        let state = if ago <= w.lease_ms {
+            "live"
+        } else if w.leases + w.expired > 0 {
+            "SILENT, its leases run out"
+        } else {
+            "gone"
+        };
+        let expired = if w.expired > 0 {
+            format!(", {} expired (to be taken over)", w.expired)
+        } else {
+            String::new()
+        };
+        println!(
+            "  {}: {state}; last heartbeat {} ago, lease {} ms; holds {} lease(s){expired}",
+            w.worker,
+            human_ms(ago),
+            w.lease_ms,
+            w.leases
+        );
+    }
+}
+
+fn human_ms(ms: i64) -> String {
+    match ms {
+        ..1_000 => format!("{ms} ms"),
+        1_000..60_000 => format!("{:.1} s", ms as f64 / 1000.0),
+        60_000..3_600_000 => format!("{} min", ms / 60_000),
+        _ => format!("{:.1} h", ms as f64 / 3_600_000.0),
+    }
 }
 
 /// One line on what endpoints refused, if they refused anything.

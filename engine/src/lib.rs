@@ -49,7 +49,8 @@ pub use runtime::{Effects, RunOutcome, Runtime, RuntimeConfig, WorkOptions, Work
 pub use sqlite::SqliteStore;
 pub use store::{
     AlertLevel, AlertRow, Append, AppendOutcome, CircuitWrite, ClaimRequest, ClaimedWorkflow,
-    JournalRow, NewAlert, NewWorkflow, RunId, RunRow, Store, WorkflowId, WorkflowRow, now_ms,
+    JournalRow, NewAlert, NewWorkflow, RunId, RunRow, Store, WorkerRow, WorkflowId, WorkflowRow,
+    now_ms,
 };
 
 /// An opened backend: the generic store plus the concrete pool, for domain crates that

@@ -542,6 +542,44 @@ impl Store for PostgresStore {
             .collect())
     }
 
+    async fn worker_beat(&self, worker: &str, lease_ms: i64) -> Result<()> {
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO workers (worker, started_at, last_beat, lease_ms) VALUES ($1, $2, $2, $3)
+             ON CONFLICT (worker) DO UPDATE SET last_beat = excluded.last_beat, lease_ms = excluded.lease_ms",
+        )
+        .bind(worker)
+        .bind(now)
+        .bind(lease_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn workers(&self) -> Result<Vec<WorkerRow>> {
+        let now = now_ms();
+        let rows = sqlx::query(
+            "SELECT w.worker, w.started_at, w.last_beat, w.lease_ms,
+                    (SELECT count(*) FROM workflows f WHERE NOT f.terminal AND f.lease_owner = w.worker AND f.lease_until >= $1),
+                    (SELECT count(*) FROM workflows f WHERE NOT f.terminal AND f.lease_owner = w.worker AND f.lease_until < $1)
+             FROM workers w WHERE w.last_beat > $1 - 86400000 ORDER BY w.last_beat DESC, w.worker",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| WorkerRow {
+                worker: r.get(0),
+                started_at: r.get(1),
+                last_beat: r.get(2),
+                lease_ms: r.get(3),
+                leases: r.get(4),
+                expired: r.get(5),
+            })
+            .collect())
+    }
+
     async fn runs(&self) -> Result<Vec<RunRow>> {
         let rows = sqlx::query("SELECT id, kind, status, params_json, created_at, finished_at FROM runs ORDER BY id DESC")
             .fetch_all(&self.pool)

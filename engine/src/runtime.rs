@@ -223,7 +223,7 @@ impl<M: Machine> Runtime<M> {
             ..Default::default()
         };
         let held: Held = Arc::default();
-        let heartbeat = self.heartbeat(held.clone());
+        let heartbeat = self.heartbeat(held.clone(), false);
         let worker: Arc<str> = Arc::from(self.config.worker.as_str());
         let mut tasks = JoinSet::new();
         for w in claimed {
@@ -269,7 +269,10 @@ impl<M: Machine> Runtime<M> {
     /// Keep the leases of `held` alive: renew them every third of the lease; a confirmed
     /// renewal moves each one's fence on, a workflow another worker holds now has its
     /// fence marked lost. A failed renewal moves nothing: effects stop at the deadline.
-    fn heartbeat(&self, held: Held) -> tokio::task::JoinHandle<()> {
+    ///
+    /// With `beat` (a long-running worker), each round also records the worker's own
+    /// heartbeat ([`Store::worker_beat`]), for `bulwark status`, first at once.
+    fn heartbeat(&self, held: Held, beat: bool) -> tokio::task::JoinHandle<()> {
         let (store, owner, lease_ms, lease) = (
             self.store.clone(),
             self.config.worker.clone(),
@@ -278,8 +281,14 @@ impl<M: Machine> Runtime<M> {
         );
         tokio::spawn(async move {
             let every = Duration::from_millis((lease_ms / 3).max(50) as u64);
+            let mut first = true;
             loop {
-                tokio::time::sleep(every).await;
+                if beat && let Err(e) = store.worker_beat(&owner, lease_ms).await {
+                    tracing::warn!(error = %e, "recording the worker's heartbeat failed");
+                }
+                if !std::mem::take(&mut first) || !beat {
+                    tokio::time::sleep(every).await;
+                }
                 let snapshot: Vec<(WorkflowId, i64)> = held
                     .lock()
                     .expect("held")
@@ -456,7 +465,7 @@ impl<M: Machine> Runtime<M> {
         let worker: Arc<str> = Arc::from(self.config.worker.as_str());
         let held: Held = Arc::default();
         let mut outcome = RunOutcome::default();
-        let heartbeat = self.heartbeat(held.clone());
+        let heartbeat = self.heartbeat(held.clone(), true);
         let mut tasks = JoinSet::new();
         let result: Result<()> = async {
             // Claim at start, when notified, when the poll interval passes (leases of dead

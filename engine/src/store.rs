@@ -199,6 +199,23 @@ pub struct WorkflowRow {
     pub terminal: bool,
 }
 
+/// A long-running worker as its heartbeats recorded it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WorkerRow {
+    /// Its id (`host-pid` for `bulwark worker`).
+    pub worker: String,
+    /// First heartbeat of this id (ms).
+    pub started_at: i64,
+    /// Last heartbeat (ms).
+    pub last_beat: i64,
+    /// Its lease length; it beats every third of that.
+    pub lease_ms: i64,
+    /// Workflows whose lease it holds now (not expired).
+    pub leases: i64,
+    /// Workflows it held whose lease ran out without being released or taken over yet.
+    pub expired: i64,
+}
+
 /// A run as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RunRow {
@@ -291,6 +308,17 @@ pub trait Store: Send + Sync + 'static {
     async fn workflows(&self, run: Option<RunId>, kind: Option<&str>) -> Result<Vec<WorkflowRow>>;
     /// All runs, newest first.
     async fn runs(&self) -> Result<Vec<RunRow>>;
+    /// A long-running worker's heartbeat: record that `worker` (holding leases of
+    /// `lease_ms`) is alive now. The default records nothing.
+    async fn worker_beat(&self, worker: &str, lease_ms: i64) -> Result<()> {
+        let _ = (worker, lease_ms);
+        Ok(())
+    }
+    /// Workers heard of in the last day, with the live leases each holds, most recently
+    /// heard of first. The default knows none.
+    async fn workers(&self) -> Result<Vec<WorkerRow>> {
+        Ok(Vec::new())
+    }
     /// Subjects with an unfinished workflow of `kind` (in any run).
     async fn open_subjects(&self, kind: &str) -> Result<std::collections::HashSet<String>>;
     /// Count workflows by status for a run (or all).

@@ -955,6 +955,7 @@ impl Bulwark {
             alerts: self.store.alerts(20).await?.len(),
             insecure_tls: self.staging.insecure_tls().await?,
             quarantined: self.staging.quarantine().await?.len(),
+            workers: self.store.workers().await?,
         })
     }
 
@@ -1145,6 +1146,8 @@ pub struct Status {
     pub insecure_tls: Vec<String>,
     /// Items quarantined at endpoints (see [`Bulwark::quarantine`]).
     pub quarantined: usize,
+    /// Long-running workers heard of in the last day (their heartbeats and leases).
+    pub workers: Vec<bulwark_engine::WorkerRow>,
 }
 
 fn hostname() -> String {
