@@ -233,3 +233,68 @@ fn workers_survive_a_kill_and_a_pause_longer_than_the_lease() {
         }
     });
 }
+
+/// `bulwark sync --wait` with no live worker says so after its timeout instead of waiting
+/// forever; the run stays enqueued, and a worker started later finishes it.
+#[test]
+fn sync_wait_without_a_live_worker_gives_up_and_says_so() {
+    let Some(base) = bulwark_tests::pg_url() else {
+        return;
+    };
+    let db = bulwark_tests::pg_schema_url(&base, "nowait");
+    let dir = tempfile::tempdir().unwrap();
+    bulwark_tests::legacy_snapshot(dir.path(), 50, &db);
+    let sim = tokio::runtime::Runtime::new().unwrap();
+    let handle = sim.block_on(async {
+        bulwark_adapters::simulator::PortalSimulator::start(
+            Default::default(),
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .await
+        .unwrap()
+    });
+    let portal = format!("http://{}", handle.addr());
+    let sync = |extra: &[&str]| {
+        let mut c = bulwark();
+        c.args([
+            "sync",
+            "--db",
+            &db,
+            "--portal-url",
+            &portal,
+            "--endpoints",
+            "2",
+        ])
+        .args(extra);
+        c
+    };
+    let started = Instant::now();
+    let out = sync(&["--wait", "--wait-no-worker-secs", "2"])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("enqueued"), "{text}");
+    assert!(
+        text.contains("no worker has been live for 2 s") && text.contains("bulwark worker"),
+        "{text}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(30), "{text}");
+    ok(bulwark()
+        .args(["worker", "--db", &db, "--portal-url", &portal])
+        .args(["--endpoints", "2", "--exit-when-idle"]));
+    let status = ok(bulwark().args(["status", "--db", &db]));
+    assert!(status.contains("Done=2"), "{status}");
+    sim.block_on(async {
+        handle.shutdown().await.unwrap();
+        if let bulwark_engine::Backend::Postgres(pg) =
+            bulwark_engine::Backend::open(&db).await.unwrap()
+        {
+            pg.drop_schema().await.unwrap();
+        }
+    });
+}

@@ -180,9 +180,8 @@ enum Command {
         endpoints: EndpointArgs,
         #[command(flatten)]
         sync: SyncArgs,
-        /// (PostgreSQL) wait until the workers have finished the run.
-        #[arg(long)]
-        wait: bool,
+        #[command(flatten)]
+        wait: worker::WaitArgs,
     },
     /// Repair drift: read back every item each endpoint should show (what it last
     /// confirmed), and sync it again to the newest sealed snapshot sending every item that
@@ -201,9 +200,8 @@ enum Command {
         /// Print what was read back as JSON (and no sync summary).
         #[arg(long)]
         json: bool,
-        /// (PostgreSQL) wait until the workers have finished the run.
-        #[arg(long)]
-        wait: bool,
+        #[command(flatten)]
+        wait: worker::WaitArgs,
     },
     /// Check a configuration file without syncing: load it and build every endpoint's
     /// adapter (reading tokens, certificates and profiles), then say what it found.
@@ -446,7 +444,7 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
         } => {
             let setup = setup(&db, &endpoints, &sync).await?;
             if is_postgres(&setup.db) {
-                return worker::enqueue(setup, wait).await;
+                return worker::enqueue(setup, &wait).await;
             }
             let alerts = worker::AlertDelivery::start(setup.config.as_ref(), &setup.db).await?;
             let app = Bulwark::open(&setup.db, setup.registry).await?;
@@ -478,7 +476,7 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             wait,
         } => {
             let setup = setup(&db, &endpoints, &sync).await?;
-            return reconcile_cmd::run(setup, &only, json, wait).await;
+            return reconcile_cmd::run(setup, &only, json, &wait).await;
         }
         Command::Check { config, json } => {
             let loaded = config::Config::load(&config)?;

@@ -14,7 +14,7 @@ pub(crate) async fn run(
     mut setup: crate::Setup,
     only: &[String],
     json: bool,
-    wait: bool,
+    wait: &crate::worker::WaitArgs,
 ) -> Result<ExitCode> {
     if !only.is_empty() {
         if let Some(unknown) = only
@@ -41,8 +41,8 @@ pub(crate) async fn run(
                     "run {run} enqueued: snapshot {}, {} endpoint(s) to sync, {} drifted item(s) to send again",
                     plan.snapshot, plan.workflows, plan.repairs
                 );
-                if wait {
-                    crate::worker::wait_for_run(&app, run).await?;
+                if wait.wait {
+                    crate::worker::wait_for_run(&app, run, wait).await?;
                 }
             }
             None => println!("nothing to send"),

@@ -369,7 +369,19 @@ pub(crate) async fn run(args: WorkerArgs) -> Result<ExitCode> {
 }
 
 /// `bulwark sync` on PostgreSQL: plan the run for the workers; optionally wait for it.
-pub(crate) async fn enqueue(setup: crate::Setup, wait: bool) -> Result<ExitCode> {
+/// `--wait` of the commands that enqueue a run on PostgreSQL.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct WaitArgs {
+    /// (PostgreSQL) wait until the workers have finished the run.
+    #[arg(long)]
+    pub(crate) wait: bool,
+    /// (with --wait) give up waiting once no worker has been live (heartbeating within its
+    /// lease) for this many seconds; the run stays enqueued for the next worker.
+    #[arg(long, default_value_t = 30, requires = "wait")]
+    pub(crate) wait_no_worker_secs: u64,
+}
+
+pub(crate) async fn enqueue(setup: crate::Setup, wait: &WaitArgs) -> Result<ExitCode> {
     let app = Bulwark::open(&setup.db, setup.registry).await?;
     crate::record_insecure_tls(&app, &setup.endpoints).await?;
     let Some(plan) = app.enqueue(&setup.endpoints, &setup.options).await? else {
@@ -387,20 +399,51 @@ pub(crate) async fn enqueue(setup: crate::Setup, wait: bool) -> Result<ExitCode>
         "run {run} enqueued: snapshot {}, {} endpoint(s) to sync, {} up to date, {} batches",
         plan.snapshot, plan.workflows, plan.up_to_date, plan.batches
     );
-    if wait {
-        wait_for_run(&app, run).await?;
+    if wait.wait {
+        wait_for_run(&app, run, wait).await?;
     }
     app.close().await;
     Ok(ExitCode::SUCCESS)
 }
 
 /// Wait until the workers have finished `run`, then print its final states.
-pub(crate) async fn wait_for_run(app: &Bulwark, run: i64) -> Result<()> {
+///
+/// Gives up (an error naming the run) once no worker has been live for
+/// `wait.wait_no_worker_secs`: nothing would ever finish it otherwise.
+pub(crate) async fn wait_for_run(app: &Bulwark, run: i64, wait: &WaitArgs) -> Result<()> {
     let store = app.store();
+    let patience = Duration::from_secs(wait.wait_no_worker_secs);
+    let mut alone_since: Option<std::time::Instant> = None;
+    let mut said = false;
     loop {
         let runs = store.runs().await?;
         if runs.iter().any(|r| r.id == run && r.status != "running") {
             break;
+        }
+        let now = bulwark_engine::now_ms();
+        // Live: heard of within its lease (plus a beat's slack).
+        let live = store
+            .workers()
+            .await?
+            .iter()
+            .any(|w| now - w.last_beat <= w.lease_ms + w.lease_ms / 3);
+        if live {
+            alone_since = None;
+        } else {
+            let since = *alone_since.get_or_insert_with(std::time::Instant::now);
+            if !said {
+                eprintln!(
+                    "no live worker on this database; waiting up to {} s for one (`bulwark worker`)",
+                    patience.as_secs()
+                );
+                said = true;
+            }
+            if since.elapsed() >= patience {
+                anyhow::bail!(
+                    "run {run} is enqueued but no worker has been live for {} s: start `bulwark worker` on this database (it picks the run up), or wait with `bulwark runs`",
+                    patience.as_secs()
+                );
+            }
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
