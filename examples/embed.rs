@@ -174,8 +174,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         }
     });
-    wait.await
-        .map_err(|_| "the worker did not finish the run within 60 s")?;
+    if wait.await.is_err() {
+        // Say why: the worker may have stopped with an error.
+        let why = match worker.shutdown().await {
+            Ok(r) => format!("it is still working ({} uploads so far)", r.uploads),
+            Err(e) => format!("it failed: {e}"),
+        };
+        return Err(format!("the worker did not finish the run within 60 s: {why}").into());
+    }
     assert_eq!(finished, 3, "one final event per endpoint");
     // This process's metrics, in the Prometheus text format.
     let metrics = app.metrics_text();

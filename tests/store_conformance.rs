@@ -112,6 +112,8 @@ conformance!(
     alert_deliveries_are_leased_retried_and_given_up,
     schedules_advance_once_per_tick,
     open_subjects_are_those_with_unfinished_workflows,
+    claims_race_other_writers_without_failing,
+    worker_heartbeats_are_recorded_with_the_leases_held,
 );
 
 async fn open_subjects_are_those_with_unfinished_workflows(store: Arc<dyn Store>) {
@@ -217,6 +219,79 @@ async fn appends_are_conditional_on_seq_and_epoch(store: Arc<dyn Store>) {
     );
     // Terminal workflows are not claimed again.
     assert!(store.claim(&claim("w2", 60_000)).await.unwrap().is_empty());
+}
+
+async fn worker_heartbeats_are_recorded_with_the_leases_held(store: Arc<dyn Store>) {
+    assert!(store.workers().await.unwrap().is_empty());
+    store.worker_beat("w1", 60_000).await.unwrap();
+    let first = store.workers().await.unwrap();
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(
+        (first[0].worker.as_str(), first[0].lease_ms),
+        ("w1", 60_000)
+    );
+    assert_eq!(first[0].started_at, first[0].last_beat);
+    assert_eq!((first[0].leases, first[0].expired), (0, 0));
+    let run = store.create_run("sync", "{}").await.unwrap();
+    store
+        .create_workflows(run, &[new_wf("a"), new_wf("b")])
+        .await
+        .unwrap();
+    store.claim(&claim("w1", 60_000)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    store.worker_beat("w1", 30_000).await.unwrap();
+    store.worker_beat("w2", 1_000).await.unwrap();
+    let now = store.workers().await.unwrap();
+    assert_eq!(now.len(), 2, "{now:?}");
+    let w1 = now.iter().find(|w| w.worker == "w1").unwrap();
+    assert_eq!(w1.started_at, first[0].started_at, "the first beat is kept");
+    assert!(w1.last_beat > w1.started_at, "{w1:?}");
+    assert_eq!((w1.lease_ms, w1.leases, w1.expired), (30_000, 2, 0));
+    let w2 = now.iter().find(|w| w.worker == "w2").unwrap();
+    assert_eq!((w2.leases, w2.expired), (0, 0));
+}
+
+/// A worker claims while other connections of the same process write (runs enqueued by
+/// the embedding program, heartbeats): every claim succeeds. On SQLite a claim that read
+/// before it wrote failed here with "database is locked" (SQLITE_BUSY_SNAPSHOT).
+async fn claims_race_other_writers_without_failing(store: Arc<dyn Store>) {
+    let run = store.create_run("sync", "{}").await.unwrap();
+    store
+        .create_workflows(run, &[new_wf("seed")])
+        .await
+        .unwrap();
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            for i in 0..150 {
+                let run = store.create_run("sync", "{}").await.unwrap();
+                store
+                    .create_workflows(run, &[new_wf(&format!("s{i}"))])
+                    .await
+                    .unwrap();
+                store.worker_beat("w1", 60_000).await.unwrap();
+            }
+        })
+    };
+    let mut claimed = 0;
+    while !writer.is_finished() {
+        claimed += store
+            .claim(&claim("w1", 60_000))
+            .await
+            .expect("a claim racing other writers")
+            .len();
+        // Released again, so the next claim reads owners and writes once more.
+        let held: Vec<_> = store
+            .claim(&claim("w2", 1))
+            .await
+            .expect("a claim racing other writers")
+            .into_iter()
+            .map(|w| (w.id, w.epoch))
+            .collect();
+        store.release("w2", &held).await.unwrap();
+    }
+    writer.await.unwrap();
+    assert!(claimed > 0, "the claims found the new workflows");
 }
 
 async fn a_new_claim_fences_the_previous_holder(store: Arc<dyn Store>) {

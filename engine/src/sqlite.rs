@@ -356,9 +356,11 @@ impl Store for SqliteStore {
         let now = now_ms();
         let limit = request.limit.map(|l| l as i64).unwrap_or(-1);
         let lease_ms = request.lease_ms;
-        let mut tx = self.pool.begin().await?;
-        // Who held them (RETURNING sees only the new values); one process works here, so
-        // the set cannot change between the two statements.
+        // Who held them (RETURNING sees only the new values) is read first, so the
+        // transaction takes the write lock at BEGIN: a deferred one that reads, then writes
+        // after another connection of this process committed (a run enqueued, a heartbeat)
+        // fails with SQLITE_BUSY_SNAPSHOT, which the busy timeout does not wait out.
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let previous: std::collections::HashMap<i64, String> = sqlx::query(
             "SELECT id, lease_owner FROM workflows WHERE terminal = 0 AND kind = ? AND (? IS NULL OR run_id = ?)
                  AND lease_owner IS NOT NULL AND lease_owner IS NOT ?",
@@ -668,7 +670,7 @@ impl Store for SqliteStore {
     async fn worker_beat(&self, worker: &str, lease_ms: i64) -> Result<()> {
         let now = now_ms();
         sqlx::query(
-            "INSERT INTO workers (worker, started_at, last_beat, lease_ms) VALUES (?, ?, ?, ?)
+            "INSERT INTO workers (worker, started_at, last_beat, lease_ms) VALUES (?1, ?2, ?2, ?3)
              ON CONFLICT (worker) DO UPDATE SET last_beat = excluded.last_beat, lease_ms = excluded.lease_ms",
         )
         .bind(worker)
