@@ -218,3 +218,99 @@ async fn on_sqlite_a_spawned_worker_holds_the_work_lock() {
     assert!(err.contains("locked-out: no credentials"), "{err}");
     app.close().await;
 }
+
+/// A portal that takes a while per upload (a real one takes far longer).
+struct SlowPortal(Arc<MemoryPortal>);
+
+#[async_trait::async_trait]
+impl PortalAdapter for SlowPortal {
+    async fn upload(
+        &self,
+        batch: &bulwark_workflows::catalog::Batch,
+    ) -> bulwark_workflows::adapter::AdapterResult<bulwark_workflows::adapter::Receipt> {
+        tokio::time::sleep(Duration::from_millis(15)).await;
+        self.0.upload(batch).await
+    }
+    async fn verify(
+        &self,
+        batch: &bulwark_workflows::catalog::Batch,
+        receipt: &bulwark_workflows::adapter::Receipt,
+    ) -> bulwark_workflows::adapter::AdapterResult<bulwark_workflows::adapter::Verification> {
+        self.0.verify(batch, receipt).await
+    }
+    async fn probe(
+        &self,
+        endpoint: &str,
+        key: uuid::Uuid,
+    ) -> bulwark_workflows::adapter::AdapterResult<Option<bulwark_workflows::adapter::Receipt>>
+    {
+        self.0.probe(endpoint, key).await
+    }
+}
+
+/// Two workers with room for thousands each share a run of 60 endpoints whose calls they
+/// can only make two at a time: each claims what it can drive soon (a chunk), not the
+/// whole run, so both finish a fair part of it. Before claims were chunked, whichever
+/// worker claimed first took all 60.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_claim_in_chunks_and_share_a_run() {
+    let Some(base) = bulwark_tests::pg_url() else {
+        return;
+    };
+    let db = bulwark_tests::pg_schema_url(&base, "chunks");
+    let portal = Arc::new(MemoryPortal::new());
+    let slow = Arc::new(SlowPortal(portal.clone()));
+    let open = |worker: &str| {
+        Bulwark::builder()
+            .database(db.clone())
+            .portal("mine", slow.clone() as Arc<dyn PortalAdapter>)
+            .worker_id(worker)
+            .open()
+    };
+    let (a, b) = (
+        open("chunk-a").await.unwrap(),
+        open("chunk-b").await.unwrap(),
+    );
+    stage(&a, &items(40, 0)).await;
+    let eps = endpoints(60);
+    let options = SyncOptions {
+        batch_size: 20,
+        max_in_flight: 2,
+        ..Default::default()
+    };
+    assert_eq!(bulwark_workflows::app::auto_claim_chunk(2), 16);
+    let wa = a.spawn_worker(eps.clone(), options.clone(), fast());
+    let wb = b.spawn_worker(eps.clone(), options.clone(), fast());
+    let (ea, eb) = (wa.subscribe(), wb.subscribe());
+    tokio::time::sleep(Duration::from_millis(300)).await; // both are listening
+    let run = a
+        .enqueue(&eps, &options)
+        .await
+        .unwrap()
+        .unwrap()
+        .run
+        .unwrap();
+    let watch = |mut rx: tokio::sync::broadcast::Receiver<ProgressEvent>| async move {
+        let mut finished = 0;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
+                Ok(Ok(ProgressEvent::Transition { terminal: true, .. })) => finished += 1,
+                Ok(Ok(ProgressEvent::RunFinished { run: r, .. })) if r == run => return finished,
+                Ok(Ok(_)) => {}
+                other => panic!("no RunFinished for run {run}: {other:?}"),
+            }
+        }
+    };
+    let (fa, fb) = tokio::join!(watch(ea), watch(eb));
+    assert_eq!(fa + fb, 60);
+    assert!(
+        fa >= 15 && fb >= 15,
+        "each worker finishes a fair part of the run: {fa} and {fb} of 60"
+    );
+    assert_eq!((portal.applied(), portal.duplicates()), (120, 0));
+    wa.shutdown().await.unwrap();
+    wb.shutdown().await.unwrap();
+    if let bulwark_engine::Backend::Postgres(pg) = a.backend() {
+        pg.drop_schema().await.unwrap();
+    }
+}

@@ -388,17 +388,18 @@ async fn postgres_snapshot_is_counted_by_the_server_and_sync_sends_none() {
         .await
         .unwrap();
     let bound = (ROWS as i64 + i64::from(PAGE) - 1) / i64::from(PAGE) + 1;
-    assert_eq!(
-        seen, queries as i64,
-        "table scans seen by PostgreSQL vs. queries sent"
-    );
-    // The sync sent nothing to the source (also counted client-side in
-    // snapshot_then_sync). PostgreSQL 15 sometimes reports one more index scan of the
-    // table a moment later (about 1 run in 5, with autovacuum off and no other session
-    // on it); more than one would be a query.
+    // Every query the snapshot sent is seen by the server. PostgreSQL 15 sometimes
+    // reports one more index scan of the table than was sent (about 1 run in 5, with
+    // autovacuum off and no other session on it, seen both when the snapshot finished and
+    // a moment later); more than one would be a query. The sync sent nothing to the
+    // source: that is counted exactly, client-side, in snapshot_then_sync.
     assert!(
-        seen_later <= seen + 1,
-        "{seen_later} scans later, {seen} when the snapshot finished"
+        (queries as i64..=queries as i64 + 1).contains(&seen),
+        "table scans seen by PostgreSQL ({seen}) vs. queries sent ({queries})"
+    );
+    assert!(
+        seen_later <= queries as i64 + 1,
+        "{seen_later} scans later, {queries} queries sent"
     );
     assert!(seen <= bound, "{seen} > {bound}");
 }

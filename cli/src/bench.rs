@@ -33,6 +33,9 @@ pub(crate) struct BenchArgs {
     /// (PostgreSQL) numbers of worker processes to measure, e.g. `1,3`.
     #[arg(long, default_value = "1,3", value_delimiter = ',')]
     workers: Vec<usize>,
+    /// (W1 on PostgreSQL) the workers' --claim-chunk [default: theirs].
+    #[arg(long)]
+    claim_chunk: Option<usize>,
     /// (W4) rounds per signal.
     #[arg(long, default_value_t = 10)]
     runs: u32,
@@ -251,11 +254,18 @@ async fn run_postgres(url: &str, workers: usize, args: &BenchArgs) -> Result<()>
         args.batches
     );
     let exe = std::env::current_exe()?;
-    let capacity = (args.w1_endpoints() as usize).div_ceil(workers) + 1;
+    let pool = match app.backend() {
+        bulwark_engine::Backend::Postgres(pg) => pg.pool().clone(),
+        bulwark_engine::Backend::Sqlite(_) => unreachable!("postgres bench"),
+    };
+    let deadlocks_before = pg_deadlocks(&pool).await?;
+    let logs = tempfile_dir()?.join(format!("pg-workers-{workers}"));
+    std::fs::create_dir_all(&logs)?;
     let started_ms = bulwark_engine::now_ms();
     let started = Instant::now();
     let mut children = Vec::new();
-    for _ in 0..workers {
+    for n in 0..workers {
+        let log = std::fs::File::create(logs.join(format!("worker-{n}.log")))?;
         children.push(
             tokio::process::Command::new(&exe)
                 .args([
@@ -268,15 +278,15 @@ async fn run_postgres(url: &str, workers: usize, args: &BenchArgs) -> Result<()>
                     "--max-in-flight",
                     "1048576",
                 ])
-                .args([
-                    "--db",
-                    &db,
-                    "--endpoints",
-                    &args.w1_endpoints().to_string(),
-                    "--capacity",
-                    &capacity.to_string(),
-                ])
+                .args(["--db", &db, "--endpoints", &args.w1_endpoints().to_string()])
+                .args(
+                    args.claim_chunk
+                        .map(|c| vec!["--claim-chunk".to_string(), c.to_string()])
+                        .unwrap_or_default(),
+                )
+                // Default capacity: how the work spreads is measured.
                 .stdout(std::process::Stdio::null())
+                .stderr(log)
                 .spawn()?,
         );
     }
@@ -315,11 +325,50 @@ async fn run_postgres(url: &str, workers: usize, args: &BenchArgs) -> Result<()>
         "durable_steps_per_second: {:.0} steps/s",
         steps as f64 / wall
     );
+    // Each worker's share of the journal, and deadlocks: those the database counted
+    // (database-wide, so other sessions' too) and those the workers logged.
+    let shares: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT worker, count(*) FROM journal WHERE seq > 0 GROUP BY worker ORDER BY count(*) DESC",
+    )
+    .fetch_all(&pool)
+    .await?;
+    let total: i64 = shares.iter().map(|s| s.1).sum::<i64>().max(1);
+    for (i, (w, n)) in shares.iter().enumerate() {
+        println!(
+            "worker_{}_share: {:.1} % ({w})",
+            i + 1,
+            100.0 * *n as f64 / total as f64
+        );
+    }
+    let mut logged = 0;
+    for n in 0..workers {
+        logged += std::fs::read_to_string(logs.join(format!("worker-{n}.log")))
+            .unwrap_or_default()
+            .matches("deadlock detected")
+            .count();
+    }
+    // The statistics reach pg_stat_database within a second or so.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    println!(
+        "deadlocks_detected_by_database: {} deadlocks",
+        pg_deadlocks(&pool).await? - deadlocks_before
+    );
+    println!("deadlocks_in_worker_logs: {logged} lines");
+    let _ = std::fs::remove_dir_all(&logs);
     if let bulwark_engine::Backend::Postgres(pg) = app.backend() {
         pg.drop_schema().await?;
     }
     app.close().await;
     Ok(())
+}
+
+/// Deadlocks PostgreSQL has detected in this database since its statistics were reset.
+pub(crate) async fn pg_deadlocks(pool: &sqlx::PgPool) -> Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT coalesce(deadlocks, 0) FROM pg_stat_database WHERE datname = current_database()",
+    )
+    .fetch_one(pool)
+    .await?)
 }
 
 fn tempfile_dir() -> Result<PathBuf> {

@@ -50,6 +50,7 @@ struct Round {
     takeover_ms: Option<i64>,
     held_at_signal: usize,
     deadlocks: usize,
+    db_deadlocks: i64,
     shares: Vec<(String, i64)>,
     audit_clean: bool,
 }
@@ -68,7 +69,7 @@ pub(crate) async fn run(args: PauseArgs) -> Result<()> {
                 .await
                 .with_context(|| format!("W4 round {i} ({signal})"))?;
             println!(
-                "round {i} {}: writes {} (after resume {}), stale items {}, held at signal {}, takeover {}, deadlocks {}, audit {}, shares {}",
+                "round {i} {}: writes {} (after resume {}), stale items {}, held at signal {}, takeover {}, deadlocks {} ({} counted by the database), audit {}, shares {}",
                 r.signal,
                 r.writes_total,
                 r.writes_after_resume,
@@ -77,6 +78,7 @@ pub(crate) async fn run(args: PauseArgs) -> Result<()> {
                 r.takeover_ms
                     .map_or("n/a".to_owned(), |ms| format!("{ms} ms")),
                 r.deadlocks,
+                r.db_deadlocks,
                 if r.audit_clean { "clean" } else { "FINDINGS" },
                 r.shares
                     .iter()
@@ -94,6 +96,10 @@ pub(crate) async fn run(args: PauseArgs) -> Result<()> {
     println!("writes_after_lease_deadline: {after} writes");
     println!("stale_items: {stale} items");
     println!("deadlocks: {deadlocks} lines");
+    println!(
+        "deadlocks_detected_by_database: {} deadlocks",
+        rounds.iter().map(|r| r.db_deadlocks).sum::<i64>()
+    );
     for signal in &args.signals {
         let mut t: Vec<i64> = rounds
             .iter()
@@ -268,6 +274,7 @@ async fn round(exe: &Path, args: &PauseArgs, i: u32, sig: &str) -> Result<Round>
         bail!("W4 needs PostgreSQL");
     };
     let pool = pg.pool().clone();
+    let deadlocks_before = crate::bench::pg_deadlocks(&pool).await?;
     // Mid-run: a quarter of the steps journaled.
     let batches_per_endpoint = i64::from(args.skus.div_ceil(args.batch_size.max(1)));
     let quarter = i64::from(args.endpoints) * batches_per_endpoint / 2;
@@ -440,6 +447,7 @@ async fn round(exe: &Path, args: &PauseArgs, i: u32, sig: &str) -> Result<Round>
     if !audit_clean {
         eprintln!("audit of round {i} ({sig}):\n{audit_text}");
     }
+    let db_deadlocks = crate::bench::pg_deadlocks(&pool).await? - deadlocks_before;
     let mut deadlocks = 0;
     for log in &logs {
         deadlocks += std::fs::read_to_string(log)
@@ -470,6 +478,7 @@ async fn round(exe: &Path, args: &PauseArgs, i: u32, sig: &str) -> Result<Round>
         takeover_ms: takeover_ms.map(|at| at - signal_ms),
         held_at_signal: usize::try_from(held).unwrap_or(0),
         deadlocks,
+        db_deadlocks,
         shares,
         audit_clean,
     })

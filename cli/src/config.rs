@@ -226,6 +226,8 @@ pub(crate) struct WorkerSection {
     pub(crate) effect_margin_ms: Option<i64>,
     /// Most endpoint syncs one worker drives at once.
     pub(crate) capacity: Option<usize>,
+    /// Most endpoint syncs taken by one claim.
+    pub(crate) claim_chunk: Option<usize>,
     /// How often an idle worker looks for work nobody notified it of (expired leases).
     pub(crate) poll_ms: Option<u64>,
 }
@@ -247,6 +249,9 @@ impl WorkerSection {
         }
         if self.capacity == Some(0) {
             return Some(("capacity", "must be at least 1".into()));
+        }
+        if self.claim_chunk == Some(0) {
+            return Some(("claim_chunk", "must be at least 1".into()));
         }
         if self.poll_ms == Some(0) {
             return Some(("poll_ms", "must be at least 1".into()));
@@ -910,7 +915,7 @@ settings = { base_url = "http://127.0.0.1:9/ep/b" }
         let p = write(
             dir.path(),
             "w.toml",
-            "[worker]\nlease_ms = 9000\neffect_margin_ms = 2000\ncapacity = 50\npoll_ms = 500\n",
+            "[worker]\nlease_ms = 9000\neffect_margin_ms = 2000\ncapacity = 50\nclaim_chunk = 20\npoll_ms = 500\n",
         );
         let c = Config::load(&p).unwrap();
         assert_eq!(
@@ -918,9 +923,10 @@ settings = { base_url = "http://127.0.0.1:9/ep/b" }
                 c.worker.lease_ms,
                 c.worker.effect_margin_ms,
                 c.worker.capacity,
+                c.worker.claim_chunk,
                 c.worker.poll_ms
             ),
-            (Some(9000), Some(2000), Some(50), Some(500))
+            (Some(9000), Some(2000), Some(50), Some(20), Some(500))
         );
         for (text, key) in [
             (
@@ -929,6 +935,7 @@ settings = { base_url = "http://127.0.0.1:9/ep/b" }
             ),
             ("[worker]\nlease_ms = 10\n", "worker.lease_ms"),
             ("[worker]\ncapacity = 0\n", "worker.capacity"),
+            ("[worker]\nclaim_chunk = 0\n", "worker.claim_chunk"),
             ("[worker]\nlease = 10\n", "lease"),
         ] {
             let p = write(dir.path(), "bad.toml", text);

@@ -36,6 +36,10 @@ pub(crate) struct WorkerArgs {
     /// else 10000].
     #[arg(long)]
     capacity: Option<usize>,
+    /// Most endpoint syncs taken by one claim, so that several workers share a run
+    /// [default: `[worker] claim_chunk`, else twice --max-in-flight, between 16 and 1024].
+    #[arg(long)]
+    claim_chunk: Option<usize>,
     /// Lease length in milliseconds; heartbeats renew it every third of that [default:
     /// `[worker] lease_ms`, else 30000].
     #[arg(long)]
@@ -331,17 +335,25 @@ pub(crate) async fn run(args: WorkerArgs) -> Result<ExitCode> {
             .or(file.and_then(|w| w.capacity))
             .unwrap_or(10_000)
             .max(1),
+        claim_chunk: args.claim_chunk.or(file.and_then(|w| w.claim_chunk)),
         exit_when_idle: args.exit_when_idle,
         ..Default::default()
     };
+    anyhow::ensure!(
+        work.claim_chunk != Some(0),
+        "--claim-chunk must be at least 1"
+    );
     if let Some(ms) = file.and_then(|w| w.poll_ms) {
         work.poll = Duration::from_millis(ms);
     }
     eprintln!(
-        "lease {lease_ms} ms (renewed every {} ms), effects stop {} ms before an unconfirmed lease ends, capacity {}",
+        "lease {lease_ms} ms (renewed every {} ms), effects stop {} ms before an unconfirmed lease ends, capacity {}, claims up to {} at a time",
         lease_ms / 3,
         effect_margin_ms.unwrap_or(lease_ms / 4),
-        work.capacity
+        work.capacity,
+        work.claim_chunk
+            .unwrap_or_else(|| bulwark_workflows::app::auto_claim_chunk(options.max_in_flight))
+            .min(work.capacity)
     );
     let worker = WorkerOptions {
         work,

@@ -101,6 +101,151 @@ fn connect_error(shown: &str, e: sqlx::Error) -> EngineError {
 pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "3s";
 
 impl PostgresStore {
+    /// One attempt at a group commit (see [`Store::append_batch`]).
+    async fn append_batch_once(&self, appends: &[Append]) -> Result<Vec<AppendOutcome>> {
+        let now = now_ms();
+        let ids: Vec<i64> = appends.iter().map(|a| a.workflow).collect();
+        let seqs: Vec<i64> = appends.iter().map(|a| a.seq).collect();
+        let epochs: Vec<i64> = appends.iter().map(|a| a.epoch).collect();
+        let statuses: Vec<&str> = appends.iter().map(|a| a.status).collect();
+        let terminals: Vec<bool> = appends.iter().map(|a| a.terminal).collect();
+        let wakes: Vec<Option<i64>> = appends.iter().map(|a| a.wake_at).collect();
+        let workers: Vec<&str> = appends.iter().map(|a| &*a.worker).collect();
+        let events: Vec<&str> = appends.iter().map(|a| a.event_json.as_str()).collect();
+        let states: Vec<&str> = appends.iter().map(|a| a.state_json.as_str()).collect();
+        let mut tx = self.pool.begin().await?;
+        // One statement: move every workflow row still at (seq-1, epoch), then journal
+        // exactly the ones that moved. The rows are locked in id order first (the
+        // sub-select), so concurrent commits, renewals and releases cannot deadlock on them.
+        let landed: Vec<i64> = sqlx::query_scalar(
+            "WITH v AS (
+                 SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], $5::bool[], $6::bigint[],
+                                      $7::text[], $8::text[], $9::text[])
+                 AS v(id, seq, epoch, status, terminal, wake_at, worker, event, state)
+             ), moved AS (
+                 UPDATE workflows w SET seq = v.seq, status = v.status, terminal = v.terminal, wake_at = v.wake_at,
+                        updated_at = $10
+                 FROM v WHERE w.id = v.id AND w.seq = v.seq - 1 AND w.lease_epoch = v.epoch
+                   AND w.id IN (SELECT id FROM workflows WHERE id = ANY($1) ORDER BY id FOR UPDATE)
+                 RETURNING w.id
+             )
+             INSERT INTO journal (workflow_id, seq, at, worker, epoch, event_json, state_json)
+             SELECT v.id, v.seq, $10, v.worker, v.epoch, v.event, v.state FROM v JOIN moved ON moved.id = v.id
+             RETURNING workflow_id",
+        )
+        .bind(&ids)
+        .bind(&seqs)
+        .bind(&epochs)
+        .bind(&statuses)
+        .bind(&terminals)
+        .bind(&wakes)
+        .bind(&workers)
+        .bind(&events)
+        .bind(&states)
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?;
+        let landed: std::collections::HashSet<i64> = landed.into_iter().collect();
+        let mut outcomes = Vec::with_capacity(appends.len());
+        let mut raised: Vec<NewAlert> = Vec::new();
+        let mut closes: Vec<(&str, WorkflowId, i64)> = Vec::new();
+        for a in appends {
+            let ok = landed.contains(&a.workflow);
+            outcomes.push(if ok {
+                AppendOutcome::Committed
+            } else {
+                AppendOutcome::Fenced
+            });
+            if !ok {
+                continue;
+            }
+            for alert in &a.alerts {
+                insert_alert(&mut tx, now, alert, Some((a.workflow, a.seq))).await?;
+                raised.push(alert.clone());
+            }
+            match &a.circuit {
+                Some(CircuitWrite {
+                    subject,
+                    change:
+                        CircuitChange::Open {
+                            failures,
+                            reason,
+                            policy,
+                        },
+                }) => {
+                    // Lock the row (if any) so that two workers opening it agree on `opens`.
+                    let previous = sqlx::query(concat!(
+                        "SELECT ",
+                        circuit_columns!(),
+                        " FROM circuits WHERE subject = $1 FOR UPDATE"
+                    ))
+                    .bind(subject)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .as_ref()
+                    .map(circuit_from);
+                    let row = CircuitRow::opened(
+                        previous.as_ref(),
+                        subject,
+                        now,
+                        *failures,
+                        reason,
+                        policy,
+                    );
+                    sqlx::query(
+                        "INSERT INTO circuits (subject, state, opened_at, retry_at, failures, opens, reason)
+                         VALUES ($1, 'open', $2, $3, $4, $5, $6)
+                         ON CONFLICT (subject) DO UPDATE SET state = 'open', opened_at = excluded.opened_at,
+                             retry_at = excluded.retry_at, failures = excluded.failures,
+                             opens = excluded.opens, reason = excluded.reason",
+                    )
+                    .bind(subject)
+                    .bind(row.opened_at)
+                    .bind(row.retry_at)
+                    .bind(i64::from(row.failures))
+                    .bind(i64::from(row.opens))
+                    .bind(&row.reason)
+                    .execute(&mut *tx)
+                    .await?;
+                    let alert = row.opened_alert();
+                    insert_alert(&mut tx, now, &alert, Some((a.workflow, a.seq))).await?;
+                    raised.push(alert);
+                }
+                Some(CircuitWrite {
+                    subject,
+                    change: CircuitChange::Close,
+                }) => {
+                    closes.push((subject.as_str(), a.workflow, a.seq));
+                }
+                None => {}
+            }
+        }
+        // Successes close open circuits; almost always none is open, so one statement
+        // finds the few that are.
+        if !closes.is_empty() {
+            let subjects: Vec<&str> = closes.iter().map(|c| c.0).collect();
+            let closed: Vec<String> = sqlx::query_scalar(
+                "UPDATE circuits SET state = 'closed', opens = 0, failures = 0
+                 WHERE state = 'open' AND subject = ANY($1) RETURNING subject",
+            )
+            .bind(&subjects)
+            .fetch_all(&mut *tx)
+            .await?;
+            for subject in closed {
+                let (_, workflow, seq) = closes
+                    .iter()
+                    .find(|c| c.0 == subject)
+                    .expect("a closed subject was asked for");
+                let alert = crate::circuit::closed_alert(&subject, "a probe batch was verified");
+                insert_alert(&mut tx, now, &alert, Some((*workflow, *seq))).await?;
+                raised.push(alert);
+            }
+        }
+        tx.commit().await?;
+        raised.iter().for_each(crate::circuit::trace_alert);
+        Ok(outcomes)
+    }
+
     /// Connect to `url` (`postgres://user[:password]@host:port/db[?schema=NAME]`), create
     /// the schema if needed and apply pending migrations. Refuses a schema written by a
     /// newer Bulwark.
@@ -299,16 +444,24 @@ impl Store for PostgresStore {
     ) -> Result<Vec<WorkflowId>> {
         let ids: Vec<i64> = held.iter().map(|h| h.0).collect();
         let epochs: Vec<i64> = held.iter().map(|h| h.1).collect();
-        Ok(sqlx::query_scalar(
-            "UPDATE workflows w SET lease_until = $1 FROM unnest($2::bigint[], $3::bigint[]) AS h(id, epoch)
-             WHERE w.id = h.id AND w.lease_epoch = h.epoch AND w.lease_owner = $4 RETURNING w.id",
-        )
-        .bind(now_ms() + lease_ms)
-        .bind(&ids)
-        .bind(&epochs)
-        .bind(owner)
-        .fetch_all(&self.pool)
-        .await?)
+        retry_deadlocks("renewing leases", || async {
+            // Rows are locked in id order (the sub-select), like every other multi-row
+            // write here, so this worker's renewal and its own group commit (or another
+            // worker's) never wait on each other in a cycle.
+            Ok(sqlx::query_scalar(
+                "UPDATE workflows w SET lease_until = $1 FROM unnest($2::bigint[], $3::bigint[]) AS h(id, epoch)
+                 WHERE w.id = h.id AND w.lease_epoch = h.epoch AND w.lease_owner = $4
+                   AND w.id IN (SELECT id FROM workflows WHERE id = ANY($2) ORDER BY id FOR UPDATE)
+                 RETURNING w.id",
+            )
+            .bind(now_ms() + lease_ms)
+            .bind(&ids)
+            .bind(&epochs)
+            .bind(owner)
+            .fetch_all(&self.pool)
+            .await?)
+        })
+        .await
     }
 
     async fn release(&self, owner: &str, held: &[(WorkflowId, i64)]) -> Result<()> {
@@ -316,7 +469,8 @@ impl Store for PostgresStore {
         let epochs: Vec<i64> = held.iter().map(|h| h.1).collect();
         sqlx::query(
             "UPDATE workflows w SET lease_owner = NULL, lease_until = NULL FROM unnest($1::bigint[], $2::bigint[]) AS h(id, epoch)
-             WHERE w.id = h.id AND w.lease_epoch = h.epoch AND w.lease_owner = $3",
+             WHERE w.id = h.id AND w.lease_epoch = h.epoch AND w.lease_owner = $3
+               AND w.id IN (SELECT id FROM workflows WHERE id = ANY($1) ORDER BY id FOR UPDATE)",
         )
         .bind(&ids)
         .bind(&epochs)
@@ -345,145 +499,9 @@ impl Store for PostgresStore {
     }
 
     async fn append_batch(&self, appends: &[Append]) -> Result<Vec<AppendOutcome>> {
-        let now = now_ms();
-        let ids: Vec<i64> = appends.iter().map(|a| a.workflow).collect();
-        let seqs: Vec<i64> = appends.iter().map(|a| a.seq).collect();
-        let epochs: Vec<i64> = appends.iter().map(|a| a.epoch).collect();
-        let statuses: Vec<&str> = appends.iter().map(|a| a.status).collect();
-        let terminals: Vec<bool> = appends.iter().map(|a| a.terminal).collect();
-        let wakes: Vec<Option<i64>> = appends.iter().map(|a| a.wake_at).collect();
-        let workers: Vec<&str> = appends.iter().map(|a| &*a.worker).collect();
-        let events: Vec<&str> = appends.iter().map(|a| a.event_json.as_str()).collect();
-        let states: Vec<&str> = appends.iter().map(|a| a.state_json.as_str()).collect();
-        let mut tx = self.pool.begin().await?;
-        // One statement: move every workflow row still at (seq-1, epoch), then journal
-        // exactly the ones that moved.
-        let landed: Vec<i64> = sqlx::query_scalar(
-            "WITH v AS (
-                 SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], $5::bool[], $6::bigint[],
-                                      $7::text[], $8::text[], $9::text[])
-                 AS v(id, seq, epoch, status, terminal, wake_at, worker, event, state)
-             ), moved AS (
-                 UPDATE workflows w SET seq = v.seq, status = v.status, terminal = v.terminal, wake_at = v.wake_at,
-                        updated_at = $10
-                 FROM v WHERE w.id = v.id AND w.seq = v.seq - 1 AND w.lease_epoch = v.epoch
-                 RETURNING w.id
-             )
-             INSERT INTO journal (workflow_id, seq, at, worker, epoch, event_json, state_json)
-             SELECT v.id, v.seq, $10, v.worker, v.epoch, v.event, v.state FROM v JOIN moved ON moved.id = v.id
-             RETURNING workflow_id",
-        )
-        .bind(&ids)
-        .bind(&seqs)
-        .bind(&epochs)
-        .bind(&statuses)
-        .bind(&terminals)
-        .bind(&wakes)
-        .bind(&workers)
-        .bind(&events)
-        .bind(&states)
-        .bind(now)
-        .fetch_all(&mut *tx)
-        .await?;
-        let landed: std::collections::HashSet<i64> = landed.into_iter().collect();
-        let mut outcomes = Vec::with_capacity(appends.len());
-        let mut raised: Vec<NewAlert> = Vec::new();
-        let mut closes: Vec<(&str, WorkflowId, i64)> = Vec::new();
-        for a in appends {
-            let ok = landed.contains(&a.workflow);
-            outcomes.push(if ok {
-                AppendOutcome::Committed
-            } else {
-                AppendOutcome::Fenced
-            });
-            if !ok {
-                continue;
-            }
-            for alert in &a.alerts {
-                insert_alert(&mut tx, now, alert, Some((a.workflow, a.seq))).await?;
-                raised.push(alert.clone());
-            }
-            match &a.circuit {
-                Some(CircuitWrite {
-                    subject,
-                    change:
-                        CircuitChange::Open {
-                            failures,
-                            reason,
-                            policy,
-                        },
-                }) => {
-                    // Lock the row (if any) so that two workers opening it agree on `opens`.
-                    let previous = sqlx::query(concat!(
-                        "SELECT ",
-                        circuit_columns!(),
-                        " FROM circuits WHERE subject = $1 FOR UPDATE"
-                    ))
-                    .bind(subject)
-                    .fetch_optional(&mut *tx)
-                    .await?
-                    .as_ref()
-                    .map(circuit_from);
-                    let row = CircuitRow::opened(
-                        previous.as_ref(),
-                        subject,
-                        now,
-                        *failures,
-                        reason,
-                        policy,
-                    );
-                    sqlx::query(
-                        "INSERT INTO circuits (subject, state, opened_at, retry_at, failures, opens, reason)
-                         VALUES ($1, 'open', $2, $3, $4, $5, $6)
-                         ON CONFLICT (subject) DO UPDATE SET state = 'open', opened_at = excluded.opened_at,
-                             retry_at = excluded.retry_at, failures = excluded.failures,
-                             opens = excluded.opens, reason = excluded.reason",
-                    )
-                    .bind(subject)
-                    .bind(row.opened_at)
-                    .bind(row.retry_at)
-                    .bind(i64::from(row.failures))
-                    .bind(i64::from(row.opens))
-                    .bind(&row.reason)
-                    .execute(&mut *tx)
-                    .await?;
-                    let alert = row.opened_alert();
-                    insert_alert(&mut tx, now, &alert, Some((a.workflow, a.seq))).await?;
-                    raised.push(alert);
-                }
-                Some(CircuitWrite {
-                    subject,
-                    change: CircuitChange::Close,
-                }) => {
-                    closes.push((subject.as_str(), a.workflow, a.seq));
-                }
-                None => {}
-            }
-        }
-        // Successes close open circuits; almost always none is open, so one statement
-        // finds the few that are.
-        if !closes.is_empty() {
-            let subjects: Vec<&str> = closes.iter().map(|c| c.0).collect();
-            let closed: Vec<String> = sqlx::query_scalar(
-                "UPDATE circuits SET state = 'closed', opens = 0, failures = 0
-                 WHERE state = 'open' AND subject = ANY($1) RETURNING subject",
-            )
-            .bind(&subjects)
-            .fetch_all(&mut *tx)
-            .await?;
-            for subject in closed {
-                let (_, workflow, seq) = closes
-                    .iter()
-                    .find(|c| c.0 == subject)
-                    .expect("a closed subject was asked for");
-                let alert = crate::circuit::closed_alert(&subject, "a probe batch was verified");
-                insert_alert(&mut tx, now, &alert, Some((*workflow, *seq))).await?;
-                raised.push(alert);
-            }
-        }
-        tx.commit().await?;
-        raised.iter().for_each(crate::circuit::trace_alert);
-        Ok(outcomes)
+        // A deadlocked commit was rolled back whole: run it again rather than refuse
+        // the workflows (they would wait for their lease to run out).
+        retry_deadlocks("a journal group commit", || self.append_batch_once(appends)).await
     }
 
     async fn journal(&self, workflow: WorkflowId) -> Result<Vec<JournalRow>> {
@@ -897,4 +915,33 @@ async fn insert_workflows(
     .execute(&mut **tx)
     .await?;
     Ok(ids)
+}
+
+/// Run `attempt` again (up to 5 times, after a short jittered pause) when PostgreSQL
+/// aborted it as a deadlock victim or a serialization failure: the transaction was rolled
+/// back whole, so running it again is safe.
+async fn retry_deadlocks<T, F, Fut>(what: &str, attempt: F) -> Result<T>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut tries = 0u32;
+    loop {
+        match attempt().await {
+            Err(EngineError::Db(e)) if tries < 5 && is_retryable(&e) => {
+                tries += 1;
+                tracing::warn!(error = %e, attempt = tries, "{what} was aborted by the database; running it again");
+                let jitter = u64::from(std::process::id() % 7) + u64::from(tries) * 5;
+                tokio::time::sleep(Duration::from_millis(jitter)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Deadlock victim (40P01) or serialization failure (40001).
+fn is_retryable(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|c| c == "40P01" || c == "40001")
 }

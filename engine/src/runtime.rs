@@ -410,6 +410,11 @@ impl<M: Machine> Runtime<M> {
 pub struct WorkOptions {
     /// Most workflows driven at once by this worker.
     pub capacity: usize,
+    /// Most workflows taken by one claim; `None`: up to `capacity`. Several workers share
+    /// the work only if each claims what it can drive soon: a worker with room for 10,000
+    /// would otherwise take nearly all of a run at its first claim. While claims come back
+    /// full, the worker claims again once half a chunk has finished (and at every poll).
+    pub claim_chunk: Option<usize>,
     /// How long to wait for a notification before polling for work again.
     pub poll: std::time::Duration,
     /// Return once no work is claimable, nothing is in flight, and `idle` says so.
@@ -420,6 +425,7 @@ impl Default for WorkOptions {
     fn default() -> Self {
         Self {
             capacity: 10_000,
+            claim_chunk: None,
             poll: std::time::Duration::from_secs(2),
             exit_when_idle: false,
         }
@@ -469,7 +475,7 @@ impl<M: Machine> Runtime<M> {
         let mut tasks = JoinSet::new();
         let result: Result<()> = async {
             // Claim at start, when notified, when the poll interval passes (leases of dead
-            // workers expire silently), and when half the capacity is free — not after
+            // workers expire silently), and when half a claim chunk is free — not after
             // every finished workflow: a claim scans the open workflows.
             let mut want_claim = true;
             let mut more_available = false;
@@ -478,6 +484,7 @@ impl<M: Machine> Runtime<M> {
                 if self.stop.load(Ordering::Relaxed) {
                     break;
                 }
+                let chunk = options.claim_chunk.unwrap_or(options.capacity).clamp(1, options.capacity.max(1));
                 let free = options.capacity.saturating_sub(tasks.len());
                 let mut claimed_any = false;
                 if last_claim.elapsed() >= options.poll {
@@ -492,13 +499,13 @@ impl<M: Machine> Runtime<M> {
                             kind: M::KIND.to_string(),
                             run: None,
                             lease_ms: self.config.lease_ms,
-                            limit: Some(free),
+                            limit: Some(free.min(chunk)),
                         })
                         .await?;
                     last_claim = std::time::Instant::now();
                     claimed_any = !claimed.is_empty();
                     // A full answer means there may be more, to take as room frees up.
-                    more_available = claimed.len() == free;
+                    more_available = claimed.len() == free.min(chunk);
                     want_claim = false;
                     outcome.workflows += claimed.len();
                     if claimed_any {
@@ -540,7 +547,7 @@ impl<M: Machine> Runtime<M> {
                         let (id, result) = joined.map_err(|e| EngineError::Other(format!("workflow task panicked: {e}")))?;
                         held.lock().expect("held").remove(&id);
                         record(&mut outcome, id, result);
-                        if more_available && tasks.len() <= options.capacity / 2 {
+                        if more_available && tasks.len() <= options.capacity.min(chunk) / 2 {
                             want_claim = true;
                         }
                     }

@@ -1024,7 +1024,12 @@ impl Bulwark {
         progress: Option<Arc<dyn SyncProgress>>,
     ) -> Result<SyncReport> {
         let started = Instant::now();
-        let work = worker.work.clone();
+        let mut work = worker.work.clone();
+        // Claim what this worker can drive soon (its adapter calls in flight, twice over),
+        // so that several workers share a run instead of the first taking nearly all of it.
+        work.claim_chunk = work
+            .claim_chunk
+            .or(Some(auto_claim_chunk(options.max_in_flight)));
         let (_lock, _, effects) = self.prepare(endpoints, options).await?;
         let runtime = Runtime::<EndpointSync>::new(
             self.store.clone(),
@@ -1111,6 +1116,12 @@ impl Bulwark {
     pub async fn close(self) {
         self.backend.close().await;
     }
+}
+
+/// Workflows a worker claims at once when not told: twice its adapter calls in flight,
+/// between 16 and 1024.
+pub fn auto_claim_chunk(max_in_flight: usize) -> usize {
+    max_in_flight.saturating_mul(2).clamp(16, 1024)
 }
 
 /// One run in [`Status`].
