@@ -87,6 +87,7 @@ fn sync_input() -> impl Strategy<Value = SyncInput> {
                 read_first,
                 retry: Vec::new(),
                 repair: Vec::new(),
+                config: None,
             },
         )
 }

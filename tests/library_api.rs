@@ -314,3 +314,97 @@ async fn workers_claim_in_chunks_and_share_a_run() {
         pg.drop_schema().await.unwrap();
     }
 }
+
+/// A rolling deploy on PostgreSQL: a worker still on the old configuration (it does not
+/// know endpoints 6–10, and reaches endpoint 1 with other settings) meets a run planned
+/// with the new one. It drives only what its configuration matches and leaves the rest
+/// untouched (nothing journaled, nothing sent, no endpoint tripped); a worker on the new
+/// configuration finishes the run. Before fingerprints, the old worker tripped every
+/// endpoint it did not know ("endpoint … is not configured").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_on_another_configuration_leaves_those_syncs_alone() {
+    let Some(base) = bulwark_tests::pg_url() else {
+        return;
+    };
+    let db = bulwark_tests::pg_schema_url(&base, "rolling");
+    let portal = Arc::new(MemoryPortal::new());
+    let open = |worker: &str| {
+        Bulwark::builder()
+            .database(db.clone())
+            .portal("mine", portal.clone() as Arc<dyn PortalAdapter>)
+            .worker_id(worker)
+            .open()
+    };
+    let (new, old) = (
+        open("new-config").await.unwrap(),
+        open("old-config").await.unwrap(),
+    );
+    stage(&new, &items(30, 0)).await;
+    let new_eps = endpoints(10);
+    let mut old_eps = endpoints(5);
+    old_eps[0]
+        .settings
+        .insert("base_url".into(), "https://old.example".into());
+    assert_ne!(old_eps[0].fingerprint(), new_eps[0].fingerprint());
+    assert_eq!(old_eps[1].fingerprint(), new_eps[1].fingerprint());
+    let options = SyncOptions {
+        batch_size: 10,
+        ..Default::default()
+    };
+    let run = new
+        .enqueue(&new_eps, &options)
+        .await
+        .unwrap()
+        .unwrap()
+        .run
+        .unwrap();
+    let wo = old.spawn_worker(old_eps.clone(), options.clone(), fast());
+    let store = new.store();
+    let states = || async {
+        store
+            .workflows(Some(run), None)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|w| (w.subject, (w.status, w.seq)))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = states().await;
+        if (2..=5).all(|i| s[&format!("shop-{i:03}")].0 == "Done") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{s:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await; // a few more claims
+    let s = states().await;
+    for i in [1, 6, 7, 8, 9, 10] {
+        assert_eq!(
+            s[&format!("shop-{i:03}")],
+            ("Pending".to_string(), 0),
+            "untouched: {s:?}"
+        );
+    }
+    assert!(
+        store.circuits().await.unwrap().is_empty(),
+        "nothing tripped"
+    );
+    assert_eq!(portal.applied(), 4 * 3, "only endpoints 2-5 were written");
+    let report = wo.shutdown().await.unwrap();
+    assert_eq!(report.unfinished, 0, "{report:?}");
+
+    let wn = new.spawn_worker(new_eps.clone(), options.clone(), fast());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !states().await.values().all(|(status, _)| status == "Done") {
+        assert!(std::time::Instant::now() < deadline, "{:?}", states().await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wn.shutdown().await.unwrap();
+    assert_eq!((portal.applied(), portal.duplicates()), (10 * 3, 0));
+    assert!(store.circuits().await.unwrap().is_empty());
+    if let bulwark_engine::Backend::Postgres(pg) = new.backend() {
+        pg.drop_schema().await.unwrap();
+    }
+}

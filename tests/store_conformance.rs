@@ -81,6 +81,7 @@ fn claim(owner: &str, lease_ms: i64) -> ClaimRequest {
         run: None,
         lease_ms,
         limit: None,
+        skip: Vec::new(),
     }
 }
 
@@ -681,6 +682,15 @@ async fn renew_and_release_respect_ownership(store: Arc<dyn Store>) {
         .unwrap();
     assert_eq!(c.len(), 1);
     assert_eq!(c[0].id, ids[0]);
+    // Declined workflows are not claimed again by the worker that declined them.
+    let skipped = store
+        .claim(&ClaimRequest {
+            skip: vec![ids[1]],
+            ..claim("w1", 60_000)
+        })
+        .await
+        .unwrap();
+    assert!(skipped.iter().all(|w| w.id != ids[1]), "{skipped:?}");
     let held = [(c[0].id, c[0].epoch)];
     assert_eq!(
         store.renew("w1", &held, 60_000).await.unwrap(),

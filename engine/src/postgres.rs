@@ -388,7 +388,7 @@ impl Store for PostgresStore {
             "UPDATE workflows w SET lease_owner = $1, lease_epoch = w.lease_epoch + 1, lease_until = $2
              FROM (SELECT id, lease_owner AS previous FROM workflows
                    WHERE NOT terminal AND kind = $3 AND ($4::bigint IS NULL OR run_id = $4)
-                     AND (lease_until IS NULL OR lease_until < $5)
+                     AND (lease_until IS NULL OR lease_until < $5) AND NOT (id = ANY($7))
                    ORDER BY id LIMIT $6 FOR UPDATE SKIP LOCKED) c
              WHERE w.id = c.id
              RETURNING w.id, w.run_id, w.subject, w.seq, w.lease_epoch, c.previous",
@@ -399,6 +399,7 @@ impl Store for PostgresStore {
         .bind(request.run)
         .bind(now)
         .bind(limit)
+        .bind(&request.skip)
         .fetch_all(&mut *tx)
         .await?;
         let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();

@@ -43,6 +43,16 @@ pub trait Effects<M: Machine>: Send + Sync + 'static {
         state: &M::State,
         command: M::Command,
     ) -> Option<M::Event>;
+
+    /// Whether this worker can drive the workflow claimed for `subject` with this input
+    /// (its own configuration knows the subject, with the same settings the run was
+    /// planned with). `Err(reason)`: the workflow is released untouched (nothing journaled,
+    /// nothing sent), claimed no more by this worker, and left for one that can. The
+    /// default accepts everything.
+    fn accepts(&self, subject: &str, input_json: &str) -> std::result::Result<(), String> {
+        let _ = (subject, input_json);
+        Ok(())
+    }
 }
 
 /// Called after every committed transition (progress bars, metrics).
@@ -113,6 +123,9 @@ pub struct RunOutcome {
     pub unfinished: usize,
     /// Refused workflows retired as [`RETIRED_STATUS`] (also counted in `refused`).
     pub retired: usize,
+    /// Workflows released untouched because this worker cannot drive them
+    /// ([`Effects::accepts`]), with the reason; each once.
+    pub declined: Vec<(WorkflowId, String)>,
     /// Final states by name.
     pub by_status: BTreeMap<String, usize>,
 }
@@ -214,14 +227,22 @@ impl<M: Machine> Runtime<M> {
                 run,
                 lease_ms: self.config.lease_ms,
                 limit: None,
+                skip: Vec::new(),
             })
             .await?;
         tracing::debug!(claimed = claimed.len(), "claimed");
         log_takeovers(&claimed, &self.config.worker);
-        let mut outcome = RunOutcome {
-            workflows: claimed.len(),
-            ..Default::default()
-        };
+        let mut outcome = RunOutcome::default();
+        let claimed = decline_foreign(
+            &self.store,
+            &self.config.worker,
+            &effects,
+            claimed,
+            &mut Vec::new(),
+            &mut outcome,
+        )
+        .await?;
+        outcome.workflows = claimed.len();
         let held: Held = Arc::default();
         let heartbeat = self.heartbeat(held.clone(), false);
         let worker: Arc<str> = Arc::from(self.config.worker.as_str());
@@ -341,6 +362,7 @@ impl<M: Machine> Runtime<M> {
                 run: Some(run),
                 lease_ms: self.config.lease_ms,
                 limit: None,
+                skip: Vec::new(),
             })
             .await?;
         let worker: Arc<str> = Arc::from(self.config.worker.as_str());
@@ -432,6 +454,51 @@ impl Default for WorkOptions {
     }
 }
 
+/// Split claimed workflows into those `effects` accepts and those it declines; the
+/// declined ones are released at once (untouched), added to `skip` and `outcome`, and
+/// logged, once per reason.
+async fn decline_foreign<M: Machine>(
+    store: &Arc<dyn Store>,
+    owner: &str,
+    effects: &Arc<dyn Effects<M>>,
+    claimed: Vec<crate::store::ClaimedWorkflow>,
+    skip: &mut Vec<WorkflowId>,
+    outcome: &mut RunOutcome,
+) -> Result<Vec<crate::store::ClaimedWorkflow>> {
+    let mut mine = Vec::with_capacity(claimed.len());
+    let mut foreign: Vec<(WorkflowId, i64)> = Vec::new();
+    let mut reasons: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for w in claimed {
+        match effects.accepts(&w.subject, &w.input_json) {
+            Ok(()) => mine.push(w),
+            Err(reason) => {
+                foreign.push((w.id, w.epoch));
+                skip.push(w.id);
+                outcome.declined.push((w.id, reason.clone()));
+                reasons.entry(reason).or_default().push(w.subject);
+            }
+        }
+    }
+    if !foreign.is_empty() {
+        store.release(owner, &foreign).await?;
+        for (reason, subjects) in reasons {
+            let shown: Vec<&str> = subjects.iter().take(5).map(String::as_str).collect();
+            tracing::warn!(
+                workflows = subjects.len(),
+                "left {} workflow(s) untouched for a worker that can drive them ({}{}): {reason}",
+                subjects.len(),
+                shown.join(", "),
+                if subjects.len() > shown.len() {
+                    ", …"
+                } else {
+                    ""
+                },
+            );
+        }
+    }
+    Ok(mine)
+}
+
 /// Log, per previous owner, the workflows taken over from a worker whose lease ran out.
 fn log_takeovers(claimed: &[crate::store::ClaimedWorkflow], me: &str) {
     let mut from: BTreeMap<&str, usize> = BTreeMap::new();
@@ -471,6 +538,8 @@ impl<M: Machine> Runtime<M> {
         let worker: Arc<str> = Arc::from(self.config.worker.as_str());
         let held: Held = Arc::default();
         let mut outcome = RunOutcome::default();
+        // Workflows this worker declined (see `Effects::accepts`): not claimed again.
+        let mut declined: Vec<WorkflowId> = Vec::new();
         let heartbeat = self.heartbeat(held.clone(), true);
         let mut tasks = JoinSet::new();
         let result: Result<()> = async {
@@ -500,6 +569,7 @@ impl<M: Machine> Runtime<M> {
                             run: None,
                             lease_ms: self.config.lease_ms,
                             limit: Some(free.min(chunk)),
+                            skip: declined.clone(),
                         })
                         .await?;
                     last_claim = std::time::Instant::now();
@@ -507,11 +577,20 @@ impl<M: Machine> Runtime<M> {
                     // A full answer means there may be more, to take as room frees up.
                     more_available = claimed.len() == free.min(chunk);
                     want_claim = false;
+                    log_takeovers(&claimed, &self.config.worker);
+                    let claimed = decline_foreign(
+                        &self.store,
+                        &self.config.worker,
+                        &effects,
+                        claimed,
+                        &mut declined,
+                        &mut outcome,
+                    )
+                    .await?;
                     outcome.workflows += claimed.len();
-                    if claimed_any {
+                    if !claimed.is_empty() {
                         tracing::info!(claimed = claimed.len(), "claimed workflows");
                     }
-                    log_takeovers(&claimed, &self.config.worker);
                     for w in claimed {
                         let fence = self.config.fence(w.id, sent_at);
                         held.lock().expect("held").insert(w.id, (w.epoch, fence.clone()));

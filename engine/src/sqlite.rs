@@ -356,6 +356,7 @@ impl Store for SqliteStore {
         let now = now_ms();
         let limit = request.limit.map(|l| l as i64).unwrap_or(-1);
         let lease_ms = request.lease_ms;
+        let skip = serde_json::to_string(&request.skip).expect("ids serialise");
         // Who held them (RETURNING sees only the new values) is read first, so the
         // transaction takes the write lock at BEGIN: a deferred one that reads, then writes
         // after another connection of this process committed (a run enqueued, a heartbeat)
@@ -363,12 +364,14 @@ impl Store for SqliteStore {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let previous: std::collections::HashMap<i64, String> = sqlx::query(
             "SELECT id, lease_owner FROM workflows WHERE terminal = 0 AND kind = ? AND (? IS NULL OR run_id = ?)
-                 AND lease_owner IS NOT NULL AND lease_owner IS NOT ?",
+                 AND lease_owner IS NOT NULL AND lease_owner IS NOT ?
+                 AND id NOT IN (SELECT value FROM json_each(?))",
         )
         .bind(kind)
         .bind(run)
         .bind(run)
         .bind(owner)
+        .bind(&skip)
         .fetch_all(&mut *tx)
         .await?
         .into_iter()
@@ -378,6 +381,7 @@ impl Store for SqliteStore {
             "UPDATE workflows SET lease_owner = ?, lease_epoch = lease_epoch + 1, lease_until = ?
              WHERE id IN (SELECT id FROM workflows WHERE terminal = 0 AND kind = ? AND (? IS NULL OR run_id = ?)
                               AND (lease_owner IS NOT ? OR lease_until < ?)
+                              AND id NOT IN (SELECT value FROM json_each(?))
                           ORDER BY id LIMIT ?)
              RETURNING id, run_id, subject, seq, lease_epoch",
         )
@@ -388,6 +392,7 @@ impl Store for SqliteStore {
         .bind(run)
         .bind(owner)
         .bind(now)
+        .bind(&skip)
         .bind(limit)
         .fetch_all(&mut *tx)
         .await?;

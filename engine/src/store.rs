@@ -44,6 +44,8 @@ pub struct ClaimRequest {
     pub lease_ms: i64,
     /// Most workflows to claim (None: all available).
     pub limit: Option<usize>,
+    /// Workflows not to claim (this worker declined them).
+    pub skip: Vec<WorkflowId>,
 }
 
 /// A workflow claimed by a worker: everything needed to resume it.

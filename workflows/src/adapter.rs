@@ -294,6 +294,25 @@ pub struct EndpointConfig {
     pub policy: Option<crate::endpoint_sync::SyncPolicy>,
 }
 
+impl EndpointConfig {
+    /// A short, stable digest of everything that decides how this endpoint is reached
+    /// (adapter, settings, policy; not its id): two workers with the same fingerprint for
+    /// an endpoint send the same requests. Settings name secrets by variable, so no secret
+    /// goes into it.
+    pub fn fingerprint(&self) -> String {
+        use sha2::Digest;
+        let mut settings: Vec<(&String, &String)> = self.settings.iter().collect();
+        settings.sort();
+        let canonical = serde_json::json!({
+            "adapter": self.adapter,
+            "settings": settings,
+            "policy": self.policy,
+        });
+        let digest = sha2::Sha256::digest(canonical.to_string().as_bytes());
+        digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
 /// Builds an adapter for an endpoint.
 pub type AdapterFactory =
     Arc<dyn Fn(&EndpointConfig) -> AdapterResult<Arc<dyn PortalAdapter>> + Send + Sync>;

@@ -577,17 +577,22 @@ impl Bulwark {
             }
         }
         let diffs = Arc::new(DiffCache::new(self.staging.clone()));
-        let effects = Arc::new(
-            SyncEffects::with_limits(
-                adapters,
-                self.store.clone(),
-                diffs.clone(),
-                options.max_in_flight,
-                options.limits.clone(),
-                hosts,
-            )
-            .counting_into(self.effects.clone()),
-        );
+        let effects = SyncEffects::with_limits(
+            adapters,
+            self.store.clone(),
+            diffs.clone(),
+            options.max_in_flight,
+            options.limits.clone(),
+            hosts,
+        )
+        .counting_into(self.effects.clone());
+        // Several workers (PostgreSQL) may run different configurations for a while (a
+        // rolling deploy): each drives only the syncs its configuration matches. One
+        // process on SQLite is the only one there is: it drives what it finds.
+        let effects = Arc::new(match &self.backend {
+            Backend::Postgres(_) => effects.declining_foreign(endpoints),
+            Backend::Sqlite(_) => effects,
+        });
         Ok((diffs, effects))
     }
 

@@ -202,6 +202,11 @@ pub struct SyncInput {
     /// confirmed (drift): added to the diff at the target's values, like `retry`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub repair: Vec<String>,
+    /// Fingerprint of the endpoint's configuration the run was planned with
+    /// ([`crate::adapter::EndpointConfig::fingerprint`]): a worker whose configuration
+    /// differs leaves the sync to one that has it. `None` in journals written before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<String>,
 }
 
 impl SyncInput {

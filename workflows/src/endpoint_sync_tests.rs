@@ -11,6 +11,7 @@ fn input(batches: u32) -> SyncInput {
         read_first: false,
         retry: Vec::new(),
         repair: Vec::new(),
+        config: None,
         endpoint: "ep-1".into(),
         snapshot: 7,
         base: Some(3),

@@ -414,6 +414,7 @@ pub async fn plan_run_with(
             read_first: unsettled.contains(&ep.id),
             retry,
             repair: drifted,
+            config: Some(ep.fingerprint()),
         };
         let state = EndpointSync::initial(&input);
         new.push(NewWorkflow {
@@ -526,6 +527,10 @@ pub struct SyncEffects {
     pub stats: EffectStats,
     /// The process-wide counters the same calls also count into (see [`SyncEffects::counting_into`]).
     totals: Option<Arc<EffectStats>>,
+    /// With several workers: each configured endpoint's fingerprint; syncs of other
+    /// endpoints, or planned with another configuration, are declined (see
+    /// [`SyncEffects::declining_foreign`]).
+    known: Option<HashMap<String, String>>,
 }
 
 /// The shared circuits, read through a short-lived cache: a run's thousands of Begin
@@ -685,7 +690,22 @@ impl SyncEffects {
             gates: Gates::new(limits, hosts),
             stats: EffectStats::default(),
             totals: None,
+            known: None,
         }
+    }
+
+    /// Decline (leave untouched for another worker) every sync whose endpoint is not
+    /// among `endpoints`, or whose run was planned with another configuration of it: the
+    /// rolling-deploy case, where workers briefly run different configurations. Without
+    /// this, such a sync meets "endpoint … is not configured" and trips its endpoint.
+    pub fn declining_foreign(mut self, endpoints: &[EndpointConfig]) -> Self {
+        self.known = Some(
+            endpoints
+                .iter()
+                .map(|e| (e.id.clone(), e.fingerprint()))
+                .collect(),
+        );
+        self
     }
 
     /// Count every call into `totals` as well (a process's metrics, across many runs).
@@ -845,6 +865,33 @@ impl SyncEffects {
 
 #[async_trait]
 impl Effects<EndpointSync> for SyncEffects {
+    fn accepts(&self, subject: &str, input_json: &str) -> std::result::Result<(), String> {
+        let Some(known) = &self.known else {
+            return Ok(());
+        };
+        let Some(here) = known.get(subject) else {
+            return Err(format!(
+                "endpoint {subject:?} is not in this worker's configuration"
+            ));
+        };
+        /// Only the fingerprint of the input (the rest is decoded when driven).
+        #[derive(serde::Deserialize)]
+        struct Planned {
+            #[serde(default)]
+            config: Option<String>,
+        }
+        match serde_json::from_str::<Planned>(input_json) {
+            Ok(Planned {
+                config: Some(planned),
+            }) if planned != *here => Err(format!(
+                "endpoint {subject:?} is configured differently here (settings {here}) than when its run was planned (settings {planned})"
+            )),
+            // Same configuration, a journal from before fingerprints, or an input that
+            // does not decode (driving it retires it, with the reason).
+            _ => Ok(()),
+        }
+    }
+
     async fn execute(
         &self,
         ctx: &WorkflowCtx<EndpointSync>,
