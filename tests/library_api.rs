@@ -49,6 +49,36 @@ fn fast() -> WorkerOptions {
     }
 }
 
+/// A Bulwark on `db` working as `worker`, with `portal` registered as adapter `mine`.
+async fn open_as(db: &str, portal: Arc<dyn PortalAdapter>, worker: &str) -> Bulwark {
+    Bulwark::builder()
+        .database(db)
+        .portal("mine", portal)
+        .worker_id(worker)
+        .open()
+        .await
+        .unwrap()
+}
+
+/// Follow a worker's progress events until `run` finishes: the endpoints it finished
+/// meanwhile, and the run's final status.
+async fn finished_until(
+    mut rx: tokio::sync::broadcast::Receiver<ProgressEvent>,
+    run: i64,
+) -> (usize, String) {
+    let mut finished = 0;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
+            Ok(Ok(ProgressEvent::Transition { terminal: true, .. })) => finished += 1,
+            Ok(Ok(ProgressEvent::RunFinished { run: r, status })) if r == run => {
+                return (finished, status);
+            }
+            Ok(Ok(_)) => {}
+            other => panic!("no RunFinished for run {run}: {other:?}"),
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_builder_without_a_database_says_so() {
     let err = match Bulwark::builder().open().await {
@@ -76,14 +106,9 @@ async fn two_spawned_workers_share_a_run_and_report_it() {
     };
     let db = bulwark_tests::pg_schema_url(&base, "library");
     let portal = Arc::new(MemoryPortal::new());
-    let open = |worker: &str| {
-        Bulwark::builder()
-            .database(db.clone())
-            .portal("mine", portal.clone() as Arc<dyn PortalAdapter>)
-            .worker_id(worker)
-            .open()
-    };
-    let (a, b) = (open("lib-a").await.unwrap(), open("lib-b").await.unwrap());
+    let adapter: Arc<dyn PortalAdapter> = portal.clone();
+    let open = |worker: &'static str| open_as(&db, adapter.clone(), worker);
+    let (a, b) = (open("lib-a").await, open("lib-b").await);
     assert_eq!(a.worker_id(), "lib-a");
     stage(&a, &items(120, 0)).await;
     let eps = endpoints(20);
@@ -100,21 +125,8 @@ async fn two_spawned_workers_share_a_run_and_report_it() {
     assert_eq!((plan.workflows, plan.batches), (20, 100));
 
     // Each worker reports the endpoints it finished, and the run finishing.
-    let watch = |mut rx: tokio::sync::broadcast::Receiver<ProgressEvent>| async move {
-        let mut finished = 0;
-        loop {
-            match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
-                Ok(Ok(ProgressEvent::Transition { terminal: true, .. })) => finished += 1,
-                Ok(Ok(ProgressEvent::RunFinished { run: r, status })) if r == run => {
-                    assert_eq!(status, "finished");
-                    return finished;
-                }
-                Ok(Ok(_)) => {}
-                other => panic!("no RunFinished for run {run}: {other:?}"),
-            }
-        }
-    };
-    let (fa, fb) = tokio::join!(watch(ea), watch(eb));
+    let ((fa, sa), (fb, sb)) = tokio::join!(finished_until(ea, run), finished_until(eb, run));
+    assert_eq!((sa.as_str(), sb.as_str()), ("finished", "finished"));
     assert_eq!(
         fa + fb,
         20,
@@ -260,17 +272,9 @@ async fn workers_claim_in_chunks_and_share_a_run() {
     let db = bulwark_tests::pg_schema_url(&base, "chunks");
     let portal = Arc::new(MemoryPortal::new());
     let slow = Arc::new(SlowPortal(portal.clone()));
-    let open = |worker: &str| {
-        Bulwark::builder()
-            .database(db.clone())
-            .portal("mine", slow.clone() as Arc<dyn PortalAdapter>)
-            .worker_id(worker)
-            .open()
-    };
-    let (a, b) = (
-        open("chunk-a").await.unwrap(),
-        open("chunk-b").await.unwrap(),
-    );
+    let adapter: Arc<dyn PortalAdapter> = slow.clone();
+    let open = |worker: &'static str| open_as(&db, adapter.clone(), worker);
+    let (a, b) = (open("chunk-a").await, open("chunk-b").await);
     stage(&a, &items(40, 0)).await;
     let eps = endpoints(60);
     let options = SyncOptions {
@@ -290,18 +294,7 @@ async fn workers_claim_in_chunks_and_share_a_run() {
         .unwrap()
         .run
         .unwrap();
-    let watch = |mut rx: tokio::sync::broadcast::Receiver<ProgressEvent>| async move {
-        let mut finished = 0;
-        loop {
-            match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
-                Ok(Ok(ProgressEvent::Transition { terminal: true, .. })) => finished += 1,
-                Ok(Ok(ProgressEvent::RunFinished { run: r, .. })) if r == run => return finished,
-                Ok(Ok(_)) => {}
-                other => panic!("no RunFinished for run {run}: {other:?}"),
-            }
-        }
-    };
-    let (fa, fb) = tokio::join!(watch(ea), watch(eb));
+    let ((fa, _), (fb, _)) = tokio::join!(finished_until(ea, run), finished_until(eb, run));
     assert_eq!(fa + fb, 60);
     assert!(
         fa >= 15 && fb >= 15,
@@ -328,17 +321,9 @@ async fn a_worker_on_another_configuration_leaves_those_syncs_alone() {
     };
     let db = bulwark_tests::pg_schema_url(&base, "rolling");
     let portal = Arc::new(MemoryPortal::new());
-    let open = |worker: &str| {
-        Bulwark::builder()
-            .database(db.clone())
-            .portal("mine", portal.clone() as Arc<dyn PortalAdapter>)
-            .worker_id(worker)
-            .open()
-    };
-    let (new, old) = (
-        open("new-config").await.unwrap(),
-        open("old-config").await.unwrap(),
-    );
+    let adapter: Arc<dyn PortalAdapter> = portal.clone();
+    let open = |worker: &'static str| open_as(&db, adapter.clone(), worker);
+    let (new, old) = (open("new-config").await, open("old-config").await);
     stage(&new, &items(30, 0)).await;
     let new_eps = endpoints(10);
     let mut old_eps = endpoints(5);
