@@ -351,9 +351,7 @@ pub(crate) async fn run(args: WorkerArgs) -> Result<ExitCode> {
         lease_ms / 3,
         effect_margin_ms.unwrap_or(lease_ms / 4),
         work.capacity,
-        work.claim_chunk
-            .unwrap_or_else(|| bulwark_workflows::app::auto_claim_chunk(options.max_in_flight))
-            .min(work.capacity)
+        bulwark_workflows::app::claim_chunk(&work, options.max_in_flight)
     );
     let worker = WorkerOptions {
         work,

@@ -626,7 +626,7 @@ impl<M: Machine> Runtime<M> {
                         let (id, result) = joined.map_err(|e| EngineError::Other(format!("workflow task panicked: {e}")))?;
                         held.lock().expect("held").remove(&id);
                         record(&mut outcome, id, result);
-                        if more_available && tasks.len() <= options.capacity.min(chunk) / 2 {
+                        if more_available && tasks.len() <= chunk / 2 {
                             want_claim = true;
                         }
                     }

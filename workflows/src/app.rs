@@ -1032,9 +1032,7 @@ impl Bulwark {
         let mut work = worker.work.clone();
         // Claim what this worker can drive soon (its adapter calls in flight, twice over),
         // so that several workers share a run instead of the first taking nearly all of it.
-        work.claim_chunk = work
-            .claim_chunk
-            .or(Some(auto_claim_chunk(options.max_in_flight)));
+        work.claim_chunk = Some(claim_chunk(&work, options.max_in_flight));
         let (_lock, _, effects) = self.prepare(endpoints, options).await?;
         let runtime = Runtime::<EndpointSync>::new(
             self.store.clone(),
@@ -1127,6 +1125,14 @@ impl Bulwark {
 /// between 16 and 1024.
 pub fn auto_claim_chunk(max_in_flight: usize) -> usize {
     max_in_flight.saturating_mul(2).clamp(16, 1024)
+}
+
+/// The claim chunk a worker with `work` uses ([`Bulwark::work`]): the one it was given,
+/// else [`auto_claim_chunk`]; never above its capacity.
+pub fn claim_chunk(work: &bulwark_engine::WorkOptions, max_in_flight: usize) -> usize {
+    work.claim_chunk
+        .unwrap_or_else(|| auto_claim_chunk(max_in_flight))
+        .clamp(1, work.capacity.max(1))
 }
 
 /// One run in [`Status`].
