@@ -98,6 +98,8 @@ proptest! {
         // (a half-open probe starts one short of the threshold), attempts of the step.
         let mut model_failures = if probe { max_failures - 1 } else { 0 };
         let mut attempt = 1u32;
+        // A generation's first mismatch is read again before it counts.
+        let mut rechecked = false;
         let mut state = EndpointSync::initial(&input);
         let t = EndpointSync::apply(&input, &state, &Event::Begin { at_ms: 0, circuit_open: false, probe }).unwrap();
         state = t.state;
@@ -119,16 +121,22 @@ proptest! {
                                 Event::Uploaded { receipt: Receipt { id: "r".into() } }
                             } else {
                                 model_failures = 0;
+                                rechecked = false;
                                 Event::Verified
                             }
+                        }
+                        Answer::Invalid if !upload && !rechecked => {
+                            rechecked = true;
+                            Event::Mismatch { details: "qty".into(), at_ms: Some(1) }
                         }
                         Answer::Invalid => {
                             attempt = 1;
                             model_failures += 1;
+                            rechecked = false;
                             if upload {
                                 Event::UploadFailed { at_ms: 1, error: AdapterError::Rejected("no".into()) }
                             } else {
-                                Event::Mismatch { details: "qty".into() }
+                                Event::Mismatch { details: "qty".into(), at_ms: Some(1) }
                             }
                         }
                         Answer::Transient(error) => {

@@ -139,7 +139,7 @@ fn event() -> impl Strategy<Value = Event> {
         3 => (at_ms(), adapter_error()).prop_map(|(at_ms, error)| Event::UploadFailed { at_ms, error }),
         3 => proptest::option::of(receipt()).prop_map(|found| Event::Probed { found }),
         5 => Just(Event::Verified),
-        1 => "[a-z ]{0,8}".prop_map(|details| Event::Mismatch { details }),
+        1 => ("[a-z ]{0,8}", proptest::option::of(0i64..10_000)).prop_map(|(details, at_ms)| Event::Mismatch { details, at_ms }),
         2 => (at_ms(), adapter_error()).prop_map(|(at_ms, error)| Event::VerifyFailed { at_ms, error }),
         3 => Just(Event::TimerFired),
         1 => Just(Event::Cancel),
@@ -234,6 +234,11 @@ impl Step {
                 Event::Verified,
                 Event::Mismatch {
                     details: "differs".into(),
+                    at_ms: Some(at_ms),
+                },
+                Event::Mismatch {
+                    details: "differs".into(),
+                    at_ms: None,
                 },
                 Event::VerifyFailed { at_ms, error },
                 Event::VerifyPartial { at_ms, done, rest },

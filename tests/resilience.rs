@@ -248,3 +248,49 @@ async fn a_slow_endpoint_does_not_delay_the_others() {
     );
     assert!(others < slow_took / 2, "{others:?} vs {slow_took:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_back_that_lags_behind_the_write_is_read_again_not_counted() {
+    // A platform behind a cache: the first read-back after each write still shows the
+    // old value. Each batch's difference is read again and then verified: no re-send, no
+    // failed validation, no alert. One that lags twice costs a counted failure and one
+    // re-send per batch, and still ends Done (the threshold is three).
+    const N: u32 = 6;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("bulwark.db");
+    seed_snapshot(&db, 300).await.unwrap();
+    let mut profiles: HashMap<String, Fault> = (1..=N - 1)
+        .map(|i| (id(i), Fault::StaleReads { reads: 1 }))
+        .collect();
+    profiles.insert(id(N), Fault::StaleReads { reads: 2 });
+    let sim = simulator::start(
+        SimConfig {
+            profiles,
+            ..Default::default()
+        },
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    let eps = endpoints(&sim, N, 5_000);
+    let app = Bulwark::open(&db, bulwark_adapters::default_registry())
+        .await
+        .unwrap();
+    let report = app.sync(&eps, &options(100, 8), None).await.unwrap();
+    assert_eq!(report.by_status.get("Done"), Some(&(N as usize)), "{report:?}");
+    for i in 1..N {
+        let r = sim.state().endpoint_report(&id(i)).await;
+        assert_eq!(r.deliveries, 3, "{}: one upload per batch: {r:?}", id(i));
+    }
+    let twice = sim.state().endpoint_report(&id(N)).await;
+    assert_eq!(twice.deliveries, 6, "a counted failure re-sends: {twice:?}");
+    let alerts = app.store().alerts(100).await.unwrap();
+    assert!(alerts.iter().all(|a| a.kind != "circuit_opened"), "{alerts:?}");
+    assert!(
+        app.store().circuits().await.unwrap().iter().all(|c| !c.open),
+        "no circuit opened"
+    );
+    assert!(app.audit().await.unwrap().findings.is_empty());
+    app.close().await;
+    sim.shutdown().await.unwrap();
+}

@@ -120,6 +120,13 @@ pub enum Fault {
         /// The SKUs refused.
         skus: Vec<String>,
     },
+    /// Eventually consistent reads (a platform behind a cache or a read replica): after
+    /// an upload, the next `reads` read-backs of each SKU it wrote still show the value
+    /// it had before.
+    StaleReads {
+        /// Read-backs per written SKU that lag behind.
+        reads: u32,
+    },
     /// Healthy, but every request takes `latency_ms` (a slow portal).
     Slow {
         /// Added latency per request, in milliseconds.
@@ -416,6 +423,8 @@ struct EndpointData {
     deliveries: u64,
     /// Times each (snapshot, batch index) was applied (under distinct keys).
     applied_batches: std::collections::BTreeMap<(i64, u32), u32>,
+    /// [`Fault::StaleReads`]: per SKU, the value reads still show and how many more.
+    lagging: HashMap<String, (Option<Item>, u32)>,
 }
 
 /// What one endpoint of a simulator received (since it started; kept in memory).
@@ -932,7 +941,11 @@ async fn upload_to_completion(
                 if corrupt {
                     item.qty += 1;
                 }
-                data.items.insert(item.sku.clone(), item);
+                let sku = item.sku.clone();
+                let previous = data.items.insert(sku.clone(), item);
+                if let Fault::StaleReads { reads } = fault {
+                    data.lagging.insert(sku, (previous, reads));
+                }
             }
             if no_idempotency {
                 // No record of keys: a repeat is applied again, and no probe finds it.
@@ -971,10 +984,17 @@ async fn query(
     };
     let slot = state.slot(&endpoint);
     let items: Vec<Item> = {
-        let data = slot.lock().await;
+        let mut data = slot.lock().await;
+        let data = &mut *data;
         req.skus
             .iter()
-            .filter_map(|s| data.items.get(s).cloned())
+            .filter_map(|s| match data.lagging.get_mut(s) {
+                Some((shown, left)) if *left > 0 => {
+                    *left -= 1;
+                    shown.clone()
+                }
+                _ => data.items.get(s).cloned(),
+            })
             .collect()
     };
     after

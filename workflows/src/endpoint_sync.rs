@@ -295,10 +295,17 @@ pub enum Event {
     },
     /// Read-back matched.
     Verified,
-    /// Read-back differs (a failed validation).
+    /// Read-back differs. The first difference of a generation is read again after a
+    /// short wait before it counts (a shop that is eventually consistent, or another
+    /// writer settling, shows the batch's values a moment later); a second one is a
+    /// failed validation.
     Mismatch {
         /// What differs.
         details: String,
+        /// Time of the answer (ms). `None` in journals written before the re-read
+        /// existed: such a mismatch counts at once, as it did when it was journaled.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        at_ms: Option<i64>,
     },
     /// Read-back could not be done.
     VerifyFailed {
@@ -376,6 +383,10 @@ pub struct Progress {
     /// Items the endpoint refused in this sync, every batch so far: quarantined.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub quarantined: Vec<Quarantined>,
+    /// The current generation's read-back differed once and is being read again: the
+    /// next difference counts as a failed validation.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rechecked: bool,
 }
 
 /// An item the endpoint refused: it is left as the endpoint has it (the rest goes on).
@@ -449,6 +460,7 @@ impl Progress {
     fn regenerate(self) -> Progress {
         Progress {
             applied: ItemSet::new(),
+            rechecked: false,
             ..self
         }
     }
@@ -817,7 +829,28 @@ impl EndpointSync {
         let progress = Progress::of(progress);
         match event {
             Event::Verified => next_batch(context, batch + 1, 0, progress),
-            Event::Mismatch { details } => failed(
+            Event::Mismatch {
+                at_ms: Some(at_ms),
+                ..
+            } if !progress.rechecked => {
+                // Not counted yet: read the batch again after a short wait.
+                let mut progress = progress;
+                progress.rechecked = true;
+                let wait = context.input.policy.retry_delay_ms(2, *key, None);
+                let until = at_ms.saturating_add(i64::try_from(wait).unwrap_or(i64::MAX));
+                context.commands.push(Command::Sleep { until });
+                Transition(State::backoff(
+                    batch,
+                    *attempt,
+                    generation,
+                    failures,
+                    *key,
+                    until,
+                    Some(receipt.clone()),
+                    progress.pack(),
+                ))
+            }
+            Event::Mismatch { details, .. } => failed(
                 context,
                 batch,
                 generation,

@@ -150,6 +150,11 @@ fn all_events() -> Vec<Event> {
         Event::Verified,
         Event::Mismatch {
             details: "qty".into(),
+            at_ms: None,
+        },
+        Event::Mismatch {
+            details: "qty".into(),
+            at_ms: Some(AT),
         },
         Event::VerifyFailed {
             at_ms: AT,
@@ -768,6 +773,7 @@ fn mismatch_counts_a_failure_and_resends_under_a_new_key() {
         &s,
         Event::Mismatch {
             details: "qty 3 != 4".into(),
+            at_ms: None,
         },
     );
     let key = inp.key(1, 1);
@@ -781,6 +787,7 @@ fn mismatch_counts_a_failure_and_resends_under_a_new_key() {
         &s,
         Event::Mismatch {
             details: "qty 3 != 4".into(),
+            at_ms: None,
         },
     );
     let State::Tripped { reason, failures } = &t.state else {
@@ -789,6 +796,113 @@ fn mismatch_counts_a_failure_and_resends_under_a_new_key() {
     assert_eq!(*failures, 3);
     assert!(reason.contains("verify: qty 3 != 4"), "{reason}");
     assert!(opens_circuit(&inp, &s, &t.state));
+}
+
+#[test]
+fn a_first_mismatch_is_read_again_before_it_counts() {
+    let inp = input(3);
+    let s = verifying(&inp, 1, 1, 0, 1);
+    let details = || "qty 3 != 4".to_string();
+    let t = apply(
+        &inp,
+        &s,
+        Event::Mismatch {
+            details: details(),
+            at_ms: Some(AT),
+        },
+    );
+    // Not counted, nothing re-sent: a backoff that re-reads the same receipt.
+    let State::Backoff {
+        failures,
+        until,
+        receipt: Some(r),
+        generation: 0,
+        progress: Some(p),
+        ..
+    } = &t.state
+    else {
+        panic!("expected a re-read backoff, got {:?}", t.state);
+    };
+    assert_eq!((*failures, r.id.as_str()), (1, "r"));
+    assert!(p.rechecked);
+    assert!(*until > AT && *until <= AT + inp.policy.backoff_base_ms as i64);
+    assert_eq!(t.commands, vec![Command::Sleep { until: *until }]);
+    assert!(!opens_circuit(&inp, &s, &t.state));
+    let reread = apply(&inp, &t.state, Event::TimerFired);
+    assert!(
+        matches!(reread.commands[..], [Command::Verify { batch: 1, .. }]),
+        "{:?}",
+        reread.commands
+    );
+    // The re-read shows the batch: verified, and the count of failures starts again.
+    let ok = apply(&inp, &reread.state, Event::Verified);
+    assert_eq!(ok.state, uploading(&inp, 2, 1, 0, 0));
+
+    // It still differs: now it counts, and the batch goes again under a fresh key; that
+    // generation gets its own re-read.
+    let bad = apply(
+        &inp,
+        &reread.state,
+        Event::Mismatch {
+            details: details(),
+            at_ms: Some(AT + 5),
+        },
+    );
+    let State::Uploading {
+        failures: 2,
+        generation: 1,
+        progress,
+        ..
+    } = &bad.state
+    else {
+        panic!("expected a counted re-send, got {:?}", bad.state);
+    };
+    assert!(progress.as_ref().is_none_or(|p| !p.rechecked));
+    assert_eq!(
+        bad.commands,
+        vec![Command::Upload {
+            batch: 1,
+            key: inp.key(1, 1)
+        }]
+    );
+}
+
+#[test]
+fn a_mismatch_that_stays_trips_after_the_threshold_of_re_reads() {
+    let inp = input(1);
+    let mut state = verifying(&inp, 0, 1, 0, 0);
+    let mut counted = 0;
+    for round in 0..10 {
+        let t = apply(
+            &inp,
+            &state,
+            Event::Mismatch {
+                details: "qty".into(),
+                at_ms: Some(AT + round),
+            },
+        );
+        state = match &t.state {
+            State::Backoff { .. } => apply(&inp, &t.state, Event::TimerFired).state,
+            State::Uploading { .. } => {
+                counted += 1;
+                let up = apply(
+                    &inp,
+                    &t.state,
+                    Event::Uploaded {
+                        receipt: receipt("r"),
+                    },
+                );
+                up.state
+            }
+            State::Tripped { failures, .. } => {
+                assert_eq!((*failures, counted + 1), (3, 3));
+                assert_eq!(round, 5, "two reads per failed validation");
+                return;
+            }
+            other => panic!("unexpected {other:?}"),
+        };
+    }
+    panic!("never tripped");
 }
 
 #[test]
@@ -1402,6 +1516,7 @@ fn progress_survives_retries_and_resets_the_attempt_count() {
         &retry.state,
         Event::Mismatch {
             details: "S8 shows 3".into(),
+            at_ms: None,
         },
     );
     let p = m.state.progress().unwrap();

@@ -1053,7 +1053,10 @@ impl Effects<EndpointSync> for SyncEffects {
                     }
                     Ok(Verification::Mismatch { details }) => {
                         self.count(|s| &s.mismatches);
-                        Event::Mismatch { details }
+                        Event::Mismatch {
+                            details,
+                            at_ms: Some(now_ms()),
+                        }
                     }
                     Err(AdapterError::Partial(p)) => {
                         self.count(|s| &s.verify_failures);
