@@ -277,7 +277,11 @@ async fn a_read_back_that_lags_behind_the_write_is_read_again_not_counted() {
         .await
         .unwrap();
     let report = app.sync(&eps, &options(100, 8), None).await.unwrap();
-    assert_eq!(report.by_status.get("Done"), Some(&(N as usize)), "{report:?}");
+    assert_eq!(
+        report.by_status.get("Done"),
+        Some(&(N as usize)),
+        "{report:?}"
+    );
     for i in 1..N {
         let r = sim.state().endpoint_report(&id(i)).await;
         assert_eq!(r.deliveries, 3, "{}: one upload per batch: {r:?}", id(i));
@@ -285,9 +289,17 @@ async fn a_read_back_that_lags_behind_the_write_is_read_again_not_counted() {
     let twice = sim.state().endpoint_report(&id(N)).await;
     assert_eq!(twice.deliveries, 6, "a counted failure re-sends: {twice:?}");
     let alerts = app.store().alerts(100).await.unwrap();
-    assert!(alerts.iter().all(|a| a.kind != "circuit_opened"), "{alerts:?}");
     assert!(
-        app.store().circuits().await.unwrap().iter().all(|c| !c.open),
+        alerts.iter().all(|a| a.kind != "circuit_opened"),
+        "{alerts:?}"
+    );
+    assert!(
+        app.store()
+            .circuits()
+            .await
+            .unwrap()
+            .iter()
+            .all(|c| !c.open),
         "no circuit opened"
     );
     assert!(app.audit().await.unwrap().findings.is_empty());

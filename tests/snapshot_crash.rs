@@ -120,3 +120,87 @@ fn killed_snapshot_resumes_from_its_cursor_with_the_same_hash() {
     );
     assert_eq!(field(&clean, "hash ").len(), 64);
 }
+
+/// (workflow status, seq) of the snapshot workflow in a PostgreSQL schema, if one exists.
+fn pg_progress(url: &str) -> Option<(String, i64)> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let store = bulwark_engine::postgres::PostgresStore::open(url)
+            .await
+            .ok()?;
+        let row: Option<(String, i64)> =
+            sqlx::query_as("SELECT status, seq FROM workflows WHERE kind = 'snapshot'")
+                .fetch_optional(store.pool())
+                .await
+                .ok()?;
+        store.close().await;
+        row
+    })
+}
+
+#[test]
+fn a_killed_snapshot_on_postgres_is_resumed_at_once_by_the_next_start_on_its_host() {
+    let Some(base) = bulwark_tests::pg_url() else {
+        return;
+    };
+    let url = bulwark_tests::pg_schema_url(&base, "snapkill");
+    let dir = tempfile::tempdir().unwrap();
+    let legacy = dir.path().join("legacy.db");
+    bulwark_tests::run_ok(
+        bulwark_tests::bulwark()
+            .args(["generate-legacy", "--skus", "3000", "--path"])
+            .arg(&legacy),
+    );
+    let clean = finish(&legacy, &dir.path().join("clean.db"));
+    let mut child =
+        bulwark_tests::KillOnDrop(snapshot_cmd(&legacy, Path::new(&url)).spawn().unwrap());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        std::thread::sleep(Duration::from_millis(40));
+        if let Some((status, seq)) = pg_progress(&url)
+            && status == "Paging"
+            && seq >= 5
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no progress");
+        assert!(
+            child.0.try_wait().unwrap().is_none(),
+            "finished before the kill"
+        );
+    }
+    let pid = child.0.id();
+    child.0.kill().unwrap(); // SIGKILL: its 60 s lease is still running
+    child.0.wait().unwrap();
+    let out = snapshot_cmd(&legacy, Path::new(&url))
+        .env("BULWARK_LOG", "info")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    );
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "from worker snapshot-{pid} whose process on this host is gone"
+        )),
+        "{stderr}"
+    );
+    assert_eq!(field(&clean, "snapshot "), field(&stdout, "snapshot "));
+    assert_eq!(field(&clean, "hash "), field(&stdout, "hash "), "{stdout}");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let store = bulwark_engine::postgres::PostgresStore::open(&url)
+            .await
+            .unwrap();
+        store.drop_schema().await.unwrap();
+        store.close().await;
+    });
+}

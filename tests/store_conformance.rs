@@ -82,6 +82,7 @@ fn claim(owner: &str, lease_ms: i64) -> ClaimRequest {
         lease_ms,
         limit: None,
         skip: Vec::new(),
+        dead_owners: Vec::new(),
     }
 }
 
@@ -109,6 +110,7 @@ conformance!(
     alerts_and_circuits_commit_with_their_transition,
     reopened_circuits_back_off_and_successes_close_them,
     renew_and_release_respect_ownership,
+    leases_of_a_dead_owner_are_claimable_at_once,
     runs_finish_and_count_states,
     alert_deliveries_are_leased_retried_and_given_up,
     schedules_advance_once_per_tick,
@@ -665,6 +667,44 @@ async fn schedules_advance_once_per_tick(store: Arc<dyn Store>) {
     );
     assert_eq!(store.schedule_tick("sync").await.unwrap(), Some(200));
     assert_eq!(store.schedule_tick("snapshot").await.unwrap(), None);
+}
+
+async fn leases_of_a_dead_owner_are_claimable_at_once(store: Arc<dyn Store>) {
+    let run = store.create_run("sync", "{}").await.unwrap();
+    let ids = store
+        .create_workflows(run, &[new_wf("a"), new_wf("b")])
+        .await
+        .unwrap();
+    let first = store.claim(&claim("w1", 600_000)).await.unwrap();
+    assert_eq!(first.len(), 2);
+    // Another owner being dead says nothing of w1's leases (PostgreSQL keeps them; SQLite
+    // lets one process in, so any lease it finds is a dead process's anyway).
+    let unrelated = store
+        .claim(&ClaimRequest {
+            dead_owners: vec!["w9".into()],
+            ..claim("w2", 600_000)
+        })
+        .await
+        .unwrap();
+    if store.presence_scope().is_some() {
+        assert!(unrelated.is_empty(), "{unrelated:?}");
+        let taken = store
+            .claim(&ClaimRequest {
+                dead_owners: vec!["w1".into()],
+                ..claim("w2", 600_000)
+            })
+            .await
+            .unwrap();
+        assert_eq!(taken.iter().map(|w| w.id).collect::<Vec<_>>(), ids);
+        assert!(
+            taken
+                .iter()
+                .all(|w| w.previous_owner.as_deref() == Some("w1"))
+        );
+    }
+    // Either way w1 is fenced off: its renewal finds nothing.
+    let held: Vec<_> = first.iter().map(|w| (w.id, w.epoch)).collect();
+    assert!(store.renew("w1", &held, 600_000).await.unwrap().is_empty());
 }
 
 async fn renew_and_release_respect_ownership(store: Arc<dyn Store>) {

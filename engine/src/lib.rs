@@ -34,6 +34,7 @@ pub mod fence;
 pub mod journal;
 pub mod machine;
 pub mod postgres;
+pub mod presence;
 pub mod runtime;
 pub mod schedule;
 pub mod sqlite;

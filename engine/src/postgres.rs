@@ -19,6 +19,8 @@ use crate::store::*;
 #[derive(Debug)]
 pub struct PostgresStore {
     pool: PgPool,
+    /// Host, port, database and schema: see [`Store::presence_scope`].
+    scope: String,
     schema: String,
     channel: String,
     shown: String,
@@ -273,6 +275,12 @@ impl PostgresStore {
                     IDLE_IN_TRANSACTION_TIMEOUT,
                 ),
             ]);
+        let scope = format!(
+            "postgres://{}:{}/{}#{schema}",
+            options.get_host(),
+            options.get_port(),
+            options.get_database().unwrap_or_default()
+        );
         let pool = PgPoolOptions::new()
             .max_connections(8)
             .acquire_timeout(Duration::from_secs(10))
@@ -289,6 +297,7 @@ impl PostgresStore {
         let channel = format!("bulwark_work_{schema}");
         Ok(Self {
             pool,
+            scope,
             schema,
             channel,
             shown,
@@ -338,6 +347,10 @@ impl PostgresStore {
 
 #[async_trait]
 impl Store for PostgresStore {
+    fn presence_scope(&self) -> Option<String> {
+        Some(self.scope.clone())
+    }
+
     async fn create_run(&self, kind: &str, params_json: &str) -> Result<RunId> {
         Ok(sqlx::query_scalar(
             "INSERT INTO runs (kind, status, params_json, created_at) VALUES ($1, 'running', $2, $3) RETURNING id",
@@ -388,7 +401,8 @@ impl Store for PostgresStore {
             "UPDATE workflows w SET lease_owner = $1, lease_epoch = w.lease_epoch + 1, lease_until = $2
              FROM (SELECT id, lease_owner AS previous FROM workflows
                    WHERE NOT terminal AND kind = $3 AND ($4::bigint IS NULL OR run_id = $4)
-                     AND (lease_until IS NULL OR lease_until < $5) AND NOT (id = ANY($7))
+                     AND (lease_until IS NULL OR lease_until < $5 OR lease_owner = ANY($8))
+                     AND NOT (id = ANY($7))
                    ORDER BY id LIMIT $6 FOR UPDATE SKIP LOCKED) c
              WHERE w.id = c.id
              RETURNING w.id, w.run_id, w.subject, w.seq, w.lease_epoch, c.previous",
@@ -400,6 +414,7 @@ impl Store for PostgresStore {
         .bind(now)
         .bind(limit)
         .bind(&request.skip)
+        .bind(&request.dead_owners)
         .fetch_all(&mut *tx)
         .await?;
         let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();

@@ -15,6 +15,7 @@ use crate::error::{EngineError, Result};
 use crate::fence::{self, Fence};
 use crate::journal::Journal;
 use crate::machine::Machine;
+use crate::presence::Presence;
 use crate::store::{
     Append, AppendOutcome, CircuitWrite, NewAlert, RunId, Store, WorkflowId, WorkflowRow,
 };
@@ -189,6 +190,7 @@ pub struct Runtime<M: Machine> {
     journal: Journal,
     config: RuntimeConfig,
     stop: Arc<AtomicBool>,
+    presence: std::sync::OnceLock<Option<Arc<Presence>>>,
     _machine: PhantomData<fn() -> M>,
 }
 
@@ -200,8 +202,26 @@ impl<M: Machine> Runtime<M> {
             journal,
             config,
             stop: Arc::new(AtomicBool::new(false)),
+            presence: std::sync::OnceLock::new(),
             _machine: PhantomData,
         }
+    }
+
+    /// Owners of leases on this database whose process on this host is gone (announcing
+    /// this worker's own presence first; see [`crate::presence`]).
+    fn dead_owners(&self) -> Vec<String> {
+        let presence = self.presence.get_or_init(|| {
+            let scope = self.store.presence_scope()?;
+            match Presence::shared(&scope, &self.config.worker) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    tracing::info!(worker = %self.config.worker, error = %e,
+                        "leases of workers that die on this host will be taken over when they run out");
+                    None
+                }
+            }
+        });
+        presence.as_ref().map(|p| p.dead()).unwrap_or_default()
     }
 
     /// A flag that, once set, makes workflows stop before their next command (their
@@ -219,6 +239,7 @@ impl<M: Machine> Runtime<M> {
         observer: Option<Observer<M>>,
     ) -> Result<RunOutcome> {
         let sent_at = Instant::now();
+        let dead = self.dead_owners();
         let claimed = self
             .store
             .claim(&crate::store::ClaimRequest {
@@ -228,10 +249,11 @@ impl<M: Machine> Runtime<M> {
                 lease_ms: self.config.lease_ms,
                 limit: None,
                 skip: Vec::new(),
+                dead_owners: dead.clone(),
             })
             .await?;
         tracing::debug!(claimed = claimed.len(), "claimed");
-        log_takeovers(&claimed, &self.config.worker);
+        log_takeovers(&claimed, &self.config.worker, &dead);
         let mut outcome = RunOutcome::default();
         let claimed = decline_foreign(
             &self.store,
@@ -363,6 +385,7 @@ impl<M: Machine> Runtime<M> {
                 lease_ms: self.config.lease_ms,
                 limit: None,
                 skip: Vec::new(),
+                dead_owners: self.dead_owners(),
             })
             .await?;
         let worker: Arc<str> = Arc::from(self.config.worker.as_str());
@@ -500,7 +523,7 @@ async fn decline_foreign<M: Machine>(
 }
 
 /// Log, per previous owner, the workflows taken over from a worker whose lease ran out.
-fn log_takeovers(claimed: &[crate::store::ClaimedWorkflow], me: &str) {
+fn log_takeovers(claimed: &[crate::store::ClaimedWorkflow], me: &str, dead: &[String]) {
     let mut from: BTreeMap<&str, usize> = BTreeMap::new();
     for w in claimed {
         if let Some(p) = w.previous_owner.as_deref().filter(|p| *p != me) {
@@ -508,10 +531,15 @@ fn log_takeovers(claimed: &[crate::store::ClaimedWorkflow], me: &str) {
         }
     }
     for (previous, n) in from {
+        let why = if dead.iter().any(|d| d == previous) {
+            "whose process on this host is gone"
+        } else {
+            "whose lease expired"
+        };
         tracing::info!(
             workflows = n,
             from = previous,
-            "took over {n} workflow(s) from worker {previous} whose lease expired"
+            "took over {n} workflow(s) from worker {previous} {why}"
         );
     }
 }
@@ -561,6 +589,7 @@ impl<M: Machine> Runtime<M> {
                 }
                 if want_claim && free > 0 {
                     let sent_at = Instant::now();
+                    let dead = self.dead_owners();
                     let claimed = self
                         .store
                         .claim(&crate::store::ClaimRequest {
@@ -570,6 +599,7 @@ impl<M: Machine> Runtime<M> {
                             lease_ms: self.config.lease_ms,
                             limit: Some(free.min(chunk)),
                             skip: declined.clone(),
+                            dead_owners: dead.clone(),
                         })
                         .await?;
                     last_claim = std::time::Instant::now();
@@ -577,7 +607,7 @@ impl<M: Machine> Runtime<M> {
                     // A full answer means there may be more, to take as room frees up.
                     more_available = claimed.len() == free.min(chunk);
                     want_claim = false;
-                    log_takeovers(&claimed, &self.config.worker);
+                    log_takeovers(&claimed, &self.config.worker, &dead);
                     let claimed = decline_foreign(
                         &self.store,
                         &self.config.worker,

@@ -46,6 +46,9 @@ pub struct ClaimRequest {
     pub limit: Option<usize>,
     /// Workflows not to claim (this worker declined them).
     pub skip: Vec<WorkflowId>,
+    /// Owners known to be dead (their process is gone, see [`crate::presence`]): their
+    /// leases may be claimed before they run out.
+    pub dead_owners: Vec<String>,
 }
 
 /// A workflow claimed by a worker: everything needed to resume it.
@@ -320,6 +323,12 @@ pub trait Store: Send + Sync + 'static {
     /// heard of first. The default knows none.
     async fn workers(&self) -> Result<Vec<WorkerRow>> {
         Ok(Vec::new())
+    }
+    /// What identifies this database to processes of the same host that share it, for
+    /// [`crate::presence`] (`None`: the store needs no such thing — SQLite's file lock
+    /// already lets one process in).
+    fn presence_scope(&self) -> Option<String> {
+        None
     }
     /// Subjects with an unfinished workflow of `kind` (in any run).
     async fn open_subjects(&self, kind: &str) -> Result<std::collections::HashSet<String>>;

@@ -830,8 +830,7 @@ impl EndpointSync {
         match event {
             Event::Verified => next_batch(context, batch + 1, 0, progress),
             Event::Mismatch {
-                at_ms: Some(at_ms),
-                ..
+                at_ms: Some(at_ms), ..
             } if !progress.rechecked => {
                 // Not counted yet: read the batch again after a short wait.
                 let mut progress = progress;
