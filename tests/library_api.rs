@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use bulwark_adapters::memory::MemoryPortal;
 use bulwark_engine::WorkOptions;
+use bulwark_engine::store::Store;
 use bulwark_workflows::adapter::{EndpointConfig, PortalAdapter};
 use bulwark_workflows::app::{Bulwark, ProgressEvent, WorkerOptions};
 use bulwark_workflows::catalog::{Item, PriceTier};
@@ -390,6 +391,122 @@ async fn a_worker_on_another_configuration_leaves_those_syncs_alone() {
     assert_eq!((portal.applied(), portal.duplicates()), (10 * 3, 0));
     assert!(store.circuits().await.unwrap().is_empty());
     if let bulwark_engine::Backend::Postgres(pg) = new.backend() {
+        pg.drop_schema().await.unwrap();
+    }
+}
+
+/// A portal that ignores idempotency keys (or says it honours them), whose uploads wait
+/// for the test's go-ahead, recording which endpoints were sent something.
+struct GatedPortal {
+    inner: Arc<MemoryPortal>,
+    dedup: bool,
+    gate: tokio::sync::Semaphore,
+    sent: std::sync::Mutex<Vec<String>>,
+}
+
+#[async_trait::async_trait]
+impl PortalAdapter for GatedPortal {
+    fn deduplicates(&self) -> bool {
+        self.dedup
+    }
+    async fn upload(
+        &self,
+        batch: &bulwark_workflows::catalog::Batch,
+    ) -> bulwark_workflows::adapter::AdapterResult<bulwark_workflows::adapter::Receipt> {
+        self.sent.lock().unwrap().push(batch.endpoint.clone());
+        let _go = self.gate.acquire().await.unwrap();
+        self.inner.upload(batch).await
+    }
+    async fn verify(
+        &self,
+        batch: &bulwark_workflows::catalog::Batch,
+        receipt: &bulwark_workflows::adapter::Receipt,
+    ) -> bulwark_workflows::adapter::AdapterResult<bulwark_workflows::adapter::Verification> {
+        self.inner.verify(batch, receipt).await
+    }
+    async fn probe(
+        &self,
+        endpoint: &str,
+        key: uuid::Uuid,
+    ) -> bulwark_workflows::adapter::AdapterResult<Option<bulwark_workflows::adapter::Receipt>>
+    {
+        self.inner.probe(endpoint, key).await
+    }
+}
+
+/// An upload journaled by a worker, then kept waiting for a call slot while another
+/// worker takes the workflow (a host whose clock runs ahead sees the lease end early; the
+/// waiting worker's own fence still counts time left): against a platform without
+/// idempotency keys it is not sent, because the lease is confirmed with the database
+/// right before. Against one with keys (a repeat would be deduplicated) no query is
+/// spent, and the upload goes out — which is what the first case would do without the
+/// confirmation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_without_idempotency_keys_is_not_sent_once_the_database_says_the_lease_is_gone() {
+    let Some(base) = bulwark_tests::pg_url() else {
+        return;
+    };
+    for dedup in [false, true] {
+        let db = bulwark_tests::pg_schema_url(&base, "confirm");
+        let portal = Arc::new(GatedPortal {
+            inner: Arc::new(MemoryPortal::new()),
+            dedup,
+            gate: tokio::sync::Semaphore::new(0),
+            sent: Default::default(),
+        });
+        let worker = if dedup { "keys-a" } else { "nokeys-a" };
+        let a = open_as(&db, portal.clone(), worker).await;
+        stage(&a, &items(10, 0)).await;
+        let eps = endpoints(2);
+        let options = SyncOptions {
+            batch_size: 10,
+            max_in_flight: 1,
+            ..Default::default()
+        };
+        let wa = a.spawn_worker(
+            eps.clone(),
+            options.clone(),
+            WorkerOptions {
+                lease_ms: 60_000,
+                ..fast()
+            },
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        a.enqueue(&eps, &options).await.unwrap().unwrap();
+        // One upload is on the wire (holding the only slot); the other waits for it.
+        let until = std::time::Instant::now() + Duration::from_secs(20);
+        while portal.sent.lock().unwrap().is_empty() {
+            assert!(std::time::Instant::now() < until, "no upload started");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let first = portal.sent.lock().unwrap()[0].clone();
+        // Another worker takes both workflows long before their 60 s lease ends.
+        let bulwark_engine::Backend::Postgres(pg) = a.backend() else {
+            panic!("postgres");
+        };
+        let taken = pg
+            .claim(&bulwark_engine::store::ClaimRequest {
+                owner: "thief".into(),
+                kind: "endpoint_sync".into(),
+                run: None,
+                lease_ms: 600_000,
+                limit: None,
+                skip: Vec::new(),
+                dead_owners: vec![worker.into()],
+            })
+            .await
+            .unwrap();
+        assert_eq!(taken.len(), 2);
+        portal.gate.add_permits(10);
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let sent = portal.sent.lock().unwrap().clone();
+        if dedup {
+            assert_eq!(sent.len(), 2, "with keys the waiting upload goes: {sent:?}");
+        } else {
+            assert_eq!(sent, vec![first], "only the upload already on the wire");
+        }
+        wa.shutdown().await.unwrap();
         pg.drop_schema().await.unwrap();
     }
 }

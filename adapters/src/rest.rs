@@ -79,6 +79,9 @@ pub struct RestAdapter {
     timeout: Duration,
     token: Option<Token>,
     client: reqwest::Client,
+    /// `idempotency_keys = false`: the platform ignores `Idempotency-Key` (a repeated
+    /// upload is applied again), so each upload is preceded by a lease confirmation.
+    idempotency_keys: bool,
 }
 
 impl fmt::Debug for RestAdapter {
@@ -187,6 +190,15 @@ impl RestAdapter {
                 }
             },
         };
+        let idempotency_keys = match settings.get("idempotency_keys").map(|s| s.trim()) {
+            None | Some("true") => true,
+            Some("false") => false,
+            Some(other) => {
+                return Err(AdapterError::Config(format!(
+                    "endpoint {id}: `idempotency_keys` must be true or false, got {other:?}"
+                )));
+            }
+        };
         let token = match settings.get("token_env") {
             None => None,
             Some(var) => match std::env::var(var) {
@@ -209,6 +221,7 @@ impl RestAdapter {
             timeout: Duration::from_millis(timeout_ms),
             token,
             client,
+            idempotency_keys,
         })
     }
 
@@ -424,6 +437,10 @@ impl RestAdapter {
 
 #[async_trait]
 impl PortalAdapter for RestAdapter {
+    fn deduplicates(&self) -> bool {
+        self.idempotency_keys
+    }
+
     async fn upload(&self, batch: &Batch) -> AdapterResult<Receipt> {
         const OP: &str = "upload";
         // A remainder (items left after a partial attempt) is its own request.

@@ -452,6 +452,19 @@ impl Store for PostgresStore {
         Ok(out)
     }
 
+    async fn holds_lease(&self, workflow: WorkflowId, owner: &str, epoch: i64) -> Result<bool> {
+        Ok(sqlx::query_scalar(
+            "SELECT count(*) > 0 FROM workflows
+             WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3 AND lease_until >= $4",
+        )
+        .bind(workflow)
+        .bind(owner)
+        .bind(epoch)
+        .bind(now_ms())
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
     async fn renew(
         &self,
         owner: &str,

@@ -31,6 +31,30 @@ pub struct WorkflowCtx<M: Machine> {
     pub subject: String,
     /// Its immutable input.
     pub input: Arc<M::Input>,
+    /// The lease epoch this worker holds it under.
+    pub epoch: i64,
+    /// This worker (the lease owner).
+    pub worker: Arc<str>,
+}
+
+impl<M: Machine> WorkflowCtx<M> {
+    /// Check with the store, right before an effect that the other side cannot
+    /// deduplicate, that this worker still holds the workflow's lease (a worker on a host
+    /// whose clock runs ahead may have taken it early, while this one's fence still
+    /// counts time left). When it does not, the fence is marked lost and tripped: the
+    /// effect must not be sent, and the runtime drops the command's result. A store error
+    /// counts as not holding it.
+    pub async fn confirm_lease(&self, store: &dyn Store) -> bool {
+        let held = store
+            .holds_lease(self.id, &self.worker, self.epoch)
+            .await
+            .unwrap_or(false);
+        if !held && let Some(f) = fence::current() {
+            f.lose();
+            let _ = f.check();
+        }
+        held
+    }
 }
 
 /// Executes a machine's commands. Returns the event that reports the command's result,
@@ -462,7 +486,8 @@ pub struct WorkOptions {
     pub claim_chunk: Option<usize>,
     /// How long to wait for a notification before polling for work again.
     pub poll: std::time::Duration,
-    /// Return once no work is claimable, nothing is in flight, and `idle` says so.
+    /// Return once no work is claimable, nothing is in flight, and `idle` says so twice,
+    /// a poll interval (or a notification of new work) apart.
     pub exit_when_idle: bool,
 }
 
@@ -577,6 +602,7 @@ impl<M: Machine> Runtime<M> {
             let mut want_claim = true;
             let mut more_available = false;
             let mut last_claim = std::time::Instant::now();
+            let mut idle_once = false;
             loop {
                 if self.stop.load(Ordering::Relaxed) {
                     break;
@@ -639,12 +665,22 @@ impl<M: Machine> Runtime<M> {
                         });
                     }
                 }
+                if claimed_any {
+                    idle_once = false;
+                }
                 if tasks.is_empty() {
                     if claimed_any {
                         continue;
                     }
                     if options.exit_when_idle && idle().await {
-                        break;
+                        // Idle twice in a row, a poll apart: work queued (and announced)
+                        // while this worker was finding itself idle is claimed, not left.
+                        if idle_once {
+                            break;
+                        }
+                        idle_once = true;
+                    } else {
+                        idle_once = false;
                     }
                     let _ = self.store.wait_for_work(options.poll).await;
                     want_claim = true;
@@ -848,6 +884,8 @@ async fn drive_workflow<M: Machine>(
         run: row.run_id,
         subject: row.subject,
         input: Arc::new(input),
+        epoch: row.epoch,
+        worker: worker.clone(),
     };
     let mut seq = row.seq;
     let mut written = 0u64;

@@ -433,6 +433,20 @@ impl Store for SqliteStore {
         Ok(out)
     }
 
+    async fn holds_lease(&self, workflow: WorkflowId, owner: &str, epoch: i64) -> Result<bool> {
+        // One process holds the database: a lease that ran out is still this one's
+        // until this process claims it again.
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM workflows WHERE id = ? AND lease_owner = ? AND lease_epoch = ?",
+        )
+        .bind(workflow)
+        .bind(owner)
+        .bind(epoch)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(n > 0)
+    }
+
     async fn renew(
         &self,
         owner: &str,

@@ -296,6 +296,9 @@ pub trait Store: Send + Sync + 'static {
         held: &[(WorkflowId, i64)],
         lease_ms: i64,
     ) -> Result<Vec<WorkflowId>>;
+    /// Does `owner` still hold `workflow` under lease epoch `epoch` (unexpired, by the
+    /// database's account)? One cheap read, for effects that cannot be deduplicated.
+    async fn holds_lease(&self, workflow: WorkflowId, owner: &str, epoch: i64) -> Result<bool>;
     /// Give up leases (graceful stop) so another worker can claim them at once.
     async fn release(&self, owner: &str, held: &[(WorkflowId, i64)]) -> Result<()>;
     /// Wait until new work may be available (a notification) or `timeout` passes.

@@ -265,6 +265,13 @@ pub trait PortalAdapter: Send + Sync {
     async fn verify(&self, batch: &Batch, receipt: &Receipt) -> AdapterResult<Verification>;
     /// Has an upload with this key already landed? Used before any re-send.
     async fn probe(&self, endpoint: &str, key: Uuid) -> AdapterResult<Option<Receipt>>;
+    /// Does the platform deduplicate a repeated upload by its idempotency key? When it
+    /// does not, the worker confirms its lease with the database (one query) right
+    /// before each upload, so that an upload journaled by a worker that has since lost
+    /// the workflow is not sent (see `bulwark_engine::runtime::WorkflowCtx::confirm_lease`).
+    fn deduplicates(&self) -> bool {
+        true
+    }
     /// Read the batch's items back and say, item by item, which show the batch's values
     /// and which do not (reconcile: `bulwark reconcile`). No write, no idempotency key
     /// involved. An adapter that cannot tell items apart keeps the default, which answers

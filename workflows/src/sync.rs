@@ -753,8 +753,30 @@ impl SyncEffects {
         policy: &SyncPolicy,
         call: impl std::future::Future<Output = std::result::Result<T, AdapterError>>,
     ) -> Option<std::result::Result<T, AdapterError>> {
+        self.call_on_confirmed(endpoint, policy, None::<std::future::Ready<bool>>, call)
+            .await
+    }
+
+    /// [`SyncEffects::call_on`], first awaiting `confirm` (if any) once the call has its
+    /// slot: `false` drops the call unsent (`None`).
+    async fn call_on_confirmed<T>(
+        &self,
+        endpoint: &str,
+        policy: &SyncPolicy,
+        confirm: Option<impl std::future::Future<Output = bool>>,
+        call: impl std::future::Future<Output = std::result::Result<T, AdapterError>>,
+    ) -> Option<std::result::Result<T, AdapterError>> {
         let _gates = self.gates.enter(endpoint).await;
         let _global = self.in_flight.acquire().await.ok()?;
+        if let Some(confirm) = confirm
+            && !confirm.await
+        {
+            tracing::warn!(
+                endpoint,
+                "lease no longer held by this worker (the database says so): upload not sent"
+            );
+            return None;
+        }
         let limit = std::time::Duration::from_millis(policy.attempt_timeout_ms.max(1));
         let in_flight = self.in_flight();
         let result = tokio::time::timeout(limit, call).await;
@@ -934,7 +956,13 @@ impl Effects<EndpointSync> for SyncEffects {
                         return None;
                     }
                 };
-                let result = self.call(input, adapter.upload(&b)).await?;
+                // Not deduplicated at the other end: the lease is confirmed with the
+                // database once the call has its slot, right before it goes out.
+                let confirm = (!adapter.deduplicates())
+                    .then(|| ctx.confirm_lease(self.circuits.store.as_ref()));
+                let result = self
+                    .call_on_confirmed(&input.endpoint, &input.policy, confirm, adapter.upload(&b))
+                    .await?;
                 self.count(|s| &s.uploads);
                 Some(match result {
                     Ok(receipt) => Event::Uploaded { receipt },

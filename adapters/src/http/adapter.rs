@@ -1112,6 +1112,11 @@ impl HttpAdapter {
 
 #[async_trait]
 impl PortalAdapter for HttpAdapter {
+    fn deduplicates(&self) -> bool {
+        // Without an idempotency header nothing tells a repeated write from a new one.
+        self.profile.config().write.idempotency_header.is_some()
+    }
+
     async fn upload(&self, batch: &Batch) -> AdapterResult<Receipt> {
         const OP: &str = "upload";
         let suspect = self.take_suspect(batch.request_key());

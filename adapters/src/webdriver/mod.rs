@@ -619,6 +619,11 @@ impl WebDriverAdapter {
 
 #[async_trait]
 impl PortalAdapter for WebDriverAdapter {
+    fn deduplicates(&self) -> bool {
+        // A form submitted twice is applied twice.
+        false
+    }
+
     async fn upload(&self, batch: &Batch) -> AdapterResult<Receipt> {
         match self.call(Op::Upload(batch)).await? {
             Out::Receipt(r) => Ok(r),
