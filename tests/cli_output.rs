@@ -331,3 +331,22 @@ fn bench_prints_figures_as_name_value_unit_lines() {
     let (rate, unit) = figure("transitions_per_second");
     assert!(rate > 0.0 && unit == "transitions/s", "{out}");
 }
+
+#[test]
+fn a_closed_standard_output_ends_the_program_quietly() {
+    // `bulwark … | head` closes the pipe before bulwark writes: no panic, no backtrace,
+    // the exit status of a tool killed by SIGPIPE (141), nothing on stderr.
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = bulwark()
+        .args(["generate-legacy", "--skus", "20", "--path"])
+        .arg(dir.path().join("legacy.db"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(141), "{stderr}");
+    assert!(stderr.is_empty(), "{stderr}");
+}

@@ -386,7 +386,28 @@ pub(crate) fn ensure_parent(path: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// A closed standard output (`bulwark runs | head`) ends the program quietly, as it
+/// ends other Unix tools: exit status 141 (128 + SIGPIPE), no panic message. Rust ignores
+/// SIGPIPE, so the write fails with EPIPE and `println!` panics; this hook turns exactly
+/// that panic into the quiet exit and leaves every other panic to the default hook.
+fn quiet_on_broken_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let msg = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.starts_with("failed printing to stdout") && msg.contains("os error 32") {
+            std::process::exit(141);
+        }
+        default(info)
+    }));
+}
+
 fn main() -> std::process::ExitCode {
+    quiet_on_broken_pipe();
     let filter = tracing_subscriber::EnvFilter::try_from_env("BULWARK_LOG")
         .unwrap_or_else(|_| "warn".into());
     // BULWARK_LOG_FORMAT=json: one JSON object per event, with the workflow span's fields
