@@ -281,10 +281,29 @@ async fn operator_commands_print_what_the_database_holds() {
     let reset = json(&["reset-circuit", "ep-00002"], &db);
     assert_eq!(
         reset,
-        serde_json::json!({ "endpoint": "ep-00002", "closed": true })
+        serde_json::json!({ "endpoint": "ep-00002", "closed": true, "known": true })
     );
     let again = show(&["reset-circuit", "ep-00002"], &db);
     assert_eq!(again.trim(), "circuit of ep-00002 was not open");
+    // A typo is not a closed circuit.
+    let typo = failing(&["reset-circuit", "ep-0002"], &db);
+    assert_eq!(typo.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&typo.stderr).contains("endpoint \"ep-0002\" is unknown here"),
+        "{typo:?}"
+    );
+    // A state that does not exist is a usage error naming the valid ones; any case works.
+    let bogus = failing(&["endpoints", "--state", "Bogus"], &db);
+    let err = String::from_utf8_lossy(&bogus.stderr);
+    assert_eq!(bogus.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("Bogus") && err.contains("Tripped") && err.contains("Pending"),
+        "{err}"
+    );
+    assert_eq!(
+        show(&["endpoints", "--state", "dOnE"], &db).lines().count(),
+        4
+    );
 
     // cancel
     let cancelled = json(&["cancel", "3"], &db);

@@ -401,7 +401,10 @@ async fn postgres_snapshot_is_counted_by_the_server_and_sync_sends_none() {
         seen_later <= queries as i64 + 1,
         "{seen_later} scans later, {queries} queries sent"
     );
-    assert!(seen <= bound, "{seen} > {bound}");
+    // The paging sent no more than one query per page plus the final empty one (the
+    // server's count may show the one extra scan above).
+    assert!(queries as i64 <= bound, "{queries} queries > {bound}");
+    assert!(seen <= bound + 1, "{seen} > {bound} + 1");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

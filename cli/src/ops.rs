@@ -36,8 +36,9 @@ pub(crate) enum Ops {
     Endpoints {
         #[command(flatten)]
         db: DbArg,
-        /// Only endpoints in this state (Done, Tripped, Skipped, Uploading, …).
-        #[arg(long)]
+        /// Only endpoints in this state (any case).
+        #[arg(long, ignore_case = true,
+              value_parser = clap::builder::PossibleValuesParser::new(bulwark_workflows::endpoint_sync::STATE_NAMES))]
         state: Option<String>,
         /// Only tripped endpoints (with the last error).
         #[arg(long)]
@@ -534,13 +535,34 @@ pub(crate) async fn run(op: Ops) -> Result<ExitCode> {
                 .store()
                 .reset_circuit(&id, "reset by an operator (bulwark reset-circuit)")
                 .await?;
+            // An id nothing was ever recorded for is a typo, not a closed circuit.
+            let known = closed
+                || app
+                    .store()
+                    .circuits()
+                    .await?
+                    .iter()
+                    .any(|c| c.subject == id)
+                || app
+                    .store()
+                    .workflows(None, Some("endpoint_sync"))
+                    .await?
+                    .iter()
+                    .any(|w| w.subject == id);
             if json {
-                let v = serde_json::json!({ "endpoint": id, "closed": closed });
+                let v = serde_json::json!({ "endpoint": id, "closed": closed, "known": known });
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else if closed {
                 println!("circuit of {id} closed; the next run syncs it again");
-            } else {
+            } else if known {
                 println!("circuit of {id} was not open");
+            } else {
+                eprintln!(
+                    "error: endpoint {id:?} is unknown here: no sync and no circuit recorded for it (see `bulwark endpoints`)"
+                );
+            }
+            if !known {
+                return Ok(ExitCode::from(1));
             }
         }
     }

@@ -49,7 +49,9 @@ pub(crate) struct WorkerArgs {
     /// it above the request timeout.
     #[arg(long)]
     effect_margin_ms: Option<i64>,
-    /// Exit once every run is finished and nothing is claimable (not with schedules).
+    /// Exit once every run is finished and nothing is claimable, found twice a poll
+    /// interval apart (work queued or announced meanwhile is taken first); not with
+    /// schedules.
     #[arg(long)]
     exit_when_idle: bool,
     /// Serve this worker's own Prometheus `/metrics` (journal commit latency, adapter

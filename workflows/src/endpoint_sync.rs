@@ -1016,6 +1016,18 @@ fn event_name(event: &Event) -> &'static str {
     }
 }
 
+/// Every state's name (as [`Machine::status`] gives it and the store records it).
+pub const STATE_NAMES: [&str; 8] = [
+    "Pending",
+    "Uploading",
+    "Verifying",
+    "Backoff",
+    "Done",
+    "Tripped",
+    "Skipped",
+    "Cancelled",
+];
+
 fn state_name(state: &State) -> &'static str {
     match state {
         State::Pending {} => "Pending",
