@@ -48,12 +48,30 @@ fn options(batch_size: u32, max_in_flight: usize) -> SyncOptions {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn flaky_endpoints_finish_exactly_once_and_broken_ones_trip_after_three_failures() {
-    const N: u32 = 200;
+/// A Bulwark on a fresh SQLite database with a sealed snapshot of 300 SKUs, and a
+/// simulator whose endpoints misbehave as `profiles` says.
+async fn setup(profiles: HashMap<String, Fault>) -> (tempfile::TempDir, Bulwark, SimHandle) {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("bulwark.db");
     seed_snapshot(&db, 300).await.unwrap();
+    let sim = simulator::start(
+        SimConfig {
+            profiles,
+            ..Default::default()
+        },
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    let app = Bulwark::open(&db, bulwark_adapters::default_registry())
+        .await
+        .unwrap();
+    (dir, app, sim)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flaky_endpoints_finish_exactly_once_and_broken_ones_trip_after_three_failures() {
+    const N: u32 = 200;
     // 10 % flaky (every fourth request fails, in one of five ways), 1 % broken: one
     // stores wrong values (its verifications fail), one rejects every upload.
     let flaky: Vec<String> = (1..=N).filter(|i| i % 10 == 3).map(id).collect();
@@ -64,20 +82,9 @@ async fn flaky_endpoints_finish_exactly_once_and_broken_ones_trip_after_three_fa
         .collect();
     profiles.insert(broken[0].clone(), Fault::Corrupt);
     profiles.insert(broken[1].clone(), Fault::Reject);
-    let sim = simulator::start(
-        SimConfig {
-            profiles,
-            ..Default::default()
-        },
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap();
+    let (_dir, app, sim) = setup(profiles).await;
     // A client timeout shorter than the simulator's stalls: those become timeouts.
     let eps = endpoints(&sim, N, 700);
-    let app = Bulwark::open(&db, bulwark_adapters::default_registry())
-        .await
-        .unwrap();
     let report = app.sync(&eps, &options(100, 64), None).await.unwrap();
     assert_eq!(
         report.by_status.get("Done"),
@@ -256,26 +263,12 @@ async fn a_read_back_that_lags_behind_the_write_is_read_again_not_counted() {
     // failed validation, no alert. One that lags twice costs a counted failure and one
     // re-send per batch, and still ends Done (the threshold is three).
     const N: u32 = 6;
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("bulwark.db");
-    seed_snapshot(&db, 300).await.unwrap();
     let mut profiles: HashMap<String, Fault> = (1..=N - 1)
         .map(|i| (id(i), Fault::StaleReads { reads: 1 }))
         .collect();
     profiles.insert(id(N), Fault::StaleReads { reads: 2 });
-    let sim = simulator::start(
-        SimConfig {
-            profiles,
-            ..Default::default()
-        },
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap();
+    let (_dir, app, sim) = setup(profiles).await;
     let eps = endpoints(&sim, N, 5_000);
-    let app = Bulwark::open(&db, bulwark_adapters::default_registry())
-        .await
-        .unwrap();
     let report = app.sync(&eps, &options(100, 8), None).await.unwrap();
     assert_eq!(
         report.by_status.get("Done"),

@@ -44,21 +44,24 @@ fn field<'a>(line: &'a str, after: &str) -> &'a str {
         .unwrap()
 }
 
-/// (workflow status, page_no) of the snapshot workflow, if one exists.
-fn progress(db: &Path) -> Option<(String, i64)> {
-    let rt = tokio::runtime::Builder::new_current_thread()
+/// The snapshot workflow's status and sequence number.
+const PROGRESS: &str = "SELECT status, seq FROM workflows WHERE kind = 'snapshot'";
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .unwrap();
-    rt.block_on(async {
+        .unwrap()
+        .block_on(f)
+}
+
+/// (workflow status, seq) of the snapshot workflow, if one exists.
+fn progress(db: &Path) -> Option<(String, i64)> {
+    block_on(async {
         let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=ro", db.display()))
             .await
             .ok()?;
-        let row: Option<(String, i64)> =
-            sqlx::query_as("SELECT status, seq FROM workflows WHERE kind = 'snapshot'")
-                .fetch_optional(&pool)
-                .await
-                .ok()?;
+        let row = sqlx::query_as(PROGRESS).fetch_optional(&pool).await.ok()?;
         pool.close().await;
         row
     })
@@ -123,19 +126,14 @@ fn killed_snapshot_resumes_from_its_cursor_with_the_same_hash() {
 
 /// (workflow status, seq) of the snapshot workflow in a PostgreSQL schema, if one exists.
 fn pg_progress(url: &str) -> Option<(String, i64)> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    block_on(async {
         let store = bulwark_engine::postgres::PostgresStore::open(url)
             .await
             .ok()?;
-        let row: Option<(String, i64)> =
-            sqlx::query_as("SELECT status, seq FROM workflows WHERE kind = 'snapshot'")
-                .fetch_optional(store.pool())
-                .await
-                .ok()?;
+        let row = sqlx::query_as(PROGRESS)
+            .fetch_optional(store.pool())
+            .await
+            .ok()?;
         store.close().await;
         row
     })
@@ -192,11 +190,7 @@ fn a_killed_snapshot_on_postgres_is_resumed_at_once_by_the_next_start_on_its_hos
     );
     assert_eq!(field(&clean, "snapshot "), field(&stdout, "snapshot "));
     assert_eq!(field(&clean, "hash "), field(&stdout, "hash "), "{stdout}");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    block_on(async {
         let store = bulwark_engine::postgres::PostgresStore::open(&url)
             .await
             .unwrap();
