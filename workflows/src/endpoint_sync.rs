@@ -233,8 +233,14 @@ impl SyncInput {
     /// Retry instant of attempt `attempt` (2, 3, …) after a failure at `at_ms`: see
     /// [`SyncPolicy::retry_delay_ms`] (derived from the key, so replay computes the same
     /// instant).
-    pub fn retry_at(&self, at_ms: i64, attempt: u32, key: Uuid, error: &AdapterError) -> i64 {
-        let wait = self.policy.retry_delay_ms(attempt, key, Some(error));
+    pub fn retry_at(
+        &self,
+        at_ms: i64,
+        attempt: u32,
+        key: Uuid,
+        error: Option<&AdapterError>,
+    ) -> i64 {
+        let wait = self.policy.retry_delay_ms(attempt, key, error);
         at_ms.saturating_add(i64::try_from(wait).unwrap_or(i64::MAX))
     }
 }
@@ -507,7 +513,7 @@ fn exhausted(
         }
         Count::Below(failures) => failures,
     };
-    let until = ctx.input.retry_at(at_ms, 2, key, error);
+    let until = ctx.input.retry_at(at_ms, 2, key, Some(error));
     ctx.commands.push(Command::Sleep { until });
     Transition(State::backoff(
         batch,
@@ -613,7 +619,7 @@ fn call_failed(
         e if e.is_transient() && (progressed || attempt < ctx.input.policy.max_attempts) => {
             // A call that settled items starts a fresh round of attempts.
             let next = if progressed { 1 } else { attempt + 1 };
-            let until = ctx.input.retry_at(at_ms, next.max(2), key, error);
+            let until = ctx.input.retry_at(at_ms, next.max(2), key, Some(error));
             ctx.commands.push(Command::Sleep { until });
             Transition(State::backoff(
                 batch,
@@ -835,8 +841,7 @@ impl EndpointSync {
                 // Not counted yet: read the batch again after a short wait.
                 let mut progress = progress;
                 progress.rechecked = true;
-                let wait = context.input.policy.retry_delay_ms(2, *key, None);
-                let until = at_ms.saturating_add(i64::try_from(wait).unwrap_or(i64::MAX));
+                let until = context.input.retry_at(*at_ms, 2, *key, None);
                 context.commands.push(Command::Sleep { until });
                 Transition(State::backoff(
                     batch,

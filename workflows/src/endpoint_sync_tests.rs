@@ -183,6 +183,20 @@ fn terminal_states() -> Vec<State> {
     ]
 }
 
+#[test]
+fn state_names_lists_every_state_once() {
+    let inp = input(1);
+    let mut states = vec![
+        State::pending(),
+        uploading(&inp, 0, 1, 0, 0),
+        verifying(&inp, 0, 1, 0, 0),
+        backoff(&inp, 0, 2, 0, 0, AT, None),
+    ];
+    states.extend(terminal_states());
+    let names: Vec<&str> = states.iter().map(EndpointSync::status).collect();
+    assert_eq!(names, STATE_NAMES);
+}
+
 // ---------------------------------------------------------------------------------------
 // Pending
 // ---------------------------------------------------------------------------------------
@@ -387,7 +401,7 @@ fn transient_upload_failure_backs_off() {
     };
     assert_eq!((batch, attempt, generation, failures, k), (0, 2, 0, 0, key));
     assert_eq!(receipt, None);
-    assert_eq!(until, inp.retry_at(AT, 2, key, &transient()));
+    assert_eq!(until, inp.retry_at(AT, 2, key, Some(&transient())));
     // attempt 2: delay = base; equal jitter puts the wait in [base/2, base].
     let base = inp.policy.backoff_base_ms as i64;
     assert!(until >= AT + base / 2 && until <= AT + base, "{until}");
@@ -424,8 +438,8 @@ fn retry_delay_grows_and_is_capped_and_deterministic() {
     let key = inp.key(0, 0);
     let p = &inp.policy;
     for attempt in 2..40u32 {
-        let until = inp.retry_at(AT, attempt, key, &transient());
-        assert_eq!(until, inp.retry_at(AT, attempt, key, &transient()));
+        let until = inp.retry_at(AT, attempt, key, Some(&transient()));
+        assert_eq!(until, inp.retry_at(AT, attempt, key, Some(&transient())));
         let delay = (p.backoff_base_ms as i64)
             .saturating_mul(1i64 << (attempt - 2).min(30))
             .min(p.backoff_max_ms as i64);
@@ -451,7 +465,7 @@ fn exhausted_transient_upload_counts_a_failure_and_retries_under_the_same_key() 
             },
         );
         let key = inp.key(1, 0);
-        let until = inp.retry_at(AT, 2, key, &error);
+        let until = inp.retry_at(AT, 2, key, Some(&error));
         // Same key: an attempt that did land must be found by the probe, not sent again.
         assert_eq!(t.state, backoff(&inp, 1, 1, 0, 1, until, None));
         assert_eq!(t.commands, vec![Command::Sleep { until }]);
@@ -489,7 +503,7 @@ fn a_huge_retry_after_is_capped_at_the_cooldown() {
             retry_after_ms,
             message: "slow down".into(),
         };
-        let until = inp.retry_at(AT, 2, key, &error);
+        let until = inp.retry_at(AT, 2, key, Some(&error));
         assert_eq!(until, AT + inp.policy.cooldown_ms as i64);
     }
 }
@@ -974,7 +988,7 @@ fn exhausted_transient_verify_counts_a_failure() {
     );
     // No re-send: the batch landed; only the read-back failed. Retry it after a backoff.
     let key = inp.key(0, 0);
-    let until = inp.retry_at(AT, 2, key, &transient());
+    let until = inp.retry_at(AT, 2, key, Some(&transient()));
     assert_eq!(
         t.state,
         backoff(&inp, 0, 1, 0, 1, until, Some(receipt("r")))
