@@ -226,7 +226,9 @@ async fn the_dashboard_shows_the_database_and_updates_live() {
     // A run in progress: 30 new endpoints on a slow portal. The page follows it live.
     let sim = simulator::start(
         SimConfig {
-            latency_ms: 100,
+            // Slow enough that the page (polling every second) sees several
+            // steps: 32 jobs, 2 at a time, two 300 ms requests each ≈ 10 s.
+            latency_ms: 300,
             ..Default::default()
         },
         "127.0.0.1:0".parse().unwrap(),
@@ -242,7 +244,7 @@ async fn the_dashboard_shows_the_database_and_updates_live() {
                 "--batch-size",
                 "100",
                 "--max-in-flight",
-                "4",
+                "2",
                 "--portal-url",
                 &format!("http://{}", sim.addr()),
                 "--db",
