@@ -590,21 +590,15 @@ impl Config {
         if let Some(h) = &self.http {
             let path = self.dir.join(&h.profiles);
             let profiles = Profiles::load(&path).map_err(|e| anyhow!("{}: {e}", path.display()))?;
-            let cache: Arc<dyn IdCache> = if crate::is_postgres(db) {
-                match bulwark_engine::Backend::open(db).await? {
-                    bulwark_engine::Backend::Postgres(pg) => {
-                        Arc::new(PgIdCache::new(pg.pool().clone()))
-                    }
-                    bulwark_engine::Backend::Sqlite(_) => {
-                        unreachable!("a postgres URL opens PostgreSQL")
-                    }
-                }
-            } else {
-                Arc::new(
-                    SqliteIdCache::connect(db.strip_prefix("sqlite://").unwrap_or(db))
+            // Bulwark's own schema (migrations, which include the id cache's table) comes
+            // first: a fresh database must not start with a foreign table in it.
+            let cache: Arc<dyn IdCache> = match bulwark_engine::Backend::open(db).await? {
+                bulwark_engine::Backend::Postgres(pg) => Arc::new(PgIdCache::new(pg.pool().clone())),
+                bulwark_engine::Backend::Sqlite(lite) => Arc::new(
+                    SqliteIdCache::new(lite.pool().clone())
                         .await
                         .map_err(|e| anyhow!("{e}"))?,
-                )
+                ),
             };
             registry.register(http::ADAPTER_NAME, http::factory(Arc::new(profiles), cache));
         }
@@ -613,6 +607,18 @@ impl Config {
                 return Err(anyhow!(
                     "endpoint {:?}: adapter \"http\" needs its platform profiles: add `[http] profiles = \"profiles.toml\"` (docs/http-adapter.md)",
                     e.id
+                ));
+            }
+            if !registry.names().contains(&e.adapter) {
+                let mut known = registry.names();
+                if !known.iter().any(|n| n == http::ADAPTER_NAME) {
+                    known.push(format!("{} (with [http] profiles)", http::ADAPTER_NAME));
+                }
+                return Err(anyhow!(
+                    "endpoint {:?}: unknown adapter {:?} (known: {})",
+                    e.id,
+                    e.adapter,
+                    known.join(", ")
                 ));
             }
             registry

@@ -17,7 +17,8 @@ use uuid::Uuid;
 
 use super::cache::IdCache;
 use super::profile::{
-    AuthKind, CompiledRequest, ErrorClass, Mode, PriceUnit, Profile, Profiles, item_value,
+    AuthKind, CompiledLookup, CompiledRequest, ErrorClass, Field, Ids, LookupMode, Mode,
+    PageKind, Pagination, PriceUnit, Profile, Profiles, RESERVED_SETTINGS, ReadPaths, item_value,
 };
 use super::secrets::{REDACTED, Redactor, Secrets};
 use crate::transport::{TRANSPORT_KEYS, describe_send_error, error_chain};
@@ -164,6 +165,8 @@ impl From<AdapterError> for Failure {
 struct Resp {
     headers: reqwest::header::HeaderMap,
     json: Value,
+    /// The URL it answered (after redirects).
+    url: String,
 }
 
 struct TokenState {
@@ -197,6 +200,13 @@ pub struct HttpAdapter {
     generation: std::sync::atomic::AtomicU64,
     /// Keys probed without a positive answer: their upload reads back first.
     suspects: Mutex<HashSet<Uuid>>,
+    /// The read-back's JSON paths for this endpoint's settings.
+    read_paths: ReadPaths,
+    /// The fields this endpoint writes and verifies.
+    owns: Vec<Field>,
+    /// Listing lookups run one at a time: a second batch waiting for the first finds
+    /// most of its ids in the cache the first filled.
+    listing: tokio::sync::Mutex<()>,
 }
 
 impl fmt::Debug for HttpAdapter {
@@ -272,8 +282,28 @@ impl HttpAdapter {
         settings.insert("base_url".into(), Value::String(base_url.clone()));
         let redactor = Redactor::default();
         let mut secret_values = Map::new();
+        let mut owns = pc.owns.clone();
         for (k, v) in s {
-            if k == "profile" || k == "base_url" || TRANSPORT_KEYS.contains(&k.as_str()) {
+            if k == "profile"
+                || k == "base_url"
+                || k == bulwark_workflows::mapping::SETTINGS_KEY
+                || TRANSPORT_KEYS.contains(&k.as_str())
+            {
+                // The mapping is applied before the adapter sees the items.
+                continue;
+            }
+            if k == "owns" {
+                owns = Field::parse_list(v).map_err(|e| cfg_err(id, format!("setting `owns`: {e}")))?;
+                if let Some(f) = owns.iter().find(|f| !pc.owns.contains(f)) {
+                    return Err(cfg_err(
+                        id,
+                        format!(
+                            "setting `owns`: profile {pname:?} does not write {:?} (it owns: {})",
+                            f.name(),
+                            pc.owns.iter().map(|f| f.name()).collect::<Vec<_>>().join(", ")
+                        ),
+                    ));
+                }
                 continue;
             }
             if let Some(name) = k.strip_suffix("_env") {
@@ -285,20 +315,22 @@ impl HttpAdapter {
                 }
                 continue;
             }
-            if !(k == "timeout_ms" || k == "currency" || pc.settings.iter().any(|x| x == k)) {
+            if !(RESERVED_SETTINGS.contains(&k.as_str()) || pc.settings.iter().any(|x| x == k)) {
+                let mut known: Vec<String> = ["profile", "base_url"]
+                    .iter()
+                    .chain(RESERVED_SETTINGS.iter().filter(|r| **r != "profile"))
+                    .chain(TRANSPORT_KEYS.iter())
+                    .map(|s| (*s).to_owned())
+                    .chain(pc.settings.iter().cloned())
+                    .chain(pc.secrets.iter().map(|s| format!("{s}_env")))
+                    .filter(|s| !s.is_empty())
+                    .collect();
+                known.dedup();
                 return Err(cfg_err(
                     id,
                     format!(
-                        "unknown setting `{k}` for profile {pname:?} (known: profile, base_url, timeout_ms, currency, {}{}{})",
-                        TRANSPORT_KEYS.join(", "),
-                        pc.settings
-                            .iter()
-                            .map(|s| format!(", {s}"))
-                            .collect::<String>(),
-                        pc.secrets
-                            .iter()
-                            .map(|s| format!(", {s}_env"))
-                            .collect::<String>()
+                        "unknown setting `{k}` for profile {pname:?} (known: {})",
+                        known.join(", ")
                     ),
                 ));
             }
@@ -343,7 +375,19 @@ impl HttpAdapter {
                 }
             },
         };
+        let path_ctx = minijinja::Value::from_serialize(json!({
+            "endpoint": id,
+            "base_url": base_url,
+            "settings": settings,
+        }));
+        let read_paths = profile
+            .read_paths
+            .resolve(&profile.env, &path_ctx)
+            .map_err(|e| cfg_err(id, format!("read-back: {e}")))?;
         Ok(Self {
+            read_paths,
+            owns,
+            listing: tokio::sync::Mutex::new(()),
             currency: s.get("currency").cloned(),
             profile,
             endpoint: id.to_owned(),
@@ -411,13 +455,17 @@ impl HttpAdapter {
         ctx: &Map<String, Value>,
         token: Option<&str>,
         extra_headers: &[(String, String)],
+        url_override: Option<&str>,
     ) -> Result<Resp, Failure> {
         let mut ctx = ctx.clone();
         if let Some(t) = token {
             ctx.insert("token".into(), Value::String(t.to_owned()));
         }
         let ctx = minijinja::Value::from_serialize(Value::Object(ctx));
-        let url = self.render(op, &req.url, &ctx)?;
+        let url = match url_override {
+            Some(u) => u.to_owned(),
+            None => self.render(op, &req.url, &ctx)?,
+        };
         let mut rb = self
             .client
             .request(req.method.clone(), url.trim())
@@ -501,6 +549,7 @@ impl HttpAdapter {
         };
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
+        let answered = resp.url().to_string();
         let text = match resp.text().await {
             Ok(t) => t,
             Err(e) => {
@@ -520,7 +569,11 @@ impl HttpAdapter {
             serde_json::from_str(&text).unwrap_or(Value::Null)
         };
         match self.classify(op, status, &headers, &text, &json) {
-            Ok(()) => Ok(Resp { headers, json }),
+            Ok(()) => Ok(Resp {
+                headers,
+                json,
+                url: answered,
+            }),
             Err(f) => {
                 if f.class != ErrorClass::NotFound {
                     tracing::warn!(
@@ -640,7 +693,7 @@ impl HttpAdapter {
             return Err(cfg_err(&self.endpoint, "profile has no login request"));
         };
         let resp = self
-            .send(OP, req, &self.base_ctx(), None, &[])
+            .send(OP, req, &self.base_ctx(), None, &[], None)
             .await
             .map_err(|f| match f.class {
                 ErrorClass::NotFound => AdapterError::Config(f.message),
@@ -692,6 +745,18 @@ impl HttpAdapter {
         ctx: &Map<String, Value>,
         extra_headers: &[(String, String)],
     ) -> Result<Resp, Failure> {
+        self.call_at(op, req, ctx, extra_headers, None).await
+    }
+
+    /// [`Self::call`] at `url` instead of the request's URL template, if given.
+    async fn call_at(
+        &self,
+        op: &str,
+        req: &CompiledRequest,
+        ctx: &Map<String, Value>,
+        extra_headers: &[(String, String)],
+        url: Option<&str>,
+    ) -> Result<Resp, Failure> {
         let mut refreshed = false;
         loop {
             let token = self.current_token().await.map_err(Failure::from)?;
@@ -702,6 +767,7 @@ impl HttpAdapter {
                     ctx,
                     token.as_ref().map(|t| t.0.as_str()),
                     extra_headers,
+                    url,
                 )
                 .await;
             match (result, token) {
@@ -719,44 +785,236 @@ impl HttpAdapter {
         AdapterError::Transient(format!("endpoint {}: {e}", self.endpoint))
     }
 
-    /// The platform's ids of `items` (empty without a lookup): cached ones, then
-    /// lookups, item by item: a SKU whose lookup fails is listed with its error
+    fn config_failure(&self, op: &str, msg: impl fmt::Display) -> Failure {
+        Failure::new(
+            ErrorClass::Config,
+            self.scrub(&format!("endpoint {}: {op}: {msg}", self.endpoint)),
+        )
+    }
+
+    /// Send `req`, following `pagination` page by page. `on_page` gets each answer and
+    /// says how many records it held and whether everything wanted was seen (then no
+    /// further page is read). More than `max_pages` pages, or a page that points back at
+    /// itself, is a configuration error: never a silent cut.
+    async fn paged(
+        &self,
+        op: &str,
+        req: &CompiledRequest,
+        mut ctx: Map<String, Value>,
+        pagination: Option<&Pagination>,
+        mut on_page: impl FnMut(&Value) -> Result<(usize, bool), Failure>,
+    ) -> Result<(), Failure> {
+        let Some(p) = pagination else {
+            let resp = self.call(op, req, &ctx, &[]).await?;
+            on_page(&resp.json)?;
+            return Ok(());
+        };
+        let mut page = p.start;
+        let mut offset = p.start;
+        let mut cursor: Option<String> = None;
+        let mut url: Option<String> = None;
+        ctx.insert(
+            "limit".into(),
+            if p.size > 0 { json!(p.size) } else { Value::Null },
+        );
+        for _ in 0..p.max_pages {
+            match p.kind {
+                PageKind::Page => {
+                    ctx.insert("page".into(), json!(page));
+                }
+                PageKind::Offset => {
+                    ctx.insert("offset".into(), json!(offset));
+                }
+                PageKind::Cursor => {
+                    ctx.insert(
+                        "cursor".into(),
+                        cursor.clone().map_or(Value::Null, Value::String),
+                    );
+                }
+                PageKind::Link => {}
+            }
+            let resp = self.call_at(op, req, &ctx, &[], url.as_deref()).await?;
+            let (count, done) = on_page(&resp.json)?;
+            if done {
+                return Ok(());
+            }
+            match p.kind {
+                PageKind::Page | PageKind::Offset => {
+                    if count == 0 || (count as u64) < p.size {
+                        return Ok(());
+                    }
+                    page += 1;
+                    offset += count as u64;
+                }
+                PageKind::Cursor => {
+                    if let Some(h) = &p.has_more
+                        && h.query(&resp.json).first().is_none_or(is_empty_value)
+                    {
+                        return Ok(());
+                    }
+                    let next = p
+                        .next
+                        .as_ref()
+                        .and_then(|n| n.query(&resp.json).first().and_then(scalar_string))
+                        .filter(|c| !c.is_empty());
+                    let Some(next) = next else { return Ok(()) };
+                    if cursor.as_deref() == Some(next.as_str()) {
+                        return Err(self.config_failure(
+                            op,
+                            format!("pagination: the next cursor {next:?} is the current one (the listing would never end)"),
+                        ));
+                    }
+                    cursor = Some(next);
+                }
+                PageKind::Link => {
+                    let Some(next) = link_next(&resp.headers) else {
+                        return Ok(());
+                    };
+                    let next = reqwest::Url::parse(&resp.url)
+                        .and_then(|u| u.join(&next))
+                        .map_err(|e| {
+                            self.config_failure(op, format!("pagination: Link next {next:?} is not a URL: {e}"))
+                        })?;
+                    let base = reqwest::Url::parse(&self.base_url).map_err(|e| self.config_failure(op, e))?;
+                    if next.origin() != base.origin() {
+                        return Err(self.config_failure(
+                            op,
+                            format!(
+                                "pagination: Link next {} leaves the origin of base_url (credentials are not sent elsewhere)",
+                                next.origin().ascii_serialization()
+                            ),
+                        ));
+                    }
+                    if url.as_deref() == Some(next.as_str()) || resp.url == next.as_str() {
+                        return Err(self.config_failure(
+                            op,
+                            format!("pagination: Link next {next} is the current page (the listing would never end)"),
+                        ));
+                    }
+                    url = Some(next.to_string());
+                }
+            }
+        }
+        Err(self.config_failure(
+            op,
+            format!(
+                "pagination: more than max_pages = {} pages; raise `max_pages` if the listing is that long",
+                p.max_pages
+            ),
+        ))
+    }
+
+    fn decode_ids(&self, cached: &str) -> Option<Ids> {
+        let names = &self.profile.id_names;
+        if names.len() == 1 && names[0] == "id" {
+            return Some(Ids::from([("id".to_owned(), cached.to_owned())]));
+        }
+        let ids: Ids = serde_json::from_str(cached).ok()?;
+        // A profile that now captures more ids looks the SKU up again.
+        names.iter().all(|n| ids.contains_key(n)).then_some(ids)
+    }
+
+    fn encode_ids(&self, ids: &Ids) -> String {
+        let names = &self.profile.id_names;
+        if names.len() == 1 && names[0] == "id" {
+            return ids.get("id").cloned().unwrap_or_default();
+        }
+        serde_json::to_string(ids).unwrap_or_default()
+    }
+
+    fn unknown_sku(&self, sku: &str) -> AdapterError {
+        AdapterError::Rejected(format!(
+            "endpoint {}: lookup: SKU {sku:?} is unknown at the platform",
+            self.endpoint
+        ))
+    }
+
+    /// The values of `step`'s ids in `rec`: `Ok(None)` when one is missing (the SKU is
+    /// unknown there), an error when one selects something that is not an id.
+    fn capture(
+        &self,
+        step: &CompiledLookup,
+        rec: &Value,
+        ctx: &minijinja::Value,
+        sku: &str,
+    ) -> Result<Option<Ids>, Failure> {
+        let mut out = Ids::new();
+        for (name, path) in &step.ids {
+            let path = path
+                .resolve(&self.profile.env, ctx)
+                .map_err(|e| self.config_failure("lookup", e))?;
+            match path.query(rec).first() {
+                None | Some(Value::Null) => return Ok(None),
+                Some(v) => match scalar_string(v) {
+                    Some(id) if !id.is_empty() => {
+                        out.insert(name.clone(), id);
+                    }
+                    Some(_) => return Ok(None),
+                    None => {
+                        let what = if v.is_object() { "an object" } else if v.is_array() { "a list" } else { "a non-id value" };
+                        return Err(self.config_failure(
+                            "lookup",
+                            format!("id `{name}` of SKU {sku:?}: its JSON path selected {what}, not a scalar id: {}", excerpt(&v.to_string())),
+                        ));
+                    }
+                },
+            }
+        }
+        Ok(Some(out))
+    }
+
+    /// The platform's ids of `items` (empty without a lookup): cached ones, then the
+    /// lookup chain for the others. A SKU whose lookup fails is listed with its error
     /// and the others go on (a systemic failure, e.g. refused credentials, stops the rest:
     /// each of them is listed with it). `Err` only when the id cache fails.
     async fn ids_each(
         &self,
         items: &[Item],
-    ) -> AdapterResult<(HashMap<String, String>, Vec<(String, AdapterError)>)> {
+    ) -> AdapterResult<(HashMap<String, Ids>, Vec<(String, AdapterError)>)> {
         let mut failed = Vec::new();
-        if self.profile.lookup.is_none() {
+        if self.profile.lookups.is_empty() {
             return Ok((HashMap::new(), failed));
         }
-        let skus: Vec<String> = items.iter().map(|i| i.sku.clone()).collect();
-        let mut ids = self
-            .cache
-            .get_many(self.profile.name(), &self.endpoint, &skus)
-            .await
-            .map_err(|e| self.transient_cache(e))?;
-        let mut found = Vec::new();
-        let missing: Vec<&Item> = items.iter().filter(|i| !ids.contains_key(&i.sku)).collect();
-        let mut stop: Option<AdapterError> = None;
-        for item in missing {
-            if let Some(e) = &stop {
-                failed.push((item.sku.clone(), e.clone()));
-                continue;
+        let mut ids = self.cached_ids(items).await?;
+        if items.iter().all(|i| ids.contains_key(&i.sku)) {
+            return Ok((ids, failed));
+        }
+        let listing = self.profile.lookups.iter().any(|l| l.mode == LookupMode::List);
+        let _turn = if listing {
+            let guard = self.listing.lock().await;
+            // Another batch may have listed while this one waited.
+            ids = self.cached_ids(items).await?;
+            Some(guard)
+        } else {
+            None
+        };
+        let mut partial: Vec<(&Item, Ids)> = items
+            .iter()
+            .filter(|i| !ids.contains_key(&i.sku))
+            .map(|i| (i, Ids::new()))
+            .collect();
+        let mut others: Vec<(String, Ids)> = Vec::new();
+        let single = self.profile.lookups.len() == 1;
+        for step in &self.profile.lookups {
+            let (kept, lost) = self.lookup_step(step, partial, single.then_some(&mut others)).await;
+            partial = kept;
+            failed.extend(lost);
+            if partial.is_empty() {
+                break;
             }
-            match self.lookup(item).await {
-                Ok(id) => {
-                    found.push((item.sku.clone(), id.clone()));
-                    ids.insert(item.sku.clone(), id);
-                }
-                Err(e) => {
-                    if is_systemic(&e) {
-                        stop = Some(e.clone());
-                    }
-                    failed.push((item.sku.clone(), e));
-                }
-            }
+        }
+        let found: Vec<(String, String)> = partial
+            .iter()
+            .map(|(i, v)| (i.sku.clone(), self.encode_ids(v)))
+            .chain(
+                others
+                    .iter()
+                    .filter(|(sku, _)| !ids.contains_key(sku))
+                    .map(|(sku, v)| (sku.clone(), self.encode_ids(v))),
+            )
+            .collect();
+        for (item, v) in partial {
+            ids.insert(item.sku.clone(), v);
         }
         if !found.is_empty() {
             self.cache
@@ -767,32 +1025,194 @@ impl HttpAdapter {
         Ok((ids, failed))
     }
 
-    async fn lookup(&self, item: &Item) -> AdapterResult<String> {
+    async fn cached_ids(&self, items: &[Item]) -> AdapterResult<HashMap<String, Ids>> {
+        let skus: Vec<String> = items.iter().map(|i| i.sku.clone()).collect();
+        let cached = self
+            .cache
+            .get_many(self.profile.name(), &self.endpoint, &skus)
+            .await
+            .map_err(|e| self.transient_cache(e))?;
+        Ok(cached
+            .into_iter()
+            .filter_map(|(sku, v)| self.decode_ids(&v).map(|ids| (sku, ids)))
+            .collect())
+    }
+
+    /// Run one lookup step for `items` (with the ids found so far): the items it found,
+    /// with its ids added, and the ones it did not, with why. `others` collects the ids
+    /// of every other record a listing saw (to cache them too).
+    async fn lookup_step<'i>(
+        &self,
+        step: &CompiledLookup,
+        items: Vec<(&'i Item, Ids)>,
+        mut others: Option<&mut Vec<(String, Ids)>>,
+    ) -> (Vec<(&'i Item, Ids)>, Vec<(String, AdapterError)>) {
         const OP: &str = "lookup";
-        let Some((req, path)) = &self.profile.lookup else {
-            return Err(cfg_err(&self.endpoint, "profile has no lookup"));
+        let decimals = self.profile.config().price_decimals;
+        let mut kept = Vec::new();
+        let mut lost = Vec::new();
+        let mut stop: Option<AdapterError> = None;
+        let base = self.base_ctx();
+        let base_path_ctx = minijinja::Value::from_serialize(Value::Object(base.clone()));
+        match step.mode {
+            LookupMode::PerItem => {
+                for (item, mut have) in items {
+                    if let Some(e) = &stop {
+                        lost.push((item.sku.clone(), e.clone()));
+                        continue;
+                    }
+                    let mut ctx = base.clone();
+                    ctx.insert("sku".into(), Value::String(item.sku.clone()));
+                    ctx.insert("item".into(), item_value(item, Some(&have), decimals));
+                    ctx.insert("ids".into(), json!(have));
+                    let path_ctx = minijinja::Value::from_serialize(Value::Object(ctx.clone()));
+                    let mut got: Option<Ids> = None;
+                    let result = self
+                        .paged(OP, &step.request, ctx, step.pagination.as_ref(), |json| {
+                            let recs = self.records_of(step.records.as_ref(), json, &path_ctx)?;
+                            let n = recs.len();
+                            for rec in recs {
+                                if rec.is_null() {
+                                    continue;
+                                }
+                                if let Some(sp) = &step.sku {
+                                    let sp = sp.resolve(&self.profile.env, &path_ctx).map_err(|e| self.config_failure(OP, e))?;
+                                    if sp.query(rec).first().and_then(scalar_string).as_deref() != Some(item.sku.as_str()) {
+                                        continue;
+                                    }
+                                }
+                                if let Some(v) = self.capture(step, rec, &path_ctx, &item.sku)? {
+                                    got = Some(v);
+                                    return Ok((n, true));
+                                }
+                            }
+                            Ok((n, false))
+                        })
+                        .await;
+                    match result {
+                        Ok(()) => match got {
+                            Some(v) => {
+                                have.extend(v);
+                                kept.push((item, have));
+                            }
+                            None => lost.push((item.sku.clone(), self.unknown_sku(&item.sku))),
+                        },
+                        Err(f) if f.class == ErrorClass::NotFound => {
+                            lost.push((item.sku.clone(), self.unknown_sku(&item.sku)));
+                        }
+                        Err(f) => {
+                            let e = f.into_error();
+                            if is_systemic(&e) {
+                                stop = Some(e.clone());
+                            }
+                            lost.push((item.sku.clone(), e));
+                        }
+                    }
+                }
+            }
+            LookupMode::PerBatch | LookupMode::List => {
+                let chunk = if step.mode == LookupMode::List { usize::MAX } else { step.per_request };
+                let mut rest = items;
+                while !rest.is_empty() {
+                    let take = chunk.min(rest.len());
+                    let group: Vec<(&'i Item, Ids)> = rest.drain(..take).collect();
+                    if let Some(e) = &stop {
+                        lost.extend(group.iter().map(|(i, _)| (i.sku.clone(), e.clone())));
+                        continue;
+                    }
+                    let mut ctx = base.clone();
+                    if step.mode == LookupMode::PerBatch {
+                        ctx.insert("skus".into(), group.iter().map(|(i, _)| Value::String(i.sku.clone())).collect());
+                        ctx.insert("items".into(), group.iter().map(|(i, have)| item_value(i, Some(have), decimals)).collect());
+                    }
+                    let wanted: HashSet<&str> = group.iter().map(|(i, _)| i.sku.as_str()).collect();
+                    let mut got: HashMap<String, Ids> = HashMap::new();
+                    let mut seen_others: Vec<(String, Ids)> = Vec::new();
+                    let collect_others = others.is_some();
+                    let result = self
+                        .paged(OP, &step.request, ctx, step.pagination.as_ref(), |json| {
+                            let recs = self.records_of(step.records.as_ref(), json, &base_path_ctx)?;
+                            let n = recs.len();
+                            let sp = match &step.sku {
+                                Some(sp) => sp.resolve(&self.profile.env, &base_path_ctx).map_err(|e| self.config_failure(OP, e))?,
+                                None => return Err(self.config_failure(OP, "lookup needs a `sku` path")),
+                            };
+                            for rec in recs {
+                                let Some(sku) = sp.query(rec).first().and_then(scalar_string) else { continue };
+                                if wanted.contains(sku.as_str()) {
+                                    if !got.contains_key(&sku)
+                                        && let Some(v) = self.capture(step, rec, &base_path_ctx, &sku)?
+                                    {
+                                        got.insert(sku, v);
+                                    }
+                                } else if collect_others
+                                    && let Ok(Some(v)) = self.capture(step, rec, &base_path_ctx, &sku)
+                                {
+                                    seen_others.push((sku, v));
+                                }
+                            }
+                            Ok((n, got.len() == wanted.len()))
+                        })
+                        .await;
+                    match result {
+                        Ok(()) => {
+                            if let Some(o) = others.as_deref_mut() {
+                                o.extend(seen_others);
+                            }
+                            for (item, mut have) in group {
+                                match got.remove(&item.sku) {
+                                    Some(v) => {
+                                        have.extend(v);
+                                        kept.push((item, have));
+                                    }
+                                    None => lost.push((item.sku.clone(), self.unknown_sku(&item.sku))),
+                                }
+                            }
+                        }
+                        Err(f) => {
+                            let e = if f.class == ErrorClass::NotFound {
+                                AdapterError::Transient(f.message)
+                            } else {
+                                f.into_error()
+                            };
+                            if is_systemic(&e) {
+                                stop = Some(e.clone());
+                            }
+                            lost.extend(group.iter().map(|(i, _)| (i.sku.clone(), e.clone())));
+                        }
+                    }
+                }
+            }
+        }
+        (kept, lost)
+    }
+
+    /// The records `path` selects in `json` (a path may select the list itself or its
+    /// elements); without a path, the whole answer.
+    fn records_of<'v>(
+        &self,
+        path: Option<&super::profile::PathT>,
+        json: &'v Value,
+        ctx: &minijinja::Value,
+    ) -> Result<Vec<&'v Value>, Failure> {
+        let Some(path) = path else {
+            return Ok(vec![json]);
         };
-        let mut ctx = self.base_ctx();
-        ctx.insert("sku".into(), Value::String(item.sku.clone()));
-        ctx.insert(
-            "item".into(),
-            item_value(item, None, self.profile.config().price_decimals),
-        );
-        let unknown = || {
-            AdapterError::Rejected(format!(
-                "endpoint {}: lookup: SKU {:?} is unknown at the platform",
-                self.endpoint, item.sku
-            ))
-        };
-        let resp = match self.call(OP, req, &ctx, &[]).await {
-            Ok(r) => r,
-            Err(f) if f.class == ErrorClass::NotFound => return Err(unknown()),
-            Err(f) => return Err(f.into_error()),
-        };
-        path.query(&resp.json)
-            .first()
-            .and_then(scalar_string)
-            .ok_or_else(unknown)
+        let path = path
+            .resolve(&self.profile.env, ctx)
+            .map_err(|e| self.config_failure("records", e))?;
+        Ok(flatten(path.query(json).all()))
+    }
+
+    /// Forget `item`'s cached ids and look them up again.
+    async fn relookup(&self, item: &Item) -> AdapterResult<Ids> {
+        self.forget_id(&item.sku).await?;
+        let (mut ids, failed) = self.ids_each(std::slice::from_ref(item)).await?;
+        if let Some((_, e)) = failed.into_iter().next() {
+            return Err(e);
+        }
+        ids.remove(&item.sku)
+            .ok_or_else(|| self.unknown_sku(&item.sku))
     }
 
     async fn forget_id(&self, sku: &str) -> AdapterResult<()> {
@@ -816,7 +1236,7 @@ impl HttpAdapter {
         &self,
         batch: &Batch,
         item: &Item,
-        id: Option<&String>,
+        ids: Option<&Ids>,
         key: String,
     ) -> Map<String, Value> {
         let mut ctx = self.base_ctx();
@@ -825,14 +1245,13 @@ impl HttpAdapter {
         ctx.insert("sku".into(), Value::String(item.sku.clone()));
         ctx.insert(
             "item".into(),
-            item_value(
-                item,
-                id.map(String::as_str),
-                self.profile.config().price_decimals,
-            ),
+            item_value(item, ids, self.profile.config().price_decimals),
         );
-        if let Some(id) = id {
-            ctx.insert("id".into(), Value::String(id.clone()));
+        if let Some(ids) = ids {
+            if let Some(id) = ids.get("id") {
+                ctx.insert("id".into(), Value::String(id.clone()));
+            }
+            ctx.insert("ids".into(), json!(ids));
         }
         ctx
     }
@@ -843,43 +1262,63 @@ impl HttpAdapter {
             .unwrap_or(default)
     }
 
+    /// The write requests to send for an item or chunk whose `needed` fields differ (or
+    /// all of the endpoint's fields): (index, request).
+    fn writes_for(&self, needed: Option<&[Field]>) -> Vec<(usize, &super::profile::CompiledWrite)> {
+        self.profile
+            .writes
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| {
+                w.fields
+                    .iter()
+                    .any(|f| self.owns.contains(f) && needed.is_none_or(|n| n.contains(f)))
+            })
+            .collect()
+    }
+
+    /// The idempotency key of write request `j` of the request keyed `key`: the first
+    /// keeps it, the others derive theirs from it.
+    fn request_key(key: Uuid, j: usize) -> Uuid {
+        if j == 0 {
+            key
+        } else {
+            Uuid::new_v5(&key, format!("request-{j}").as_bytes())
+        }
+    }
+
     async fn write_item(
         &self,
         batch: &Batch,
         item: &Item,
-        ids: &mut HashMap<String, String>,
+        ids: &mut HashMap<String, Ids>,
+        needed: Option<&[Field]>,
     ) -> AdapterResult<()> {
         const OP: &str = "upload";
-        let w = &self.profile.config().write;
-        let key = Uuid::new_v5(&batch.key, item.sku.as_bytes()).to_string();
-        let extra: Vec<(String, String)> = w
-            .idempotency_header
-            .iter()
-            .map(|h| (h.clone(), key.clone()))
-            .collect();
-        for attempt in 0..2 {
-            let ctx = self.item_ctx(batch, item, ids.get(&item.sku), key.clone());
-            match self.call(OP, &self.profile.write, &ctx, &extra).await {
-                Ok(_) => return Ok(()),
-                Err(f) if f.class == ErrorClass::NotFound && self.profile.uses_lookup() => {
-                    // The cached id went stale: forget it, look it up again, retry once.
-                    self.forget_id(&item.sku).await?;
-                    ids.remove(&item.sku);
-                    if attempt == 1 {
-                        return Err(AdapterError::Rejected(f.message));
+        let key = Uuid::new_v5(&batch.key, item.sku.as_bytes());
+        for (j, w) in self.writes_for(needed) {
+            let key = Self::request_key(key, j).to_string();
+            let extra: Vec<(String, String)> = w
+                .idempotency_header
+                .iter()
+                .map(|h| (h.clone(), key.clone()))
+                .collect();
+            for attempt in 0..2 {
+                let ctx = self.item_ctx(batch, item, ids.get(&item.sku), key.clone());
+                match self.call(OP, &w.request, &ctx, &extra).await {
+                    Ok(_) => break,
+                    Err(f) if f.class == ErrorClass::NotFound && self.profile.uses_lookup() => {
+                        // The cached ids went stale: look them up again, retry once.
+                        ids.remove(&item.sku);
+                        if attempt == 1 {
+                            self.forget_id(&item.sku).await?;
+                            return Err(AdapterError::Rejected(f.message));
+                        }
+                        let fresh = self.relookup(item).await?;
+                        ids.insert(item.sku.clone(), fresh);
                     }
-                    let id = self.lookup(item).await?;
-                    self.cache
-                        .put_many(
-                            self.profile.name(),
-                            &self.endpoint,
-                            &[(item.sku.clone(), id.clone())],
-                        )
-                        .await
-                        .map_err(|e| self.transient_cache(e))?;
-                    ids.insert(item.sku.clone(), id);
+                    Err(f) => return Err(f.into_error()),
                 }
-                Err(f) => return Err(f.into_error()),
             }
         }
         Ok(())
@@ -891,10 +1330,10 @@ impl HttpAdapter {
     async fn read_shown(
         &self,
         batch: &Batch,
-        ids: &HashMap<String, String>,
+        ids: &HashMap<String, Ids>,
     ) -> AdapterResult<(Shown2, HashMap<String, AdapterError>)> {
         const OP: &str = "verify";
-        let paths = &self.profile.read_paths;
+        let paths = &self.read_paths;
         let decimals = self.profile.config().price_decimals;
         let mut out = HashMap::new();
         let mut unread: HashMap<String, AdapterError> = HashMap::new();
@@ -904,46 +1343,40 @@ impl HttpAdapter {
                 ctx.insert("batch".into(), Self::batch_ctx(batch));
                 ctx.insert(
                     "items".into(),
-                    Value::Array(
-                        batch
-                            .items
-                            .iter()
-                            .map(|i| item_value(i, ids.get(&i.sku).map(String::as_str), decimals))
-                            .collect(),
-                    ),
+                    batch
+                        .items
+                        .iter()
+                        .map(|i| item_value(i, ids.get(&i.sku), decimals))
+                        .collect(),
                 );
                 ctx.insert(
                     "skus".into(),
-                    Value::Array(
-                        batch
-                            .items
-                            .iter()
-                            .map(|i| Value::String(i.sku.clone()))
-                            .collect(),
-                    ),
+                    batch
+                        .items
+                        .iter()
+                        .map(|i| Value::String(i.sku.clone()))
+                        .collect(),
                 );
-                let resp = self
-                    .call(OP, &self.profile.read, &ctx, &[])
-                    .await
-                    .map_err(Failure::into_error)?;
-                let records = match &paths.records {
-                    Some(p) => p.query(&resp.json).all(),
-                    None => vec![&resp.json],
-                };
+                let wanted: HashSet<&str> = batch.items.iter().map(|i| i.sku.as_str()).collect();
                 let sku_path = paths.sku.as_ref();
-                for rec in records {
-                    // A records path may select the list itself or its elements.
-                    let recs: Vec<&Value> = match rec {
-                        Value::Array(a) => a.iter().collect(),
-                        v => vec![v],
+                self.paged(OP, &self.profile.read, ctx, self.profile.read_pagination.as_ref(), |json| {
+                    let recs = match &paths.records {
+                        Some(p) => flatten(p.query(json).all()),
+                        None => vec![json],
                     };
+                    let n = recs.len();
                     for r in recs {
                         let sku = sku_path.and_then(|p| p.query(r).first().and_then(scalar_string));
-                        if let Some(sku) = sku {
+                        if let Some(sku) = sku
+                            && wanted.contains(sku.as_str())
+                        {
                             out.insert(sku, self.parse_shown(r));
                         }
                     }
-                }
+                    Ok((n, out.len() >= wanted.len()))
+                })
+                .await
+                .map_err(Failure::into_error)?;
             }
             Mode::PerItem => {
                 let mut stop: Option<AdapterError> = None;
@@ -987,11 +1420,11 @@ impl HttpAdapter {
     }
 
     fn parse_shown(&self, rec: &Value) -> Result<Shown, String> {
-        let paths = &self.profile.read_paths;
+        let paths = &self.read_paths;
         let read = &self.profile.config().read;
         let decimals = self.profile.config().price_decimals;
         let price = |v: &Value| parse_price(v, read.price_unit, decimals);
-        let qty = match paths.qty.query(rec).first() {
+        let qty = match paths.qty.as_ref().and_then(|p| p.query(rec).first()) {
             None | Some(Value::Null) => None,
             Some(v) => Some(as_i64(v).ok_or_else(|| format!("quantity {v} is not an integer"))?),
         };
@@ -999,22 +1432,17 @@ impl HttpAdapter {
             None => None,
             Some((list, min_qty, p)) => {
                 let mut tiers = Vec::new();
-                for node in list.query(rec).all() {
-                    let elems: Vec<&Value> = match node {
-                        Value::Array(a) => a.iter().collect(),
-                        v => vec![v],
-                    };
-                    for t in elems {
-                        let m =
-                            min_qty.query(t).first().and_then(as_i64).ok_or_else(|| {
-                                format!("tier {t} has no integer minimum quantity")
-                            })?;
-                        let pv = p
-                            .query(t)
-                            .first()
-                            .ok_or_else(|| format!("tier {t} has no price"))?;
-                        tiers.push((m, price(pv)?));
-                    }
+                for t in flatten(list.query(rec).all()) {
+                    let m = min_qty
+                        .query(t)
+                        .first()
+                        .and_then(as_i64)
+                        .ok_or_else(|| format!("tier {t} has no integer minimum quantity"))?;
+                    let pv = p
+                        .query(t)
+                        .first()
+                        .ok_or_else(|| format!("tier {t} has no price"))?;
+                    tiers.push((m, price(pv)?));
                 }
                 tiers.sort();
                 Some(tiers)
@@ -1039,50 +1467,66 @@ impl HttpAdapter {
         })
     }
 
-    /// `None` when `shown` equals `want`, else a description of the difference.
+    /// `None` when `shown` equals `want` in every field this endpoint owns, else a
+    /// description of the difference.
     fn differs(&self, want: &Item, shown: Option<&Result<Shown, String>>) -> Option<String> {
+        let (_, d) = self.diff(want, shown);
+        d
+    }
+
+    /// The owned fields that differ (all of them when nothing readable shows), and a
+    /// description.
+    fn diff(&self, want: &Item, shown: Option<&Result<Shown, String>>) -> (Vec<Field>, Option<String>) {
         let shown = match shown {
-            None => return Some("shown absent".into()),
-            Some(Err(e)) => return Some(format!("unreadable: {e}")),
+            None => return (self.owns.clone(), Some("shown absent".into())),
+            Some(Err(e)) => return (self.owns.clone(), Some(format!("unreadable: {e}"))),
             Some(Ok(s)) => s,
         };
+        let mut fields = Vec::new();
         let mut diffs = Vec::new();
-        if shown.qty != Some(want.qty) {
+        if self.owns.contains(&Field::Qty) && shown.qty != Some(want.qty) {
             diffs.push(format!("qty expected {} shown {:?}", want.qty, shown.qty));
+            fields.push(Field::Qty);
         }
-        if let Some(tiers) = &shown.tiers {
-            let mut expected: Vec<(i64, i64)> = want
-                .tiers
-                .iter()
-                .map(|t| (i64::from(t.min_qty), t.price_minor))
-                .collect();
-            expected.sort();
-            if *tiers != expected {
-                diffs.push(format!("tiers expected {expected:?} shown {tiers:?}"));
+        if self.owns.contains(&Field::Prices) {
+            let before = diffs.len();
+            if let Some(tiers) = &shown.tiers {
+                let mut expected: Vec<(i64, i64)> = want
+                    .tiers
+                    .iter()
+                    .map(|t| (i64::from(t.min_qty), t.price_minor))
+                    .collect();
+                expected.sort();
+                if *tiers != expected {
+                    diffs.push(format!("tiers expected {expected:?} shown {tiers:?}"));
+                }
+            }
+            if self.read_paths.price.is_some()
+                && let Some(first) = want.tiers.first()
+                && shown.price != Some(first.price_minor)
+            {
+                diffs.push(format!(
+                    "price expected {} shown {:?}",
+                    first.price_minor, shown.price
+                ));
+            }
+            if let Some(cur) = &self.currency
+                && self.read_paths.currency.is_some()
+                && shown.currency.as_deref() != Some(cur.as_str())
+            {
+                diffs.push(format!(
+                    "currency expected {cur} shown {:?}",
+                    shown.currency
+                ));
+            }
+            if diffs.len() > before {
+                fields.push(Field::Prices);
             }
         }
-        if self.profile.read_paths.price.is_some()
-            && let Some(first) = want.tiers.first()
-            && shown.price != Some(first.price_minor)
-        {
-            diffs.push(format!(
-                "price expected {} shown {:?}",
-                first.price_minor, shown.price
-            ));
-        }
-        if let Some(cur) = &self.currency
-            && self.profile.read_paths.currency.is_some()
-            && shown.currency.as_deref() != Some(cur.as_str())
-        {
-            diffs.push(format!(
-                "currency expected {cur} shown {:?}",
-                shown.currency
-            ));
-        }
         if diffs.is_empty() {
-            None
+            (fields, None)
         } else {
-            Some(diffs.join(", "))
+            (fields, Some(diffs.join(", ")))
         }
     }
 
@@ -1110,20 +1554,59 @@ impl HttpAdapter {
     }
 }
 
+/// Records selected by a path: a selected list counts as its elements.
+fn flatten(nodes: Vec<&Value>) -> Vec<&Value> {
+    let mut out = Vec::new();
+    for n in nodes {
+        match n {
+            Value::Array(a) => out.extend(a.iter()),
+            v => out.push(v),
+        }
+    }
+    out
+}
+
+/// The `rel="next"` target of a `Link` header (RFC 8288), if any.
+fn link_next(headers: &reqwest::header::HeaderMap) -> Option<String> {
+    for value in headers.get_all(reqwest::header::LINK) {
+        let Ok(text) = value.to_str() else { continue };
+        let mut rest = text;
+        while let Some(open) = rest.find('<') {
+            let after = &rest[open + 1..];
+            let close = after.find('>')?;
+            let target = &after[..close];
+            let params_end = after[close..].find('<').map_or(after.len(), |i| close + i);
+            let params = &after[close + 1..params_end];
+            let is_next = params.split(';').any(|p| {
+                let p = p.trim().trim_end_matches(',').trim();
+                p.to_ascii_lowercase()
+                    .strip_prefix("rel=")
+                    .is_some_and(|v| v.trim_matches('"').split_ascii_whitespace().any(|r| r == "next"))
+            });
+            if is_next {
+                return Some(target.to_owned());
+            }
+            rest = &after[params_end..];
+        }
+    }
+    None
+}
+
 #[async_trait]
 impl PortalAdapter for HttpAdapter {
     fn deduplicates(&self) -> bool {
         // Without an idempotency header nothing tells a repeated write from a new one.
-        self.profile.config().write.idempotency_header.is_some()
+        self.writes_for(None)
+            .iter()
+            .all(|(_, w)| w.idempotency_header.is_some())
     }
 
     async fn upload(&self, batch: &Batch) -> AdapterResult<Receipt> {
         const OP: &str = "upload";
         let suspect = self.take_suspect(batch.request_key());
         let (mut ids, lookup_failed) = self.ids_each(&batch.items).await?;
-        let w = &self.profile.config().write;
         let default_receipt = batch.key.to_string();
-        match w.mode {
+        match self.profile.write_mode {
             Mode::PerItem => {
                 // Item by item: one refused or failing item does not stop the others; the
                 // answer says which landed (AdapterError::Partial), so a retry sends only
@@ -1133,6 +1616,7 @@ impl PortalAdapter for HttpAdapter {
                     outcome.record(sku, e);
                 }
                 let mut skip: HashSet<String> = outcome.skus().into_iter().collect();
+                let mut needed: HashMap<String, Vec<Field>> = HashMap::new();
                 // After an unanswered attempt, write only what does not show yet.
                 if suspect && outcome.stop.is_none() {
                     let (shown, unread) = self.read_shown(batch, &ids).await?;
@@ -1143,9 +1627,14 @@ impl PortalAdapter for HttpAdapter {
                         if let Some(e) = unread.get(&item.sku) {
                             outcome.record(item.sku.clone(), e.clone());
                             skip.insert(item.sku.clone());
-                        } else if self.differs(item, shown.get(&item.sku)).is_none() {
+                            continue;
+                        }
+                        let (fields, differs) = self.diff(item, shown.get(&item.sku));
+                        if differs.is_none() {
                             outcome.done.push(item.sku.clone());
                             skip.insert(item.sku.clone());
+                        } else {
+                            needed.insert(item.sku.clone(), fields);
                         }
                     }
                 }
@@ -1159,7 +1648,8 @@ impl PortalAdapter for HttpAdapter {
                         outcome.record(item.sku.clone(), e);
                         continue;
                     }
-                    match self.write_item(batch, item, &mut ids).await {
+                    let need = needed.get(&item.sku).map(Vec::as_slice);
+                    match self.write_item(batch, item, &mut ids, need).await {
                         Ok(()) => outcome.done.push(item.sku.clone()),
                         Err(e) => outcome.record(item.sku.clone(), e),
                     }
@@ -1172,6 +1662,7 @@ impl PortalAdapter for HttpAdapter {
                 if let Some((_, e)) = lookup_failed.into_iter().next() {
                     return Err(e);
                 }
+                let mut needed: Option<Vec<Field>> = None;
                 if suspect {
                     let (shown, _) = self.read_shown(batch, &ids).await?;
                     if self.compare(&batch.items, &shown) == Verification::Verified {
@@ -1180,57 +1671,64 @@ impl PortalAdapter for HttpAdapter {
                             id: default_receipt,
                         });
                     }
+                    let mut fields: Vec<Field> = batch
+                        .items
+                        .iter()
+                        .flat_map(|i| self.diff(i, shown.get(&i.sku)).0)
+                        .collect();
+                    fields.sort();
+                    fields.dedup();
+                    needed = Some(fields);
                 }
-                let per = w.items_per_request.unwrap_or(usize::MAX).max(1);
                 let decimals = self.profile.config().price_decimals;
                 let mut receipt = None;
                 // A remainder is a request of its own: its keys derive from its own key.
                 let base = batch.request_key();
-                for (i, chunk) in batch.items.chunks(per).enumerate() {
-                    let key = if i == 0 {
-                        base
-                    } else {
-                        Uuid::new_v5(&base, format!("chunk-{i}").as_bytes())
-                    };
-                    let mut ctx = self.base_ctx();
-                    ctx.insert("key".into(), Value::String(key.to_string()));
-                    ctx.insert("batch".into(), Self::batch_ctx(batch));
-                    ctx.insert(
-                        "items".into(),
-                        Value::Array(
+                for (j, w) in self.writes_for(needed.as_deref()) {
+                    let per = w.items_per_request.unwrap_or(usize::MAX).max(1);
+                    for (i, chunk) in batch.items.chunks(per).enumerate() {
+                        let key = if i == 0 {
+                            base
+                        } else {
+                            Uuid::new_v5(&base, format!("chunk-{i}").as_bytes())
+                        };
+                        let key = Self::request_key(key, j);
+                        let mut ctx = self.base_ctx();
+                        ctx.insert("key".into(), Value::String(key.to_string()));
+                        ctx.insert("batch".into(), Self::batch_ctx(batch));
+                        ctx.insert(
+                            "items".into(),
                             chunk
                                 .iter()
-                                .map(|it| {
-                                    item_value(it, ids.get(&it.sku).map(String::as_str), decimals)
-                                })
+                                .map(|it| item_value(it, ids.get(&it.sku), decimals))
                                 .collect(),
-                        ),
-                    );
-                    let extra: Vec<(String, String)> = w
-                        .idempotency_header
-                        .iter()
-                        .map(|h| (h.clone(), key.to_string()))
-                        .collect();
-                    match self.call(OP, &self.profile.write, &ctx, &extra).await {
-                        Ok(resp) => {
-                            if receipt.is_none() {
-                                receipt = Some(self.receipt_from(
-                                    self.profile.write_receipt.as_ref(),
-                                    &resp.json,
-                                    default_receipt.clone(),
-                                ));
+                        );
+                        let extra: Vec<(String, String)> = w
+                            .idempotency_header
+                            .iter()
+                            .map(|h| (h.clone(), key.to_string()))
+                            .collect();
+                        match self.call(OP, &w.request, &ctx, &extra).await {
+                            Ok(resp) => {
+                                if receipt.is_none() {
+                                    receipt = Some(self.receipt_from(
+                                        w.receipt.as_ref(),
+                                        &resp.json,
+                                        default_receipt.clone(),
+                                    ));
+                                }
                             }
-                        }
-                        Err(f) if f.class == ErrorClass::NotFound && self.profile.uses_lookup() => {
-                            for it in chunk {
-                                self.forget_id(&it.sku).await?;
+                            Err(f) if f.class == ErrorClass::NotFound && self.profile.uses_lookup() => {
+                                for it in chunk {
+                                    self.forget_id(&it.sku).await?;
+                                }
+                                return Err(AdapterError::Transient(format!(
+                                    "{}; cached ids forgotten, looked up again on retry",
+                                    f.message
+                                )));
                             }
-                            return Err(AdapterError::Transient(format!(
-                                "{}; cached ids forgotten, looked up again on retry",
-                                f.message
-                            )));
+                            Err(f) => return Err(f.into_error()),
                         }
-                        Err(f) => return Err(f.into_error()),
                     }
                 }
                 Ok(Receipt {
@@ -1277,7 +1775,7 @@ impl PortalAdapter for HttpAdapter {
         if endpoint != self.endpoint {
             tracing::warn!(adapter_endpoint = %self.endpoint, asked = %endpoint, "probe for another endpoint");
         }
-        let no_idempotency = self.profile.config().write.idempotency_header.is_none();
+        let no_idempotency = !self.deduplicates();
         let Some((req, receipt_path)) = &self.profile.probe else {
             // No way to ask: the upload reads back before it writes anything.
             if no_idempotency {

@@ -108,14 +108,176 @@ pub struct AuthConfig {
     pub ttl_secs: Option<u64>,
 }
 
-/// The `lookup` table: resolve the platform's id of a SKU.
+/// How a lookup step finds a SKU's record.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LookupMode {
+    /// One request per SKU (variables `sku`, `item`, and earlier steps' `ids`).
+    #[default]
+    PerItem,
+    /// One request per chunk of SKUs (`skus`, `items`): an `sku in [...]` query.
+    PerBatch,
+    /// The platform cannot be asked by SKU: list its records (paginated) and match
+    /// them by SKU client-side.
+    List,
+}
+
+/// One `lookup` step: resolve the platform's ids of a SKU. `lookup` may be a list of
+/// steps (`[[profiles.NAME.lookup]]`): each later step sees the ids found before it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LookupConfig {
-    /// The request (variables: `sku`, `item`).
+    /// Per item (default), per batch of SKUs, or a listing.
+    #[serde(default)]
+    pub mode: LookupMode,
+    /// The request.
     pub request: RequestConfig,
-    /// JSON path of the id in the response; no match means the SKU is unknown there.
-    pub id: String,
+    /// JSON path of the records in the response (required for `per_batch` and `list`;
+    /// `per_item` default: the whole response is the record).
+    #[serde(default)]
+    pub records: Option<String>,
+    /// JSON path of a record's SKU, relative to the record (required for `per_batch`
+    /// and `list`; with `per_item`, the record whose SKU matches is taken).
+    #[serde(default)]
+    pub sku: Option<String>,
+    /// JSON path of the id (relative to the record); a shorthand for `ids = { id = … }`.
+    /// No match means the SKU is unknown at the platform.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Several named ids (e.g. `{ product = "$.product_id", variant = "$.id" }`);
+    /// templates see them as `ids.NAME` (and `id` for the one called `id`).
+    #[serde(default)]
+    pub ids: BTreeMap<String, String>,
+    /// `per_batch`: most SKUs in one request (default 50).
+    #[serde(default)]
+    pub skus_per_request: Option<usize>,
+    /// How the answer is paged (a `list` lookup usually needs it).
+    #[serde(default)]
+    pub pagination: Option<PaginationConfig>,
+}
+
+/// How a listing is paged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PageKind {
+    /// Page numbers: templates use `page` (from `start`, default 1) and `limit`.
+    Page,
+    /// Offsets: templates use `offset` (from `start`, default 0) and `limit`.
+    Offset,
+    /// A cursor in the body (`next`): templates use `cursor` (null on the first page).
+    Cursor,
+    /// The `Link: <…>; rel="next"` response header (same origin as `base_url`).
+    Link,
+}
+
+/// The `pagination` table of a lookup or read-back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PaginationConfig {
+    /// How pages are addressed.
+    pub kind: PageKind,
+    /// Records per page (`limit`; `page`/`offset`: a shorter page is the last).
+    #[serde(default)]
+    pub size: Option<u64>,
+    /// First page number (`page`, default 1) or offset (`offset`, default 0).
+    #[serde(default)]
+    pub start: Option<u64>,
+    /// `cursor`: JSON path of the next cursor (null, absent or empty: the last page).
+    #[serde(default)]
+    pub next: Option<String>,
+    /// `cursor`: optional JSON path of a "has more pages" boolean.
+    #[serde(default)]
+    pub has_more: Option<String>,
+    /// Most pages read in one go (default 1000): more is an error, not a silent cut.
+    #[serde(default = "default_max_pages")]
+    pub max_pages: u32,
+}
+
+fn default_max_pages() -> u32 {
+    1000
+}
+
+/// A field an endpoint may own (write and verify).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Field {
+    /// The stock quantity.
+    Qty,
+    /// The price tiers.
+    Prices,
+}
+
+impl Field {
+    /// Every field.
+    pub const ALL: [Field; 2] = [Field::Qty, Field::Prices];
+
+    /// Its name in configuration.
+    pub fn name(self) -> &'static str {
+        match self {
+            Field::Qty => "qty",
+            Field::Prices => "prices",
+        }
+    }
+
+    /// Parse a comma-separated list (`"qty"`, `"qty, prices"`).
+    pub fn parse_list(text: &str) -> Result<Vec<Field>, String> {
+        let mut out = Vec::new();
+        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let f = match part {
+                "qty" => Field::Qty,
+                "prices" => Field::Prices,
+                other => return Err(format!("unknown field {other:?} (known: qty, prices)")),
+            };
+            if !out.contains(&f) {
+                out.push(f);
+            }
+        }
+        if out.is_empty() {
+            return Err("names no field (known: qty, prices)".into());
+        }
+        out.sort();
+        Ok(out)
+    }
+}
+
+/// One table or a list of them (`[profiles.x.write]` or `[[profiles.x.write]]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum OneOrMany<T> {
+    /// A single table.
+    One(T),
+    /// A list, run in order.
+    Many(Vec<T>),
+}
+
+impl<T> OneOrMany<T> {
+    /// The entries, in order.
+    pub fn as_slice(&self) -> &[T] {
+        match self {
+            OneOrMany::One(t) => std::slice::from_ref(t),
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for OneOrMany<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for V<T> {
+            type Value = OneOrMany<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a table or a list of tables")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, a: A) -> Result<Self::Value, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(a)).map(OneOrMany::One)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, a: A) -> Result<Self::Value, A::Error> {
+                Vec::<T>::deserialize(serde::de::value::SeqAccessDeserializer::new(a))
+                    .map(OneOrMany::Many)
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
 }
 
 /// Per batch (chunks of items) or per item.
@@ -129,10 +291,15 @@ pub enum Mode {
     PerItem,
 }
 
-/// The `write` table.
+/// The `write` table; `write` may be a list of them (`[[profiles.NAME.write]]`), run in
+/// order for each item or chunk (e.g. stock and prices are separate resources).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WriteConfig {
+    /// What this request writes (default: every field); it is skipped for an endpoint
+    /// that owns none of them, and not re-sent when they already show.
+    #[serde(default)]
+    pub fields: Option<Vec<Field>>,
     /// Per batch or per item.
     #[serde(default)]
     pub mode: Mode,
@@ -164,8 +331,10 @@ pub struct ReadConfig {
     /// `per_batch`: JSON path of a record's SKU (relative to the record).
     #[serde(default)]
     pub sku: Option<String>,
-    /// JSON path of the quantity (relative to the record).
-    pub qty: String,
+    /// JSON path of the quantity (relative to the record); required if the profile
+    /// owns `qty`.
+    #[serde(default)]
+    pub qty: Option<String>,
     /// JSON path of the tier list (relative to the record).
     #[serde(default)]
     pub tiers: Option<String>,
@@ -184,6 +353,10 @@ pub struct ReadConfig {
     /// JSON path of the currency code, compared with the endpoint's `currency` setting.
     #[serde(default)]
     pub currency: Option<String>,
+    /// `per_batch`: how the records are paged; reading stops once every SKU of the
+    /// batch was seen.
+    #[serde(default)]
+    pub pagination: Option<PaginationConfig>,
 }
 
 /// How a price is written.
@@ -265,11 +438,15 @@ pub struct ProfileConfig {
     /// Authentication.
     #[serde(default)]
     pub auth: AuthConfig,
-    /// Id lookup.
+    /// What this platform's endpoints write and verify (default both `qty` and
+    /// `prices`); an endpoint's `owns` setting may narrow it.
+    #[serde(default = "default_owns")]
+    pub owns: Vec<Field>,
+    /// Id lookup: one step, or a chain.
     #[serde(default)]
-    pub lookup: Option<LookupConfig>,
-    /// Writes.
-    pub write: WriteConfig,
+    pub lookup: Option<OneOrMany<LookupConfig>>,
+    /// Writes: one request, or several run in order.
+    pub write: OneOrMany<WriteConfig>,
     /// Read-back.
     pub read: ReadConfig,
     /// Probe by key.
@@ -278,6 +455,10 @@ pub struct ProfileConfig {
     /// Body checks applied to every response.
     #[serde(default)]
     pub errors: Vec<ErrorRule>,
+}
+
+fn default_owns() -> Vec<Field> {
+    Field::ALL.to_vec()
 }
 
 fn default_decimals() -> u32 {
@@ -297,7 +478,13 @@ fn default_not_found() -> Vec<u16> {
 pub(crate) enum Scope {
     Login,
     Common,
+    /// JSON paths fixed per endpoint (read-back, batch lookups).
+    Path,
+    /// JSON paths of a per-item lookup.
+    LookupPath,
     Lookup,
+    LookupBatch,
+    LookupList,
     WriteBatch,
     WriteItem,
     ReadBatch,
@@ -306,19 +493,36 @@ pub(crate) enum Scope {
 }
 
 impl Scope {
-    fn vars(self, login: bool, lookup: bool) -> Vec<&'static str> {
-        let mut v = vec!["endpoint", "base_url", "settings", "secrets"];
+    fn vars(self, login: bool, lookup: bool, chained: bool) -> Vec<&'static str> {
+        let mut v = vec!["endpoint", "base_url", "settings"];
+        if matches!(self, Scope::Path | Scope::LookupPath) {
+            if self == Scope::LookupPath {
+                v.extend(["sku", "item"]);
+                if chained {
+                    v.push("ids");
+                }
+            }
+            return v;
+        }
+        v.push("secrets");
         if login && self != Scope::Login {
             v.push("token");
         }
         match self {
-            Scope::Login | Scope::Common => {}
-            Scope::Lookup => v.extend(["sku", "item"]),
+            Scope::Login | Scope::Common | Scope::Path | Scope::LookupPath => {}
+            Scope::Lookup => {
+                v.extend(["sku", "item"]);
+                if chained {
+                    v.push("ids");
+                }
+            }
+            Scope::LookupBatch => v.extend(["skus", "items"]),
+            Scope::LookupList => {}
             Scope::WriteBatch => v.extend(["key", "batch", "items"]),
             Scope::WriteItem | Scope::ReadItem => {
                 v.extend(["key", "batch", "item", "sku"]);
                 if lookup {
-                    v.push("id");
+                    v.extend(["id", "ids"]);
                 }
             }
             Scope::ReadBatch => v.extend(["batch", "items", "skus"]),
@@ -337,11 +541,86 @@ const ITEM_FIELDS: &[&str] = &[
     "price",
     "min_qty",
     "id",
+    "ids",
 ];
 /// Fields of `batch`.
 const BATCH_FIELDS: &[&str] = &["key", "snapshot", "index"];
 /// Template functions that look like variables.
 const GLOBALS: &[&str] = &["range", "dict", "namespace", "debug"];
+
+/// What a template renders to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Text (URLs, header values).
+    Text,
+    /// A JSON document (bodies, GraphQL variables); values are written as JSON.
+    Json,
+    /// A JSON path; values are written as JSON string literals.
+    Path,
+}
+
+/// A JSON path, or a template of one (rendered, then parsed, where it is used).
+#[derive(Debug, Clone)]
+pub(crate) enum PathT {
+    Fixed(JsonPath),
+    Template { name: String, source: String },
+}
+
+impl PathT {
+    /// The path, rendering a template with `ctx`.
+    pub(crate) fn resolve(
+        &self,
+        env: &Environment<'static>,
+        ctx: &minijinja::Value,
+    ) -> Result<JsonPath, String> {
+        match self {
+            PathT::Fixed(p) => Ok(p.clone()),
+            PathT::Template { name, source } => {
+                let text = env
+                    .get_template(name)
+                    .and_then(|t| t.render(ctx))
+                    .map_err(|e| format!("JSON path template {source:?} failed: {e:#}"))?;
+                JsonPath::parse(&text).map_err(|e| {
+                    format!("JSON path template {source:?} rendered to {text:?}, not a JSON path: {e}")
+                })
+            }
+        }
+    }
+}
+
+/// Compiled `pagination`.
+#[derive(Debug, Clone)]
+pub(crate) struct Pagination {
+    pub(crate) kind: PageKind,
+    pub(crate) size: u64,
+    pub(crate) start: u64,
+    pub(crate) next: Option<JsonPath>,
+    pub(crate) has_more: Option<JsonPath>,
+    pub(crate) max_pages: u32,
+}
+
+/// A compiled lookup step.
+#[derive(Debug)]
+pub(crate) struct CompiledLookup {
+    pub(crate) mode: LookupMode,
+    pub(crate) request: CompiledRequest,
+    pub(crate) records: Option<PathT>,
+    pub(crate) sku: Option<PathT>,
+    /// (name, path) of every id it captures.
+    pub(crate) ids: Vec<(String, PathT)>,
+    pub(crate) per_request: usize,
+    pub(crate) pagination: Option<Pagination>,
+}
+
+/// A compiled write request.
+#[derive(Debug)]
+pub(crate) struct CompiledWrite {
+    pub(crate) request: CompiledRequest,
+    pub(crate) fields: Vec<Field>,
+    pub(crate) items_per_request: Option<usize>,
+    pub(crate) idempotency_header: Option<String>,
+    pub(crate) receipt: Option<JsonPath>,
+}
 
 /// A request whose templates are registered in the profile's environment.
 #[derive(Debug, Clone)]
@@ -365,13 +644,54 @@ pub struct Profile {
     pub(crate) login: Option<CompiledRequest>,
     pub(crate) token_path: Option<JsonPath>,
     pub(crate) expires_in_path: Option<JsonPath>,
-    pub(crate) lookup: Option<(CompiledRequest, JsonPath)>,
-    pub(crate) write: CompiledRequest,
-    pub(crate) write_receipt: Option<JsonPath>,
+    /// The lookup chain (empty: no lookup).
+    pub(crate) lookups: Vec<CompiledLookup>,
+    /// Names of every id the chain captures, in order.
+    pub(crate) id_names: Vec<String>,
+    pub(crate) writes: Vec<CompiledWrite>,
+    pub(crate) write_mode: Mode,
     pub(crate) read: CompiledRequest,
-    pub(crate) read_paths: ReadPaths,
+    pub(crate) read_paths: ReadPathsT,
+    pub(crate) read_pagination: Option<Pagination>,
     pub(crate) probe: Option<(CompiledRequest, Option<JsonPath>)>,
     pub(crate) errors: Vec<(JsonPath, ErrorClass, String)>,
+}
+
+/// The read-back's JSON paths, possibly templates (of endpoint settings).
+#[derive(Debug)]
+pub(crate) struct ReadPathsT {
+    pub(crate) records: Option<PathT>,
+    pub(crate) sku: Option<PathT>,
+    pub(crate) qty: Option<PathT>,
+    pub(crate) tiers: Option<(PathT, PathT, PathT)>,
+    pub(crate) price: Option<PathT>,
+    pub(crate) currency: Option<PathT>,
+}
+
+impl ReadPathsT {
+    /// The concrete paths for one endpoint (`ctx`: its settings).
+    pub(crate) fn resolve(
+        &self,
+        env: &Environment<'static>,
+        ctx: &minijinja::Value,
+    ) -> Result<ReadPaths, String> {
+        let r = |p: &Option<PathT>| p.as_ref().map(|p| p.resolve(env, ctx)).transpose();
+        Ok(ReadPaths {
+            records: r(&self.records)?,
+            sku: r(&self.sku)?,
+            qty: r(&self.qty)?,
+            tiers: match &self.tiers {
+                None => None,
+                Some((a, b, c)) => Some((
+                    a.resolve(env, ctx)?,
+                    b.resolve(env, ctx)?,
+                    c.resolve(env, ctx)?,
+                )),
+            },
+            price: r(&self.price)?,
+            currency: r(&self.currency)?,
+        })
+    }
 }
 
 /// Parsed JSON paths of the read-back.
@@ -379,7 +699,7 @@ pub struct Profile {
 pub(crate) struct ReadPaths {
     pub(crate) records: Option<JsonPath>,
     pub(crate) sku: Option<JsonPath>,
-    pub(crate) qty: JsonPath,
+    pub(crate) qty: Option<JsonPath>,
     pub(crate) tiers: Option<(JsonPath, JsonPath, JsonPath)>,
     pub(crate) price: Option<JsonPath>,
     pub(crate) currency: Option<JsonPath>,
@@ -398,7 +718,13 @@ impl Profile {
 
     /// Whether writes or reads need the platform's ids (a `lookup` table exists).
     pub fn uses_lookup(&self) -> bool {
-        self.lookup.is_some()
+        !self.lookups.is_empty()
+    }
+
+    /// Whether the platform de-duplicates re-sent writes: every write request carries an
+    /// idempotency key.
+    pub fn deduplicates(&self) -> bool {
+        self.writes.iter().all(|w| w.idempotency_header.is_some())
     }
 
     /// Compile and validate `config` as profile `name`.
@@ -412,6 +738,13 @@ struct Compiler<'a> {
     env: Environment<'static>,
     login: bool,
     lookup: bool,
+    /// Compiling a lookup step after the first (it sees `ids`).
+    chained: bool,
+    /// Paging variables of the request being compiled.
+    page_vars: &'static [&'static str],
+    /// Variables the templates compiled since the last reset use.
+    used: BTreeSet<String>,
+    id_names: Vec<String>,
     settings: BTreeSet<String>,
     secrets: BTreeSet<String>,
     sample: Value,
@@ -425,7 +758,7 @@ impl<'a> Compiler<'a> {
         // must give): an optional setting could be missing at render time.
         let mut settings: BTreeSet<String> = BTreeSet::from(["base_url".to_owned()]);
         for s in &config.settings {
-            if s == "profile" || s.ends_with("_env") {
+            if RESERVED_SETTINGS.contains(&s.as_str()) || s.ends_with("_env") {
                 return Err(perr(
                     name,
                     "settings",
@@ -444,12 +777,39 @@ impl<'a> Compiler<'a> {
         if config.price_decimals > 6 {
             return Err(perr(name, "price_decimals", "must be at most 6"));
         }
-        let sample = sample_context(&settings, &secrets, config.price_decimals);
+        let mut id_names: Vec<String> = Vec::new();
+        for (i, l) in config.lookup.iter().flat_map(|l| l.as_slice()).enumerate() {
+            let field = lookup_field(config, i);
+            let names: Vec<String> = match (&l.id, l.ids.is_empty()) {
+                (Some(_), true) => vec!["id".to_owned()],
+                (None, false) => l.ids.keys().cloned().collect(),
+                (Some(_), false) => {
+                    return Err(perr(name, &format!("{field}.ids"), "give `id` or `ids`, not both"));
+                }
+                (None, true) => {
+                    return Err(perr(name, &format!("{field}.id"), "give `id` (a JSON path) or `ids` (named JSON paths)"));
+                }
+            };
+            for n in names {
+                if n.is_empty() || !n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    return Err(perr(name, &format!("{field}.ids"), format!("invalid id name {n:?}")));
+                }
+                if id_names.contains(&n) {
+                    return Err(perr(name, &format!("{field}.ids"), format!("id {n:?} is captured twice in the chain")));
+                }
+                id_names.push(n);
+            }
+        }
+        let sample = sample_context(&settings, &secrets, &id_names, config.price_decimals);
         Ok(Self {
             name,
             env,
             login: config.auth.kind == AuthKind::Login,
             lookup: config.lookup.is_some(),
+            chained: false,
+            page_vars: &[],
+            used: BTreeSet::new(),
+            id_names,
             settings,
             secrets,
             sample,
@@ -463,8 +823,9 @@ impl<'a> Compiler<'a> {
         field: &str,
         source: &str,
         scope: Scope,
-        json: bool,
+        kind: Kind,
     ) -> Result<String, ProfileError> {
+        let json = kind != Kind::Text;
         let tname = format!("{field}{}", if json { ".json" } else { ".txt" });
         self.env
             .add_template_owned(tname.clone(), source.to_owned())
@@ -473,7 +834,10 @@ impl<'a> Compiler<'a> {
             .env
             .get_template(&tname)
             .map_err(|e| perr(self.name, field, e))?;
-        let allowed = scope.vars(self.login, self.lookup);
+        let mut allowed = scope.vars(self.login, self.lookup, self.chained);
+        if !matches!(scope, Scope::Path | Scope::LookupPath) {
+            allowed.extend(self.page_vars.iter().copied());
+        }
         let mut used: Vec<String> = tmpl.undeclared_variables(true).into_iter().collect();
         used.sort();
         for var in used {
@@ -483,10 +847,17 @@ impl<'a> Compiler<'a> {
             if GLOBALS.contains(&head) {
                 continue;
             }
+            self.used.insert(head.to_owned());
             if !allowed.contains(&head) {
                 let hint = match head {
                     "token" if !self.login => " (`token` needs auth kind = \"login\")",
-                    "id" if !self.lookup => " (`id` needs a [lookup] table)",
+                    "id" | "ids" if !self.lookup => " (`id` and `ids` need a [lookup] table)",
+                    "page" | "offset" | "cursor" | "limit" => {
+                        " (paging variables need a matching `pagination` table)"
+                    }
+                    _ if matches!(scope, Scope::Path | Scope::LookupPath) => {
+                        " (JSON paths may use endpoint values, not secrets)"
+                    }
                     _ => "",
                 };
                 return Err(perr(
@@ -503,7 +874,8 @@ impl<'a> Compiler<'a> {
             let ok = match head {
                 "settings" => self.settings.contains(sub),
                 "secrets" => self.secrets.contains(sub),
-                "item" => ITEM_FIELDS.contains(&sub) && (sub != "id" || self.lookup),
+                "item" => ITEM_FIELDS.contains(&sub) && (!sub.starts_with("id") || self.lookup),
+                "ids" => self.id_names.iter().any(|n| n == sub),
                 "batch" => BATCH_FIELDS.contains(&sub),
                 _ => true,
             };
@@ -512,6 +884,7 @@ impl<'a> Compiler<'a> {
                     "settings" => self.settings.iter().cloned().collect(),
                     "secrets" => self.secrets.iter().cloned().collect(),
                     "item" => ITEM_FIELDS.iter().map(|s| s.to_string()).collect(),
+                    "ids" => self.id_names.clone(),
                     _ => BATCH_FIELDS.iter().map(|s| s.to_string()).collect(),
                 };
                 return Err(perr(
@@ -548,7 +921,15 @@ impl<'a> Compiler<'a> {
                     ),
                 )
             })?;
-        if json && let Err(e) = serde_json::from_str::<Value>(&out) {
+        if kind == Kind::Path {
+            if let Err(e) = JsonPath::parse(&out) {
+                return Err(perr(
+                    self.name,
+                    field,
+                    format!("template does not render to a JSON path ({e}); sample output: {out}"),
+                ));
+            }
+        } else if json && let Err(e) = serde_json::from_str::<Value>(&out) {
             return Err(perr(
                 self.name,
                 field,
@@ -558,9 +939,120 @@ impl<'a> Compiler<'a> {
         Ok(tname)
     }
 
+    /// A JSON path that is not a template.
     fn path(&self, field: &str, path: &str) -> Result<JsonPath, ProfileError> {
+        if path.contains("{{") || path.contains("{%") {
+            return Err(perr(
+                self.name,
+                field,
+                format!("{path:?} is not a template here: give a plain JSON path"),
+            ));
+        }
         JsonPath::parse(path)
             .map_err(|e| perr(self.name, field, format!("invalid JSON path {path:?}: {e}")))
+    }
+
+    /// A JSON path that may be a template of `scope`'s values (`{{ settings.x }}`,
+    /// `{{ sku }}`), inserted as JSON string literals.
+    fn tpath(&mut self, field: &str, path: &str, scope: Scope) -> Result<PathT, ProfileError> {
+        if !(path.contains("{{") || path.contains("{%")) {
+            return Ok(PathT::Fixed(self.path(field, path)?));
+        }
+        if path.contains("'{{") || path.contains("\"{{") {
+            return Err(perr(
+                self.name,
+                field,
+                format!(
+                    "{path:?}: values are inserted as quoted JSON strings; write `== {{{{ sku }}}}`, not `== '{{{{ sku }}}}'`"
+                ),
+            ));
+        }
+        let name = self.template(field, path, scope, Kind::Path)?;
+        Ok(PathT::Template {
+            name,
+            source: path.to_owned(),
+        })
+    }
+
+    fn pagination(
+        &self,
+        field: &str,
+        p: &PaginationConfig,
+    ) -> Result<Pagination, ProfileError> {
+        let f = |k: &str| format!("{field}.pagination.{k}");
+        if p.max_pages == 0 {
+            return Err(perr(self.name, &f("max_pages"), "must be at least 1"));
+        }
+        if p.size == Some(0) {
+            return Err(perr(self.name, &f("size"), "must be at least 1"));
+        }
+        let size = match (p.kind, p.size) {
+            (PageKind::Page | PageKind::Offset, None) => {
+                return Err(perr(self.name, &f("size"), "required for kind \"page\" and \"offset\" (a shorter page is the last)"));
+            }
+            (_, s) => s.unwrap_or(0),
+        };
+        if p.start.is_some() && !matches!(p.kind, PageKind::Page | PageKind::Offset) {
+            return Err(perr(self.name, &f("start"), "only for kind \"page\" and \"offset\""));
+        }
+        let (next, has_more) = match p.kind {
+            PageKind::Cursor => {
+                let next = p.next.as_deref().ok_or_else(|| {
+                    perr(self.name, &f("next"), "required for kind \"cursor\": the JSON path of the next cursor")
+                })?;
+                (
+                    Some(self.path(&f("next"), next)?),
+                    p.has_more.as_deref().map(|h| self.path(&f("has_more"), h)).transpose()?,
+                )
+            }
+            _ => {
+                if p.next.is_some() || p.has_more.is_some() {
+                    return Err(perr(self.name, &f("next"), "`next` and `has_more` are for kind \"cursor\""));
+                }
+                (None, None)
+            }
+        };
+        Ok(Pagination {
+            kind: p.kind,
+            size,
+            start: p.start.unwrap_or(if p.kind == PageKind::Page { 1 } else { 0 }),
+            next,
+            has_more,
+            max_pages: p.max_pages,
+        })
+    }
+
+    /// Compile a request that may be paged by `pagination`: its templates see the paging
+    /// variables, and must use the one that moves the page.
+    fn paged_request(
+        &mut self,
+        field: &str,
+        req: &RequestConfig,
+        scope: Scope,
+        pagination: Option<&Pagination>,
+    ) -> Result<CompiledRequest, ProfileError> {
+        let (vars, moving): (&'static [&'static str], Option<&str>) = match pagination.map(|p| p.kind) {
+            None => (&[], None),
+            Some(PageKind::Page) => (&["page", "limit"], Some("page")),
+            Some(PageKind::Offset) => (&["offset", "limit"], Some("offset")),
+            Some(PageKind::Cursor) => (&["cursor", "limit"], Some("cursor")),
+            Some(PageKind::Link) => (&["limit"], None),
+        };
+        self.page_vars = vars;
+        self.used.clear();
+        let out = self.request(field, req, scope);
+        self.page_vars = &[];
+        let out = out?;
+        if let Some(m) = moving
+            && !self.used.contains(m)
+        {
+            return Err(perr(
+                self.name,
+                field,
+                format!("is paged by `{m}` but no template of it uses `{{{{ {m} }}}}`: every page would be the first"),
+            ));
+        }
+        Ok(out)
     }
 
     fn request(
@@ -577,13 +1069,13 @@ impl<'a> Compiler<'a> {
                     format!("not an HTTP method: {:?}", req.method),
                 )
             })?;
-        let url = self.template(&format!("{field}.url"), &req.url, scope, false)?;
+        let url = self.template(&format!("{field}.url"), &req.url, scope, Kind::Text)?;
         let mut headers = Vec::new();
         for (h, v) in &req.headers {
             check_header_name(self.name, &format!("{field}.headers"), h)?;
             headers.push((
                 h.clone(),
-                self.template(&format!("{field}.headers.{h}"), v, scope, false)?,
+                self.template(&format!("{field}.headers.{h}"), v, scope, Kind::Text)?,
             ));
         }
         if req.body.is_some() && req.graphql.is_some() {
@@ -594,11 +1086,18 @@ impl<'a> Compiler<'a> {
             ));
         }
         let body = match &req.body {
-            Some(b) => Some(self.template(&format!("{field}.body"), b, scope, true)?),
+            Some(b) => Some(self.template(&format!("{field}.body"), b, scope, Kind::Json)?),
             None => None,
         };
         let graphql = match &req.graphql {
             Some(g) => {
+                if g.query.contains("{{") || g.query.contains("{%") {
+                    return Err(perr(
+                        self.name,
+                        &format!("{field}.graphql.query"),
+                        "is sent verbatim, not a template: pass values through `variables`",
+                    ));
+                }
                 if g.query.trim().is_empty() {
                     return Err(perr(
                         self.name,
@@ -611,7 +1110,7 @@ impl<'a> Compiler<'a> {
                         &format!("{field}.graphql.variables"),
                         v,
                         scope,
-                        true,
+                        Kind::Json,
                     )?),
                     None => None,
                 };
@@ -635,7 +1134,7 @@ impl<'a> Compiler<'a> {
             check_header_name(name, "headers", h)?;
             headers.push((
                 h.clone(),
-                self.template(&format!("headers.{h}"), v, Scope::Common, false)?,
+                self.template(&format!("headers.{h}"), v, Scope::Common, Kind::Text)?,
             ));
         }
         let auth = &config.auth;
@@ -669,7 +1168,7 @@ impl<'a> Compiler<'a> {
                     .value
                     .as_deref()
                     .ok_or_else(|| perr(name, "auth.value", "required for auth kind \"header\""))?;
-                let t = self.template("auth.value", value, Scope::Common, false)?;
+                let t = self.template("auth.value", value, Scope::Common, Kind::Text)?;
                 auth_header = Some((header, t));
                 if auth.login.is_some() {
                     return Err(perr(name, "auth.login", "only for auth kind \"login\""));
@@ -701,52 +1200,142 @@ impl<'a> Compiler<'a> {
                     .unwrap_or_else(|| "Authorization".into());
                 check_header_name(name, "auth.header", &header)?;
                 let value = auth.value.as_deref().unwrap_or("Bearer {{ token }}");
-                let t = self.template("auth.value", value, Scope::Common, false)?;
+                let t = self.template("auth.value", value, Scope::Common, Kind::Text)?;
                 auth_header = Some((header, t));
             }
         }
-        let lookup = match &config.lookup {
-            Some(l) => Some((
-                self.request("lookup.request", &l.request, Scope::Lookup)?,
-                self.path("lookup.id", &l.id)?,
-            )),
-            None => None,
-        };
-        let w = &config.write;
-        if w.items_per_request == Some(0) {
-            return Err(perr(name, "write.items_per_request", "must be at least 1"));
+        let mut lookups = Vec::new();
+        for (i, l) in config.lookup.iter().flat_map(|l| l.as_slice()).enumerate() {
+            let field = lookup_field(&config, i);
+            self.chained = i > 0;
+            let pagination = l
+                .pagination
+                .as_ref()
+                .map(|p| self.pagination(&field, p))
+                .transpose()?;
+            let (scope, path_scope) = match l.mode {
+                LookupMode::PerItem => (Scope::Lookup, Scope::LookupPath),
+                LookupMode::PerBatch => (Scope::LookupBatch, Scope::Path),
+                LookupMode::List => (Scope::LookupList, Scope::Path),
+            };
+            if l.mode != LookupMode::PerBatch && l.skus_per_request.is_some() {
+                return Err(perr(name, &format!("{field}.skus_per_request"), "only for mode = \"per_batch\""));
+            }
+            if l.skus_per_request == Some(0) {
+                return Err(perr(name, &format!("{field}.skus_per_request"), "must be at least 1"));
+            }
+            if l.mode != LookupMode::PerItem && (l.records.is_none() || l.sku.is_none()) {
+                return Err(perr(
+                    name,
+                    &format!("{field}.records"),
+                    "mode = \"per_batch\" and \"list\" need `records` and `sku` paths (records are matched to SKUs by `sku`)",
+                ));
+            }
+            let request = self.paged_request(&format!("{field}.request"), &l.request, scope, pagination.as_ref())?;
+            let records = l.records.as_deref().map(|p| self.tpath(&format!("{field}.records"), p, path_scope)).transpose()?;
+            let sku = l.sku.as_deref().map(|p| self.tpath(&format!("{field}.sku"), p, path_scope)).transpose()?;
+            let mut ids = Vec::new();
+            if let Some(p) = &l.id {
+                ids.push(("id".to_owned(), self.tpath(&format!("{field}.id"), p, path_scope)?));
+            }
+            for (n, p) in &l.ids {
+                ids.push((n.clone(), self.tpath(&format!("{field}.ids.{n}"), p, path_scope)?));
+            }
+            lookups.push(CompiledLookup {
+                mode: l.mode,
+                request,
+                records,
+                sku,
+                ids,
+                per_request: l.skus_per_request.unwrap_or(50),
+                pagination,
+            });
         }
-        if w.mode == Mode::PerItem && w.items_per_request.is_some() {
-            return Err(perr(
-                name,
-                "write.items_per_request",
-                "only for mode = \"per_batch\"",
-            ));
+        self.chained = false;
+        if config.owns.is_empty() {
+            return Err(perr(name, "owns", "names no field (known: qty, prices)"));
         }
-        if let Some(h) = &w.idempotency_header {
-            check_header_name(name, "write.idempotency_header", h)?;
+        let mut owns = config.owns.clone();
+        owns.sort();
+        owns.dedup();
+        let write_list = config.write.as_slice();
+        if write_list.is_empty() {
+            return Err(perr(name, "write", "needs at least one request"));
         }
-        let write_scope = match w.mode {
-            Mode::PerBatch => Scope::WriteBatch,
-            Mode::PerItem => Scope::WriteItem,
-        };
-        let write = self.request("write.request", &w.request, write_scope)?;
-        let write_receipt = match &w.receipt {
-            Some(p) => Some(self.path("write.receipt", p)?),
-            None => None,
-        };
+        let write_mode = write_list[0].mode;
+        let mut writes = Vec::new();
+        for (i, w) in write_list.iter().enumerate() {
+            let field = if write_list.len() == 1 && matches!(config.write, OneOrMany::One(_)) {
+                "write".to_owned()
+            } else {
+                format!("write[{i}]")
+            };
+            if w.mode != write_mode {
+                return Err(perr(name, &format!("{field}.mode"), "every write request must have the same mode"));
+            }
+            if w.items_per_request == Some(0) {
+                return Err(perr(name, &format!("{field}.items_per_request"), "must be at least 1"));
+            }
+            if w.mode == Mode::PerItem && w.items_per_request.is_some() {
+                return Err(perr(
+                    name,
+                    &format!("{field}.items_per_request"),
+                    "only for mode = \"per_batch\"",
+                ));
+            }
+            if let Some(h) = &w.idempotency_header {
+                check_header_name(name, &format!("{field}.idempotency_header"), h)?;
+            }
+            let mut fields = w.fields.clone().unwrap_or_else(|| owns.clone());
+            fields.sort();
+            fields.dedup();
+            if fields.is_empty() {
+                return Err(perr(name, &format!("{field}.fields"), "names no field (known: qty, prices)"));
+            }
+            if let Some(f) = fields.iter().find(|f| !owns.contains(f)) {
+                return Err(perr(name, &format!("{field}.fields"), format!("writes {:?}, which `owns` does not list", f.name())));
+            }
+            let write_scope = match w.mode {
+                Mode::PerBatch => Scope::WriteBatch,
+                Mode::PerItem => Scope::WriteItem,
+            };
+            let request = self.request(&format!("{field}.request"), &w.request, write_scope)?;
+            let receipt = match &w.receipt {
+                Some(p) => Some(self.path(&format!("{field}.receipt"), p)?),
+                None => None,
+            };
+            writes.push(CompiledWrite {
+                request,
+                fields,
+                items_per_request: w.items_per_request,
+                idempotency_header: w.idempotency_header.clone(),
+                receipt,
+            });
+        }
+        for f in &owns {
+            if !writes.iter().any(|w| w.fields.contains(f)) {
+                return Err(perr(name, "write", format!("no write request writes {:?}, which `owns` lists", f.name())));
+            }
+        }
         let r = &config.read;
         let read_scope = match r.mode {
             Mode::PerBatch => Scope::ReadBatch,
             Mode::PerItem => Scope::ReadItem,
         };
-        let read = self.request("read.request", &r.request, read_scope)?;
-        let opt =
-            |s: &Self, f: &str, p: &Option<String>| -> Result<Option<JsonPath>, ProfileError> {
-                p.as_deref().map(|p| s.path(f, p)).transpose()
-            };
-        let records = opt(&self, "read.records", &r.records)?;
-        let sku = opt(&self, "read.sku", &r.sku)?;
+        let read_pagination = r
+            .pagination
+            .as_ref()
+            .map(|p| self.pagination("read", p))
+            .transpose()?;
+        if read_pagination.is_some() && r.mode == Mode::PerItem {
+            return Err(perr(name, "read.pagination", "only for mode = \"per_batch\""));
+        }
+        let read = self.paged_request("read.request", &r.request, read_scope, read_pagination.as_ref())?;
+        let opt = |s: &mut Self, f: &str, p: &Option<String>| -> Result<Option<PathT>, ProfileError> {
+            p.as_deref().map(|p| s.tpath(f, p, Scope::Path)).transpose()
+        };
+        let records = opt(&mut self, "read.records", &r.records)?;
+        let sku = opt(&mut self, "read.sku", &r.sku)?;
         if r.mode == Mode::PerBatch && (records.is_none() || sku.is_none()) {
             return Err(perr(
                 name,
@@ -757,9 +1346,9 @@ impl<'a> Compiler<'a> {
         let tiers = match (&r.tiers, &r.tier_min_qty, &r.tier_price) {
             (None, None, None) => None,
             (Some(t), Some(m), Some(p)) => Some((
-                self.path("read.tiers", t)?,
-                self.path("read.tier_min_qty", m)?,
-                self.path("read.tier_price", p)?,
+                self.tpath("read.tiers", t, Scope::Path)?,
+                self.tpath("read.tier_min_qty", m, Scope::Path)?,
+                self.tpath("read.tier_price", p, Scope::Path)?,
             )),
             _ => {
                 return Err(perr(
@@ -769,26 +1358,36 @@ impl<'a> Compiler<'a> {
                 ));
             }
         };
-        let price = opt(&self, "read.price", &r.price)?;
-        if tiers.is_some() == price.is_some() {
+        let price = opt(&mut self, "read.price", &r.price)?;
+        if tiers.is_some() && price.is_some() {
             return Err(perr(
                 name,
                 "read.price",
-                "give either `price` or `tiers` (with `tier_min_qty`, `tier_price`)",
+                "give either `price` or `tiers` (with `tier_min_qty`, `tier_price`), not both",
             ));
         }
-        let read_paths = ReadPaths {
+        let qty = opt(&mut self, "read.qty", &r.qty)?;
+        if owns.contains(&Field::Qty) && qty.is_none() {
+            return Err(perr(name, "read.qty", "required: the profile owns `qty` (verify reads it back); set `owns = [\"prices\"]` if another system owns the stock"));
+        }
+        if owns.contains(&Field::Prices) && tiers.is_none() && price.is_none() {
+            return Err(perr(name, "read.price", "give `price` or `tiers` (with `tier_min_qty`, `tier_price`): the profile owns `prices` (verify reads them back); set `owns = [\"qty\"]` if another system owns the prices"));
+        }
+        let read_paths = ReadPathsT {
             records,
             sku,
-            qty: self.path("read.qty", &r.qty)?,
+            qty,
             tiers,
             price,
-            currency: opt(&self, "read.currency", &r.currency)?,
+            currency: opt(&mut self, "read.currency", &r.currency)?,
         };
         let probe = match &config.probe {
             Some(p) => Some((
                 self.request("probe.request", &p.request, Scope::Probe)?,
-                opt(&self, "probe.receipt", &p.receipt)?,
+                p.receipt
+                    .as_deref()
+                    .map(|x| self.path("probe.receipt", x))
+                    .transpose()?,
             )),
             None => None,
         };
@@ -808,17 +1407,30 @@ impl<'a> Compiler<'a> {
             login,
             token_path,
             expires_in_path,
-            lookup,
-            write,
-            write_receipt,
+            lookups,
+            id_names: self.id_names,
+            writes,
+            write_mode,
             read,
             read_paths,
+            read_pagination,
             probe,
             errors,
-            config,
+            config: ProfileConfig { owns, ..config },
         })
     }
 }
+
+/// The field name of lookup step `i` in errors.
+fn lookup_field(config: &ProfileConfig, i: usize) -> String {
+    match &config.lookup {
+        Some(OneOrMany::Many(_)) => format!("lookup[{i}]"),
+        _ => "lookup".to_owned(),
+    }
+}
+
+/// Endpoint settings with a meaning of their own (a profile cannot declare them).
+pub(crate) const RESERVED_SETTINGS: &[&str] = &["profile", "owns", "mapping", "timeout_ms", "currency"];
 
 fn check_header_name(profile: &str, field: &str, h: &str) -> Result<(), ProfileError> {
     reqwest::header::HeaderName::from_bytes(h.as_bytes())
@@ -843,10 +1455,13 @@ pub(crate) fn minor_to_decimal(minor: i64, decimals: u32) -> String {
     )
 }
 
-/// The template view of one item (with its remote id, if known).
+/// The platform's ids of one SKU, by name.
+pub(crate) type Ids = BTreeMap<String, String>;
+
+/// The template view of one item (with its remote ids, if known).
 pub(crate) fn item_value(
     item: &bulwark_workflows::catalog::Item,
-    id: Option<&str>,
+    ids: Option<&Ids>,
     decimals: u32,
 ) -> Value {
     let tiers: Vec<Value> = item
@@ -868,11 +1483,17 @@ pub(crate) fn item_value(
         "price_minor": first.map(|t| t.price_minor),
         "price": first.map(|t| minor_to_decimal(t.price_minor, decimals)),
         "min_qty": first.map(|t| t.min_qty),
-        "id": id,
+        "id": ids.and_then(|i| i.get("id")),
+        "ids": ids,
     })
 }
 
-fn sample_context(settings: &BTreeSet<String>, secrets: &BTreeSet<String>, decimals: u32) -> Value {
+fn sample_context(
+    settings: &BTreeSet<String>,
+    secrets: &BTreeSet<String>,
+    id_names: &[String],
+    decimals: u32,
+) -> Value {
     let item = bulwark_workflows::catalog::Item {
         sku: "SKU-1".into(),
         qty: 5,
@@ -887,7 +1508,11 @@ fn sample_context(settings: &BTreeSet<String>, secrets: &BTreeSet<String>, decim
             },
         ],
     };
-    let iv = item_value(&item, Some("sample-id"), decimals);
+    let ids: Ids = id_names
+        .iter()
+        .map(|n| (n.clone(), format!("sample-{n}")))
+        .collect();
+    let iv = item_value(&item, Some(&ids), decimals);
     let settings: serde_json::Map<String, Value> = settings
         .iter()
         .map(|s| (s.clone(), Value::String(format!("sample-{s}"))))
@@ -909,6 +1534,11 @@ fn sample_context(settings: &BTreeSet<String>, secrets: &BTreeSet<String>, decim
         "item": iv,
         "sku": "SKU-1",
         "id": "sample-id",
+        "ids": ids,
+        "page": 1,
+        "offset": 0,
+        "limit": 50,
+        "cursor": "sample-cursor",
     })
 }
 
