@@ -34,6 +34,25 @@
 //! * `product(id:)` → `data.product {id, sku, quantity, tiers [{minQty, amountMinor}],
 //!   currency}` or `null`. Prices are integer minor units.
 //!
+//! # Catalog (`/catalog/{endpoint}/…`)
+//!
+//! A platform that cannot be asked by SKU, whose stock and prices are separate resources
+//! addressed by different ids. Header `X-Api-Key` must carry the configured key (else
+//! 401). Products exist only once [`ApiSimHandle::seed_catalog`] created them.
+//!
+//! * `GET /catalog/{e}/products?limit=L` plus one of `page=N` (from 1), `offset=O`,
+//!   `cursor=C` → `{"products": [{"id", "title", "variants": [{"id", "product_id", "sku",
+//!   "inventory_item_id", "prices": [{"min_qty", "amount"}], "inventory_levels":
+//!   [{"location_id", "available"}]}]}], "next_cursor"}`, sorted by SKU, with a relative
+//!   `Link: <…?cursor=…>; rel="next"` while more follow. No SKU filter exists.
+//! * `GET /catalog/{e}/products/{id}` → `{"product": {…}}` or 404.
+//! * `POST /catalog/{e}/inventory_levels/set` `{"inventory_item_id", "location_id",
+//!   "available"}` sets the stock (location [`CATALOG_LOCATION`]; 422 otherwise).
+//! * `PUT /catalog/{e}/products/{product}/variants/{variant}` `{"variant": {"prices":
+//!   [{"min_qty", "amount"}]}}` sets the prices (404 unless the ids belong together).
+//!
+//! Every write request counts in [`ApiSimHandle::writes_for`] (two per item here).
+//!
 //! # Faults
 //!
 //! * [`ApiSimHandle::lose_next_writes`]: the next writes of an endpoint are **applied, then
@@ -103,11 +122,16 @@ pub struct ApiSimStats {
     pub responses_lost: u64,
     /// Requests failed by [`ApiSimHandle::fail_requests`].
     pub faults_injected: u64,
+    /// Catalog listing pages served.
+    pub pages: u64,
 }
 
 #[derive(Debug, Clone)]
 struct Product {
     id: String,
+    /// Catalog mode: its one variant's id and inventory item's id.
+    variant: String,
+    inventory_item: String,
     sku: String,
     qty: i64,
     tiers: Vec<PriceTier>,
@@ -118,7 +142,7 @@ struct Product {
 struct EpData {
     /// By SKU.
     products: HashMap<String, Product>,
-    /// Id → SKU.
+    /// Id → SKU (product, variant and inventory item ids alike).
     ids: HashMap<String, String>,
     lose_writes: u32,
     /// SKUs every write of which is refused (422 / `userErrors`).
@@ -137,6 +161,7 @@ struct Counters {
     reads: AtomicU64,
     responses_lost: AtomicU64,
     faults_injected: AtomicU64,
+    pages: AtomicU64,
 }
 
 struct Inner {
@@ -179,17 +204,7 @@ impl Inner {
             } else {
                 format!("p-{n}")
             };
-            ep.products.insert(
-                sku.to_owned(),
-                Product {
-                    id: id.clone(),
-                    sku: sku.to_owned(),
-                    qty: 0,
-                    tiers: Vec::new(),
-                    writes: 0,
-                },
-            );
-            ep.ids.insert(id.clone(), sku.to_owned());
+            insert_product(ep, sku, id.clone(), n);
             id
         })
     }
@@ -221,19 +236,39 @@ impl Inner {
         qty: i64,
         tiers: Vec<PriceTier>,
     ) -> Result<bool, Option<String>> {
+        self.apply_with(
+            endpoint,
+            |p| p.id == id,
+            id,
+            |p| {
+                if qty < 0 {
+                    return Err("must not be negative".to_owned());
+                }
+                p.qty = qty;
+                p.tiers = tiers;
+                Ok(())
+            },
+        )
+    }
+
+    /// Apply `change` to the product that `id` names (if `is_it` agrees), with the
+    /// faults and refusals every write gets.
+    fn apply_with(
+        &self,
+        endpoint: &str,
+        is_it: impl Fn(&Product) -> bool,
+        id: &str,
+        change: impl FnOnce(&mut Product) -> Result<(), String>,
+    ) -> Result<bool, Option<String>> {
         let result = self.with_ep(endpoint, |ep| {
             let Some(sku) = ep.ids.get(id).cloned() else {
                 return Err(None);
             };
-            if qty < 0 {
-                return Err(Some("must not be negative".to_owned()));
-            }
             if ep.refuse_skus.contains(&sku) {
                 return Err(Some(format!("SKU {sku} cannot be sold in this shop")));
             }
-            let p = ep.products.get_mut(&sku).ok_or(None)?;
-            p.qty = qty;
-            p.tiers = tiers;
+            let p = ep.products.get_mut(&sku).filter(|p| is_it(p)).ok_or(None)?;
+            change(p).map_err(Some)?;
             p.writes += 1;
             let lose = ep.lose_writes > 0;
             if lose {
@@ -251,7 +286,11 @@ impl Inner {
     fn product_by_id(&self, endpoint: &str, id: &str) -> Option<Product> {
         self.counters.reads.fetch_add(1, Ordering::Relaxed);
         self.with_ep(endpoint, |ep| {
-            ep.ids.get(id).and_then(|sku| ep.products.get(sku)).cloned()
+            ep.ids
+                .get(id)
+                .and_then(|sku| ep.products.get(sku))
+                .filter(|p| p.id == id)
+                .cloned()
         })
     }
 
@@ -262,6 +301,23 @@ impl Inner {
         // closed before any response. `resume_unwind` skips the panic hook (no noise).
         std::panic::resume_unwind(Box::new("simulated lost response"))
     }
+}
+
+/// Add a product (with its catalog variant and inventory item) to `ep`.
+fn insert_product(ep: &mut EpData, sku: &str, id: String, n: u64) {
+    let p = Product {
+        variant: format!("v-{n}"),
+        inventory_item: format!("ii-{n}"),
+        id,
+        sku: sku.to_owned(),
+        qty: 0,
+        tiers: Vec::new(),
+        writes: 0,
+    };
+    for k in [&p.id, &p.variant, &p.inventory_item] {
+        ep.ids.insert(k.clone(), sku.to_owned());
+    }
+    ep.products.insert(sku.to_owned(), p);
 }
 
 fn minor_to_amount(minor: i64) -> String {
@@ -542,6 +598,16 @@ fn router(state: Shared) -> Router {
             get(rest_get).patch(rest_patch),
         )
         .route("/graphql/{endpoint}", post(graphql))
+        .route("/catalog/{endpoint}/products", get(catalog_list))
+        .route("/catalog/{endpoint}/products/{id}", get(catalog_get))
+        .route(
+            "/catalog/{endpoint}/products/{product}/variants/{variant}",
+            axum::routing::put(catalog_put_variant),
+        )
+        .route(
+            "/catalog/{endpoint}/inventory_levels/set",
+            post(catalog_set_inventory),
+        )
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             inject_faults,
@@ -579,6 +645,265 @@ async fn inject_faults(
             let _ = next.run(req).await;
             s.lose_response()
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Catalog (a listing without a SKU filter; stock and prices as separate resources)
+// ---------------------------------------------------------------------------------------
+
+/// The one location catalog stock lives at.
+pub const CATALOG_LOCATION: &str = "loc-1";
+/// Largest page the catalog listing serves.
+pub const CATALOG_MAX_LIMIT: usize = 250;
+
+fn catalog_key_ok(s: &Inner, headers: &HeaderMap) -> bool {
+    let ok = headers
+        .get("x-api-key")
+        .is_some_and(|v| v.as_bytes() == s.config.api_key.as_bytes());
+    if !ok {
+        s.counters.auth_refusals.fetch_add(1, Ordering::Relaxed);
+    }
+    ok
+}
+
+fn catalog_unauthorized() -> Response {
+    status_json(
+        StatusCode::UNAUTHORIZED,
+        json!({"errors": "invalid API key"}),
+    )
+}
+
+fn catalog_product(p: &Product) -> Value {
+    json!({
+        "id": p.id,
+        "title": format!("Product {}", p.sku),
+        "variants": [{
+            "id": p.variant,
+            "product_id": p.id,
+            "sku": p.sku,
+            "inventory_item_id": p.inventory_item,
+            "prices": p.tiers.iter().map(|t| json!({"min_qty": t.min_qty, "amount": minor_to_amount(t.price_minor)})).collect::<Vec<_>>(),
+            "inventory_levels": [{"location_id": CATALOG_LOCATION, "available": p.qty}],
+        }],
+    })
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    page: Option<usize>,
+    offset: Option<usize>,
+    cursor: Option<String>,
+    limit: Option<usize>,
+}
+
+fn catalog_cursor(offset: usize) -> String {
+    format!("c{:x}", offset ^ 0x5a5a)
+}
+
+fn catalog_offset(cursor: &str) -> Option<usize> {
+    usize::from_str_radix(cursor.strip_prefix('c')?, 16)
+        .ok()
+        .map(|o| o ^ 0x5a5a)
+}
+
+async fn catalog_list(
+    State(s): State<Shared>,
+    UrlPath(endpoint): UrlPath<String>,
+    headers: HeaderMap,
+    Query(q): Query<ListQuery>,
+) -> Response {
+    if !catalog_key_ok(&s, &headers) {
+        return catalog_unauthorized();
+    }
+    let limit = q.limit.unwrap_or(50);
+    if limit == 0 || limit > CATALOG_MAX_LIMIT {
+        return status_json(
+            StatusCode::BAD_REQUEST,
+            json!({"errors": format!("limit must be 1..={CATALOG_MAX_LIMIT}")}),
+        );
+    }
+    let offset = match (q.page, q.offset, q.cursor.as_deref()) {
+        (Some(p), None, None) if p >= 1 => (p - 1) * limit,
+        (None, Some(o), None) => o,
+        (None, None, Some(c)) => match catalog_offset(c) {
+            Some(o) => o,
+            None => {
+                return status_json(StatusCode::BAD_REQUEST, json!({"errors": "invalid cursor"}));
+            }
+        },
+        (None, None, None) => 0,
+        _ => {
+            return status_json(
+                StatusCode::BAD_REQUEST,
+                json!({"errors": "give one of page (from 1), offset, cursor"}),
+            );
+        }
+    };
+    s.counters.pages.fetch_add(1, Ordering::Relaxed);
+    let (page, total): (Vec<Value>, usize) = s.with_ep(&endpoint, |ep| {
+        let mut all: Vec<&Product> = ep.products.values().collect();
+        all.sort_by(|a, b| a.sku.cmp(&b.sku));
+        (
+            all.iter()
+                .skip(offset)
+                .take(limit)
+                .map(|p| catalog_product(p))
+                .collect(),
+            all.len(),
+        )
+    });
+    let next = offset + page.len();
+    let more = next < total;
+    let body = json!({
+        "products": page,
+        "next_cursor": if more { Value::String(catalog_cursor(next)) } else { Value::Null },
+    });
+    if more {
+        let link = format!(
+            "</catalog/{endpoint}/products?cursor={}&limit={limit}>; rel=\"next\"",
+            catalog_cursor(next)
+        );
+        ([(header::LINK, link)], Json(body)).into_response()
+    } else {
+        Json(body).into_response()
+    }
+}
+
+async fn catalog_get(
+    State(s): State<Shared>,
+    UrlPath((endpoint, id)): UrlPath<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    if !catalog_key_ok(&s, &headers) {
+        return catalog_unauthorized();
+    }
+    match s.product_by_id(&endpoint, &id) {
+        None => status_json(StatusCode::NOT_FOUND, json!({"errors": "Not Found"})),
+        Some(p) => Json(json!({"product": catalog_product(&p)})).into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+struct InventorySet {
+    inventory_item_id: String,
+    location_id: String,
+    available: i64,
+}
+
+async fn catalog_set_inventory(
+    State(s): State<Shared>,
+    UrlPath(endpoint): UrlPath<String>,
+    headers: HeaderMap,
+    body: Result<Json<InventorySet>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if !catalog_key_ok(&s, &headers) {
+        return catalog_unauthorized();
+    }
+    let Json(b) = match body {
+        Ok(b) => b,
+        Err(e) => {
+            return status_json(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                json!({"errors": {"body": [e.body_text()]}}),
+            );
+        }
+    };
+    if b.location_id != CATALOG_LOCATION {
+        return status_json(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json!({"errors": {"location_id": [format!("unknown location {:?}", b.location_id)]}}),
+        );
+    }
+    let item = b.inventory_item_id.clone();
+    let result = s.apply_with(
+        &endpoint,
+        |p| p.inventory_item == item,
+        &b.inventory_item_id,
+        |p| {
+            if b.available < 0 {
+                return Err("available must not be negative".into());
+            }
+            p.qty = b.available;
+            Ok(())
+        },
+    );
+    match result {
+        Ok(true) => s.lose_response(),
+        Ok(false) => Json(json!({"inventory_level": {
+            "inventory_item_id": b.inventory_item_id,
+            "location_id": b.location_id,
+            "available": b.available,
+        }}))
+        .into_response(),
+        Err(None) => status_json(StatusCode::NOT_FOUND, json!({"errors": "Not Found"})),
+        Err(Some(m)) => status_json(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json!({"errors": {"available": [m]}}),
+        ),
+    }
+}
+
+#[derive(Deserialize)]
+struct VariantPut {
+    variant: VariantPrices,
+}
+
+#[derive(Deserialize)]
+struct VariantPrices {
+    prices: Vec<RestPrice>,
+}
+
+async fn catalog_put_variant(
+    State(s): State<Shared>,
+    UrlPath((endpoint, product, variant)): UrlPath<(String, String, String)>,
+    headers: HeaderMap,
+    body: Result<Json<VariantPut>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if !catalog_key_ok(&s, &headers) {
+        return catalog_unauthorized();
+    }
+    let Json(b) = match body {
+        Ok(b) => b,
+        Err(e) => {
+            return status_json(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                json!({"errors": {"body": [e.body_text()]}}),
+            );
+        }
+    };
+    let mut tiers = Vec::new();
+    for p in &b.variant.prices {
+        let Some(minor) = amount_to_minor(&p.amount) else {
+            return status_json(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                json!({"errors": {"prices": [format!("amount {:?} is not a decimal with 2 places", p.amount)]}}),
+            );
+        };
+        tiers.push(PriceTier {
+            min_qty: p.min_qty,
+            price_minor: minor,
+        });
+    }
+    let result = s.apply_with(
+        &endpoint,
+        |p| p.variant == variant && p.id == product,
+        &variant,
+        |p| {
+            p.tiers = tiers;
+            Ok(())
+        },
+    );
+    match result {
+        Ok(true) => s.lose_response(),
+        Ok(false) => {
+            Json(json!({"variant": {"id": variant, "product_id": product}})).into_response()
+        }
+        Err(None) => status_json(StatusCode::NOT_FOUND, json!({"errors": "Not Found"})),
+        Err(Some(m)) => status_json(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json!({"errors": {"prices": [m]}}),
+        ),
     }
 }
 
@@ -634,6 +959,25 @@ impl ApiSimHandle {
         format!("{}/graphql/{endpoint}", self.origin())
     }
 
+    /// `base_url` of an endpoint's catalog API: `http://{addr}/catalog/{endpoint}`.
+    pub fn catalog_base_url(&self, endpoint: &str) -> String {
+        format!("{}/catalog/{endpoint}", self.origin())
+    }
+
+    /// Create catalog products for `skus` at `endpoint` (quantity 0, no prices), as a
+    /// shop whose products exist before any sync: the catalog API cannot create them.
+    pub fn seed_catalog(&self, endpoint: &str, skus: &[String]) {
+        let inner = &self.inner;
+        inner.with_ep(endpoint, |ep| {
+            for sku in skus {
+                if !ep.products.contains_key(sku) {
+                    let n = inner.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+                    insert_product(ep, sku, format!("p-{n}"), n);
+                }
+            }
+        });
+    }
+
     fn origin(&self) -> String {
         format!("{}://{}", self.scheme, self.addr)
     }
@@ -651,6 +995,7 @@ impl ApiSimHandle {
             reads: l(&c.reads),
             responses_lost: l(&c.responses_lost),
             faults_injected: l(&c.faults_injected),
+            pages: l(&c.pages),
         }
     }
 
@@ -740,7 +1085,11 @@ impl ApiSimHandle {
                 } else {
                     format!("p-{n}")
                 };
-                ep.ids.insert(p.id.clone(), p.sku.clone());
+                p.variant = format!("v-{n}");
+                p.inventory_item = format!("ii-{n}");
+                for k in [&p.id, &p.variant, &p.inventory_item] {
+                    ep.ids.insert(k.clone(), p.sku.clone());
+                }
             }
         });
     }

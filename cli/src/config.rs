@@ -593,7 +593,9 @@ impl Config {
             // Bulwark's own schema (migrations, which include the id cache's table) comes
             // first: a fresh database must not start with a foreign table in it.
             let cache: Arc<dyn IdCache> = match bulwark_engine::Backend::open(db).await? {
-                bulwark_engine::Backend::Postgres(pg) => Arc::new(PgIdCache::new(pg.pool().clone())),
+                bulwark_engine::Backend::Postgres(pg) => {
+                    Arc::new(PgIdCache::new(pg.pool().clone()))
+                }
                 bulwark_engine::Backend::Sqlite(lite) => Arc::new(
                     SqliteIdCache::new(lite.pool().clone())
                         .await

@@ -17,8 +17,8 @@ use uuid::Uuid;
 
 use super::cache::IdCache;
 use super::profile::{
-    AuthKind, CompiledLookup, CompiledRequest, ErrorClass, Field, Ids, LookupMode, Mode,
-    PageKind, Pagination, PriceUnit, Profile, Profiles, RESERVED_SETTINGS, ReadPaths, item_value,
+    AuthKind, CompiledLookup, CompiledRequest, ErrorClass, Field, Ids, LookupMode, Mode, PageKind,
+    Pagination, PriceUnit, Profile, Profiles, RESERVED_SETTINGS, ReadPaths, item_value,
 };
 use super::secrets::{REDACTED, Redactor, Secrets};
 use crate::transport::{TRANSPORT_KEYS, describe_send_error, error_chain};
@@ -175,6 +175,16 @@ struct TokenState {
     generation: u64,
 }
 
+/// Where a paged listing goes on.
+#[derive(Debug, Clone, Default)]
+struct PageState {
+    started: bool,
+    page: u64,
+    offset: u64,
+    cursor: Option<String>,
+    url: Option<String>,
+}
+
 /// What one SKU shows at the platform.
 #[derive(Debug, PartialEq)]
 struct Shown {
@@ -206,7 +216,7 @@ pub struct HttpAdapter {
     owns: Vec<Field>,
     /// Listing lookups run one at a time: a second batch waiting for the first finds
     /// most of its ids in the cache the first filled.
-    listing: tokio::sync::Mutex<()>,
+    listing: tokio::sync::Mutex<PageState>,
 }
 
 impl fmt::Debug for HttpAdapter {
@@ -293,14 +303,19 @@ impl HttpAdapter {
                 continue;
             }
             if k == "owns" {
-                owns = Field::parse_list(v).map_err(|e| cfg_err(id, format!("setting `owns`: {e}")))?;
+                owns = Field::parse_list(v)
+                    .map_err(|e| cfg_err(id, format!("setting `owns`: {e}")))?;
                 if let Some(f) = owns.iter().find(|f| !pc.owns.contains(f)) {
                     return Err(cfg_err(
                         id,
                         format!(
                             "setting `owns`: profile {pname:?} does not write {:?} (it owns: {})",
                             f.name(),
-                            pc.owns.iter().map(|f| f.name()).collect::<Vec<_>>().join(", ")
+                            pc.owns
+                                .iter()
+                                .map(|f| f.name())
+                                .collect::<Vec<_>>()
+                                .join(", ")
                         ),
                     ));
                 }
@@ -387,7 +402,7 @@ impl HttpAdapter {
         Ok(Self {
             read_paths,
             owns,
-            listing: tokio::sync::Mutex::new(()),
+            listing: tokio::sync::Mutex::new(PageState::default()),
             currency: s.get("currency").cloned(),
             profile,
             endpoint: id.to_owned(),
@@ -792,107 +807,69 @@ impl HttpAdapter {
         )
     }
 
-    /// Send `req`, following `pagination` page by page. `on_page` gets each answer and
-    /// says how many records it held and whether everything wanted was seen (then no
-    /// further page is read). More than `max_pages` pages, or a page that points back at
-    /// itself, is a configuration error: never a silent cut.
+    /// Send `req`, following `pagination` page by page from `state` (a fresh state
+    /// starts at the first page). `on_page` gets each answer and says how many records it
+    /// held and whether everything wanted was seen: then no further page is read, and
+    /// `state` is left at the next page (a later listing may resume there). `Ok(true)`
+    /// when the last page was read. More than `max_pages` pages, or a page that points
+    /// back at itself, is a configuration error: never a silent cut.
     async fn paged(
         &self,
         op: &str,
         req: &CompiledRequest,
         mut ctx: Map<String, Value>,
         pagination: Option<&Pagination>,
+        state: &mut PageState,
         mut on_page: impl FnMut(&Value) -> Result<(usize, bool), Failure>,
-    ) -> Result<(), Failure> {
+    ) -> Result<bool, Failure> {
         let Some(p) = pagination else {
             let resp = self.call(op, req, &ctx, &[]).await?;
             on_page(&resp.json)?;
-            return Ok(());
+            return Ok(true);
         };
-        let mut page = p.start;
-        let mut offset = p.start;
-        let mut cursor: Option<String> = None;
-        let mut url: Option<String> = None;
+        if !state.started {
+            *state = PageState {
+                started: true,
+                page: p.start,
+                offset: p.start,
+                ..PageState::default()
+            };
+        }
         ctx.insert(
             "limit".into(),
-            if p.size > 0 { json!(p.size) } else { Value::Null },
+            if p.size > 0 {
+                json!(p.size)
+            } else {
+                Value::Null
+            },
         );
         for _ in 0..p.max_pages {
             match p.kind {
                 PageKind::Page => {
-                    ctx.insert("page".into(), json!(page));
+                    ctx.insert("page".into(), json!(state.page));
                 }
                 PageKind::Offset => {
-                    ctx.insert("offset".into(), json!(offset));
+                    ctx.insert("offset".into(), json!(state.offset));
                 }
                 PageKind::Cursor => {
                     ctx.insert(
                         "cursor".into(),
-                        cursor.clone().map_or(Value::Null, Value::String),
+                        state.cursor.clone().map_or(Value::Null, Value::String),
                     );
                 }
                 PageKind::Link => {}
             }
-            let resp = self.call_at(op, req, &ctx, &[], url.as_deref()).await?;
+            let resp = self
+                .call_at(op, req, &ctx, &[], state.url.as_deref())
+                .await?;
             let (count, done) = on_page(&resp.json)?;
-            if done {
-                return Ok(());
+            let more = self.advance(op, p, state, &resp, count)?;
+            if !more {
+                *state = PageState::default();
+                return Ok(true);
             }
-            match p.kind {
-                PageKind::Page | PageKind::Offset => {
-                    if count == 0 || (count as u64) < p.size {
-                        return Ok(());
-                    }
-                    page += 1;
-                    offset += count as u64;
-                }
-                PageKind::Cursor => {
-                    if let Some(h) = &p.has_more
-                        && h.query(&resp.json).first().is_none_or(is_empty_value)
-                    {
-                        return Ok(());
-                    }
-                    let next = p
-                        .next
-                        .as_ref()
-                        .and_then(|n| n.query(&resp.json).first().and_then(scalar_string))
-                        .filter(|c| !c.is_empty());
-                    let Some(next) = next else { return Ok(()) };
-                    if cursor.as_deref() == Some(next.as_str()) {
-                        return Err(self.config_failure(
-                            op,
-                            format!("pagination: the next cursor {next:?} is the current one (the listing would never end)"),
-                        ));
-                    }
-                    cursor = Some(next);
-                }
-                PageKind::Link => {
-                    let Some(next) = link_next(&resp.headers) else {
-                        return Ok(());
-                    };
-                    let next = reqwest::Url::parse(&resp.url)
-                        .and_then(|u| u.join(&next))
-                        .map_err(|e| {
-                            self.config_failure(op, format!("pagination: Link next {next:?} is not a URL: {e}"))
-                        })?;
-                    let base = reqwest::Url::parse(&self.base_url).map_err(|e| self.config_failure(op, e))?;
-                    if next.origin() != base.origin() {
-                        return Err(self.config_failure(
-                            op,
-                            format!(
-                                "pagination: Link next {} leaves the origin of base_url (credentials are not sent elsewhere)",
-                                next.origin().ascii_serialization()
-                            ),
-                        ));
-                    }
-                    if url.as_deref() == Some(next.as_str()) || resp.url == next.as_str() {
-                        return Err(self.config_failure(
-                            op,
-                            format!("pagination: Link next {next} is the current page (the listing would never end)"),
-                        ));
-                    }
-                    url = Some(next.to_string());
-                }
+            if done {
+                return Ok(false);
             }
         }
         Err(self.config_failure(
@@ -902,6 +879,78 @@ impl HttpAdapter {
                 p.max_pages
             ),
         ))
+    }
+
+    /// Move `state` past the page `resp` answered (`count` records): false at the end.
+    fn advance(
+        &self,
+        op: &str,
+        p: &Pagination,
+        state: &mut PageState,
+        resp: &Resp,
+        count: usize,
+    ) -> Result<bool, Failure> {
+        match p.kind {
+            PageKind::Page | PageKind::Offset => {
+                if count == 0 || (count as u64) < p.size {
+                    return Ok(false);
+                }
+                state.page += 1;
+                state.offset += count as u64;
+            }
+            PageKind::Cursor => {
+                if let Some(h) = &p.has_more
+                    && h.query(&resp.json).first().is_none_or(is_empty_value)
+                {
+                    return Ok(false);
+                }
+                let next = p
+                    .next
+                    .as_ref()
+                    .and_then(|n| n.query(&resp.json).first().and_then(scalar_string))
+                    .filter(|c| !c.is_empty());
+                let Some(next) = next else { return Ok(false) };
+                if state.cursor.as_deref() == Some(next.as_str()) {
+                    return Err(self.config_failure(
+                        op,
+                        format!("pagination: the next cursor {next:?} is the current one (the listing would never end)"),
+                    ));
+                }
+                state.cursor = Some(next);
+            }
+            PageKind::Link => {
+                let Some(next) = link_next(&resp.headers) else {
+                    return Ok(false);
+                };
+                let next = reqwest::Url::parse(&resp.url)
+                    .and_then(|u| u.join(&next))
+                    .map_err(|e| {
+                        self.config_failure(
+                            op,
+                            format!("pagination: Link next {next:?} is not a URL: {e}"),
+                        )
+                    })?;
+                let base =
+                    reqwest::Url::parse(&self.base_url).map_err(|e| self.config_failure(op, e))?;
+                if next.origin() != base.origin() {
+                    return Err(self.config_failure(
+                        op,
+                        format!(
+                            "pagination: Link next {} leaves the origin of base_url (credentials are not sent elsewhere)",
+                            next.origin().ascii_serialization()
+                        ),
+                    ));
+                }
+                if resp.url == next.as_str() {
+                    return Err(self.config_failure(
+                        op,
+                        format!("pagination: Link next {next} is the current page (the listing would never end)"),
+                    ));
+                }
+                state.url = Some(next.to_string());
+            }
+        }
+        Ok(true)
     }
 
     fn decode_ids(&self, cached: &str) -> Option<Ids> {
@@ -951,7 +1000,13 @@ impl HttpAdapter {
                     }
                     Some(_) => return Ok(None),
                     None => {
-                        let what = if v.is_object() { "an object" } else if v.is_array() { "a list" } else { "a non-id value" };
+                        let what = if v.is_object() {
+                            "an object"
+                        } else if v.is_array() {
+                            "a list"
+                        } else {
+                            "a non-id value"
+                        };
                         return Err(self.config_failure(
                             "lookup",
                             format!("id `{name}` of SKU {sku:?}: its JSON path selected {what}, not a scalar id: {}", excerpt(&v.to_string())),
@@ -979,8 +1034,12 @@ impl HttpAdapter {
         if items.iter().all(|i| ids.contains_key(&i.sku)) {
             return Ok((ids, failed));
         }
-        let listing = self.profile.lookups.iter().any(|l| l.mode == LookupMode::List);
-        let _turn = if listing {
+        let listing = self
+            .profile
+            .lookups
+            .iter()
+            .any(|l| l.mode == LookupMode::List);
+        let mut turn = if listing {
             let guard = self.listing.lock().await;
             // Another batch may have listed while this one waited.
             ids = self.cached_ids(items).await?;
@@ -996,7 +1055,14 @@ impl HttpAdapter {
         let mut others: Vec<(String, Ids)> = Vec::new();
         let single = self.profile.lookups.len() == 1;
         for step in &self.profile.lookups {
-            let (kept, lost) = self.lookup_step(step, partial, single.then_some(&mut others)).await;
+            let (kept, lost) = self
+                .lookup_step(
+                    step,
+                    partial,
+                    single.then_some(&mut others),
+                    turn.as_deref_mut(),
+                )
+                .await;
             partial = kept;
             failed.extend(lost);
             if partial.is_empty() {
@@ -1046,6 +1112,7 @@ impl HttpAdapter {
         step: &CompiledLookup,
         items: Vec<(&'i Item, Ids)>,
         mut others: Option<&mut Vec<(String, Ids)>>,
+        mut resume: Option<&mut PageState>,
     ) -> (Vec<(&'i Item, Ids)>, Vec<(String, AdapterError)>) {
         const OP: &str = "lookup";
         let decimals = self.profile.config().price_decimals;
@@ -1068,29 +1135,43 @@ impl HttpAdapter {
                     let path_ctx = minijinja::Value::from_serialize(Value::Object(ctx.clone()));
                     let mut got: Option<Ids> = None;
                     let result = self
-                        .paged(OP, &step.request, ctx, step.pagination.as_ref(), |json| {
-                            let recs = self.records_of(step.records.as_ref(), json, &path_ctx)?;
-                            let n = recs.len();
-                            for rec in recs {
-                                if rec.is_null() {
-                                    continue;
-                                }
-                                if let Some(sp) = &step.sku {
-                                    let sp = sp.resolve(&self.profile.env, &path_ctx).map_err(|e| self.config_failure(OP, e))?;
-                                    if sp.query(rec).first().and_then(scalar_string).as_deref() != Some(item.sku.as_str()) {
+                        .paged(
+                            OP,
+                            &step.request,
+                            ctx,
+                            step.pagination.as_ref(),
+                            &mut PageState::default(),
+                            |json| {
+                                let recs =
+                                    self.records_of(step.records.as_ref(), json, &path_ctx)?;
+                                let n = recs.len();
+                                for rec in recs {
+                                    if rec.is_null() {
                                         continue;
                                     }
+                                    if let Some(sp) = &step.sku {
+                                        let sp = sp
+                                            .resolve(&self.profile.env, &path_ctx)
+                                            .map_err(|e| self.config_failure(OP, e))?;
+                                        if sp.query(rec).first().and_then(scalar_string).as_deref()
+                                            != Some(item.sku.as_str())
+                                        {
+                                            continue;
+                                        }
+                                    }
+                                    if let Some(v) =
+                                        self.capture(step, rec, &path_ctx, &item.sku)?
+                                    {
+                                        got = Some(v);
+                                        return Ok((n, true));
+                                    }
                                 }
-                                if let Some(v) = self.capture(step, rec, &path_ctx, &item.sku)? {
-                                    got = Some(v);
-                                    return Ok((n, true));
-                                }
-                            }
-                            Ok((n, false))
-                        })
+                                Ok((n, false))
+                            },
+                        )
                         .await;
                     match result {
-                        Ok(()) => match got {
+                        Ok(_) => match got {
                             Some(v) => {
                                 have.extend(v);
                                 kept.push((item, have));
@@ -1111,7 +1192,11 @@ impl HttpAdapter {
                 }
             }
             LookupMode::PerBatch | LookupMode::List => {
-                let chunk = if step.mode == LookupMode::List { usize::MAX } else { step.per_request };
+                let chunk = if step.mode == LookupMode::List {
+                    usize::MAX
+                } else {
+                    step.per_request
+                };
                 let mut rest = items;
                 while !rest.is_empty() {
                     let take = chunk.min(rest.len());
@@ -1122,40 +1207,92 @@ impl HttpAdapter {
                     }
                     let mut ctx = base.clone();
                     if step.mode == LookupMode::PerBatch {
-                        ctx.insert("skus".into(), group.iter().map(|(i, _)| Value::String(i.sku.clone())).collect());
-                        ctx.insert("items".into(), group.iter().map(|(i, have)| item_value(i, Some(have), decimals)).collect());
+                        ctx.insert(
+                            "skus".into(),
+                            group
+                                .iter()
+                                .map(|(i, _)| Value::String(i.sku.clone()))
+                                .collect(),
+                        );
+                        ctx.insert(
+                            "items".into(),
+                            group
+                                .iter()
+                                .map(|(i, have)| item_value(i, Some(have), decimals))
+                                .collect(),
+                        );
                     }
                     let wanted: HashSet<&str> = group.iter().map(|(i, _)| i.sku.as_str()).collect();
                     let mut got: HashMap<String, Ids> = HashMap::new();
                     let mut seen_others: Vec<(String, Ids)> = Vec::new();
                     let collect_others = others.is_some();
-                    let result = self
-                        .paged(OP, &step.request, ctx, step.pagination.as_ref(), |json| {
-                            let recs = self.records_of(step.records.as_ref(), json, &base_path_ctx)?;
-                            let n = recs.len();
-                            let sp = match &step.sku {
-                                Some(sp) => sp.resolve(&self.profile.env, &base_path_ctx).map_err(|e| self.config_failure(OP, e))?,
-                                None => return Err(self.config_failure(OP, "lookup needs a `sku` path")),
-                            };
-                            for rec in recs {
-                                let Some(sku) = sp.query(rec).first().and_then(scalar_string) else { continue };
-                                if wanted.contains(sku.as_str()) {
-                                    if !got.contains_key(&sku)
-                                        && let Some(v) = self.capture(step, rec, &base_path_ctx, &sku)?
-                                    {
-                                        got.insert(sku, v);
+                    // A listing resumes where the last one of this run stopped (records
+                    // come in a stable order); past the end, it starts over once.
+                    let mut local = PageState::default();
+                    let list_state = match resume.as_deref_mut() {
+                        Some(st) if step.mode == LookupMode::List => st,
+                        _ => &mut local,
+                    };
+                    let resumed = list_state.started;
+                    let mut rounds = 0;
+                    let result = loop {
+                        rounds += 1;
+                        let r = self
+                            .paged(
+                                OP,
+                                &step.request,
+                                ctx.clone(),
+                                step.pagination.as_ref(),
+                                list_state,
+                                |json| {
+                                    let recs = self.records_of(
+                                        step.records.as_ref(),
+                                        json,
+                                        &base_path_ctx,
+                                    )?;
+                                    let n = recs.len();
+                                    let sp = match &step.sku {
+                                        Some(sp) => sp
+                                            .resolve(&self.profile.env, &base_path_ctx)
+                                            .map_err(|e| self.config_failure(OP, e))?,
+                                        None => {
+                                            return Err(self
+                                                .config_failure(OP, "lookup needs a `sku` path"));
+                                        }
+                                    };
+                                    for rec in recs {
+                                        let Some(sku) =
+                                            sp.query(rec).first().and_then(scalar_string)
+                                        else {
+                                            continue;
+                                        };
+                                        if wanted.contains(sku.as_str()) {
+                                            if !got.contains_key(&sku)
+                                                && let Some(v) =
+                                                    self.capture(step, rec, &base_path_ctx, &sku)?
+                                            {
+                                                got.insert(sku, v);
+                                            }
+                                        } else if collect_others
+                                            && let Ok(Some(v)) =
+                                                self.capture(step, rec, &base_path_ctx, &sku)
+                                        {
+                                            seen_others.push((sku, v));
+                                        }
                                     }
-                                } else if collect_others
-                                    && let Ok(Some(v)) = self.capture(step, rec, &base_path_ctx, &sku)
-                                {
-                                    seen_others.push((sku, v));
-                                }
+                                    Ok((n, got.len() == wanted.len()))
+                                },
+                            )
+                            .await;
+                        match r {
+                            Ok(true) if resumed && rounds == 1 && got.len() < wanted.len() => {
+                                continue;
                             }
-                            Ok((n, got.len() == wanted.len()))
-                        })
-                        .await;
+                            r => break r,
+                        }
+                    };
                     match result {
-                        Ok(()) => {
+                        Ok(_) => {
                             if let Some(o) = others.as_deref_mut() {
                                 o.extend(seen_others);
                             }
@@ -1165,7 +1302,9 @@ impl HttpAdapter {
                                         have.extend(v);
                                         kept.push((item, have));
                                     }
-                                    None => lost.push((item.sku.clone(), self.unknown_sku(&item.sku))),
+                                    None => {
+                                        lost.push((item.sku.clone(), self.unknown_sku(&item.sku)))
+                                    }
                                 }
                             }
                         }
@@ -1359,22 +1498,30 @@ impl HttpAdapter {
                 );
                 let wanted: HashSet<&str> = batch.items.iter().map(|i| i.sku.as_str()).collect();
                 let sku_path = paths.sku.as_ref();
-                self.paged(OP, &self.profile.read, ctx, self.profile.read_pagination.as_ref(), |json| {
-                    let recs = match &paths.records {
-                        Some(p) => flatten(p.query(json).all()),
-                        None => vec![json],
-                    };
-                    let n = recs.len();
-                    for r in recs {
-                        let sku = sku_path.and_then(|p| p.query(r).first().and_then(scalar_string));
-                        if let Some(sku) = sku
-                            && wanted.contains(sku.as_str())
-                        {
-                            out.insert(sku, self.parse_shown(r));
+                self.paged(
+                    OP,
+                    &self.profile.read,
+                    ctx,
+                    self.profile.read_pagination.as_ref(),
+                    &mut PageState::default(),
+                    |json| {
+                        let recs = match &paths.records {
+                            Some(p) => flatten(p.query(json).all()),
+                            None => vec![json],
+                        };
+                        let n = recs.len();
+                        for r in recs {
+                            let sku =
+                                sku_path.and_then(|p| p.query(r).first().and_then(scalar_string));
+                            if let Some(sku) = sku
+                                && wanted.contains(sku.as_str())
+                            {
+                                out.insert(sku, self.parse_shown(r));
+                            }
                         }
-                    }
-                    Ok((n, out.len() >= wanted.len()))
-                })
+                        Ok((n, out.len() >= wanted.len()))
+                    },
+                )
                 .await
                 .map_err(Failure::into_error)?;
             }
@@ -1476,7 +1623,11 @@ impl HttpAdapter {
 
     /// The owned fields that differ (all of them when nothing readable shows), and a
     /// description.
-    fn diff(&self, want: &Item, shown: Option<&Result<Shown, String>>) -> (Vec<Field>, Option<String>) {
+    fn diff(
+        &self,
+        want: &Item,
+        shown: Option<&Result<Shown, String>>,
+    ) -> (Vec<Field>, Option<String>) {
         let shown = match shown {
             None => return (self.owns.clone(), Some("shown absent".into())),
             Some(Err(e)) => return (self.owns.clone(), Some(format!("unreadable: {e}"))),
@@ -1581,7 +1732,11 @@ fn link_next(headers: &reqwest::header::HeaderMap) -> Option<String> {
                 let p = p.trim().trim_end_matches(',').trim();
                 p.to_ascii_lowercase()
                     .strip_prefix("rel=")
-                    .is_some_and(|v| v.trim_matches('"').split_ascii_whitespace().any(|r| r == "next"))
+                    .is_some_and(|v| {
+                        v.trim_matches('"')
+                            .split_ascii_whitespace()
+                            .any(|r| r == "next")
+                    })
             });
             if is_next {
                 return Some(target.to_owned());
@@ -1718,7 +1873,10 @@ impl PortalAdapter for HttpAdapter {
                                     ));
                                 }
                             }
-                            Err(f) if f.class == ErrorClass::NotFound && self.profile.uses_lookup() => {
+                            Err(f)
+                                if f.class == ErrorClass::NotFound
+                                    && self.profile.uses_lookup() =>
+                            {
                                 for it in chunk {
                                     self.forget_id(&it.sku).await?;
                                 }

@@ -268,10 +268,16 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for OneOrMany<T> {
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str("a table or a list of tables")
             }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, a: A) -> Result<Self::Value, A::Error> {
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                a: A,
+            ) -> Result<Self::Value, A::Error> {
                 T::deserialize(serde::de::value::MapAccessDeserializer::new(a)).map(OneOrMany::One)
             }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, a: A) -> Result<Self::Value, A::Error> {
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                a: A,
+            ) -> Result<Self::Value, A::Error> {
                 Vec::<T>::deserialize(serde::de::value::SeqAccessDeserializer::new(a))
                     .map(OneOrMany::Many)
             }
@@ -581,7 +587,9 @@ impl PathT {
                     .and_then(|t| t.render(ctx))
                     .map_err(|e| format!("JSON path template {source:?} failed: {e:#}"))?;
                 JsonPath::parse(&text).map_err(|e| {
-                    format!("JSON path template {source:?} rendered to {text:?}, not a JSON path: {e}")
+                    format!(
+                        "JSON path template {source:?} rendered to {text:?}, not a JSON path: {e}"
+                    )
                 })
             }
         }
@@ -784,18 +792,34 @@ impl<'a> Compiler<'a> {
                 (Some(_), true) => vec!["id".to_owned()],
                 (None, false) => l.ids.keys().cloned().collect(),
                 (Some(_), false) => {
-                    return Err(perr(name, &format!("{field}.ids"), "give `id` or `ids`, not both"));
+                    return Err(perr(
+                        name,
+                        &format!("{field}.ids"),
+                        "give `id` or `ids`, not both",
+                    ));
                 }
                 (None, true) => {
-                    return Err(perr(name, &format!("{field}.id"), "give `id` (a JSON path) or `ids` (named JSON paths)"));
+                    return Err(perr(
+                        name,
+                        &format!("{field}.id"),
+                        "give `id` (a JSON path) or `ids` (named JSON paths)",
+                    ));
                 }
             };
             for n in names {
                 if n.is_empty() || !n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                    return Err(perr(name, &format!("{field}.ids"), format!("invalid id name {n:?}")));
+                    return Err(perr(
+                        name,
+                        &format!("{field}.ids"),
+                        format!("invalid id name {n:?}"),
+                    ));
                 }
                 if id_names.contains(&n) {
-                    return Err(perr(name, &format!("{field}.ids"), format!("id {n:?} is captured twice in the chain")));
+                    return Err(perr(
+                        name,
+                        &format!("{field}.ids"),
+                        format!("id {n:?} is captured twice in the chain"),
+                    ));
                 }
                 id_names.push(n);
             }
@@ -974,11 +998,7 @@ impl<'a> Compiler<'a> {
         })
     }
 
-    fn pagination(
-        &self,
-        field: &str,
-        p: &PaginationConfig,
-    ) -> Result<Pagination, ProfileError> {
+    fn pagination(&self, field: &str, p: &PaginationConfig) -> Result<Pagination, ProfileError> {
         let f = |k: &str| format!("{field}.pagination.{k}");
         if p.max_pages == 0 {
             return Err(perr(self.name, &f("max_pages"), "must be at least 1"));
@@ -988,26 +1008,45 @@ impl<'a> Compiler<'a> {
         }
         let size = match (p.kind, p.size) {
             (PageKind::Page | PageKind::Offset, None) => {
-                return Err(perr(self.name, &f("size"), "required for kind \"page\" and \"offset\" (a shorter page is the last)"));
+                return Err(perr(
+                    self.name,
+                    &f("size"),
+                    "required for kind \"page\" and \"offset\" (a shorter page is the last)",
+                ));
             }
             (_, s) => s.unwrap_or(0),
         };
         if p.start.is_some() && !matches!(p.kind, PageKind::Page | PageKind::Offset) {
-            return Err(perr(self.name, &f("start"), "only for kind \"page\" and \"offset\""));
+            return Err(perr(
+                self.name,
+                &f("start"),
+                "only for kind \"page\" and \"offset\"",
+            ));
         }
         let (next, has_more) = match p.kind {
             PageKind::Cursor => {
                 let next = p.next.as_deref().ok_or_else(|| {
-                    perr(self.name, &f("next"), "required for kind \"cursor\": the JSON path of the next cursor")
+                    perr(
+                        self.name,
+                        &f("next"),
+                        "required for kind \"cursor\": the JSON path of the next cursor",
+                    )
                 })?;
                 (
                     Some(self.path(&f("next"), next)?),
-                    p.has_more.as_deref().map(|h| self.path(&f("has_more"), h)).transpose()?,
+                    p.has_more
+                        .as_deref()
+                        .map(|h| self.path(&f("has_more"), h))
+                        .transpose()?,
                 )
             }
             _ => {
                 if p.next.is_some() || p.has_more.is_some() {
-                    return Err(perr(self.name, &f("next"), "`next` and `has_more` are for kind \"cursor\""));
+                    return Err(perr(
+                        self.name,
+                        &f("next"),
+                        "`next` and `has_more` are for kind \"cursor\"",
+                    ));
                 }
                 (None, None)
             }
@@ -1015,7 +1054,9 @@ impl<'a> Compiler<'a> {
         Ok(Pagination {
             kind: p.kind,
             size,
-            start: p.start.unwrap_or(if p.kind == PageKind::Page { 1 } else { 0 }),
+            start: p
+                .start
+                .unwrap_or(if p.kind == PageKind::Page { 1 } else { 0 }),
             next,
             has_more,
             max_pages: p.max_pages,
@@ -1031,13 +1072,14 @@ impl<'a> Compiler<'a> {
         scope: Scope,
         pagination: Option<&Pagination>,
     ) -> Result<CompiledRequest, ProfileError> {
-        let (vars, moving): (&'static [&'static str], Option<&str>) = match pagination.map(|p| p.kind) {
-            None => (&[], None),
-            Some(PageKind::Page) => (&["page", "limit"], Some("page")),
-            Some(PageKind::Offset) => (&["offset", "limit"], Some("offset")),
-            Some(PageKind::Cursor) => (&["cursor", "limit"], Some("cursor")),
-            Some(PageKind::Link) => (&["limit"], None),
-        };
+        let (vars, moving): (&'static [&'static str], Option<&str>) =
+            match pagination.map(|p| p.kind) {
+                None => (&[], None),
+                Some(PageKind::Page) => (&["page", "limit"], Some("page")),
+                Some(PageKind::Offset) => (&["offset", "limit"], Some("offset")),
+                Some(PageKind::Cursor) => (&["cursor", "limit"], Some("cursor")),
+                Some(PageKind::Link) => (&["limit"], None),
+            };
         self.page_vars = vars;
         self.used.clear();
         let out = self.request(field, req, scope);
@@ -1049,7 +1091,9 @@ impl<'a> Compiler<'a> {
             return Err(perr(
                 self.name,
                 field,
-                format!("is paged by `{m}` but no template of it uses `{{{{ {m} }}}}`: every page would be the first"),
+                format!(
+                    "is paged by `{m}` but no template of it uses `{{{{ {m} }}}}`: every page would be the first"
+                ),
             ));
         }
         Ok(out)
@@ -1219,10 +1263,18 @@ impl<'a> Compiler<'a> {
                 LookupMode::List => (Scope::LookupList, Scope::Path),
             };
             if l.mode != LookupMode::PerBatch && l.skus_per_request.is_some() {
-                return Err(perr(name, &format!("{field}.skus_per_request"), "only for mode = \"per_batch\""));
+                return Err(perr(
+                    name,
+                    &format!("{field}.skus_per_request"),
+                    "only for mode = \"per_batch\"",
+                ));
             }
             if l.skus_per_request == Some(0) {
-                return Err(perr(name, &format!("{field}.skus_per_request"), "must be at least 1"));
+                return Err(perr(
+                    name,
+                    &format!("{field}.skus_per_request"),
+                    "must be at least 1",
+                ));
             }
             if l.mode != LookupMode::PerItem && (l.records.is_none() || l.sku.is_none()) {
                 return Err(perr(
@@ -1231,15 +1283,34 @@ impl<'a> Compiler<'a> {
                     "mode = \"per_batch\" and \"list\" need `records` and `sku` paths (records are matched to SKUs by `sku`)",
                 ));
             }
-            let request = self.paged_request(&format!("{field}.request"), &l.request, scope, pagination.as_ref())?;
-            let records = l.records.as_deref().map(|p| self.tpath(&format!("{field}.records"), p, path_scope)).transpose()?;
-            let sku = l.sku.as_deref().map(|p| self.tpath(&format!("{field}.sku"), p, path_scope)).transpose()?;
+            let request = self.paged_request(
+                &format!("{field}.request"),
+                &l.request,
+                scope,
+                pagination.as_ref(),
+            )?;
+            let records = l
+                .records
+                .as_deref()
+                .map(|p| self.tpath(&format!("{field}.records"), p, path_scope))
+                .transpose()?;
+            let sku = l
+                .sku
+                .as_deref()
+                .map(|p| self.tpath(&format!("{field}.sku"), p, path_scope))
+                .transpose()?;
             let mut ids = Vec::new();
             if let Some(p) = &l.id {
-                ids.push(("id".to_owned(), self.tpath(&format!("{field}.id"), p, path_scope)?));
+                ids.push((
+                    "id".to_owned(),
+                    self.tpath(&format!("{field}.id"), p, path_scope)?,
+                ));
             }
             for (n, p) in &l.ids {
-                ids.push((n.clone(), self.tpath(&format!("{field}.ids.{n}"), p, path_scope)?));
+                ids.push((
+                    n.clone(),
+                    self.tpath(&format!("{field}.ids.{n}"), p, path_scope)?,
+                ));
             }
             lookups.push(CompiledLookup {
                 mode: l.mode,
@@ -1271,10 +1342,18 @@ impl<'a> Compiler<'a> {
                 format!("write[{i}]")
             };
             if w.mode != write_mode {
-                return Err(perr(name, &format!("{field}.mode"), "every write request must have the same mode"));
+                return Err(perr(
+                    name,
+                    &format!("{field}.mode"),
+                    "every write request must have the same mode",
+                ));
             }
             if w.items_per_request == Some(0) {
-                return Err(perr(name, &format!("{field}.items_per_request"), "must be at least 1"));
+                return Err(perr(
+                    name,
+                    &format!("{field}.items_per_request"),
+                    "must be at least 1",
+                ));
             }
             if w.mode == Mode::PerItem && w.items_per_request.is_some() {
                 return Err(perr(
@@ -1290,10 +1369,18 @@ impl<'a> Compiler<'a> {
             fields.sort();
             fields.dedup();
             if fields.is_empty() {
-                return Err(perr(name, &format!("{field}.fields"), "names no field (known: qty, prices)"));
+                return Err(perr(
+                    name,
+                    &format!("{field}.fields"),
+                    "names no field (known: qty, prices)",
+                ));
             }
             if let Some(f) = fields.iter().find(|f| !owns.contains(f)) {
-                return Err(perr(name, &format!("{field}.fields"), format!("writes {:?}, which `owns` does not list", f.name())));
+                return Err(perr(
+                    name,
+                    &format!("{field}.fields"),
+                    format!("writes {:?}, which `owns` does not list", f.name()),
+                ));
             }
             let write_scope = match w.mode {
                 Mode::PerBatch => Scope::WriteBatch,
@@ -1314,7 +1401,11 @@ impl<'a> Compiler<'a> {
         }
         for f in &owns {
             if !writes.iter().any(|w| w.fields.contains(f)) {
-                return Err(perr(name, "write", format!("no write request writes {:?}, which `owns` lists", f.name())));
+                return Err(perr(
+                    name,
+                    "write",
+                    format!("no write request writes {:?}, which `owns` lists", f.name()),
+                ));
             }
         }
         let r = &config.read;
@@ -1328,12 +1419,22 @@ impl<'a> Compiler<'a> {
             .map(|p| self.pagination("read", p))
             .transpose()?;
         if read_pagination.is_some() && r.mode == Mode::PerItem {
-            return Err(perr(name, "read.pagination", "only for mode = \"per_batch\""));
+            return Err(perr(
+                name,
+                "read.pagination",
+                "only for mode = \"per_batch\"",
+            ));
         }
-        let read = self.paged_request("read.request", &r.request, read_scope, read_pagination.as_ref())?;
-        let opt = |s: &mut Self, f: &str, p: &Option<String>| -> Result<Option<PathT>, ProfileError> {
-            p.as_deref().map(|p| s.tpath(f, p, Scope::Path)).transpose()
-        };
+        let read = self.paged_request(
+            "read.request",
+            &r.request,
+            read_scope,
+            read_pagination.as_ref(),
+        )?;
+        let opt =
+            |s: &mut Self, f: &str, p: &Option<String>| -> Result<Option<PathT>, ProfileError> {
+                p.as_deref().map(|p| s.tpath(f, p, Scope::Path)).transpose()
+            };
         let records = opt(&mut self, "read.records", &r.records)?;
         let sku = opt(&mut self, "read.sku", &r.sku)?;
         if r.mode == Mode::PerBatch && (records.is_none() || sku.is_none()) {
@@ -1368,10 +1469,18 @@ impl<'a> Compiler<'a> {
         }
         let qty = opt(&mut self, "read.qty", &r.qty)?;
         if owns.contains(&Field::Qty) && qty.is_none() {
-            return Err(perr(name, "read.qty", "required: the profile owns `qty` (verify reads it back); set `owns = [\"prices\"]` if another system owns the stock"));
+            return Err(perr(
+                name,
+                "read.qty",
+                "required: the profile owns `qty` (verify reads it back); set `owns = [\"prices\"]` if another system owns the stock",
+            ));
         }
         if owns.contains(&Field::Prices) && tiers.is_none() && price.is_none() {
-            return Err(perr(name, "read.price", "give `price` or `tiers` (with `tier_min_qty`, `tier_price`): the profile owns `prices` (verify reads them back); set `owns = [\"qty\"]` if another system owns the prices"));
+            return Err(perr(
+                name,
+                "read.price",
+                "give `price` or `tiers` (with `tier_min_qty`, `tier_price`): the profile owns `prices` (verify reads them back); set `owns = [\"qty\"]` if another system owns the prices",
+            ));
         }
         let read_paths = ReadPathsT {
             records,
@@ -1430,7 +1539,8 @@ fn lookup_field(config: &ProfileConfig, i: usize) -> String {
 }
 
 /// Endpoint settings with a meaning of their own (a profile cannot declare them).
-pub(crate) const RESERVED_SETTINGS: &[&str] = &["profile", "owns", "mapping", "timeout_ms", "currency"];
+pub(crate) const RESERVED_SETTINGS: &[&str] =
+    &["profile", "owns", "mapping", "timeout_ms", "currency"];
 
 fn check_header_name(profile: &str, field: &str, h: &str) -> Result<(), ProfileError> {
     reqwest::header::HeaderName::from_bytes(h.as_bytes())
