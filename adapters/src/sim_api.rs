@@ -91,6 +91,8 @@ pub struct ApiSimConfig {
     pub token_ttl_secs: u64,
     /// Currency every product reports.
     pub currency: String,
+    /// Delay before answering each request (a slow platform).
+    pub latency_ms: u64,
 }
 
 impl fmt::Debug for ApiSimConfig {
@@ -99,6 +101,7 @@ impl fmt::Debug for ApiSimConfig {
             .field("username", &self.username)
             .field("token_ttl_secs", &self.token_ttl_secs)
             .field("currency", &self.currency)
+            .field("latency_ms", &self.latency_ms)
             .finish_non_exhaustive()
     }
 }
@@ -624,6 +627,9 @@ async fn inject_faults(
     use rand::Rng;
     let path = req.uri().path().to_owned();
     let endpoint = path.split('/').nth(2).unwrap_or_default().to_owned();
+    if s.config.latency_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(s.config.latency_ms)).await;
+    }
     let p = s.with_ep(&endpoint, |ep| ep.fail_rate);
     if p <= 0.0 || path.ends_with("/login") {
         return next.run(req).await;

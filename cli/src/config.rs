@@ -365,6 +365,23 @@ impl Config {
         let src = Source::read(path)?;
         let mut config: Config = src.parse()?;
         config.dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        // A relative SQLite path means "next to this file", as every other path in it
+        // does: not wherever the command happens to be started.
+        if let Some(db) = &config.database {
+            let trimmed = db.trim();
+            if trimmed.is_empty() {
+                return Err(src.error(&["database"], "is empty"));
+            }
+            if !(trimmed.starts_with("postgres://") || trimmed.starts_with("postgresql://")) {
+                let (prefix, file) = match trimmed.strip_prefix("sqlite://") {
+                    Some(rest) => ("sqlite://", rest),
+                    None => ("", trimmed),
+                };
+                if Path::new(file).is_relative() {
+                    config.database = Some(format!("{prefix}{}", config.dir.join(file).display()));
+                }
+            }
+        }
         let s = &config.sync;
         if s.batch_size == 0 {
             return Err(src.error(&["sync", "batch_size"], "must be at least 1"));
@@ -645,6 +662,35 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = write(dir.path(), "bulwark.toml", text);
         Config::load(&p).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_relative_database_path_is_next_to_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        for (given, want) in [
+            (
+                "data/b.db",
+                dir.path().join("data/b.db").display().to_string(),
+            ),
+            (
+                "sqlite://b.db",
+                format!("sqlite://{}", dir.path().join("b.db").display()),
+            ),
+            ("/abs/b.db", "/abs/b.db".to_owned()),
+            ("postgres://u@h/db", "postgres://u@h/db".to_owned()),
+        ] {
+            let p = write(
+                dir.path(),
+                "bulwark.toml",
+                &format!("database = {given:?}\n"),
+            );
+            assert_eq!(
+                Config::load(&p).unwrap().database.as_deref(),
+                Some(want.as_str()),
+                "{given}"
+            );
+        }
+        assert!(load_err("database = \" \"\n").contains("database"));
     }
 
     #[tokio::test]

@@ -202,6 +202,7 @@ pub async fn api_sim_with(creds: &Creds, tls: Option<&ServerTls>) -> ApiSimHandl
             api_key: creds.api_key.clone(),
             token_ttl_secs: 3600,
             currency: "EUR".into(),
+            latency_ms: 0,
         },
         loopback(),
         tls,
