@@ -41,7 +41,7 @@
 //! 401). Products exist only once [`ApiSimHandle::seed_catalog`] created them.
 //!
 //! * `GET /catalog/{e}/products?limit=L` plus one of `page=N` (from 1), `offset=O`,
-//!   `cursor=C` → `{"products": [{"id", "title", "variants": [{"id", "product_id", "sku",
+//!   `cursor=C`, optionally `skus=A,B,…` (only those SKUs) → `{"products": [{"id", "title", "variants": [{"id", "product_id", "sku",
 //!   "inventory_item_id", "prices": [{"min_qty", "amount"}], "inventory_levels":
 //!   [{"location_id", "available"}]}]}], "next_cursor"}`, sorted by SKU, with a relative
 //!   `Link: <…?cursor=…>; rel="next"` while more follow. No SKU filter exists.
@@ -697,6 +697,8 @@ fn catalog_product(p: &Product) -> Value {
 
 #[derive(Deserialize)]
 struct ListQuery {
+    /// Optional filter: comma-separated SKUs (an `sku in [...]` query).
+    skus: Option<String>,
     page: Option<usize>,
     offset: Option<usize>,
     cursor: Option<String>,
@@ -748,7 +750,13 @@ async fn catalog_list(
     };
     s.counters.pages.fetch_add(1, Ordering::Relaxed);
     let (page, total): (Vec<Value>, usize) = s.with_ep(&endpoint, |ep| {
-        let mut all: Vec<&Product> = ep.products.values().collect();
+        let filter: Option<std::collections::HashSet<&str>> =
+            q.skus.as_deref().map(|f| f.split(',').collect());
+        let mut all: Vec<&Product> = ep
+            .products
+            .values()
+            .filter(|p| filter.as_ref().is_none_or(|f| f.contains(p.sku.as_str())))
+            .collect();
         all.sort_by(|a, b| a.sku.cmp(&b.sku));
         (
             all.iter()

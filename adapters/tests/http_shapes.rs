@@ -553,3 +553,59 @@ qty"#,
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batched_lookup_asks_for_many_skus_per_request_and_a_stale_id_only_for_itself() {
+    let batched = CATALOG.replace(
+        r#"mode = "list"
+request = { method = "GET", url = "{{ base_url }}/products?limit={{ limit }}&page={{ page }}" }
+pagination = { kind = "page", size = 250 }"#,
+        r#"mode = "per_batch"
+skus_per_request = 40
+request = { method = "GET", url = "{{ base_url }}/products?limit=250&skus={{ skus | join(',') | urlencode }}" }"#,
+    );
+    assert_ne!(batched, CATALOG, "test setup");
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("bulwark.db");
+    let creds = Creds::random();
+    let sim = api_sim(&creds).await;
+    sim.seed_catalog("shop", &skus(200));
+    let want = items(200, 0);
+    seed(&db, &want).await;
+    let cache: Arc<dyn IdCache> = Arc::new(SqliteIdCache::connect(&db).await.unwrap());
+    let app = Bulwark::open(&db, registry_for(&batched, cache, creds.secrets()))
+        .await
+        .unwrap();
+    let eps = vec![catalog_endpoint(&sim, "shop", &[])];
+    let before = sim.stats();
+    let report = app.sync(&eps, &options(100), None).await.unwrap();
+    assert_eq!(done(&report), 1, "{report:?}");
+    assert_eq!(shown(&sim, "shop", &want), normalized(want.clone()));
+    let (pages, _) = delta(before, sim.stats());
+    // Two batches of 100 SKUs, 40 per lookup request: 3 + 3 lookups; read-backs: one
+    // page of 250 per batch.
+    assert_eq!(pages, 6 + 2, "lookup and read-back requests");
+
+    // The shop renumbers; one item changes: its stale ids are looked up again, alone.
+    sim.renumber("shop");
+    let mut changed = want.clone();
+    changed[17].qty += 1;
+    seed(&db, &changed).await;
+    let before = sim.stats();
+    let report = app.sync(&eps, &options(100), None).await.unwrap();
+    assert_eq!(done(&report), 1, "{report:?}");
+    assert_eq!(shown(&sim, "shop", &changed), normalized(changed.clone()));
+    let after = sim.stats();
+    assert_eq!(
+        after.pages - before.pages,
+        1 + 1,
+        "one lookup of the one SKU, one read-back"
+    );
+    assert_eq!(
+        after.writes_refused - before.writes_refused,
+        1,
+        "the stale id's 404"
+    );
+    app.close().await;
+    sim.shutdown().await;
+}
