@@ -241,12 +241,41 @@ fn sync_reads_endpoints_from_a_config_file_and_refuses_a_bad_one() {
     let config = dir.path().join("bulwark.toml");
     let mut text = format!("database = \"{db}\"\n[sync]\nbatch_size = 100\n");
     for i in 1..=3 {
+        // The third endpoint holds back a safety buffer of stock and caps it.
+        let mapping = if i == 3 {
+            r#", mapping = '{"qty_buffer": "20%", "max_qty": 40}'"#
+        } else {
+            ""
+        };
         text.push_str(&format!(
-            "[[endpoint]]\nid = \"ep-0000{i}\"\nadapter = \"rest\"\nsettings = {{ base_url = \"http://127.0.0.1:{port}/ep/ep-0000{i}\" }}\n"
+            "[[endpoint]]\nid = \"ep-0000{i}\"\nadapter = \"rest\"\nsettings = {{ base_url = \"http://127.0.0.1:{port}/ep/ep-0000{i}\"{mapping} }}\n"
         ));
     }
     std::fs::write(&config, &text).unwrap();
     let (ok, out) = run(&["sync", "--config", &config.display().to_string()]);
+    let shown = |ep: &str| -> Vec<i64> {
+        let skus: Vec<String> = (0..250).map(|i| format!("SKU-{i:06}")).collect();
+        bulwark_adapters::transport::install_crypto_provider();
+        let url = format!("http://127.0.0.1:{port}/ep/{ep}/items/query");
+        let body: serde_json::Value = tokio::runtime::Runtime::new().unwrap().block_on(async {
+            reqwest::Client::new()
+                .post(url)
+                .json(&serde_json::json!({ "skus": skus }))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap()
+        });
+        body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["qty"].as_i64().unwrap())
+            .collect()
+    };
+    let (plain, buffered) = (shown("ep-00001"), shown("ep-00003"));
     let _ = sim.kill();
     let _ = sim.wait();
     assert!(ok, "{out}");
@@ -254,6 +283,16 @@ fn sync_reads_endpoints_from_a_config_file_and_refuses_a_bad_one() {
         out.contains("3 done, 0 tripped") && out.contains("9 uploads"),
         "{out}"
     );
+    assert_eq!(plain.len(), 250);
+    let expected: Vec<i64> = plain
+        .iter()
+        .map(|q| (q - (q * 20 + 99) / 100).min(40))
+        .collect();
+    assert_eq!(
+        buffered, expected,
+        "20 % held back (rounded up), at most 40"
+    );
+    assert!(plain.iter().zip(&buffered).any(|(p, b)| p != b));
 
     std::fs::write(
         &config,

@@ -7,7 +7,7 @@
 //! { "sku_prefixes": ["TOOLS-"], "skus": ["SKU-000001"],
 //!   "aliases": { "SKU-000001": "P-77" },
 //!   "tiers": [0, 2], "currency": "CHF", "fx_rate_ppm": 950000,
-//!   "markup_bp": 1500, "round_to_minor": 5 }
+//!   "markup_bp": 1500, "round_to_minor": 5, "qty_buffer": "10%", "max_qty": 500 }
 //! ```
 //!
 //! - `skus` / `sku_prefixes`: the endpoint carries a SKU listed in `skus` or starting with
@@ -17,7 +17,11 @@
 //! - `currency` (informational label) and `fx_rate_ppm`: prices are multiplied by
 //!   `fx_rate_ppm / 1_000_000` (default: 1);
 //! - `markup_bp`: markup in basis points (1500 = +15 %), applied after the rate;
-//! - `round_to_minor`: prices are rounded half-up to a multiple of this many minor units.
+//! - `round_to_minor`: prices are rounded half-up to a multiple of this many minor units;
+//! - `qty_buffer`: stock held back from the endpoint, so a snapshot that lags behind the
+//!   orders errs toward under-selling: a number of units (`3`) or a share of the quantity
+//!   (`"10%"`, rounded up); the quantity sent never goes below 0;
+//! - `max_qty`: the most stock the endpoint is ever shown (after the buffer).
 //!
 //! Mapping is applied to both snapshots before diffing, so an endpoint receives exactly
 //! the mapped values that changed; endpoints with identical mappings share one diff.
@@ -60,6 +64,86 @@ pub struct EndpointMapping {
     /// Round prices to a multiple of this many minor units (0 or 1: no rounding).
     #[serde(default)]
     pub round_to_minor: i64,
+    /// Stock held back: units, or a share of the quantity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qty_buffer: Option<QtyBuffer>,
+    /// The most stock shown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_qty: Option<i64>,
+}
+
+/// Stock held back from an endpoint: `3` (units) or `"10%"` (a share, rounded up; up to
+/// two decimals, `"2.5%"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QtyBuffer {
+    /// A number of units.
+    Units(i64),
+    /// A share in basis points (1000 = 10 %).
+    ShareBp(i64),
+}
+
+impl QtyBuffer {
+    /// Units held back from `qty`.
+    fn held(self, qty: i64) -> i64 {
+        match self {
+            QtyBuffer::Units(u) => u,
+            // Rounded up: the buffer errs toward under-selling.
+            QtyBuffer::ShareBp(bp) => {
+                let q = i128::from(qty.max(0)) * i128::from(bp);
+                ((q + 9_999) / 10_000) as i64
+            }
+        }
+    }
+}
+
+impl Serialize for QtyBuffer {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            QtyBuffer::Units(u) => s.serialize_i64(*u),
+            QtyBuffer::ShareBp(bp) => s.serialize_str(&format!("{}.{:02}%", bp / 100, bp % 100)),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for QtyBuffer {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        use serde::de::Error;
+        match serde_json::Value::deserialize(d)? {
+            serde_json::Value::Number(n) => n
+                .as_i64()
+                .filter(|u| *u >= 0)
+                .map(QtyBuffer::Units)
+                .ok_or_else(|| {
+                    D::Error::custom(format!(
+                        "qty_buffer: {n} is not a whole number of units >= 0"
+                    ))
+                }),
+            serde_json::Value::String(t) => {
+                let bad = || {
+                    D::Error::custom(format!(
+                        "qty_buffer: {t:?} is not a share like \"10%\" (0 to 100 %, at most two decimals)"
+                    ))
+                };
+                let num = t.trim().strip_suffix('%').ok_or_else(bad)?.trim();
+                let (int, frac) = num.split_once('.').unwrap_or((num, ""));
+                if int.is_empty()
+                    || frac.len() > 2
+                    || !int.chars().chain(frac.chars()).all(|c| c.is_ascii_digit())
+                {
+                    return Err(bad());
+                }
+                let bp = int.parse::<i64>().map_err(|_| bad())? * 100
+                    + format!("{frac:0<2}").parse::<i64>().map_err(|_| bad())?;
+                if bp > 10_000 {
+                    return Err(bad());
+                }
+                Ok(QtyBuffer::ShareBp(bp))
+            }
+            other => Err(D::Error::custom(format!(
+                "qty_buffer: {other} is neither units (3) nor a share (\"10%\")"
+            ))),
+        }
+    }
 }
 
 /// `value * num / den`, rounded half-up (non-negative values).
@@ -95,6 +179,9 @@ impl EndpointMapping {
             return Err(SyncError::Config(
                 "mapping: round_to_minor must be >= 0".into(),
             ));
+        }
+        if self.max_qty.is_some_and(|m| m < 0) {
+            return Err(SyncError::Config("mapping: max_qty must be >= 0".into()));
         }
         let mut codes = std::collections::HashSet::new();
         for a in self.aliases.values() {
@@ -135,6 +222,18 @@ impl EndpointMapping {
         p
     }
 
+    /// The stock shown: less the buffer (never below 0), at most `max_qty`.
+    fn qty(&self, qty: i64) -> i64 {
+        let mut q = qty;
+        if let Some(b) = self.qty_buffer {
+            q = q.saturating_sub(b.held(q)).max(0);
+        }
+        if let Some(m) = self.max_qty {
+            q = q.min(m);
+        }
+        q
+    }
+
     /// Map one item, or `None` if the endpoint does not carry it.
     pub fn map_item(&self, item: &Item) -> Option<Item> {
         if !self.carries(&item.sku) {
@@ -154,7 +253,7 @@ impl EndpointMapping {
                 .get(&item.sku)
                 .cloned()
                 .unwrap_or_else(|| item.sku.clone()),
-            qty: item.qty,
+            qty: self.qty(item.qty),
             tiers: tiers
                 .into_iter()
                 .map(|t| PriceTier {
@@ -231,6 +330,57 @@ mod tests {
             EndpointMapping::default().apply(&[item("A", 1, &[5])]),
             vec![item("A", 1, &[5])]
         );
+    }
+
+    #[test]
+    fn a_stock_buffer_and_cap_err_toward_under_selling() {
+        let m = |json: &str| {
+            let settings: HashMap<String, String> =
+                [(SETTINGS_KEY.to_string(), json.to_string())].into();
+            EndpointMapping::from_settings(&settings)
+        };
+        let qtys = |m: &EndpointMapping| -> Vec<i64> {
+            [0, 1, 5, 10, 11, 1000]
+                .iter()
+                .map(|q| m.map_item(&item("A", *q, &[5])).unwrap().qty)
+                .collect()
+        };
+        assert_eq!(
+            qtys(&m(r#"{"qty_buffer": 3}"#).unwrap().unwrap()),
+            [0, 0, 2, 7, 8, 997]
+        );
+        // 10 % rounded up: 11 → 1.1 → 2 held.
+        assert_eq!(
+            qtys(&m(r#"{"qty_buffer": "10%"}"#).unwrap().unwrap()),
+            [0, 0, 4, 9, 9, 900]
+        );
+        assert_eq!(
+            qtys(
+                &m(r#"{"qty_buffer": "2.5%", "max_qty": 50}"#)
+                    .unwrap()
+                    .unwrap()
+            ),
+            [0, 0, 4, 9, 10, 50]
+        );
+        assert_eq!(qtys(&m(r#"{"max_qty": 0}"#).unwrap().unwrap()), [0; 6]);
+        // Equal mappings written differently share a key.
+        assert_eq!(
+            m(r#"{"qty_buffer": "10%"}"#).unwrap().unwrap().cache_key(),
+            m(r#"{"qty_buffer": "10.0%"}"#)
+                .unwrap()
+                .unwrap()
+                .cache_key()
+        );
+        for (bad, says) in [
+            (r#"{"qty_buffer": -1}"#, "not a whole number"),
+            (r#"{"qty_buffer": "150%"}"#, "is not a share"),
+            (r#"{"qty_buffer": "ten"}"#, "is not a share"),
+            (r#"{"qty_buffer": 1.5}"#, "not a whole number"),
+            (r#"{"max_qty": -4}"#, "max_qty must be >= 0"),
+        ] {
+            let err = m(bad).unwrap_err().to_string();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
     }
 
     trait WithTiers {
