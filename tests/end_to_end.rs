@@ -252,7 +252,17 @@ fn sync_reads_endpoints_from_a_config_file_and_refuses_a_bad_one() {
         ));
     }
     std::fs::write(&config, &text).unwrap();
-    let (ok, out) = run(&["sync", "--config", &config.display().to_string()]);
+    let cfg = config.display().to_string();
+    // One endpoint first (an operator syncing the endpoint they just fixed), then the
+    // rest; a scope that names nothing real is refused before anything runs.
+    let (ok, out) = run(&["sync", "--config", &cfg, "--only", "zz-*"]);
+    assert!(!ok && out.contains("--only \"zz-*\" matches no endpoint"), "{out}");
+    let (ok, out) = run(&["sync", "--config", &cfg, "--endpoint", "ep-00009"]);
+    assert!(!ok && out.contains("--endpoint \"ep-00009\": no such endpoint"), "{out}");
+    let (ok, out) = run(&["sync", "--config", &cfg, "--endpoint", "ep-00002"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("1 done, 0 tripped") && out.contains("3 uploads"), "{out}");
+    let (ok, out) = run(&["sync", "--config", &cfg]);
     let shown = |ep: &str| -> Vec<i64> {
         let skus: Vec<String> = (0..250).map(|i| format!("SKU-{i:06}")).collect();
         bulwark_adapters::transport::install_crypto_provider();
@@ -280,8 +290,8 @@ fn sync_reads_endpoints_from_a_config_file_and_refuses_a_bad_one() {
     let _ = sim.wait();
     assert!(ok, "{out}");
     assert!(
-        out.contains("3 done, 0 tripped") && out.contains("9 uploads"),
-        "{out}"
+        out.contains("2 done, 0 tripped") && out.contains("6 uploads"),
+        "the two others: {out}"
     );
     assert_eq!(plain.len(), 250);
     let expected: Vec<i64> = plain

@@ -8,6 +8,7 @@ mod demo;
 mod ops;
 mod progress;
 mod reconcile_cmd;
+mod scope;
 mod serve;
 mod snapshot_cmd;
 mod webui_cmd;
@@ -181,6 +182,8 @@ enum Command {
         #[command(flatten)]
         sync: SyncArgs,
         #[command(flatten)]
+        scope: scope::ScopeArgs,
+        #[command(flatten)]
         wait: worker::WaitArgs,
     },
     /// Repair drift: read back every item each endpoint should show (what it last
@@ -194,9 +197,8 @@ enum Command {
         endpoints: EndpointArgs,
         #[command(flatten)]
         sync: SyncArgs,
-        /// Only this endpoint (repeatable).
-        #[arg(long = "endpoint", value_name = "ID")]
-        only: Vec<String>,
+        #[command(flatten)]
+        scope: scope::ScopeArgs,
         /// Print what was read back as JSON (and no sync summary).
         #[arg(long)]
         json: bool,
@@ -461,15 +463,18 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             db,
             endpoints,
             sync,
+            scope,
             wait,
         } => {
-            let setup = setup(&db, &endpoints, &sync).await?;
+            let mut setup = setup(&db, &endpoints, &sync).await?;
+            let all = setup.endpoints.clone();
+            scope.apply(&mut setup.endpoints)?;
             if is_postgres(&setup.db) {
-                return worker::enqueue(setup, &wait).await;
+                return worker::enqueue(setup, &all, &wait).await;
             }
             let alerts = worker::AlertDelivery::start(setup.config.as_ref(), &setup.db).await?;
             let app = Bulwark::open(&setup.db, setup.registry).await?;
-            record_insecure_tls(&app, &setup.endpoints).await?;
+            record_insecure_tls(&app, &all).await?;
             let bar = progress::Progress::new();
             let report = app
                 .sync(&setup.endpoints, &setup.options, Some(bar.clone()))
@@ -492,12 +497,13 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             db,
             endpoints,
             sync,
-            only,
+            scope,
             json,
             wait,
         } => {
-            let setup = setup(&db, &endpoints, &sync).await?;
-            return reconcile_cmd::run(setup, &only, json, &wait).await;
+            let mut setup = setup(&db, &endpoints, &sync).await?;
+            scope.apply(&mut setup.endpoints)?;
+            return reconcile_cmd::run(setup, json, &wait).await;
         }
         Command::Check { config, json } => {
             let loaded = config::Config::load(&config)?;

@@ -2,29 +2,19 @@
 
 use std::process::ExitCode;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use bulwark_workflows::app::Bulwark;
 use bulwark_workflows::reconcile::EndpointDrift;
 
 /// How many endpoints the table lists (the rest: `--json`).
 const LISTED: usize = 20;
 
-/// Run a reconcile of the setup's endpoints (only `only`, if given).
+/// Run a reconcile of the setup's endpoints (already narrowed to `--endpoint`/`--only`).
 pub(crate) async fn run(
-    mut setup: crate::Setup,
-    only: &[String],
+    setup: crate::Setup,
     json: bool,
     wait: &crate::worker::WaitArgs,
 ) -> Result<ExitCode> {
-    if !only.is_empty() {
-        if let Some(unknown) = only
-            .iter()
-            .find(|id| !setup.endpoints.iter().any(|e| &e.id == *id))
-        {
-            bail!("--endpoint {unknown:?}: no such endpoint in the configuration");
-        }
-        setup.endpoints.retain(|e| only.contains(&e.id));
-    }
     if crate::is_postgres(&setup.db) {
         let app = Bulwark::open(&setup.db, setup.registry).await?;
         let Some((plan, found)) = app

@@ -393,9 +393,15 @@ pub(crate) struct WaitArgs {
     pub(crate) wait_no_worker_secs: u64,
 }
 
-pub(crate) async fn enqueue(setup: crate::Setup, wait: &WaitArgs) -> Result<ExitCode> {
+/// Enqueue a run of `setup`'s endpoints (`configured`: every endpoint of the
+/// configuration, whose TLS settings are recorded for `status`).
+pub(crate) async fn enqueue(
+    setup: crate::Setup,
+    configured: &[bulwark_workflows::adapter::EndpointConfig],
+    wait: &WaitArgs,
+) -> Result<ExitCode> {
     let app = Bulwark::open(&setup.db, setup.registry).await?;
-    crate::record_insecure_tls(&app, &setup.endpoints).await?;
+    crate::record_insecure_tls(&app, configured).await?;
     let Some(plan) = app.enqueue(&setup.endpoints, &setup.options).await? else {
         println!("no sealed snapshot yet: run `bulwark snapshot` first");
         return Ok(ExitCode::from(1));
