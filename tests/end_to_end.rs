@@ -256,12 +256,51 @@ fn sync_reads_endpoints_from_a_config_file_and_refuses_a_bad_one() {
     // One endpoint first (an operator syncing the endpoint they just fixed), then the
     // rest; a scope that names nothing real is refused before anything runs.
     let (ok, out) = run(&["sync", "--config", &cfg, "--only", "zz-*"]);
-    assert!(!ok && out.contains("--only \"zz-*\" matches no endpoint"), "{out}");
+    assert!(
+        !ok && out.contains("--only \"zz-*\" matches no endpoint"),
+        "{out}"
+    );
     let (ok, out) = run(&["sync", "--config", &cfg, "--endpoint", "ep-00009"]);
-    assert!(!ok && out.contains("--endpoint \"ep-00009\": no such endpoint"), "{out}");
-    let (ok, out) = run(&["sync", "--config", &cfg, "--endpoint", "ep-00002"]);
+    assert!(
+        !ok && out.contains("--endpoint \"ep-00009\": no such endpoint"),
+        "{out}"
+    );
+    // The snapshot's read started two hours ago: with a one-hour limit nothing is sent.
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        use sqlx::Connection;
+        let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{db}"))
+            .await
+            .unwrap();
+        sqlx::query("UPDATE snapshots SET started_at = started_at - 7200000")
+            .execute(&mut c)
+            .await
+            .unwrap();
+    });
+    let (ok, out) = run(&["sync", "--config", &cfg, "--max-snapshot-age-secs", "3600"]);
+    assert!(!ok, "a stale snapshot exits 1: {out}");
+    assert!(
+        out.contains("too old to push stock from")
+            && out.contains("all 3 endpoint(s) held, nothing sent"),
+        "{out}"
+    );
+    assert!(
+        out.contains("2.0 h ago") && out.contains("max_snapshot_age is 60 min"),
+        "{out}"
+    );
+    let (ok, out) = run(&[
+        "sync",
+        "--config",
+        &cfg,
+        "--endpoint",
+        "ep-00002",
+        "--max-snapshot-age-secs",
+        "10800",
+    ]);
     assert!(ok, "{out}");
-    assert!(out.contains("1 done, 0 tripped") && out.contains("3 uploads"), "{out}");
+    assert!(
+        out.contains("1 done, 0 tripped") && out.contains("3 uploads"),
+        "{out}"
+    );
     let (ok, out) = run(&["sync", "--config", &cfg]);
     let shown = |ep: &str| -> Vec<i64> {
         let skus: Vec<String> = (0..250).map(|i| format!("SKU-{i:06}")).collect();

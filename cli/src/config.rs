@@ -65,6 +65,9 @@ pub(crate) struct SyncSection {
     max_refused_percent: u32,
     /// What to send for SKUs gone from the source: `leave` (default) or `zero_stock`.
     on_removed: OnRemoved,
+    /// Hold every endpoint rather than push stock from a snapshot whose read started
+    /// longer ago than this (seconds; none by default).
+    max_snapshot_age_secs: Option<u64>,
 }
 
 impl Default for SyncSection {
@@ -82,6 +85,7 @@ impl Default for SyncSection {
             attempt_timeout_ms: o.policy.attempt_timeout_ms,
             max_refused_percent: o.policy.max_refused_percent,
             on_removed: o.on_removed,
+            max_snapshot_age_secs: None,
         }
     }
 }
@@ -544,6 +548,7 @@ impl Config {
             max_in_flight: s.max_in_flight,
             policy: s.policy(),
             on_removed: s.on_removed,
+            max_snapshot_age_ms: s.max_snapshot_age_secs.map(|s| s.saturating_mul(1000)),
             limits: Limits {
                 per_endpoint: l.per_endpoint,
                 per_host: l.per_host,

@@ -84,10 +84,14 @@ pub(crate) async fn setup(db: &DbArg, endpoints: &EndpointArgs, sync: &SyncArgs)
             eps.extend(demo_endpoints(endpoints.endpoints, url));
         }
         let registry = config.registry(&db).await?;
+        let mut options = config.sync_options();
+        if let Some(secs) = sync.max_snapshot_age_secs {
+            options.max_snapshot_age_ms = Some(secs.saturating_mul(1000));
+        }
         return Ok(Setup {
             db,
             endpoints: eps,
-            options: config.sync_options(),
+            options,
             registry,
             config: Some(config),
         });
@@ -139,6 +143,10 @@ pub(crate) struct SyncArgs {
     /// it) or `zero_stock` (stock 0 with its last prices).
     #[arg(long, default_value = "leave", value_parser = parse_on_removed)]
     pub(crate) on_removed: bulwark_workflows::staging::OnRemoved,
+    /// Hold every endpoint rather than push stock from a snapshot whose read started
+    /// longer ago than this many seconds (`[sync] max_snapshot_age_secs`).
+    #[arg(long, value_name = "SECS")]
+    pub(crate) max_snapshot_age_secs: Option<u64>,
 }
 
 fn parse_on_removed(s: &str) -> std::result::Result<bulwark_workflows::staging::OnRemoved, String> {
@@ -363,6 +371,7 @@ pub(crate) fn sync_options(args: &SyncArgs) -> SyncOptions {
         batch_size: args.batch_size,
         max_in_flight: args.max_in_flight,
         on_removed: args.on_removed,
+        max_snapshot_age_ms: args.max_snapshot_age_secs.map(|s| s.saturating_mul(1000)),
         ..SyncOptions::default()
     }
 }
@@ -489,7 +498,8 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             progress::print_summary(&report);
             progress::print_quarantine(&app).await?;
             app.close().await;
-            if !report.refused.is_empty() || report.unfinished > 0 {
+            let stale = report.plan.as_ref().is_some_and(|p| p.stale.is_some());
+            if !report.refused.is_empty() || report.unfinished > 0 || stale {
                 return Ok(ExitCode::from(1));
             }
         }

@@ -85,6 +85,28 @@ impl SyncProgress for Progress {
     }
 }
 
+/// The message for a plan held because its snapshot is too old.
+pub(crate) fn print_stale(p: &bulwark_workflows::sync::Plan) {
+    if let Some(s) = &p.stale {
+        println!(
+            "snapshot {} is too old to push stock from: its read started {} ago, max_snapshot_age is {}; all {} endpoint(s) held, nothing sent (seal a fresher snapshot)",
+            p.snapshot,
+            human_age(s.age_ms),
+            human_age(s.max_ms),
+            s.held
+        );
+    }
+}
+
+fn human_age(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..=119 => format!("{s} s"),
+        120..=7199 => format!("{} min", s / 60),
+        _ => format!("{:.1} h", s as f64 / 3600.0),
+    }
+}
+
 pub(crate) fn print_summary(r: &SyncReport) {
     let count = |s: &str| r.by_status.get(s).copied().unwrap_or(0);
     if !r.resumed_runs.is_empty() {
@@ -92,6 +114,7 @@ pub(crate) fn print_summary(r: &SyncReport) {
     }
     if let Some(p) = &r.plan {
         match p.run {
+            None if p.stale.is_some() => print_stale(p),
             Some(run) => {
                 println!(
                     "run {run}: snapshot {}, {} endpoint(s) to sync, {} already up to date",

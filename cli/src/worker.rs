@@ -225,6 +225,7 @@ fn schedules(
                                 "scheduled sync: run {run} enqueued ({} endpoint(s) to sync, {} up to date, {} still syncing)",
                                 plan.workflows, plan.up_to_date, plan.busy
                             ),
+                            None if plan.stale.is_some() => progress::print_stale(&plan),
                             None => eprintln!(
                                 "scheduled sync: nothing to do for snapshot {} ({} endpoint(s) up to date, {} still syncing)",
                                 plan.snapshot, plan.up_to_date, plan.busy
@@ -406,6 +407,11 @@ pub(crate) async fn enqueue(
         println!("no sealed snapshot yet: run `bulwark snapshot` first");
         return Ok(ExitCode::from(1));
     };
+    if plan.stale.is_some() {
+        progress::print_stale(&plan);
+        app.close().await;
+        return Ok(ExitCode::from(1));
+    }
     let Some(run) = plan.run else {
         println!(
             "snapshot {}: all {} endpoint(s) already up to date; nothing to do",

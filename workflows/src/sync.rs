@@ -10,7 +10,7 @@ use bulwark_engine::{
     Admission, AlertLevel, CircuitRow, Effects, Machine, NewAlert, NewWorkflow, RunId, RunOutcome,
     Runtime, Store, WorkflowCtx, now_ms,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, Semaphore};
 
 use crate::adapter::{AdapterError, EndpointConfig, PortalAdapter, Verification};
@@ -37,6 +37,9 @@ pub struct SyncOptions {
     /// What to send for SKUs gone from the source (endpoints may override it with their
     /// `on_removed` setting).
     pub on_removed: OnRemoved,
+    /// Refuse to plan from a snapshot whose read started longer ago than this: stock that
+    /// old would overwrite what the shops sold since (see [`Plan::stale`]).
+    pub max_snapshot_age_ms: Option<u64>,
 }
 
 impl Default for SyncOptions {
@@ -47,6 +50,7 @@ impl Default for SyncOptions {
             max_in_flight: 64,
             limits: Limits::default(),
             on_removed: OnRemoved::default(),
+            max_snapshot_age_ms: None,
         }
     }
 }
@@ -126,6 +130,20 @@ pub struct Plan {
     pub items: u64,
     /// Drifted items planned to be sent again (a reconcile's repairs; part of `items`).
     pub repairs: u64,
+    /// Set when the target snapshot was older than `max_snapshot_age_ms`: nothing was
+    /// planned, every endpoint is held until a fresher snapshot is sealed.
+    pub stale: Option<StaleSnapshot>,
+}
+
+/// A snapshot too old to push (see [`SyncOptions::max_snapshot_age_ms`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StaleSnapshot {
+    /// How long ago its read started, in ms.
+    pub age_ms: u64,
+    /// The limit, in ms.
+    pub max_ms: u64,
+    /// Endpoints held.
+    pub held: usize,
 }
 
 /// (base, target, mapping cache key, removal policy) of a cached diff.
@@ -317,6 +335,34 @@ pub async fn plan_run_with(
         return Err(SyncError::Config(format!(
             "snapshot {snapshot} is not sealed; sync runs read sealed snapshots only"
         )));
+    }
+    if let Some(max_ms) = options.max_snapshot_age_ms
+        && let Some(row) = staging
+            .snapshots()
+            .await?
+            .into_iter()
+            .find(|s| s.id == snapshot)
+    {
+        let now = chrono::Utc::now().timestamp_millis();
+        let age_ms = u64::try_from(now.saturating_sub(row.started_at)).unwrap_or(0);
+        if age_ms > max_ms {
+            tracing::warn!(
+                snapshot,
+                age_ms,
+                max_ms,
+                endpoints = endpoints.len(),
+                "snapshot too old to push stock from; every endpoint held"
+            );
+            return Ok(Plan {
+                snapshot,
+                stale: Some(StaleSnapshot {
+                    age_ms,
+                    max_ms,
+                    held: endpoints.len(),
+                }),
+                ..Default::default()
+            });
+        }
     }
     let confirmed = staging.confirmed_with_mapping().await?;
     let unsettled = staging.unsettled().await?;
