@@ -42,7 +42,10 @@ async fn stage(db: &std::path::Path, items: &[Item]) {
     app.close().await;
 }
 
-fn shown(sim: &ApiSimHandle, ep: &str, want: &[Item]) -> Vec<(String, i64, Vec<(u32, i64)>)> {
+/// (SKU, quantity, sorted tiers) of each item.
+type Shown = Vec<(String, i64, Vec<(u32, i64)>)>;
+
+fn shown(sim: &ApiSimHandle, ep: &str, want: &[Item]) -> Shown {
     let skus: std::collections::HashSet<&str> = want.iter().map(|i| i.sku.as_str()).collect();
     sim.items(ep)
         .into_iter()
@@ -56,7 +59,7 @@ fn shown(sim: &ApiSimHandle, ep: &str, want: &[Item]) -> Vec<(String, i64, Vec<(
         .collect()
 }
 
-fn expected(want: &[Item]) -> Vec<(String, i64, Vec<(u32, i64)>)> {
+fn expected(want: &[Item]) -> Shown {
     want.iter()
         .map(|i| {
             let mut t: Vec<(u32, i64)> =
