@@ -10,6 +10,7 @@ mod progress;
 mod reconcile_cmd;
 mod scope;
 mod serve;
+mod signals;
 mod snapshot_cmd;
 mod webui_cmd;
 mod worker;
@@ -453,7 +454,18 @@ fn main() -> std::process::ExitCode {
 async fn run(cli: Cli) -> Result<std::process::ExitCode> {
     use std::process::ExitCode;
     match cli.command {
-        Command::Demo(args) => demo::run(args).await?,
+        Command::Demo(args) => {
+            // The demo's own steps are journaled like the real ones: stopping abandons the
+            // step in flight (as a crash would) and the next demo run resumes it.
+            let interrupt = signals::Interrupt::listen("the demo", || {});
+            tokio::select! {
+                r = demo::run(args) => r?,
+                _ = interrupt.signalled() => {}
+            }
+            if let Some(code) = interrupt.exit_code() {
+                return Ok(code);
+            }
+        }
         Command::GenerateLegacy { path, skus, seed } => {
             ensure_parent(&path)?;
             generate_demo_legacy(&path, skus, seed).await?;
@@ -466,7 +478,20 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             Some(snapshot_cmd::SnapshotAction::Approve { id, db }) => {
                 return snapshot_cmd::approve(&db.db, id).await;
             }
-            None => snapshot_cmd::run(&db.db, args).await?,
+            None => {
+                // A snapshot writes each page in one transaction with its cursor: stopping
+                // between or inside pages loses nothing; the same command resumes it.
+                let interrupt = signals::Interrupt::listen("the snapshot", || {});
+                tokio::select! {
+                    r = snapshot_cmd::run(&db.db, args) => r?,
+                    _ = interrupt.signalled() => {
+                        eprintln!("snapshot stopped; run the same command to resume it from its cursor");
+                    }
+                }
+                if let Some(code) = interrupt.exit_code() {
+                    return Ok(code);
+                }
+            }
         },
         Command::Sync {
             db,
@@ -484,6 +509,10 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             let alerts = worker::AlertDelivery::start(setup.config.as_ref(), &setup.db).await?;
             let app = Bulwark::open(&setup.db, setup.registry).await?;
             record_insecure_tls(&app, &all).await?;
+            let interrupt = {
+                let app = app.clone();
+                signals::Interrupt::listen("the sync", move || app.stop())
+            };
             let bar = progress::Progress::new();
             let report = app
                 .sync(&setup.endpoints, &setup.options, Some(bar.clone()))
@@ -498,6 +527,9 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             progress::print_summary(&report);
             progress::print_quarantine(&app).await?;
             app.close().await;
+            if let Some(code) = interrupt.exit_code() {
+                return Ok(code);
+            }
             let stale = report.plan.as_ref().is_some_and(|p| p.stale.is_some());
             if !report.refused.is_empty() || report.unfinished > 0 || stale {
                 return Ok(ExitCode::from(1));

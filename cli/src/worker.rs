@@ -256,20 +256,13 @@ pub(crate) async fn run(args: WorkerArgs) -> Result<ExitCode> {
         other => anyhow::bail!("unknown --sink {other:?} (rest or memory)"),
     };
     let stop = Arc::new(AtomicBool::new(false));
-    {
+    // A worker stopped by a signal is a daemon told to stop: it exits 0.
+    let _interrupt = {
         let stop = stop.clone();
-        tokio::spawn(async move {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("SIGTERM handler");
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            eprintln!("stopping: finishing current steps and releasing leases");
+        crate::signals::Interrupt::listen("the worker", move || {
             stop.store(true, Ordering::Relaxed);
-        });
-    }
+        })
+    };
     let scheduler = match &config {
         Some(c) => schedules(c, registry.clone(), &db, &endpoints, &options, stop.clone())?,
         None => None,

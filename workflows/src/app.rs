@@ -244,6 +244,8 @@ pub struct Bulwark {
     journal_config: JournalConfig,
     effects: Arc<EffectStats>,
     worker: String,
+    /// Set by [`Bulwark::stop`]: running syncs and reconciles wind down.
+    stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Builds a [`Bulwark`]: where its database is, which adapters it knows, how this process
@@ -440,7 +442,22 @@ impl Bulwark {
             journal_config: JournalConfig::default(),
             effects: Arc::default(),
             worker: format!("{}-{}", hostname(), std::process::id()),
+            stop: Arc::default(),
         }
+    }
+
+    /// Ask every [`sync`](Bulwark::sync), [`reconcile`](Bulwark::reconcile) and
+    /// [`replay`](Bulwark::replay) running on this `Bulwark` (or a clone) to stop, as on
+    /// SIGTERM: they claim nothing more, finish the transitions in flight, plan no new run
+    /// and return (their report counts what was left unfinished; the next sync resumes it
+    /// from the journal). Calls started afterwards stop at once.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether [`Bulwark::stop`] was called.
+    pub fn stop_requested(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
     }
 
     /// Start a worker on the current tokio runtime: it claims endpoint syncs of any open
@@ -759,6 +776,23 @@ impl Bulwark {
             }) as Observer<EndpointSync>
         });
         let mut report = SyncReport::default();
+        // Bulwark::stop reaches the runtime: it claims nothing more and winds down.
+        let watcher = {
+            let (ours, theirs) = (self.stop.clone(), runtime.stop_flag());
+            tokio::spawn(async move {
+                while !ours.load(Ordering::Relaxed) {
+                    tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+                }
+                theirs.store(true, Ordering::Relaxed);
+            })
+        };
+        struct AbortOnDrop(tokio::task::JoinHandle<()>);
+        impl Drop for AbortOnDrop {
+            fn drop(&mut self) {
+                self.0.abort();
+            }
+        }
+        let _watcher = AbortOnDrop(watcher);
 
         // 1. Resume whatever a crash or stop left unfinished.
         let open_runs: Vec<i64> = self
@@ -800,7 +834,7 @@ impl Bulwark {
         }
 
         // 2. A new run towards the newest sealed snapshot.
-        if planning == Planning::None {
+        if planning == Planning::None || self.stop_requested() {
             return Ok(self.finish_report(report, &effects, started));
         }
         if let Some(snap) = self.staging.latest_sealed().await? {
