@@ -43,6 +43,10 @@ pub(crate) async fn run(
     let alerts = crate::worker::AlertDelivery::start(setup.config.as_ref(), &setup.db).await?;
     let app = Bulwark::open(&setup.db, setup.registry).await?;
     crate::record_insecure_tls(&app, &setup.endpoints).await?;
+    let interrupt = {
+        let app = app.clone();
+        crate::signals::Interrupt::listen("the reconcile", move || app.stop())
+    };
     let bar = crate::progress::Progress::new();
     let result = app
         .reconcile(&setup.endpoints, &setup.options, Some(bar.clone()))
@@ -62,6 +66,9 @@ pub(crate) async fn run(
         crate::progress::print_quarantine(&app).await?;
     }
     app.close().await;
+    if let Some(code) = interrupt.exit_code() {
+        return Ok(code);
+    }
     if !result.refused.is_empty() || result.unfinished > 0 {
         return Ok(ExitCode::from(1));
     }
