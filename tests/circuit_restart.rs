@@ -251,7 +251,7 @@ async fn an_open_circuit_survives_sigkill_and_a_probe_closes_it_once_healed() {
     };
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(status.success(), "{status:?}\n{text}");
-    assert!(text.contains("stopping: finishing current steps"), "{text}");
+    assert!(text.contains("SIGTERM: stopping the worker"), "{text}");
     backend.close().await;
     sim.shutdown().await.unwrap();
 }

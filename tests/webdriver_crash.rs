@@ -415,3 +415,138 @@ fn sigkill_after_manifest_submit_before_journal_never_uploads_twice() {
         started.elapsed().as_secs_f64()
     );
 }
+
+/// Live processes of process group `pgid`.
+fn group_members(pgid: u32) -> Vec<u32> {
+    process_table()
+        .into_iter()
+        .filter(|p| p.2 == pgid && alive(p.0))
+        .map(|p| p.0)
+        .collect()
+}
+
+#[test]
+fn chromium_left_by_a_killed_sync_is_stopped_by_the_next_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let legacy = dir.path().join("legacy.db");
+    let db = dir.path().join("bulwark.db");
+    let recipes = dir.path().join("recipes");
+    // A temporary directory of its own: the group locks of this test's syncs only.
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    run_ok(
+        bulwark()
+            .args(["generate-legacy", "--skus", "60", "--path"])
+            .arg(&legacy),
+    );
+    run_ok(
+        bulwark()
+            .arg("snapshot")
+            .arg("--db")
+            .arg(&db)
+            .arg("--legacy")
+            .arg(&legacy),
+    );
+    let port = bulwark_tests::free_port();
+    let _sim = KillOnDrop(
+        bulwark()
+            .args(["simulate-webui", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--portals", "1", "--username", USER, "--password", PASS])
+            .arg("--write-recipes")
+            .arg(&recipes)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    bulwark_tests::wait_for_port(port);
+    let config = dir.path().join("bulwark.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "database = {db:?}\n[sync]\nbatch_size = 5\n\n[[endpoint]]\nid = \"wd-1\"\nadapter = \"webdriver\"\n\
+             settings = {{ recipe = {recipe:?}, base_url = \"http://127.0.0.1:{port}/p/portal-1\" }}\n",
+            db = db.display().to_string(),
+            recipe = recipes.join("manifest.toml").display().to_string(),
+        ),
+    )
+    .unwrap();
+    let sync = || {
+        let mut c = bulwark();
+        c.arg("sync").arg("--config").arg(&config);
+        c.env("BULWARK_SIM_USER", USER)
+            .env("BULWARK_SIM_PASS", PASS)
+            .env("TMPDIR", &tmp)
+            .env_remove("BULWARK_WEBDRIVER_URL");
+        c
+    };
+    let mut child = sync()
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until chromedriver runs (its group lock exists) with a browser in its group.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let pgid = loop {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "sync ended before a browser started"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "no chromedriver group within 60 s"
+        );
+        let locks: Vec<u32> = std::fs::read_dir(&tmp)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("bulwark-webdriver-")
+            })
+            .flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten())
+            .filter_map(|f| {
+                f.file_name()
+                    .to_string_lossy()
+                    .strip_suffix(".lock")?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        if let Some(&g) = locks.first()
+            && group_members(g).len() >= 2
+        {
+            break g;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    child.kill().unwrap(); // SIGKILL to bulwark alone
+    child.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let left = group_members(pgid);
+    assert!(
+        !left.is_empty(),
+        "chromedriver's group outlives the killed sync"
+    );
+    // The next sync finds the unlocked group and stops it, then does its work.
+    let out = run_ok(&mut sync());
+    assert!(out.contains("1 done"), "{out}");
+    let start = Instant::now();
+    while !group_members(pgid).is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the leftover group {pgid} still runs: {:?}",
+            group_members(pgid)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // And a normal exit leaves nothing behind either: no group lock, no browser.
+    let leftover_locks = std::fs::read_dir(&tmp)
+        .unwrap()
+        .flatten()
+        .flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten())
+        .filter(|f| f.file_name().to_string_lossy().ends_with(".lock"))
+        .count();
+    assert_eq!(leftover_locks, 0, "a normal exit removes its group lock");
+}

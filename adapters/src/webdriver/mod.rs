@@ -27,6 +27,7 @@
 //! See `docs/webdriver.md` for the recipe language and a full example.
 
 mod pool;
+mod reaper;
 mod recipe;
 mod session;
 

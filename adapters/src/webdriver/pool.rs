@@ -111,6 +111,22 @@ pub struct PoolStats {
 struct DriverProcess {
     url: String,
     _child: Option<tokio::process::Child>,
+    /// Its process group's lock (see the reaper): held while this process lives.
+    group: Option<super::reaper::GroupLock>,
+    pgid: Option<u32>,
+}
+
+impl Drop for DriverProcess {
+    fn drop(&mut self) {
+        // chromedriver and every Chromium it started: the whole group.
+        if let Some(pid) = self
+            .pgid
+            .and_then(|p| rustix::process::Pid::from_raw(p as i32))
+        {
+            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+        }
+        self.group.take();
+    }
 }
 
 /// One browser session.
@@ -214,6 +230,8 @@ impl WebDriverPool {
                     return Ok(DriverProcess {
                         url: url.trim_end_matches('/').to_owned(),
                         _child: None,
+                        group: None,
+                        pgid: None,
                     });
                 }
                 start_chromedriver(&cfg.chromedriver).await
@@ -343,11 +361,21 @@ async fn start_chromedriver(bin: &PathBuf) -> AdapterResult<DriverProcess> {
             bin.display()
         )));
     }
+    let reaped = super::reaper::reap_leftovers();
+    if reaped > 0 {
+        tracing::info!(
+            reaped,
+            "chromedriver groups left by killed processes were stopped"
+        );
+    }
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map_err(|e| transient("no free port for chromedriver", e))?
         .port();
     let child = tokio::process::Command::new(bin)
+        // A group of its own: chromedriver and its browsers are stopped together, and
+        // found again by the next start if this process is killed.
+        .process_group(0)
         .arg(format!("--port={port}"))
         .arg("--allowed-ips=127.0.0.1")
         .stdin(std::process::Stdio::null())
@@ -356,6 +384,15 @@ async fn start_chromedriver(bin: &PathBuf) -> AdapterResult<DriverProcess> {
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| transient("cannot start chromedriver", e))?;
+    let pgid = child.id();
+    let group = match pgid.map(super::reaper::register) {
+        Some(Ok(g)) => Some(g),
+        Some(Err(e)) => {
+            tracing::warn!(error = %e, "cannot record chromedriver's process group; after a kill -9 its browsers may outlive this process");
+            None
+        }
+        None => None,
+    };
     let start = Instant::now();
     while tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
@@ -373,5 +410,7 @@ async fn start_chromedriver(bin: &PathBuf) -> AdapterResult<DriverProcess> {
     Ok(DriverProcess {
         url: format!("http://127.0.0.1:{port}"),
         _child: Some(child),
+        group,
+        pgid,
     })
 }
