@@ -99,32 +99,63 @@ fn delta(before: ApiSimStats, after: ApiSimStats) -> (u64, u64) {
     )
 }
 
+/// A shop with `catalog` products at the simulator and a sealed snapshot of the first
+/// `synced` of them in a fresh database.
+struct Shop {
+    _dir: tempfile::TempDir,
+    db: std::path::PathBuf,
+    creds: Creds,
+    sim: ApiSimHandle,
+    cache: Arc<dyn IdCache>,
+    want: Vec<Item>,
+}
+
+async fn shop(catalog: u32, synced: u32) -> Shop {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("bulwark.db");
+    let creds = Creds::random();
+    let sim = api_sim(&creds).await;
+    sim.seed_catalog("shop", &skus(catalog));
+    let want = items(synced, 0);
+    seed(&db, &want).await;
+    let cache: Arc<dyn IdCache> = Arc::new(SqliteIdCache::connect(&db).await.unwrap());
+    Shop {
+        _dir: dir,
+        db,
+        creds,
+        sim,
+        cache,
+        want,
+    }
+}
+
+impl Shop {
+    fn registry(&self, profile: &str) -> AdapterRegistry {
+        registry_for(profile, self.cache.clone(), self.creds.secrets())
+    }
+
+    async fn app(&self, profile: &str) -> Bulwark {
+        Bulwark::open(&self.db, self.registry(profile))
+            .await
+            .unwrap()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_catalog_without_a_sku_filter_syncs_with_every_kind_of_pagination() {
     for kind in ["page", "offset", "cursor", "link"] {
-        let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("bulwark.db");
-        let creds = Creds::random();
-        let sim = api_sim(&creds).await;
         // 450 products at the shop, 400 of them in the snapshot: the listing holds
         // records Bulwark does not sync.
-        sim.seed_catalog("shop", &skus(450));
-        let want = items(400, 0);
-        seed(&db, &want).await;
-        let cache: Arc<dyn IdCache> = Arc::new(SqliteIdCache::connect(&db).await.unwrap());
-        let app = Bulwark::open(
-            &db,
-            registry_for(&catalog_profile(kind, 100), cache, creds.secrets()),
-        )
-        .await
-        .unwrap();
-        let eps = vec![catalog_endpoint(&sim, "shop", &[])];
+        let shop = shop(450, 400).await;
+        let (db, sim, want) = (&shop.db, &shop.sim, shop.want.clone());
+        let app = shop.app(&catalog_profile(kind, 100)).await;
+        let eps = vec![catalog_endpoint(sim, "shop", &[])];
 
         let before = sim.stats();
         let report = app.sync(&eps, &options(100), None).await.unwrap();
         assert_eq!(done(&report), 1, "{kind}: {report:?}");
         assert_eq!(
-            shown(&sim, "shop", &want),
+            shown(sim, "shop", &want),
             normalized(want.clone()),
             "{kind}"
         );
@@ -155,7 +186,7 @@ async fn a_catalog_without_a_sku_filter_syncs_with_every_kind_of_pagination() {
 
         // Nothing changed: nothing sent, nothing read.
         let before = sim.stats();
-        seed(&db, &want).await;
+        seed(db, &want).await;
         let report = app.sync(&eps, &options(100), None).await.unwrap();
         assert_eq!(done(&report), 0, "{kind}: {report:?}");
         assert_eq!(delta(before, sim.stats()), (0, 0), "{kind}");
@@ -167,12 +198,12 @@ async fn a_catalog_without_a_sku_filter_syncs_with_every_kind_of_pagination() {
             changed[i].qty += 7;
             changed[i].tiers[0].price_minor += 1;
         }
-        seed(&db, &changed).await;
+        seed(db, &changed).await;
         let before = sim.stats();
         let report = app.sync(&eps, &options(100), None).await.unwrap();
         assert_eq!(done(&report), 1, "{kind}: {report:?}");
         assert_eq!(
-            shown(&sim, "shop", &changed),
+            shown(sim, "shop", &changed),
             normalized(changed.clone()),
             "{kind}"
         );
@@ -184,30 +215,21 @@ async fn a_catalog_without_a_sku_filter_syncs_with_every_kind_of_pagination() {
         assert_eq!(sim.writes_for("shop", &changed[151].sku), 2);
         assert_clean_audit(&app).await;
         app.close().await;
-        sim.shutdown().await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_stock_answer_resends_only_the_price_request() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("bulwark.db");
-    let creds = Creds::random();
-    let sim = api_sim(&creds).await;
-    sim.seed_catalog("shop", &skus(20));
-    let want = items(20, 0);
-    seed(&db, &want).await;
-    let cache: Arc<dyn IdCache> = Arc::new(SqliteIdCache::connect(&db).await.unwrap());
-    let app = Bulwark::open(&db, registry_for(CATALOG, cache, creds.secrets()))
-        .await
-        .unwrap();
+    let shop = shop(20, 20).await;
+    let (sim, want) = (&shop.sim, shop.want.clone());
+    let app = shop.app(CATALOG).await;
     // The first write (S-0000's stock) is applied, and its answer never arrives.
     sim.lose_next_writes("shop", 1);
-    let eps = vec![catalog_endpoint(&sim, "shop", &[])];
+    let eps = vec![catalog_endpoint(sim, "shop", &[])];
     let report = app.sync(&eps, &options(20), None).await.unwrap();
     assert_eq!(done(&report), 1, "{report:?}");
     assert_eq!(sim.stats().responses_lost, 1);
-    assert_eq!(shown(&sim, "shop", &want), normalized(want.clone()));
+    assert_eq!(shown(sim, "shop", &want), normalized(want.clone()));
     // No profile probe and no idempotency key: the retry read back first; the stock
     // showed, so only the prices were sent. Every request landed exactly once.
     for item in &want {
@@ -216,27 +238,20 @@ async fn a_lost_stock_answer_resends_only_the_price_request() {
     assert_eq!(sim.stats().writes_applied, 40);
     assert_clean_audit(&app).await;
     app.close().await;
-    sim.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endpoint_that_owns_only_the_stock_never_writes_or_checks_prices() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("bulwark.db");
-    let creds = Creds::random();
-    let sim = api_sim(&creds).await;
-    sim.seed_catalog("shop", &skus(30));
-    let want = items(30, 0);
-    seed(&db, &want).await;
-    let cache: Arc<dyn IdCache> = Arc::new(SqliteIdCache::connect(&db).await.unwrap());
-    let registry = registry_for(CATALOG, cache, creds.secrets());
+    let shop = shop(30, 30).await;
+    let (db, sim, want) = (&shop.db, &shop.sim, shop.want.clone());
+    let registry = shop.registry(CATALOG);
     // A typo or a field the profile does not write is refused when the adapter is built.
     for (owns, says) in [
         ("colour", "unknown field \"colour\""),
         ("", "names no field"),
     ] {
         let err = registry
-            .build(&catalog_endpoint(&sim, "shop", &[("owns", owns)]))
+            .build(&catalog_endpoint(sim, "shop", &[("owns", owns)]))
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
@@ -247,14 +262,14 @@ async fn an_endpoint_that_owns_only_the_stock_never_writes_or_checks_prices() {
     }
     let app = Bulwark::open(&db, registry).await.unwrap();
     // Another system owns the prices: they differ at the shop and stay as they are.
-    let eps = vec![catalog_endpoint(&sim, "shop", &[("owns", "qty")])];
+    let eps = vec![catalog_endpoint(sim, "shop", &[("owns", "qty")])];
     let report = app.sync(&eps, &options(10), None).await.unwrap();
     assert_eq!(
         done(&report),
         1,
         "verify compares only the stock: {report:?}"
     );
-    let at_shop = shown(&sim, "shop", &want);
+    let at_shop = shown(sim, "shop", &want);
     for (got, w) in at_shop.iter().zip(&want) {
         assert_eq!(got.qty, w.qty, "{}", w.sku);
         assert!(got.tiers.is_empty(), "{}: prices untouched", w.sku);
@@ -267,7 +282,6 @@ async fn an_endpoint_that_owns_only_the_stock_never_writes_or_checks_prices() {
     }
     assert_clean_audit(&app).await;
     app.close().await;
-    sim.shutdown().await;
 }
 
 /// A chain: the listing gives the product id, a per-item request on the product gives
@@ -301,28 +315,21 @@ async fn chained_lookups_capture_ids_from_a_listing_then_from_each_record() {
         "{}{CHAINED_STEP_2}\n[[profiles.catalog.write]]{rest}",
         single[0]
     );
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("bulwark.db");
-    let creds = Creds::random();
-    let sim = api_sim(&creds).await;
-    sim.seed_catalog("shop", &skus(30));
-    let want = items(30, 0);
-    seed(&db, &want).await;
-    let cache: Arc<dyn IdCache> = Arc::new(SqliteIdCache::connect(&db).await.unwrap());
-    let app = Bulwark::open(&db, registry_for(&profile, cache.clone(), creds.secrets()))
-        .await
-        .unwrap();
-    let eps = vec![catalog_endpoint(&sim, "shop", &[])];
+    let shop = shop(30, 30).await;
+    let (sim, want) = (&shop.sim, shop.want.clone());
+    let app = shop.app(&profile).await;
+    let eps = vec![catalog_endpoint(sim, "shop", &[])];
     let report = app.sync(&eps, &options(30), None).await.unwrap();
     assert_eq!(done(&report), 1, "{report:?}");
-    assert_eq!(shown(&sim, "shop", &want), normalized(want.clone()));
+    assert_eq!(shown(sim, "shop", &want), normalized(want.clone()));
     assert_eq!(
         sim.stats().reads,
         30,
         "one product request per SKU in step 2"
     );
     // The three ids of a SKU are cached together.
-    let cached = cache
+    let cached = shop
+        .cache
         .get_many("catalog", "shop", &["S-0007".to_owned()])
         .await
         .unwrap();
@@ -332,7 +339,6 @@ async fn chained_lookups_capture_ids_from_a_listing_then_from_each_record() {
     }
     assert_clean_audit(&app).await;
     app.close().await;
-    sim.shutdown().await;
 }
 
 fn batch(items: Vec<Item>) -> Batch {
@@ -565,22 +571,14 @@ skus_per_request = 40
 request = { method = "GET", url = "{{ base_url }}/products?limit=250&skus={{ skus | join(',') | urlencode }}" }"#,
     );
     assert_ne!(batched, CATALOG, "test setup");
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("bulwark.db");
-    let creds = Creds::random();
-    let sim = api_sim(&creds).await;
-    sim.seed_catalog("shop", &skus(200));
-    let want = items(200, 0);
-    seed(&db, &want).await;
-    let cache: Arc<dyn IdCache> = Arc::new(SqliteIdCache::connect(&db).await.unwrap());
-    let app = Bulwark::open(&db, registry_for(&batched, cache, creds.secrets()))
-        .await
-        .unwrap();
-    let eps = vec![catalog_endpoint(&sim, "shop", &[])];
+    let shop = shop(200, 200).await;
+    let (db, sim, want) = (&shop.db, &shop.sim, shop.want.clone());
+    let app = shop.app(&batched).await;
+    let eps = vec![catalog_endpoint(sim, "shop", &[])];
     let before = sim.stats();
     let report = app.sync(&eps, &options(100), None).await.unwrap();
     assert_eq!(done(&report), 1, "{report:?}");
-    assert_eq!(shown(&sim, "shop", &want), normalized(want.clone()));
+    assert_eq!(shown(sim, "shop", &want), normalized(want.clone()));
     let (pages, _) = delta(before, sim.stats());
     // Two batches of 100 SKUs, 40 per lookup request: 3 + 3 lookups; read-backs: one
     // page of 250 per batch.
@@ -590,11 +588,11 @@ request = { method = "GET", url = "{{ base_url }}/products?limit=250&skus={{ sku
     sim.renumber("shop");
     let mut changed = want.clone();
     changed[17].qty += 1;
-    seed(&db, &changed).await;
+    seed(db, &changed).await;
     let before = sim.stats();
     let report = app.sync(&eps, &options(100), None).await.unwrap();
     assert_eq!(done(&report), 1, "{report:?}");
-    assert_eq!(shown(&sim, "shop", &changed), normalized(changed.clone()));
+    assert_eq!(shown(sim, "shop", &changed), normalized(changed.clone()));
     let after = sim.stats();
     assert_eq!(
         after.pages - before.pages,
@@ -607,5 +605,4 @@ request = { method = "GET", url = "{{ base_url }}/products?limit=250&skus={{ sku
         "the stale id's 404"
     );
     app.close().await;
-    sim.shutdown().await;
 }
