@@ -425,6 +425,41 @@ struct RestPatch {
     prices: Vec<RestPrice>,
 }
 
+/// A JSON body, or the 422 that says why it is not one. (The error is the handler's
+/// answer, returned at once: its size does not matter.)
+#[allow(clippy::result_large_err)]
+fn json_body<T>(
+    body: Result<Json<T>, axum::extract::rejection::JsonRejection>,
+) -> Result<T, Response> {
+    body.map(|Json(b)| b).map_err(|e| {
+        status_json(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json!({"errors": {"body": [e.body_text()]}}),
+        )
+    })
+}
+
+/// Decimal-amount prices as tiers, or the 422 naming the bad amount.
+#[allow(clippy::result_large_err)]
+fn rest_tiers(prices: &[RestPrice]) -> Result<Vec<PriceTier>, Response> {
+    prices
+        .iter()
+        .map(|p| {
+            amount_to_minor(&p.amount)
+                .map(|minor| PriceTier {
+                    min_qty: p.min_qty,
+                    price_minor: minor,
+                })
+                .ok_or_else(|| {
+                    status_json(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        json!({"errors": {"prices": [format!("amount {:?} is not a decimal with 2 places", p.amount)]}}),
+                    )
+                })
+        })
+        .collect()
+}
+
 async fn rest_patch(
     State(s): State<Shared>,
     UrlPath((endpoint, id)): UrlPath<(String, String)>,
@@ -434,28 +469,14 @@ async fn rest_patch(
     if !s.bearer_ok(&endpoint, &headers) {
         return unauthorized();
     }
-    let Json(body) = match body {
+    let body = match json_body(body) {
         Ok(b) => b,
-        Err(e) => {
-            return status_json(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                json!({"errors": {"body": [e.body_text()]}}),
-            );
-        }
+        Err(resp) => return resp,
     };
-    let mut tiers = Vec::new();
-    for p in &body.prices {
-        let Some(minor) = amount_to_minor(&p.amount) else {
-            return status_json(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                json!({"errors": {"prices": [format!("amount {:?} is not a decimal with 2 places", p.amount)]}}),
-            );
-        };
-        tiers.push(PriceTier {
-            min_qty: p.min_qty,
-            price_minor: minor,
-        });
-    }
+    let tiers = match rest_tiers(&body.prices) {
+        Ok(t) => t,
+        Err(resp) => return resp,
+    };
     match s.apply(&endpoint, &id, body.stock, tiers) {
         Ok(true) => s.lose_response(),
         Ok(false) => Json(json!({"id": id})).into_response(),
@@ -814,14 +835,9 @@ async fn catalog_set_inventory(
     if !catalog_key_ok(&s, &headers) {
         return catalog_unauthorized();
     }
-    let Json(b) = match body {
+    let b = match json_body(body) {
         Ok(b) => b,
-        Err(e) => {
-            return status_json(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                json!({"errors": {"body": [e.body_text()]}}),
-            );
-        }
+        Err(resp) => return resp,
     };
     if b.location_id != CATALOG_LOCATION {
         return status_json(
@@ -877,28 +893,14 @@ async fn catalog_put_variant(
     if !catalog_key_ok(&s, &headers) {
         return catalog_unauthorized();
     }
-    let Json(b) = match body {
+    let b = match json_body(body) {
         Ok(b) => b,
-        Err(e) => {
-            return status_json(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                json!({"errors": {"body": [e.body_text()]}}),
-            );
-        }
+        Err(resp) => return resp,
     };
-    let mut tiers = Vec::new();
-    for p in &b.variant.prices {
-        let Some(minor) = amount_to_minor(&p.amount) else {
-            return status_json(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                json!({"errors": {"prices": [format!("amount {:?} is not a decimal with 2 places", p.amount)]}}),
-            );
-        };
-        tiers.push(PriceTier {
-            min_qty: p.min_qty,
-            price_minor: minor,
-        });
-    }
+    let tiers = match rest_tiers(&b.variant.prices) {
+        Ok(t) => t,
+        Err(resp) => return resp,
+    };
     let result = s.apply_with(
         &endpoint,
         |p| p.variant == variant && p.id == product,
