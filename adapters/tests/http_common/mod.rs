@@ -15,8 +15,15 @@ use bulwark_workflows::catalog::{Item, PriceTier};
 use bulwark_workflows::endpoint_sync::{State, SyncPolicy};
 use bulwark_workflows::sync::SyncOptions;
 
-/// The test profiles (same shapes as the documentation's examples).
-pub const PROFILES: &str = include_str!("profiles.toml");
+/// The test profiles: the shipped examples (`examples/profiles/`) of the simulators'
+/// REST, GraphQL and batch shapes, in one profiles file.
+pub const PROFILES: &str = concat!(
+    include_str!("../../../examples/profiles/batch_rest.toml"),
+    "\n",
+    include_str!("../../../examples/profiles/rest_items.toml"),
+    "\n",
+    include_str!("../../../examples/profiles/gql.toml"),
+);
 
 pub fn profiles() -> Arc<Profiles> {
     Arc::new(Profiles::from_toml_str(PROFILES).expect("test profiles load"))
