@@ -92,7 +92,6 @@ async fn the_catalog_shape_syncs_exactly_once_through_kill_9() {
     for ep in &eps {
         sim.seed_catalog(ep, &skus);
     }
-    stage(&db, &want).await;
     std::fs::copy(
         concat!(
             env!("CARGO_MANIFEST_DIR"),
@@ -117,6 +116,17 @@ async fn the_catalog_shape_syncs_exactly_once_through_kill_9() {
         c.arg("sync").arg("--config").arg(&cfg).env(KEY_VAR, &key);
         c
     };
+    // A fresh database used first by `sync --config` with an `http` endpoint is a Bulwark
+    // database (the id cache's table comes with Bulwark's own schema), not refused.
+    let out = sync().output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("no sealed snapshot yet"), "{text}");
+    assert!(!text.contains("not a Bulwark database"), "{text}");
+    stage(&db, &want).await;
 
     // Kill the first sync at increasing points while writes are landing, then let one run
     // to the end.
