@@ -148,6 +148,8 @@ pub struct StaleSnapshot {
 
 /// (base, target, mapping cache key, removal policy) of a cached diff.
 type DiffKey = (Option<i64>, i64, Option<String>, OnRemoved);
+/// A diff key and the extra SKUs sent along.
+type PlannedKey = (DiffKey, Vec<String>);
 
 /// Diffs between snapshots, computed once and shared by every endpoint with the same base.
 #[derive(Debug)]
@@ -155,7 +157,13 @@ pub struct DiffCache {
     staging: Staging,
     snapshots: Mutex<HashMap<i64, Arc<Vec<Item>>>>,
     diffs: Mutex<HashMap<DiffKey, Arc<Vec<Item>>>>,
+    /// Diffs with extra SKUs (quarantine retries, repairs), so each batch of such an
+    /// endpoint slices one list instead of rebuilding it (bounded: cleared when full).
+    planned: Mutex<HashMap<PlannedKey, Arc<Vec<Item>>>>,
 }
+
+/// Most diffs-with-extras kept at once.
+const PLANNED_KEPT: usize = 64;
 
 impl DiffCache {
     /// A cache reading from `staging`.
@@ -164,6 +172,7 @@ impl DiffCache {
             staging,
             snapshots: Mutex::default(),
             diffs: Mutex::default(),
+            planned: Mutex::default(),
         }
     }
 
@@ -242,6 +251,15 @@ impl DiffCache {
         if extra.is_empty() {
             return Ok(diff);
         }
+        let mut wanted: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
+        wanted.sort();
+        let key = (
+            (base, target, mapping.map(EndpointMapping::cache_key), on_removed),
+            wanted,
+        );
+        if let Some(hit) = self.planned.lock().await.get(&key) {
+            return Ok(hit.clone());
+        }
         let full = self.diff_mapped(None, target, mapping, on_removed).await?;
         let mut items: Vec<Item> = diff.to_vec();
         items.extend(
@@ -250,7 +268,13 @@ impl DiffCache {
                 .cloned(),
         );
         items.sort_by(|a, b| a.sku.cmp(&b.sku));
-        Ok(Arc::new(items))
+        let items = Arc::new(items);
+        let mut planned = self.planned.lock().await;
+        if planned.len() >= PLANNED_KEPT {
+            planned.clear();
+        }
+        planned.insert(key, items.clone());
+        Ok(items)
     }
 
     /// Items of batch `index` of `input`.
