@@ -37,22 +37,9 @@ fn applied(record: &std::path::Path) -> (i64, i64) {
 #[test]
 fn sigint_and_sigterm_stop_a_sync_gracefully_and_the_next_one_resumes() {
     let dir = tempfile::tempdir().unwrap();
-    let legacy = dir.path().join("legacy.db");
     let db = dir.path().join("bulwark.db");
     let record = dir.path().join("portal.db");
-    run_ok(
-        bulwark()
-            .args(["generate-legacy", "--skus", "600", "--path"])
-            .arg(&legacy),
-    );
-    run_ok(
-        bulwark()
-            .arg("snapshot")
-            .arg("--db")
-            .arg(&db)
-            .arg("--legacy")
-            .arg(&legacy),
-    );
+    bulwark_tests::legacy_snapshot(dir.path(), 600, &db);
     let port = bulwark_tests::free_port();
     let listen = format!("127.0.0.1:{port}");
     let _sim = KillOnDrop(

@@ -428,25 +428,12 @@ fn group_members(pgid: u32) -> Vec<u32> {
 #[test]
 fn chromium_left_by_a_killed_sync_is_stopped_by_the_next_one() {
     let dir = tempfile::tempdir().unwrap();
-    let legacy = dir.path().join("legacy.db");
     let db = dir.path().join("bulwark.db");
     let recipes = dir.path().join("recipes");
     // A temporary directory of its own: the group locks of this test's syncs only.
     let tmp = dir.path().join("tmp");
     std::fs::create_dir(&tmp).unwrap();
-    run_ok(
-        bulwark()
-            .args(["generate-legacy", "--skus", "60", "--path"])
-            .arg(&legacy),
-    );
-    run_ok(
-        bulwark()
-            .arg("snapshot")
-            .arg("--db")
-            .arg(&db)
-            .arg("--legacy")
-            .arg(&legacy),
-    );
+    bulwark_tests::legacy_snapshot(dir.path(), 60, &db);
     let port = bulwark_tests::free_port();
     let _sim = KillOnDrop(
         bulwark()

@@ -254,7 +254,12 @@ impl DiffCache {
         let mut wanted: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
         wanted.sort();
         let key = (
-            (base, target, mapping.map(EndpointMapping::cache_key), on_removed),
+            (
+                base,
+                target,
+                mapping.map(EndpointMapping::cache_key),
+                on_removed,
+            ),
             wanted,
         );
         if let Some(hit) = self.planned.lock().await.get(&key) {
