@@ -304,24 +304,12 @@ fn sync_reads_endpoints_from_a_config_file_and_refuses_a_bad_one() {
     let (ok, out) = run(&["sync", "--config", &cfg]);
     let shown = |ep: &str| -> Vec<i64> {
         let skus: Vec<String> = (0..250).map(|i| format!("SKU-{i:06}")).collect();
-        bulwark_adapters::transport::install_crypto_provider();
-        let url = format!("http://127.0.0.1:{port}/ep/{ep}/items/query");
-        let body: serde_json::Value = tokio::runtime::Runtime::new().unwrap().block_on(async {
-            reqwest::Client::new()
-                .post(url)
-                .json(&serde_json::json!({ "skus": skus }))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap()
-        });
-        body["items"]
-            .as_array()
+        let skus: Vec<&str> = skus.iter().map(String::as_str).collect();
+        let base = format!("http://127.0.0.1:{port}/ep/{ep}");
+        tokio::runtime::Runtime::new()
             .unwrap()
-            .iter()
-            .map(|i| i["qty"].as_i64().unwrap())
+            .block_on(bulwark_tests::shown(&base, &skus))
+            .into_values()
             .collect()
     };
     let (plain, buffered) = (shown("ep-00001"), shown("ep-00003"));
