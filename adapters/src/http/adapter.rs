@@ -175,6 +175,9 @@ struct TokenState {
     generation: u64,
 }
 
+/// The named id paths of a lookup step, rendered for one context.
+type IdPaths = Vec<(String, JsonPath)>;
+
 /// Where a paged listing goes on.
 #[derive(Debug, Clone, Default)]
 struct PageState {
@@ -982,16 +985,12 @@ impl HttpAdapter {
     /// unknown there), an error when one selects something that is not an id.
     fn capture(
         &self,
-        step: &CompiledLookup,
+        ids: &[(String, JsonPath)],
         rec: &Value,
-        ctx: &minijinja::Value,
         sku: &str,
     ) -> Result<Option<Ids>, Failure> {
         let mut out = Ids::new();
-        for (name, path) in &step.ids {
-            let path = path
-                .resolve(&self.profile.env, ctx)
-                .map_err(|e| self.config_failure("lookup", e))?;
+        for (name, path) in ids {
             match path.query(rec).first() {
                 None | Some(Value::Null) => return Ok(None),
                 Some(v) => match scalar_string(v) {
@@ -1016,6 +1015,25 @@ impl HttpAdapter {
             }
         }
         Ok(Some(out))
+    }
+
+    /// `step`'s SKU path and id paths, rendered once for `ctx` (not per record).
+    fn step_paths(
+        &self,
+        step: &CompiledLookup,
+        ctx: &minijinja::Value,
+    ) -> Result<(Option<JsonPath>, IdPaths), Failure> {
+        let resolve = |p: &super::profile::PathT| {
+            p.resolve(&self.profile.env, ctx)
+                .map_err(|e| self.config_failure("lookup", e))
+        };
+        let sku = step.sku.as_ref().map(resolve).transpose()?;
+        let ids = step
+            .ids
+            .iter()
+            .map(|(n, p)| Ok((n.clone(), resolve(p)?)))
+            .collect::<Result<_, Failure>>()?;
+        Ok((sku, ids))
     }
 
     /// The platform's ids of `items` (empty without a lookup): cached ones, then the
@@ -1134,42 +1152,44 @@ impl HttpAdapter {
                     ctx.insert("ids".into(), json!(have));
                     let path_ctx = minijinja::Value::from_serialize(Value::Object(ctx.clone()));
                     let mut got: Option<Ids> = None;
-                    let result = self
-                        .paged(
-                            OP,
-                            &step.request,
-                            ctx,
-                            step.pagination.as_ref(),
-                            &mut PageState::default(),
-                            |json| {
-                                let recs =
-                                    self.records_of(step.records.as_ref(), json, &path_ctx)?;
-                                let n = recs.len();
-                                for rec in recs {
-                                    if rec.is_null() {
-                                        continue;
-                                    }
-                                    if let Some(sp) = &step.sku {
-                                        let sp = sp
-                                            .resolve(&self.profile.env, &path_ctx)
-                                            .map_err(|e| self.config_failure(OP, e))?;
-                                        if sp.query(rec).first().and_then(scalar_string).as_deref()
-                                            != Some(item.sku.as_str())
+                    let result = match self.step_paths(step, &path_ctx) {
+                        Err(f) => Err(f),
+                        Ok((sku_path, id_paths)) => {
+                            self.paged(
+                                OP,
+                                &step.request,
+                                ctx,
+                                step.pagination.as_ref(),
+                                &mut PageState::default(),
+                                |json| {
+                                    let recs =
+                                        self.records_of(step.records.as_ref(), json, &path_ctx)?;
+                                    let n = recs.len();
+                                    for rec in recs {
+                                        if rec.is_null() {
+                                            continue;
+                                        }
+                                        if let Some(sp) = &sku_path
+                                            && sp
+                                                .query(rec)
+                                                .first()
+                                                .and_then(scalar_string)
+                                                .as_deref()
+                                                != Some(item.sku.as_str())
                                         {
                                             continue;
                                         }
+                                        if let Some(v) = self.capture(&id_paths, rec, &item.sku)? {
+                                            got = Some(v);
+                                            return Ok((n, true));
+                                        }
                                     }
-                                    if let Some(v) =
-                                        self.capture(step, rec, &path_ctx, &item.sku)?
-                                    {
-                                        got = Some(v);
-                                        return Ok((n, true));
-                                    }
-                                }
-                                Ok((n, false))
-                            },
-                        )
-                        .await;
+                                    Ok((n, false))
+                                },
+                            )
+                            .await
+                        }
+                    };
                     match result {
                         Ok(_) => match got {
                             Some(v) => {
@@ -1196,6 +1216,22 @@ impl HttpAdapter {
                     usize::MAX
                 } else {
                     step.per_request
+                };
+                // The paths see only the endpoint's values: rendered once for the step.
+                let (sku_path, id_paths) = match self.step_paths(step, &base_path_ctx) {
+                    Ok((Some(sp), ids)) => (sp, ids),
+                    Ok((None, _)) => {
+                        let e = self
+                            .config_failure(OP, "lookup needs a `sku` path")
+                            .into_error();
+                        lost.extend(items.iter().map(|(i, _)| (i.sku.clone(), e.clone())));
+                        return (kept, lost);
+                    }
+                    Err(f) => {
+                        let e = f.into_error();
+                        lost.extend(items.iter().map(|(i, _)| (i.sku.clone(), e.clone())));
+                        return (kept, lost);
+                    }
                 };
                 let mut rest = items;
                 while !rest.is_empty() {
@@ -1251,31 +1287,21 @@ impl HttpAdapter {
                                         &base_path_ctx,
                                     )?;
                                     let n = recs.len();
-                                    let sp = match &step.sku {
-                                        Some(sp) => sp
-                                            .resolve(&self.profile.env, &base_path_ctx)
-                                            .map_err(|e| self.config_failure(OP, e))?,
-                                        None => {
-                                            return Err(self
-                                                .config_failure(OP, "lookup needs a `sku` path"));
-                                        }
-                                    };
                                     for rec in recs {
                                         let Some(sku) =
-                                            sp.query(rec).first().and_then(scalar_string)
+                                            sku_path.query(rec).first().and_then(scalar_string)
                                         else {
                                             continue;
                                         };
                                         if wanted.contains(sku.as_str()) {
                                             if !got.contains_key(&sku)
                                                 && let Some(v) =
-                                                    self.capture(step, rec, &base_path_ctx, &sku)?
+                                                    self.capture(&id_paths, rec, &sku)?
                                             {
                                                 got.insert(sku, v);
                                             }
                                         } else if collect_others
-                                            && let Ok(Some(v)) =
-                                                self.capture(step, rec, &base_path_ctx, &sku)
+                                            && let Ok(Some(v)) = self.capture(&id_paths, rec, &sku)
                                         {
                                             seen_others.push((sku, v));
                                         }
