@@ -182,6 +182,11 @@ impl LegacySource for SqliteSource {
     }
 }
 
+/// The SKU of the `i`-th product a generated demo legacy database holds (`SKU-000000` …).
+pub fn sku_code(i: u32) -> String {
+    format!("SKU-{i:06}")
+}
+
 /// Create (or replace) the demo legacy database with `skus` products and three price tiers.
 pub async fn generate_demo_legacy(path: impl AsRef<Path>, skus: u32, seed: u64) -> Result<()> {
     let path = path.as_ref();
@@ -212,7 +217,7 @@ pub async fn generate_demo_legacy(path: impl AsRef<Path>, skus: u32, seed: u64) 
         for i in chunk {
             let base: i64 = rng.random_range(100..100_000);
             q = q
-                .bind(format!("SKU-{i:06}"))
+                .bind(sku_code(*i))
                 .bind(format!("Product {i}"))
                 .bind(rng.random_range(0..5_000i64))
                 .bind(format!("{}.{:02}", base / 100, base % 100))

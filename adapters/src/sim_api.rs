@@ -34,6 +34,18 @@
 //! * `product(id:)` → `data.product {id, sku, quantity, tiers [{minQty, amountMinor}],
 //!   currency}` or `null`. Prices are integer minor units.
 //!
+//! and in bulk (one request per batch, the shape of newer admin APIs):
+//!
+//! * `productsBySkus(skus: [String!]!)` → `data.productsBySkus [{id, sku}]`;
+//! * `setInventories(inputs: [{id, quantity, tiers}])` → `data.setInventories`, one result
+//!   per input in order, each a member of an **error-result union** told apart by
+//!   `__typename`: `InventorySet {id, sku}`, `InventoryRejected {id, sku, code, message}`
+//!   (validation, a refused SKU) or `ProductNotFound {id, inputIndex, message}`. The
+//!   other inputs of a request apply whatever one of them answers;
+//! * `products(ids: [ID!]!)` → `data.products`, a product or `null` per id.
+//!
+//! [`ApiSimHandle::throttle_next`] answers the next requests 200 with a `THROTTLED` error.
+//!
 //! # Catalog (`/catalog/{endpoint}/…`)
 //!
 //! A platform that cannot be asked by SKU, whose stock and prices are separate resources
@@ -59,6 +71,10 @@
 //!   the connection is closed without an answer** (a lost response);
 //! * [`ApiSimHandle::expire_tokens`]: every issued token stops being accepted;
 //! * [`ApiSimHandle::refuse_tokens`]: logins succeed but their tokens are never accepted.
+//!
+//! `GET /_sim/state` answers the counters and every endpoint's products as JSON
+//! ([`ApiSimHandle::state`]), for a simulator run as a process of its own
+//! (`bulwark simulate-api`).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -78,6 +94,24 @@ use serde_json::{Value, json};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
+/// The shipped example profiles for this simulator's shapes (`examples/profiles/`), by
+/// file name: per-item REST, per-item and bulk GraphQL, the catalog.
+pub const PROFILES: &[(&str, &str)] = &[
+    (
+        "rest_items.toml",
+        include_str!("../../examples/profiles/rest_items.toml"),
+    ),
+    ("gql.toml", include_str!("../../examples/profiles/gql.toml")),
+    (
+        "gql_batch.toml",
+        include_str!("../../examples/profiles/gql_batch.toml"),
+    ),
+    (
+        "catalog.toml",
+        include_str!("../../examples/profiles/catalog.toml"),
+    ),
+];
+
 /// Simulator configuration. Credentials are whatever the test chooses.
 #[derive(Clone, Default)]
 pub struct ApiSimConfig {
@@ -93,6 +127,8 @@ pub struct ApiSimConfig {
     pub currency: String,
     /// Delay before answering each request (a slow platform).
     pub latency_ms: u64,
+    /// SKUs every endpoint refuses to sell (as [`ApiSimHandle::refuse_skus`] on each).
+    pub refuse_skus: Vec<String>,
 }
 
 impl fmt::Debug for ApiSimConfig {
@@ -152,6 +188,8 @@ struct EpData {
     refuse_skus: std::collections::HashSet<String>,
     /// Probability that a request (other than a login) fails.
     fail_rate: f64,
+    /// GraphQL requests still to answer with a THROTTLED error (inside a 200).
+    throttle: u32,
 }
 
 #[derive(Default)]
@@ -191,12 +229,57 @@ impl Inner {
 
     fn with_ep<T>(&self, endpoint: &str, f: impl FnOnce(&mut EpData) -> T) -> T {
         let mut map = self.endpoints.lock().expect("simulator state");
-        f(map.entry(endpoint.to_owned()).or_default())
+        f(map.entry(endpoint.to_owned()).or_insert_with(|| EpData {
+            refuse_skus: self.config.refuse_skus.iter().cloned().collect(),
+            ..EpData::default()
+        }))
+    }
+
+    fn stats(&self) -> ApiSimStats {
+        let c = &self.counters;
+        let l = |a: &AtomicU64| a.load(Ordering::SeqCst);
+        ApiSimStats {
+            logins: l(&c.logins),
+            auth_refusals: l(&c.auth_refusals),
+            lookups: l(&c.lookups),
+            writes_applied: l(&c.writes_applied),
+            writes_refused: l(&c.writes_refused),
+            reads: l(&c.reads),
+            responses_lost: l(&c.responses_lost),
+            faults_injected: l(&c.faults_injected),
+            pages: l(&c.pages),
+        }
+    }
+
+    /// Counters and every endpoint's products as JSON (`GET /_sim/state`).
+    fn state_json(&self) -> Value {
+        let stats = self.stats();
+        let map = self.endpoints.lock().expect("simulator state");
+        let endpoints: serde_json::Map<String, Value> = map
+            .iter()
+            .map(|(e, ep)| {
+                let mut products: Vec<&Product> = ep.products.values().collect();
+                products.sort_by(|a, b| a.sku.cmp(&b.sku));
+                let products: Vec<Value> = products
+                    .into_iter()
+                    .map(|p| {
+                        json!({"sku": p.sku, "id": p.id, "qty": p.qty, "tiers": p.tiers, "writes": p.writes})
+                    })
+                    .collect();
+                (e.clone(), json!({"products": products}))
+            })
+            .collect();
+        json!({"stats": stats, "endpoints": endpoints})
+    }
+
+    /// The product for `sku`, created on first sight (one lookup request answered).
+    fn lookup(&self, endpoint: &str, sku: &str, graphql: bool) -> String {
+        self.counters.lookups.fetch_add(1, Ordering::Relaxed);
+        self.product_id(endpoint, sku, graphql)
     }
 
     /// The product for `sku`, created on first sight.
-    fn lookup(&self, endpoint: &str, sku: &str, graphql: bool) -> String {
-        self.counters.lookups.fetch_add(1, Ordering::Relaxed);
+    fn product_id(&self, endpoint: &str, sku: &str, graphql: bool) -> String {
         let n = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         self.with_ep(endpoint, |ep| {
             if let Some(p) = ep.products.get(sku) {
@@ -542,34 +625,62 @@ async fn graphql(
         Ok(b) => b,
         Err(e) => return gql_error("BAD_REQUEST", &e.body_text()),
     };
+    let throttled = s.with_ep(&endpoint, |ep| {
+        let t = ep.throttle > 0;
+        ep.throttle = ep.throttle.saturating_sub(1);
+        t
+    });
+    if throttled {
+        return Json(json!({
+            "errors": [{"message": "Throttled", "extensions": {"code": "THROTTLED"}}],
+            "data": null
+        }))
+        .into_response();
+    }
     let vars = &req.variables;
     let var_str = |k: &str| vars.get(k).and_then(Value::as_str).map(str::to_owned);
+    let var_list = |k: &str| vars.get(k).and_then(Value::as_array).cloned();
+    if req.query.contains("setInventories") {
+        let Some(inputs) = var_list("inputs") else {
+            return gql_error("BAD_USER_INPUT", "setInventories needs $inputs");
+        };
+        return gql_set_inventories(&s, &endpoint, &inputs);
+    }
+    if req.query.contains("productsBySkus") {
+        let Some(skus) = var_list("skus") else {
+            return gql_error("BAD_USER_INPUT", "productsBySkus needs $skus");
+        };
+        s.counters.lookups.fetch_add(1, Ordering::Relaxed);
+        let found: Vec<Value> = skus
+            .iter()
+            .filter_map(Value::as_str)
+            .map(|sku| json!({"id": s.product_id(&endpoint, sku, true), "sku": sku}))
+            .collect();
+        return Json(json!({"data": {"productsBySkus": found}})).into_response();
+    }
+    if req.query.contains("products(") {
+        let Some(ids) = var_list("ids") else {
+            return gql_error("BAD_USER_INPUT", "products needs $ids");
+        };
+        let found: Vec<Value> = ids
+            .iter()
+            .map(|id| {
+                id.as_str()
+                    .and_then(|id| s.product_by_id(&endpoint, id))
+                    .map_or(Value::Null, |p| gql_product(&s, &p))
+            })
+            .collect();
+        return Json(json!({"data": {"products": found}})).into_response();
+    }
     if req.query.contains("setInventory") {
         let (Some(id), Some(qty)) = (var_str("id"), vars.get("quantity").and_then(Value::as_i64))
         else {
             return gql_error("BAD_USER_INPUT", "setInventory needs $id and $quantity");
         };
-        let mut tiers = Vec::new();
-        for t in vars
-            .get("tiers")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            let (Some(m), Some(a)) = (
-                t.get("minQty").and_then(Value::as_u64),
-                t.get("amountMinor").and_then(Value::as_i64),
-            ) else {
-                return gql_error(
-                    "BAD_USER_INPUT",
-                    "tiers need integer minQty and amountMinor",
-                );
-            };
-            tiers.push(PriceTier {
-                min_qty: u32::try_from(m).unwrap_or(u32::MAX),
-                price_minor: a,
-            });
-        }
+        let tiers = match gql_tiers(vars.get("tiers")) {
+            Ok(t) => t,
+            Err(r) => return r,
+        };
         match s.apply(&endpoint, &id, qty, tiers) {
             Ok(true) => s.lose_response(),
             Ok(false) => {
@@ -597,19 +708,83 @@ async fn graphql(
         let Some(id) = var_str("id") else {
             return gql_error("BAD_USER_INPUT", "product needs $id");
         };
-        let product = s.product_by_id(&endpoint, &id).map(|p| {
-            json!({
-                "id": p.id,
-                "sku": p.sku,
-                "quantity": p.qty,
-                "tiers": p.tiers.iter().map(|t| json!({"minQty": t.min_qty, "amountMinor": t.price_minor})).collect::<Vec<_>>(),
-                "currency": s.config.currency,
-            })
-        });
+        let product = s.product_by_id(&endpoint, &id).map(|p| gql_product(&s, &p));
         Json(json!({"data": {"product": product}})).into_response()
     } else {
         gql_error("GRAPHQL_VALIDATION_FAILED", "unknown operation")
     }
+}
+
+/// A product as the GraphQL API shows it.
+fn gql_product(s: &Inner, p: &Product) -> Value {
+    json!({
+        "id": p.id,
+        "sku": p.sku,
+        "quantity": p.qty,
+        "tiers": p.tiers.iter().map(|t| json!({"minQty": t.min_qty, "amountMinor": t.price_minor})).collect::<Vec<_>>(),
+        "currency": s.config.currency,
+    })
+}
+
+/// GraphQL price tiers (`[{minQty, amountMinor}]`; absent: none).
+fn gql_tiers(v: Option<&Value>) -> Result<Vec<PriceTier>, Response> {
+    let mut tiers = Vec::new();
+    for t in v.and_then(Value::as_array).into_iter().flatten() {
+        let (Some(m), Some(a)) = (
+            t.get("minQty").and_then(Value::as_u64),
+            t.get("amountMinor").and_then(Value::as_i64),
+        ) else {
+            return Err(gql_error(
+                "BAD_USER_INPUT",
+                "tiers need integer minQty and amountMinor",
+            ));
+        };
+        tiers.push(PriceTier {
+            min_qty: u32::try_from(m).unwrap_or(u32::MAX),
+            price_minor: a,
+        });
+    }
+    Ok(tiers)
+}
+
+/// `setInventories(inputs: [{id, quantity, tiers}])`: each input applied on its own; the
+/// answer is a list of results in input order, each one member of the union
+/// `InventorySet {id, sku} | InventoryRejected {id, sku, code, message} |
+/// ProductNotFound {id, inputIndex, message}`.
+fn gql_set_inventories(s: &Inner, endpoint: &str, inputs: &[Value]) -> Response {
+    let mut results = Vec::with_capacity(inputs.len());
+    let mut lose = false;
+    for (i, input) in inputs.iter().enumerate() {
+        let (Some(id), Some(qty)) = (
+            input.get("id").and_then(Value::as_str),
+            input.get("quantity").and_then(Value::as_i64),
+        ) else {
+            return gql_error("BAD_USER_INPUT", "every input needs id and quantity");
+        };
+        let tiers = match gql_tiers(input.get("tiers")) {
+            Ok(t) => t,
+            Err(r) => return r,
+        };
+        let sku = s.with_ep(endpoint, |ep| ep.ids.get(id).cloned());
+        results.push(match s.apply(endpoint, id, qty, tiers) {
+            Ok(l) => {
+                lose |= l;
+                json!({"__typename": "InventorySet", "id": id, "sku": sku})
+            }
+            Err(None) => json!({
+                "__typename": "ProductNotFound", "id": id, "inputIndex": i,
+                "message": format!("product {id} not found")
+            }),
+            Err(Some(m)) => json!({
+                "__typename": "InventoryRejected", "id": id, "sku": sku,
+                "code": "INVALID", "message": m
+            }),
+        });
+    }
+    if lose {
+        s.lose_response();
+    }
+    Json(json!({"data": {"setInventories": results}})).into_response()
 }
 
 /// The simulator's routes over `state`.
@@ -631,6 +806,10 @@ fn router(state: Shared) -> Router {
         .route(
             "/catalog/{endpoint}/inventory_levels/set",
             post(catalog_set_inventory),
+        )
+        .route(
+            "/_sim/state",
+            get(|State(s): State<Shared>| async move { Json(s.state_json()) }),
         )
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -998,21 +1177,15 @@ impl ApiSimHandle {
         format!("{}://{}", self.scheme, self.addr)
     }
 
+    /// Counters and every endpoint's products (`sku`, `id`, `qty`, `tiers`, `writes`) as
+    /// JSON; the same document `GET /_sim/state` serves.
+    pub fn state(&self) -> Value {
+        self.inner.state_json()
+    }
+
     /// A snapshot of the counters.
     pub fn stats(&self) -> ApiSimStats {
-        let c = &self.inner.counters;
-        let l = |a: &AtomicU64| a.load(Ordering::SeqCst);
-        ApiSimStats {
-            logins: l(&c.logins),
-            auth_refusals: l(&c.auth_refusals),
-            lookups: l(&c.lookups),
-            writes_applied: l(&c.writes_applied),
-            writes_refused: l(&c.writes_refused),
-            reads: l(&c.reads),
-            responses_lost: l(&c.responses_lost),
-            faults_injected: l(&c.faults_injected),
-            pages: l(&c.pages),
-        }
+        self.inner.stats()
     }
 
     /// What an endpoint shows, as catalog items sorted by SKU (products never written
@@ -1082,6 +1255,12 @@ impl ApiSimHandle {
     /// Every token issued so far stops being accepted.
     pub fn expire_tokens(&self) {
         self.inner.tokens.lock().expect("tokens").clear();
+    }
+
+    /// The next `n` GraphQL requests to `endpoint` are answered 200 with a `THROTTLED`
+    /// error (nothing applied).
+    pub fn throttle_next(&self, endpoint: &str, n: u32) {
+        self.inner.with_ep(endpoint, |ep| ep.throttle = n);
     }
 
     /// While `on`, logins succeed but no token is accepted.

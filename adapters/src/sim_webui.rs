@@ -20,6 +20,13 @@
 //! * `GET  /p/{portal}/products/{sku}/edit` — a per-product edit page whose stock fields
 //!   (`#qty`, `#price`) sit in a hidden tab opened by `#tab-stock`; `#note` sits on the
 //!   general tab; `#save` posts the form, which shows `.flash-success` or `.flash-error`.
+//!   An unknown product answers 404 with `#not-found`. With [`WebPortal::numeric_ids`]
+//!   the page is `/p/{portal}/products/{n}/edit`, `n` a number the portal gave the SKU
+//!   (see [`WebSimHandle::renumber`]: old numbers then answer the not-found page).
+//! * `GET  /p/{portal}/products/search?q=TEXT` — a search form (`#search-form`, `#q`,
+//!   `#search-submit`) and the products whose SKU contains the text, table `#results`:
+//!   one `tr.result[data-sku]` per product with the SKU (`td.sku`), the quantity and an
+//!   edit link `a.edit` (`href="/p/{portal}/products/17/edit"`); `#no-results` when none.
 //!
 //! Fault profiles per portal ([`WebPortal`]): `slow_ms` (every page answers late and the
 //! listing renders late), `logout_after` (a session is expired after that many
@@ -197,6 +204,109 @@ rows = "#products tbody tr"
 contains = ["bulwark {{batch.key}}"]
 "##;
 
+/// A recipe for this simulator's portals with [`WebPortal::numeric_ids`]: each item's
+/// edit-page number is looked up once on the search page (`[[lookup]]`, `capture`) and
+/// cached; a renumbered item's old page shows `#not-found` (`not_found_marker`), so it
+/// is looked up again. Secrets: `BULWARK_SIM_USER`, `BULWARK_SIM_PASS`.
+pub const PER_ITEM_LOOKUP_RECIPE: &str = r##"name = "sim-per-item-lookup"
+kind = "per_item"
+
+login_marker = "#login-form"
+not_found_marker = "#not-found"
+
+[[login]]
+action = "goto"
+url = "{{base_url}}/login"
+[[login]]
+action = "fill"
+selector = "#username"
+secret = "BULWARK_SIM_USER"
+[[login]]
+action = "fill"
+selector = "#password"
+secret = "BULWARK_SIM_PASS"
+[[login]]
+action = "click"
+selector = "#login-submit"
+[[login]]
+action = "expect_text"
+selector = "#welcome"
+text = "Signed in"
+error_selector = "#login-error"
+
+# Once per SKU whose number is not cached: search, take the number from the edit link.
+[[lookup]]
+action = "goto"
+url = "{{base_url}}/products/search?q={{item.portal_sku | urlencode}}"
+[[lookup]]
+action = "wait_for"
+selector = "#results"
+[[lookup]]
+action = "capture"
+selector = "#results tr.result[data-sku=\"{{item.portal_sku}}\"] a.edit"
+attribute = "href"
+pattern = "/products/([0-9]+)/edit"
+into = "id"
+timeout_ms = 1000
+
+[[upload]]
+action = "for_each_item"
+[[upload.steps]]
+action = "goto"
+url = "{{base_url}}/products/{{item.ids.id}}/edit"
+[[upload.steps]]
+action = "fill"
+selector = "#note"
+value = "bulwark {{batch.key}}"
+[[upload.steps]]
+action = "click"
+selector = "#tab-stock"
+[[upload.steps]]
+action = "fill"
+selector = "#qty"
+value = "{{item.qty}}"
+[[upload.steps]]
+action = "fill"
+selector = "#price"
+value = "{{item.price}}"
+[[upload.steps]]
+action = "click"
+selector = "#save"
+[[upload.steps]]
+action = "expect_text"
+selector = ".flash-success"
+text = "Saved {{item.portal_sku}}"
+error_selector = ".flash-error"
+
+[[verify]]
+action = "for_each_item"
+[[verify.steps]]
+action = "goto"
+url = "{{base_url}}/products/{{item.ids.id}}/edit"
+[[verify.steps]]
+action = "click"
+selector = "#tab-stock"
+[[verify.steps]]
+action = "read_text"
+selector = "#qty"
+field = "qty"
+[[verify.steps]]
+action = "read_text"
+selector = "#price"
+field = "price"
+
+[[probe]]
+action = "goto"
+url = "{{base_url}}/products"
+[[probe]]
+action = "wait_for"
+selector = "#products tbody[data-loaded]"
+
+[probe_match]
+rows = "#products tbody tr"
+contains = ["bulwark {{batch.key}}"]
+"##;
+
 /// One simulated portal's configuration.
 #[derive(Debug, Clone)]
 pub struct WebPortal {
@@ -213,6 +323,9 @@ pub struct WebPortal {
     /// Products that exist up front (SKU, quantity, price in cents). Manifest uploads
     /// create unknown SKUs; the per-product edit page only exists for known ones.
     pub products: Vec<(String, i64, i64)>,
+    /// Address edit pages by a number the portal gives each product
+    /// (`/products/{n}/edit`) instead of by SKU; clients find it on the search page.
+    pub numeric_ids: bool,
 }
 
 impl WebPortal {
@@ -225,6 +338,7 @@ impl WebPortal {
             slow_ms: 0,
             logout_after: None,
             products: Vec::new(),
+            numeric_ids: false,
         }
     }
 }
@@ -265,6 +379,48 @@ struct PortalState {
     logins: u32,
     expirations: u32,
     saves: u32,
+    /// With numeric ids: SKU → its edit-page number.
+    numbers: HashMap<String, u64>,
+    next_number: u64,
+    /// Search pages served with a query.
+    searches: u32,
+    /// Edit pages (and saves) answered "not found".
+    not_found: u32,
+}
+
+/// First number a portal with numeric ids gives a product.
+const FIRST_NUMBER: u64 = 101;
+
+impl PortalState {
+    /// Give `sku` a number if the portal uses numbers and it has none.
+    fn number(&mut self, numeric: bool, sku: &str) {
+        if numeric && !self.numbers.contains_key(sku) {
+            self.next_number = self.next_number.max(FIRST_NUMBER);
+            self.numbers.insert(sku.to_owned(), self.next_number);
+            self.next_number += 1;
+        }
+    }
+
+    /// The path segment of `sku`'s edit page.
+    fn edit_key(&self, sku: &str) -> String {
+        self.numbers
+            .get(sku)
+            .map_or_else(|| sku.to_owned(), u64::to_string)
+    }
+
+    /// The SKU an edit-page path segment names (a number with numeric ids, else the
+    /// SKU), if the product exists.
+    fn resolve(&self, numeric: bool, key: &str) -> Option<String> {
+        if numeric {
+            let n: u64 = key.parse().ok()?;
+            self.numbers
+                .iter()
+                .find(|(_, v)| **v == n)
+                .map(|(sku, _)| sku.clone())
+        } else {
+            self.products.contains_key(key).then(|| key.to_owned())
+        }
+    }
 }
 
 struct Inner {
@@ -317,6 +473,34 @@ impl WebSimHandle {
         self.with(portal, |p| p.saves)
     }
 
+    /// Search pages served with a query so far (lookups).
+    pub fn searches(&self, portal: &str) -> u32 {
+        self.with(portal, |p| p.searches)
+    }
+
+    /// Edit pages (and saves) answered "not found" so far.
+    pub fn not_found(&self, portal: &str) -> u32 {
+        self.with(portal, |p| p.not_found)
+    }
+
+    /// With numeric ids: every product's edit-page number, by SKU.
+    pub fn numbers(&self, portal: &str) -> HashMap<String, u64> {
+        self.with(portal, |p| p.numbers.clone())
+    }
+
+    /// Give each of `skus` a new number (a portal migration): its old edit page then
+    /// answers "not found". Unknown SKUs are ignored.
+    pub fn renumber(&self, portal: &str, skus: &[&str]) {
+        let mut guard = self.inner.state.lock().expect("sim state");
+        let ps = guard.get_mut(portal).expect("known portal");
+        for sku in skus {
+            if ps.numbers.contains_key(*sku) {
+                ps.numbers.remove(*sku);
+                ps.number(true, sku);
+            }
+        }
+    }
+
     fn with<T>(&self, portal: &str, f: impl FnOnce(&PortalState) -> T) -> T {
         let guard = self.inner.state.lock().expect("sim state");
         f(guard.get(portal).expect("known portal"))
@@ -335,6 +519,7 @@ pub async fn start(portals: Vec<WebPortal>, addr: SocketAddr) -> std::io::Result
     for p in portals {
         let mut ps = PortalState::default();
         for (sku, qty, price) in &p.products {
+            ps.number(p.numeric_ids, sku);
             ps.products.insert(
                 sku.clone(),
                 Product {
@@ -368,6 +553,7 @@ fn router(inner: Shared) -> Router {
         .route("/p/{portal}/upload", get(upload_page).post(upload_post))
         .route("/p/{portal}/history", get(history))
         .route("/p/{portal}/products", get(products))
+        .route("/p/{portal}/products/search", get(search))
         .route(
             "/p/{portal}/products/{sku}/edit",
             get(edit_page).post(edit_post),
@@ -698,7 +884,9 @@ async fn upload_post(
         applied,
     });
     if applied {
+        let numeric = inner.portals[&portal].numeric_ids;
         for (sku, qty, price) in &rows {
+            ps.number(numeric, sku);
             let p = ps.products.entry(sku.clone()).or_insert(Product {
                 qty: 0,
                 price_minor: 0,
@@ -799,19 +987,21 @@ async fn products(
     .into_response()
 }
 
-fn edit_form(portal: &str, sku: &str, p: &Product, csrf: &str, message: &str) -> String {
+/// The edit page of `sku`, posted back to `/products/{key}/edit`.
+fn edit_form(portal: &str, key: &str, sku: &str, p: &Product, csrf: &str, message: &str) -> String {
     format!(
         "<h1>Edit {s}</h1>{message}<div class=\"tabs\"><button type=\"button\" id=\"tab-general\" \
          onclick=\"document.getElementById('general-panel').style.display='block';document.getElementById('stock-panel').style.display='none'\">General</button>\
          <button type=\"button\" id=\"tab-stock\" \
          onclick=\"document.getElementById('general-panel').style.display='none';document.getElementById('stock-panel').style.display='block'\">Stock &amp; price</button></div>\
-         <form id=\"edit-form\" method=\"post\" action=\"/p/{po}/products/{s}/edit\">\
+         <form id=\"edit-form\" method=\"post\" action=\"/p/{po}/products/{k}/edit\">\
          <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
          <div id=\"general-panel\"><label>Note <input id=\"note\" name=\"note\" value=\"{note}\"></label></div>\
          <div id=\"stock-panel\" style=\"display:none\"><label>Quantity <input id=\"qty\" name=\"qty\" value=\"{qty}\"></label>\
          <label>Price <input id=\"price\" name=\"price\" value=\"{price}\"></label></div>\
          <button id=\"save\" type=\"submit\">Save</button></form>",
         s = esc(sku),
+        k = esc(key),
         po = esc(portal),
         note = esc(&p.note),
         qty = p.qty,
@@ -819,26 +1009,43 @@ fn edit_form(portal: &str, sku: &str, p: &Product, csrf: &str, message: &str) ->
     )
 }
 
+fn not_found_page() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        page(
+            "Not found",
+            "<p class=\"flash-error\" id=\"not-found\">No such product.</p>",
+        ),
+    )
+        .into_response()
+}
+
 async fn edit_page(
     State(inner): State<Shared>,
-    Path((portal, sku)): Path<(String, String)>,
+    Path((portal, key)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
     let csrf = auth_or_return!(inner, portal, headers);
-    let guard = inner.state.lock().expect("sim state");
-    match guard[&portal].products.get(&sku) {
-        None => (
-            StatusCode::NOT_FOUND,
-            page("Not found", "<p class=\"flash-error\">No such product.</p>"),
-        )
-            .into_response(),
-        Some(p) => page("Edit", &edit_form(&portal, &sku, p, &csrf, "")).into_response(),
+    let numeric = inner.portals[&portal].numeric_ids;
+    let mut guard = inner.state.lock().expect("sim state");
+    let ps = guard.get_mut(&portal).expect("known portal");
+    let found = ps
+        .resolve(numeric, &key)
+        .and_then(|sku| ps.products.get(&sku).map(|p| (sku, p.clone())));
+    match found {
+        None => {
+            ps.not_found += 1;
+            not_found_page()
+        }
+        Some((sku, p)) => {
+            page("Edit", &edit_form(&portal, &key, &sku, &p, &csrf, "")).into_response()
+        }
     }
 }
 
 async fn edit_post(
     State(inner): State<Shared>,
-    Path((portal, sku)): Path<(String, String)>,
+    Path((portal, key)): Path<(String, String)>,
     headers: HeaderMap,
     Form(form): Form<HashMap<String, String>>,
 ) -> Response {
@@ -847,10 +1054,15 @@ async fn edit_post(
     if get("csrf") != csrf {
         return (StatusCode::FORBIDDEN, "bad CSRF token").into_response();
     }
+    let numeric = inner.portals[&portal].numeric_ids;
     let mut guard = inner.state.lock().expect("sim state");
     let ps = guard.get_mut(&portal).expect("known portal");
-    let Some(current) = ps.products.get(&sku).cloned() else {
-        return StatusCode::NOT_FOUND.into_response();
+    let Some((sku, current)) = ps
+        .resolve(numeric, &key)
+        .and_then(|sku| ps.products.get(&sku).map(|p| (sku, p.clone())))
+    else {
+        ps.not_found += 1;
+        return not_found_page();
     };
     let (qty, price) = (parse_qty(get("qty")), parse_price(get("price")));
     let error = match (qty, price) {
@@ -862,7 +1074,10 @@ async fn edit_post(
         let msg = format!("<p class=\"flash-error\">{e}</p>");
         return (
             StatusCode::UNPROCESSABLE_ENTITY,
-            page("Edit", &edit_form(&portal, &sku, &current, &csrf, &msg)),
+            page(
+                "Edit",
+                &edit_form(&portal, &key, &sku, &current, &csrf, &msg),
+            ),
         )
             .into_response();
     }
@@ -873,7 +1088,64 @@ async fn edit_post(
     ps.saves += 1;
     let p = p.clone();
     let msg = format!("<p class=\"flash-success\">Saved {}.</p>", esc(&sku));
-    page("Edit", &edit_form(&portal, &sku, &p, &csrf, &msg)).into_response()
+    page("Edit", &edit_form(&portal, &key, &sku, &p, &csrf, &msg)).into_response()
+}
+
+/// Most rows a search answers.
+const MAX_RESULTS: usize = 20;
+
+async fn search(
+    State(inner): State<Shared>,
+    Path(portal): Path<String>,
+    headers: HeaderMap,
+    axum::extract::Query(query): axum::extract::Query<HashMap<String, String>>,
+) -> Response {
+    let _ = auth_or_return!(inner, portal, headers);
+    let q = query
+        .get("q")
+        .map(|q| q.trim().to_owned())
+        .unwrap_or_default();
+    let mut guard = inner.state.lock().expect("sim state");
+    let ps = guard.get_mut(&portal).expect("known portal");
+    let mut rows = String::new();
+    if !q.is_empty() {
+        ps.searches += 1;
+        let needle = q.to_lowercase();
+        let mut hits: Vec<(&String, &Product)> = ps
+            .products
+            .iter()
+            .filter(|(sku, _)| sku.to_lowercase().contains(&needle))
+            .collect();
+        hits.sort_by(|a, b| a.0.cmp(b.0));
+        for (sku, p) in hits.into_iter().take(MAX_RESULTS) {
+            let _ = write!(
+                rows,
+                "<tr class=\"result\" data-sku=\"{s}\"><td class=\"sku\">{s}</td><td>{qty}</td>\
+                 <td><a class=\"edit\" href=\"/p/{po}/products/{k}/edit\">Edit</a></td></tr>",
+                s = esc(sku),
+                qty = p.qty,
+                po = esc(&portal),
+                k = esc(&ps.edit_key(sku)),
+            );
+        }
+    }
+    let empty = if rows.is_empty() && !q.is_empty() {
+        "<p id=\"no-results\">No products match.</p>"
+    } else {
+        ""
+    };
+    page(
+        "Search",
+        &format!(
+            "<h1>Find a product</h1><form id=\"search-form\" method=\"get\" action=\"/p/{po}/products/search\">\
+             <input id=\"q\" name=\"q\" value=\"{q}\"><button id=\"search-submit\" type=\"submit\">Search</button></form>\
+             <table id=\"results\"><thead><tr><th>SKU</th><th>Quantity</th><th></th></tr></thead>\
+             <tbody>{rows}</tbody></table>{empty}",
+            po = esc(&portal),
+            q = esc(&q),
+        ),
+    )
+    .into_response()
 }
 
 #[cfg(test)]
@@ -882,7 +1154,7 @@ mod tests {
 
     #[test]
     fn bundled_recipes_are_valid() {
-        for text in [MANIFEST_RECIPE, PER_ITEM_RECIPE] {
+        for text in [MANIFEST_RECIPE, PER_ITEM_RECIPE, PER_ITEM_LOOKUP_RECIPE] {
             crate::webdriver::Recipe::from_toml(text).unwrap();
         }
     }

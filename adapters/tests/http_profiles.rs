@@ -44,19 +44,43 @@ fn the_test_profiles_and_the_documented_examples_load() {
         "/../docs/http-adapter.md"
     ))
     .unwrap();
-    // Every ```toml block of the reference together forms one profiles file.
+    // Every ```toml block of the reference together forms one profiles file, except a
+    // ```toml excerpt block: that one must appear verbatim in a shipped example profile
+    // (examples/profiles, each loaded by the http_shapes tests).
+    let examples_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/profiles");
+    let examples: Vec<String> = std::fs::read_dir(examples_dir)
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+        .collect();
     let mut toml = String::new();
+    let mut excerpt: Option<String> = None;
+    let mut excerpts = 0;
     let mut inside = false;
     for line in doc.lines() {
-        if line.trim_start().starts_with("```toml") {
+        let t = line.trim_start();
+        if t.starts_with("```toml") {
             inside = true;
-        } else if line.trim_start().starts_with("```") {
+            if t.contains("excerpt") {
+                excerpt = Some(String::new());
+            }
+        } else if t.starts_with("```") {
             inside = false;
+            if let Some(x) = excerpt.take() {
+                assert!(
+                    examples.iter().any(|e| e.contains(&x)),
+                    "this excerpt of docs/http-adapter.md is in no file of examples/profiles:\n{x}"
+                );
+                excerpts += 1;
+            }
+        } else if let Some(x) = excerpt.as_mut() {
+            x.push_str(line);
+            x.push('\n');
         } else if inside {
             toml.push_str(line);
             toml.push('\n');
         }
     }
+    assert!(excerpts >= 1, "the reference's excerpt blocks were not found");
     let loaded = Profiles::from_toml_str(&toml).unwrap_or_else(|e| panic!("{e}\n{toml}"));
     assert!(loaded.names().len() >= 2, "{:?}", loaded.names());
 }

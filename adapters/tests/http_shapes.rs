@@ -17,6 +17,8 @@ use http_common::*;
 
 /// The shipped example profile.
 const CATALOG: &str = include_str!("../../examples/profiles/catalog.toml");
+/// The shipped bulk GraphQL profile.
+const GQL_BATCH: &str = include_str!("../../examples/profiles/gql_batch.toml");
 
 const PAGE_URL: &str = "{{ base_url }}/products?limit={{ limit }}&page={{ page }}";
 const PAGE_PAGINATION: &str = r#"pagination = { kind = "page", size = 250 }"#;
@@ -605,4 +607,111 @@ request = { method = "GET", url = "{{ base_url }}/products?limit=250&skus={{ sku
         "the stale id's 404"
     );
     app.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_graphql_api_reports_item_errors_as_unions_inside_a_200() {
+    // Products come into being at their first lookup; the shop refuses two SKUs.
+    let shop = shop(0, 300).await;
+    let (db, sim, want) = (&shop.db, &shop.sim, shop.want.clone());
+    let bad = [want[7].sku.clone(), want[123].sku.clone()];
+    sim.refuse_skus("shop", &[&bad[0], &bad[1]]);
+    let app = shop.app(GQL_BATCH).await;
+    let eps = vec![endpoint(
+        "shop",
+        "gql_batch",
+        sim.graphql_url("shop"),
+        GQL_CREDS,
+    )];
+    // A throttled platform answers 200 with an error: slowed down, not failed.
+    sim.throttle_next("shop", 2);
+
+    let report = app.sync(&eps, &options(100), None).await.unwrap();
+    assert_eq!(
+        done(&report),
+        1,
+        "the refusals are items, not the endpoint: {report:?}"
+    );
+    let stats = sim.stats();
+    // Ids for 300 SKUs at 100 per request; one mutation per batch, 298 items applied.
+    assert_eq!(stats.lookups, 3, "{stats:?}");
+    assert_eq!(stats.writes_applied, 298, "{stats:?}");
+    assert_eq!(
+        stats.writes_refused, 2,
+        "each refused once, never re-sent: {stats:?}"
+    );
+    let shown_now = shown(sim, "shop", &want);
+    for item in &want {
+        let got = shown_now.iter().find(|i| i.sku == item.sku).unwrap();
+        if bad.contains(&item.sku) {
+            assert_eq!(got.qty, 0, "{}: left as the shop had it", item.sku);
+        } else {
+            assert_eq!(got, item);
+            assert_eq!(sim.writes_for("shop", &item.sku), 1, "{}", item.sku);
+        }
+    }
+    let mut q: Vec<(String, String)> = app
+        .quarantine()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|q| (q.sku, q.reason))
+        .collect();
+    q.sort();
+    assert_eq!(q.len(), 2, "{q:?}");
+    for ((sku, reason), bad) in q.iter().zip(&bad) {
+        assert_eq!(sku, bad);
+        assert!(
+            reason.contains("cannot be sold"),
+            "the platform's message: {reason}"
+        );
+    }
+    assert_clean_audit(&app).await;
+
+    // Nothing changed: nothing sent.
+    seed(db, &want).await;
+    let before = sim.stats();
+    let report = app.sync(&eps, &options(100), None).await.unwrap();
+    assert_eq!(done(&report), 0, "{report:?}");
+    assert_eq!(sim.stats().writes_applied, before.writes_applied);
+    assert_eq!(sim.stats().lookups, before.lookups);
+
+    // The shop renumbers its products, then three of them change: the mutation answers
+    // ProductNotFound (by position) for exactly those, whose ids are looked up again in
+    // one request; nothing else is looked up or written.
+    sim.renumber("shop");
+    let mut changed = want.clone();
+    for i in [3, 150, 299] {
+        changed[i].qty += 5;
+    }
+    seed(db, &changed).await;
+    let before = sim.stats();
+    let report = app.sync(&eps, &options(100), None).await.unwrap();
+    assert_eq!(done(&report), 1, "{report:?}");
+    let after = sim.stats();
+    assert_eq!(after.writes_applied - before.writes_applied, 3, "{after:?}");
+    assert_eq!(
+        after.lookups - before.lookups,
+        1,
+        "one batched re-lookup: {after:?}"
+    );
+    let skus: Vec<Item> = [3, 150, 299].map(|i| changed[i].clone()).into();
+    assert_eq!(shown(sim, "shop", &skus), normalized(skus.clone()));
+    assert_clean_audit(&app).await;
+    app.close().await;
+}
+
+#[test]
+fn an_item_level_error_rule_needs_an_item_class() {
+    let text = GQL_BATCH.replacen(
+        "class = \"rejected\"\nsku = \"$.sku\"",
+        "class = \"auth\"\nsku = \"$.sku\"",
+        1,
+    );
+    assert_ne!(text, GQL_BATCH);
+    let err = Profiles::from_toml_str(&text).unwrap_err().to_string();
+    assert!(
+        err.contains("gql_batch") && err.contains("errors[2].class") && err.contains("item-level"),
+        "{err}"
+    );
 }

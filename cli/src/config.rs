@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow};
-use bulwark_adapters::http::{self, IdCache, PgIdCache, Profiles, SqliteIdCache};
+use bulwark_adapters::http::{self, CacheError, IdCache, PgIdCache, Profiles, SqliteIdCache};
+use bulwark_adapters::webdriver;
 use bulwark_workflows::adapter::{AdapterRegistry, EndpointConfig};
 use bulwark_workflows::endpoint_sync::SyncPolicy;
 use bulwark_workflows::staging::OnRemoved;
@@ -609,22 +610,32 @@ impl Config {
     /// fails here, naming it, not in the middle of a sync.
     pub(crate) async fn registry(&self, db: &str) -> Result<AdapterRegistry> {
         let mut registry = bulwark_adapters::default_registry();
+        let mut cache: Option<Arc<dyn IdCache>> = None;
         if let Some(h) = &self.http {
             let path = self.dir.join(&h.profiles);
             let profiles = Profiles::load(&path).map_err(|e| anyhow!("{}: {e}", path.display()))?;
-            // Bulwark's own schema (migrations, which include the id cache's table) comes
-            // first: a fresh database must not start with a foreign table in it.
-            let cache: Arc<dyn IdCache> = match bulwark_engine::Backend::open(db).await? {
-                bulwark_engine::Backend::Postgres(pg) => {
-                    Arc::new(PgIdCache::new(pg.pool().clone()))
-                }
-                bulwark_engine::Backend::Sqlite(lite) => Arc::new(
-                    SqliteIdCache::new(lite.pool().clone())
-                        .await
-                        .map_err(|e| anyhow!("{e}"))?,
+            let c = open_id_cache(db).await?;
+            cache = Some(c.clone());
+            registry.register(http::ADAPTER_NAME, http::factory(Arc::new(profiles), c));
+        }
+        if self.endpoints().iter().any(|e| e.adapter == WEBDRIVER) {
+            // Recipes' lookups keep portal ids in the same table as the `http` adapter
+            // (under `webdriver:<recipe>`). Opened on first use: `bulwark check` of a
+            // browser-only configuration does not create the database.
+            let ids = cache.unwrap_or_else(|| {
+                Arc::new(DatabaseIdCache {
+                    db: db.to_owned(),
+                    open: tokio::sync::OnceCell::new(),
+                })
+            });
+            registry.register(
+                WEBDRIVER,
+                webdriver::factory_with_cache(
+                    webdriver::WebDriverPool::new(webdriver::PoolConfig::from_env()),
+                    Arc::new(webdriver::EnvSecrets),
+                    ids,
                 ),
-            };
-            registry.register(http::ADAPTER_NAME, http::factory(Arc::new(profiles), cache));
+            );
         }
         for e in self.endpoints() {
             if e.adapter == http::ADAPTER_NAME && self.http.is_none() {
@@ -650,6 +661,71 @@ impl Config {
                 .map_err(|err| anyhow!("endpoint {:?}: {err}", e.id))?;
         }
         Ok(registry)
+    }
+}
+
+/// The adapter name of the browser adapter.
+const WEBDRIVER: &str = "webdriver";
+
+/// The id cache in Bulwark's database at `db`. Bulwark's own schema (migrations, which
+/// include the cache's table) comes first: a fresh database must not start with a foreign
+/// table in it.
+async fn open_id_cache(db: &str) -> Result<Arc<dyn IdCache>> {
+    Ok(match bulwark_engine::Backend::open(db).await? {
+        bulwark_engine::Backend::Postgres(pg) => Arc::new(PgIdCache::new(pg.pool().clone())),
+        bulwark_engine::Backend::Sqlite(lite) => Arc::new(
+            SqliteIdCache::new(lite.pool().clone())
+                .await
+                .map_err(|e| anyhow!("{e}"))?,
+        ),
+    })
+}
+
+/// [`open_id_cache`] on first use.
+struct DatabaseIdCache {
+    db: String,
+    open: tokio::sync::OnceCell<Arc<dyn IdCache>>,
+}
+
+impl DatabaseIdCache {
+    async fn cache(&self) -> std::result::Result<&Arc<dyn IdCache>, CacheError> {
+        self.open
+            .get_or_try_init(|| async {
+                open_id_cache(&self.db)
+                    .await
+                    .map_err(|e| CacheError(format!("{e:#}")))
+            })
+            .await
+    }
+}
+
+#[async_trait::async_trait]
+impl IdCache for DatabaseIdCache {
+    async fn get_many(
+        &self,
+        profile: &str,
+        endpoint: &str,
+        skus: &[String],
+    ) -> std::result::Result<HashMap<String, String>, CacheError> {
+        self.cache().await?.get_many(profile, endpoint, skus).await
+    }
+
+    async fn put_many(
+        &self,
+        profile: &str,
+        endpoint: &str,
+        ids: &[(String, String)],
+    ) -> std::result::Result<(), CacheError> {
+        self.cache().await?.put_many(profile, endpoint, ids).await
+    }
+
+    async fn invalidate(
+        &self,
+        profile: &str,
+        endpoint: &str,
+        sku: &str,
+    ) -> std::result::Result<(), CacheError> {
+        self.cache().await?.invalidate(profile, endpoint, sku).await
     }
 }
 

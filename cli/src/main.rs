@@ -1,6 +1,7 @@
 //! `bulwark`: the command-line face of the Bulwark durable sync engine. Every command is a
 //! thin wrapper over a library call.
 
+mod api_sim_cmd;
 mod bench;
 mod bench_pause;
 mod config;
@@ -282,6 +283,9 @@ enum Command {
     /// Run the web-UI portal simulator (for the `webdriver` adapter) until SIGTERM/SIGINT;
     /// optionally write its recipes to disk and serve its state as JSON.
     SimulateWebui(webui_cmd::SimulateWebUiArgs),
+    /// Run the shop-API simulator (per-item REST, GraphQL per item and in bulk, a catalog
+    /// without a SKU filter; for `http` profiles) until SIGTERM/SIGINT.
+    SimulateApi(api_sim_cmd::SimulateApiArgs),
     /// Runs and per-state endpoint counts.
     Status {
         #[command(flatten)]
@@ -758,6 +762,7 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
         Command::Bench(args) => bench::run(args).await?,
         Command::Serve(args) => serve::run(args).await?,
         Command::SimulateWebui(args) => webui_cmd::run(args).await?,
+        Command::SimulateApi(args) => api_sim_cmd::run(args).await?,
         Command::Worker(args) => return worker::run(args).await,
     }
     Ok(ExitCode::SUCCESS)

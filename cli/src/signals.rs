@@ -68,3 +68,15 @@ const fn libc_sigint() -> i32 {
 const fn libc_sigterm() -> i32 {
     15
 }
+
+/// Resolves at the first SIGTERM or SIGINT (for simulators, which just stop).
+pub(crate) async fn terminated() -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    Ok(())
+}

@@ -5,7 +5,8 @@
 //! Portals are `portal-1` … `portal-N`, served under `http://LISTEN/p/portal-K`, all with
 //! the same credentials (give them to `bulwark sync` as `BULWARK_SIM_USER` /
 //! `BULWARK_SIM_PASS`, the secret names the ready recipes use). `--write-recipes DIR`
-//! writes those recipes (`manifest.toml`, `per-item.toml`); `--state-listen ADDR` serves
+//! writes those recipes (`manifest.toml`, `per-item.toml`, `per-item-lookup.toml`; the
+//! last one for portals started with `--numeric-ids`); `--state-listen ADDR` serves
 //! the simulator's state as JSON (`GET /state`) and `--record FILE` keeps the same JSON in
 //! a file (rewritten atomically whenever it changes, and on exit).
 
@@ -38,6 +39,10 @@ pub(crate) struct SimulateWebUiArgs {
     /// Expire a session after this many authenticated requests.
     #[arg(long)]
     logout_after: Option<u32>,
+    /// Address edit pages by a portal-given number (`/products/{n}/edit`) found on the
+    /// search page, as real portals do (use the `per-item-lookup.toml` recipe).
+    #[arg(long)]
+    numeric_ids: bool,
     /// Write the simulator's recipes to this directory (`manifest.toml`,
     /// `per-item.toml`) before serving.
     #[arg(long)]
@@ -68,6 +73,7 @@ pub(crate) async fn run(args: SimulateWebUiArgs) -> Result<()> {
         .map(|id| WebPortal {
             slow_ms: args.slow_ms,
             logout_after: args.logout_after,
+            numeric_ids: args.numeric_ids,
             ..WebPortal::new(id, &args.username, &args.password)
         })
         .collect();
@@ -136,12 +142,13 @@ pub(crate) async fn run(args: SimulateWebUiArgs) -> Result<()> {
     Ok(())
 }
 
-/// Write `manifest.toml` and `per-item.toml` into `dir`.
+/// Write `manifest.toml`, `per-item.toml` and `per-item-lookup.toml` into `dir`.
 fn write_recipes(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     for (name, text) in [
         ("manifest.toml", sim_webui::MANIFEST_RECIPE),
         ("per-item.toml", sim_webui::PER_ITEM_RECIPE),
+        ("per-item-lookup.toml", sim_webui::PER_ITEM_LOOKUP_RECIPE),
     ] {
         let path = dir.join(name);
         std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
@@ -157,7 +164,8 @@ fn write_atomic(path: &Path, text: &str) -> Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
 }
 
-/// The simulator's state: `{"portals": {id: {uploads, products, logins, expirations}}}`.
+/// The simulator's state: `{"portals": {id: {uploads, products, logins, expirations,
+/// saves, searches, not_found, numbers}}}`.
 fn state_json(sim: &WebSimHandle, ids: &[String]) -> serde_json::Value {
     let portals: serde_json::Map<String, serde_json::Value> = ids
         .iter()
@@ -198,6 +206,10 @@ fn state_json(sim: &WebSimHandle, ids: &[String]) -> serde_json::Value {
                     "products": products,
                     "logins": sim.logins(id),
                     "expirations": sim.expirations(id),
+                    "saves": sim.saves(id),
+                    "searches": sim.searches(id),
+                    "not_found": sim.not_found(id),
+                    "numbers": sim.numbers(id),
                 }),
             )
         })

@@ -96,6 +96,17 @@ struct Failure {
     retry_after_ms: Option<u64>,
     /// Not sent at all: effect fencing refused the request.
     fenced: bool,
+    /// An item-level error rule matched: the items it names, each with its message
+    /// (empty otherwise, or when a match named no item).
+    items: Vec<ItemHit>,
+}
+
+/// One item an item-level error rule named in an answer.
+#[derive(Debug, Clone)]
+struct ItemHit {
+    sku: Option<String>,
+    index: Option<usize>,
+    message: String,
 }
 
 impl Failure {
@@ -105,6 +116,7 @@ impl Failure {
             message,
             retry_after_ms: None,
             fenced: false,
+            items: Vec::new(),
         }
     }
 
@@ -153,10 +165,8 @@ impl From<AdapterError> for Failure {
             other => (ErrorClass::Transient, other.to_string(), None),
         };
         Self {
-            class,
-            message,
             retry_after_ms,
-            fenced: false,
+            ..Self::new(class, message)
         }
     }
 }
@@ -648,22 +658,69 @@ impl HttpAdapter {
                 ..Failure::new(class, msg(text))
             });
         }
-        for (path, class, source) in &self.profile.errors {
-            let hits: Vec<&Value> = path
+        for rule in &self.profile.errors {
+            let hits: Vec<&Value> = rule
+                .path
                 .query(json)
                 .all()
                 .into_iter()
                 .filter(|v| !is_empty_value(v))
                 .collect();
-            if !hits.is_empty() {
-                let shown = Value::Array(hits.into_iter().cloned().collect()).to_string();
-                return Err(Failure::new(
-                    *class,
-                    msg(&format!("{source} matched: {shown}")),
-                ));
+            if hits.is_empty() {
+                continue;
             }
+            let items = if rule.item_level() {
+                self.item_hits(rule, &hits, &msg)
+            } else {
+                Vec::new()
+            };
+            let shown = Value::Array(hits.into_iter().cloned().collect()).to_string();
+            return Err(Failure {
+                items,
+                ..Failure::new(
+                    rule.class,
+                    msg(&format!("{} matched: {shown}", rule.source)),
+                )
+            });
         }
         Ok(())
+    }
+
+    /// The items an item-level rule's matches name; empty when one of them names none
+    /// (the whole request then fails with the rule's class).
+    fn item_hits(
+        &self,
+        rule: &super::profile::CompiledErrorRule,
+        hits: &[&Value],
+        msg: &dyn Fn(&str) -> String,
+    ) -> Vec<ItemHit> {
+        let first = |p: &Option<JsonPath>, v: &Value| {
+            p.as_ref()
+                .and_then(|p| p.query(v).all().into_iter().next().cloned())
+        };
+        let mut out = Vec::with_capacity(hits.len());
+        for hit in hits {
+            let sku = first(&rule.sku, hit).as_ref().and_then(scalar_string);
+            let index = first(&rule.index, hit).and_then(|v| match v {
+                Value::Number(n) => n.as_u64().and_then(|n| usize::try_from(n).ok()),
+                Value::String(s) => s.trim().parse().ok(),
+                _ => None,
+            });
+            if sku.is_none() && index.is_none() {
+                return Vec::new();
+            }
+            let text = match first(&rule.message, hit) {
+                Some(Value::String(m)) => m,
+                Some(v) => v.to_string(),
+                None => hit.to_string(),
+            };
+            out.push(ItemHit {
+                sku,
+                index,
+                message: msg(&text),
+            });
+        }
+        out
     }
 
     /// A body for a log line: JSON fields that look like credentials blanked, known secrets
@@ -1444,6 +1501,22 @@ impl HttpAdapter {
 
     /// The idempotency key of write request `j` of the request keyed `key`: the first
     /// keeps it, the others derive theirs from it.
+    /// The SKUs (with messages) of `chunk` that an item-level failure names; `None` when
+    /// one of its matches names no item of the request.
+    fn named_items(f: &Failure, chunk: &[Item]) -> Option<Vec<(String, String)>> {
+        f.items
+            .iter()
+            .map(|hit| {
+                let item = match (&hit.sku, hit.index) {
+                    (Some(sku), _) => chunk.iter().find(|i| &i.sku == sku),
+                    (None, Some(i)) => chunk.get(i),
+                    (None, None) => None,
+                }?;
+                Some((item.sku.clone(), hit.message.clone()))
+            })
+            .collect()
+    }
+
     fn request_key(key: Uuid, j: usize) -> Uuid {
         if j == 0 {
             key
@@ -1863,6 +1936,9 @@ impl PortalAdapter for HttpAdapter {
                 }
                 let decimals = self.profile.config().price_decimals;
                 let mut receipt = None;
+                // Items an item-level error rule named, and what it said of them; the
+                // other items of those requests landed.
+                let mut failed: HashMap<String, AdapterError> = HashMap::new();
                 // A remainder is a request of its own: its keys derive from its own key.
                 let base = batch.request_key();
                 for (j, w) in self.writes_for(needed.as_deref()) {
@@ -1911,13 +1987,45 @@ impl PortalAdapter for HttpAdapter {
                                     f.message
                                 )));
                             }
+                            Err(f) if !f.items.is_empty() => {
+                                let Some(named) = Self::named_items(&f, chunk) else {
+                                    return Err(f.into_error());
+                                };
+                                if receipt.is_none() {
+                                    receipt = Some(default_receipt.clone());
+                                }
+                                for (sku, message) in named {
+                                    let e = match f.class {
+                                        ErrorClass::Rejected => AdapterError::Rejected(message),
+                                        ErrorClass::NotFound => {
+                                            self.forget_id(&sku).await?;
+                                            AdapterError::Transient(format!(
+                                                "{message}; cached ids forgotten, looked up again on retry"
+                                            ))
+                                        }
+                                        _ => AdapterError::Transient(message),
+                                    };
+                                    failed.entry(sku).or_insert(e);
+                                }
+                            }
                             Err(f) => return Err(f.into_error()),
                         }
                     }
                 }
-                Ok(Receipt {
+                let receipt = Receipt {
                     id: receipt.unwrap_or(default_receipt),
-                })
+                };
+                if failed.is_empty() {
+                    return Ok(receipt);
+                }
+                let mut outcome = ItemOutcomes::default();
+                for item in &batch.items {
+                    match failed.remove(&item.sku) {
+                        Some(e) => outcome.record(item.sku.clone(), e),
+                        None => outcome.done.push(item.sku.clone()),
+                    }
+                }
+                outcome.into_result(receipt)
             }
         }
     }

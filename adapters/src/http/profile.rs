@@ -407,6 +407,14 @@ pub enum ErrorClass {
 
 /// A body check: if `path` matches a non-empty value, the response is a failure of
 /// `class`. Rules are tried in order; the first match wins.
+///
+/// With `sku` or `index`, the rule is **item-level**: each value `path` matches is the
+/// failure of one item of a `per_batch` write request (an error list or an error-result
+/// union inside a 200), located by its SKU or by its 0-based position among the request's
+/// `items`; the request's other items landed. Such a rule's class is `rejected`
+/// (quarantined), `transient` (sent again) or `not_found` (the item's cached ids are
+/// forgotten and looked up again). A match that does not name an item of the request
+/// fails the whole request with the rule's class.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ErrorRule {
@@ -414,6 +422,17 @@ pub struct ErrorRule {
     pub path: String,
     /// What a match means.
     pub class: ErrorClass,
+    /// Item-level: JSON path, relative to each match, of the item's SKU.
+    #[serde(default)]
+    pub sku: Option<String>,
+    /// Item-level: JSON path, relative to each match, of the item's 0-based position in
+    /// the request (a number or a numeric string, e.g. `$.field[2]` of
+    /// `["input", "quantities", "3", "quantity"]`).
+    #[serde(default)]
+    pub index: Option<String>,
+    /// JSON path, relative to each match, of the platform's message (default: the match).
+    #[serde(default)]
+    pub message: Option<String>,
 }
 
 /// One `[profiles.NAME]` table.
@@ -662,7 +681,7 @@ pub struct Profile {
     pub(crate) read_paths: ReadPathsT,
     pub(crate) read_pagination: Option<Pagination>,
     pub(crate) probe: Option<(CompiledRequest, Option<JsonPath>)>,
-    pub(crate) errors: Vec<(JsonPath, ErrorClass, String)>,
+    pub(crate) errors: Vec<CompiledErrorRule>,
 }
 
 /// The read-back's JSON paths, possibly templates (of endpoint settings).
@@ -1502,11 +1521,36 @@ impl<'a> Compiler<'a> {
         };
         let mut errors = Vec::new();
         for (i, rule) in config.errors.iter().enumerate() {
-            errors.push((
-                self.path(&format!("errors[{i}].path"), &rule.path)?,
-                rule.class,
-                rule.path.clone(),
-            ));
+            let field = format!("errors[{i}]");
+            let rel = |key: &str, p: &Option<String>| {
+                p.as_deref()
+                    .map(|x| self.path(&format!("{field}.{key}"), x))
+                    .transpose()
+            };
+            let sku = rel("sku", &rule.sku)?;
+            let index = rel("index", &rule.index)?;
+            let message = rel("message", &rule.message)?;
+            let item_level = sku.is_some() || index.is_some();
+            if item_level
+                && !matches!(
+                    rule.class,
+                    ErrorClass::Rejected | ErrorClass::Transient | ErrorClass::NotFound
+                )
+            {
+                return Err(perr(
+                    self.name,
+                    &format!("{field}.class"),
+                    "an item-level rule (with `sku` or `index`) has class rejected, transient or not_found",
+                ));
+            }
+            errors.push(CompiledErrorRule {
+                path: self.path(&format!("{field}.path"), &rule.path)?,
+                class: rule.class,
+                source: rule.path.clone(),
+                sku,
+                index,
+                message,
+            });
         }
         Ok(Profile {
             name: name.to_owned(),
@@ -1527,6 +1571,25 @@ impl<'a> Compiler<'a> {
             errors,
             config: ProfileConfig { owns, ..config },
         })
+    }
+}
+
+/// A compiled [`ErrorRule`].
+#[derive(Debug)]
+pub(crate) struct CompiledErrorRule {
+    pub(crate) path: JsonPath,
+    pub(crate) class: ErrorClass,
+    /// The rule's path as written (quoted in messages).
+    pub(crate) source: String,
+    pub(crate) sku: Option<JsonPath>,
+    pub(crate) index: Option<JsonPath>,
+    pub(crate) message: Option<JsonPath>,
+}
+
+impl CompiledErrorRule {
+    /// Whether matches name items (`sku` or `index`).
+    pub(crate) fn item_level(&self) -> bool {
+        self.sku.is_some() || self.index.is_some()
     }
 }
 

@@ -24,6 +24,14 @@
 //! A session that finds itself on the login page (the recipe's `login_marker`) logs in
 //! again and re-runs the phase; a re-run upload first probes for the key.
 //!
+//! Portals that address records by their own ids: the recipe's `lookup` steps find an
+//! item's ids (`capture`) once, and an [`IdCache`] keeps them under
+//! (`webdriver:<recipe name>`, endpoint, SKU); later calls read the cache and load no
+//! lookup page. A SKU the lookup cannot find is refused alone
+//! ([`AdapterError::Partial`] with the item rejected: the sync quarantines it and the rest
+//! lands); a page showing the recipe's `not_found_marker` with cached ids forgets them and
+//! looks the item up again, once.
+//!
 //! See `docs/webdriver.md` for the recipe language and a full example.
 
 mod pool;
@@ -38,8 +46,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bulwark_workflows::adapter::{
-    AdapterError, AdapterFactory, AdapterResult, EndpointConfig, PortalAdapter, ReadBack, Receipt,
-    Verification,
+    AdapterError, AdapterFactory, AdapterResult, EndpointConfig, ItemRejection, PortalAdapter,
+    ReadBack, Receipt, Verification,
 };
 use bulwark_workflows::catalog::Batch;
 use uuid::Uuid;
@@ -49,8 +57,9 @@ pub use recipe::{
     Column, Field, ManifestSpec, PortalKind, ProbeMatch, Recipe, Step, parse_price, price_text,
 };
 
-use recipe::{BatchCtx, Ctx, Observed};
-use session::{Env, Fail, Runner, capture, redact};
+use crate::http::{IdCache, MemoryIdCache};
+use recipe::{BatchCtx, Ctx, Ids, Observed};
+use session::{Env, Fail, ItemState, Runner, capture, redact};
 
 /// Default per-step timeout.
 pub const DEFAULT_STEP_TIMEOUT_MS: u64 = 10_000;
@@ -96,8 +105,21 @@ impl Secrets for MapSecrets {
 }
 
 /// A registry factory for `"webdriver"`: every adapter it builds shares `pool` and reads
-/// secrets from `secrets`. Recipes are loaded (and checked) once per path.
+/// secrets from `secrets`. Recipes are loaded (and checked) once per path. Ids found by
+/// recipes' lookups are kept in memory, for the factory's lifetime (see
+/// [`factory_with_cache`] to keep them in Bulwark's database).
 pub fn factory(pool: WebDriverPool, secrets: Arc<dyn Secrets>) -> AdapterFactory {
+    factory_with_cache(pool, secrets, Arc::new(MemoryIdCache::new()))
+}
+
+/// Like [`factory`], with lookup ids kept in `ids` (e.g. the
+/// [`SqliteIdCache`](crate::http::SqliteIdCache) or [`PgIdCache`](crate::http::PgIdCache)
+/// the `http` adapter uses: a restart then looks nothing up again).
+pub fn factory_with_cache(
+    pool: WebDriverPool,
+    secrets: Arc<dyn Secrets>,
+    ids: Arc<dyn IdCache>,
+) -> AdapterFactory {
     let cache: Arc<Mutex<HashMap<PathBuf, Arc<Recipe>>>> = Arc::default();
     Arc::new(move |config: &EndpointConfig| {
         let path = PathBuf::from(config.settings.get("recipe").ok_or_else(|| {
@@ -122,7 +144,8 @@ pub fn factory(pool: WebDriverPool, secrets: Arc<dyn Secrets>) -> AdapterFactory
                 }
             }
         };
-        let adapter = WebDriverAdapter::new(config, recipe, pool.clone(), secrets.clone())?;
+        let adapter = WebDriverAdapter::new(config, recipe, pool.clone(), secrets.clone())?
+            .with_id_cache(ids.clone());
         Ok(Arc::new(adapter) as Arc<dyn PortalAdapter>)
     })
 }
@@ -142,6 +165,8 @@ pub struct WebDriverAdapter {
     secrets: Arc<dyn Secrets>,
     /// Batches this adapter uploaded, by key: lets a per-item probe re-read values.
     recent: Mutex<HashMap<Uuid, Batch>>,
+    /// Where the recipe's lookups keep the ids they found.
+    ids: Arc<dyn IdCache>,
 }
 
 impl std::fmt::Debug for WebDriverAdapter {
@@ -160,6 +185,7 @@ impl std::fmt::Debug for WebDriverAdapter {
 struct PhaseState {
     resume: Option<(usize, usize)>,
     observed: Observed,
+    items: ItemState,
 }
 
 enum Op<'a> {
@@ -228,7 +254,112 @@ impl WebDriverAdapter {
             pool,
             secrets,
             recent: Mutex::default(),
+            ids: Arc::new(MemoryIdCache::new()),
         })
+    }
+
+    /// Keep the ids the recipe's lookups find in `ids` (default: in memory, per adapter).
+    pub fn with_id_cache(mut self, ids: Arc<dyn IdCache>) -> Self {
+        self.ids = ids;
+        self
+    }
+
+    /// The cache's profile key: ids of different recipes (and of the `http` adapter's
+    /// profiles) never mix.
+    fn cache_profile(&self) -> String {
+        format!("webdriver:{}", self.recipe.name)
+    }
+
+    /// Read the cached ids of `batch`'s items not read yet in this call.
+    async fn load_ids(&self, batch: &Batch, items: &mut ItemState) -> AdapterResult<()> {
+        if self.recipe.lookup.is_empty() {
+            return Ok(());
+        }
+        let skus: Vec<String> = batch
+            .items
+            .iter()
+            .map(|i| i.sku.clone())
+            .filter(|s| !items.read.contains(s) && !items.ids.contains_key(s))
+            .collect();
+        if skus.is_empty() {
+            return Ok(());
+        }
+        let found = self
+            .ids
+            .get_many(&self.cache_profile(), &self.endpoint, &skus)
+            .await
+            .map_err(|e| AdapterError::Transient(format!("endpoint {}: {e}", self.endpoint)))?;
+        for (sku, stored) in found {
+            if let Some(ids) = self.decode_ids(&stored) {
+                items.cached.insert(sku.clone());
+                items.ids.insert(sku, ids);
+            }
+        }
+        items.read.extend(skus);
+        Ok(())
+    }
+
+    /// Write what the call's lookups learned to the cache. A failure only costs lookups
+    /// next time, so it is logged, not returned.
+    async fn save_ids(&self, items: &mut ItemState) {
+        let profile = self.cache_profile();
+        for sku in std::mem::take(&mut items.forget) {
+            if let Err(e) = self.ids.invalidate(&profile, &self.endpoint, &sku).await {
+                tracing::warn!(endpoint = %self.endpoint, sku, error = %e, "cannot forget a stale portal id");
+            }
+        }
+        let store: Vec<(String, String)> = std::mem::take(&mut items.store)
+            .into_iter()
+            .map(|(sku, ids)| (sku, self.encode_ids(&ids)))
+            .collect();
+        if !store.is_empty()
+            && let Err(e) = self.ids.put_many(&profile, &self.endpoint, &store).await
+        {
+            tracing::warn!(endpoint = %self.endpoint, error = %e, "cannot cache portal ids");
+        }
+    }
+
+    /// Cached form of an item's ids: the bare value when the lookup captures only `id`,
+    /// else a JSON object.
+    fn encode_ids(&self, ids: &Ids) -> String {
+        if self.recipe.lookup_ids() == ["id"] {
+            return ids.get("id").cloned().unwrap_or_default();
+        }
+        serde_json::to_string(ids).unwrap_or_default()
+    }
+
+    fn decode_ids(&self, stored: &str) -> Option<Ids> {
+        let names = self.recipe.lookup_ids();
+        if names == ["id"] {
+            return Some(Ids::from([("id".to_owned(), stored.to_owned())]));
+        }
+        let ids: Ids = serde_json::from_str(stored).ok()?;
+        // A recipe that now captures more ids looks the SKU up again.
+        names.iter().all(|n| ids.contains_key(*n)).then_some(ids)
+    }
+
+    /// The items a call refused, as an adapter error carrying every other item as done.
+    fn refusals(&self, batch: &Batch, items: &ItemState) -> Option<AdapterError> {
+        if items.refused.is_empty() {
+            return None;
+        }
+        let secrets = self.secret_values();
+        let head = format!("endpoint {} (recipe {:?})", self.endpoint, self.recipe.name);
+        let rejected: Vec<ItemRejection> = items
+            .refused
+            .iter()
+            .map(|r| ItemRejection {
+                sku: r.sku.clone(),
+                message: redact(&format!("{head}: {}", r.message), &secrets),
+            })
+            .collect();
+        let done = batch
+            .items
+            .iter()
+            .filter(|i| !items.refused.iter().any(|r| r.sku == i.sku))
+            .map(|i| i.sku.clone())
+            .collect();
+        Some(AdapterError::partial(done, rejected, None))
     }
 
     /// Values of every secret the recipe references (for redaction).
@@ -246,7 +377,7 @@ impl WebDriverAdapter {
             }
         }
         let r = &self.recipe;
-        for steps in [&r.login, &r.upload, &r.verify, &r.probe] {
+        for steps in [&r.login, &r.upload, &r.verify, &r.probe, &r.lookup] {
             walk(steps, &mut names);
         }
         names
@@ -300,25 +431,31 @@ impl WebDriverAdapter {
             }
             Fail::Config { at, message } => AdapterError::Config(msg(format!("{at}: {message}"))),
             Fail::Fenced { at, message } => AdapterError::Fenced(format!("{at}: {message}")),
+            // Handled per item inside loops; outside one the page itself is missing.
+            Fail::NotFoundPage { at, marker } => AdapterError::Rejected(msg(format!(
+                "{at}: the portal shows its not-found page ({marker:?})"
+            ))),
+            Fail::UnknownItem { at, message } => {
+                AdapterError::Rejected(msg(format!("{at}: {message}")))
+            }
         };
         tracing::warn!(endpoint = %self.endpoint, error = %err, "webdriver step failed");
         err
     }
 
     fn runner<'a>(&'a self, s: &'a mut pool::Session, manifest: Option<&'a Path>) -> Runner<'a> {
-        Runner {
+        Runner::new(
             s,
-            env: Env {
+            Env {
                 login_marker: &self.recipe.login_marker,
                 step_timeout: self.step_timeout,
                 sku_prefix: &self.sku_prefix,
                 secrets: self.secrets.as_ref(),
                 manifest,
+                lookup: &self.recipe.lookup,
+                not_found_marker: self.recipe.not_found_marker.as_deref(),
             },
-            observed: Observed::new(),
-            watch_login: true,
-            progress: None,
-        }
+        )
     }
 
     async fn login(&self, s: &mut pool::Session) -> AdapterResult<()> {
@@ -342,6 +479,36 @@ impl WebDriverAdapter {
     async fn drive(&self, s: &mut pool::Session, op: &Op<'_>) -> AdapterResult<Out> {
         let mut expired = 0;
         let mut st = PhaseState::default();
+        let res = self.drive_phases(s, op, &mut expired, &mut st).await;
+        self.save_ids(&mut st.items).await;
+        if st.items.lookups > 0 {
+            tracing::debug!(endpoint = %self.endpoint, lookups = st.items.lookups, "portal ids looked up");
+        }
+        if let (Ok(Out::Receipt(_)), Op::Upload(b)) = (&res, op)
+            && let Some(e) = self.refusals(b, &st.items)
+        {
+            return Err(e);
+        }
+        res
+    }
+
+    async fn drive_phases(
+        &self,
+        s: &mut pool::Session,
+        op: &Op<'_>,
+        expired: &mut usize,
+        st: &mut PhaseState,
+    ) -> AdapterResult<Out> {
+        match op {
+            Op::Upload(b) | Op::Verify(b) | Op::ReadBack(b) => {
+                self.load_ids(b, &mut st.items).await?;
+            }
+            Op::Probe(key) => {
+                if let Some(b) = self.recent_batch(*key) {
+                    self.load_ids(&b, &mut st.items).await?;
+                }
+            }
+        }
         loop {
             if !s.logged_in.contains(&self.portal) {
                 self.login(s).await?;
@@ -349,7 +516,7 @@ impl WebDriverAdapter {
             let (phase, res) = match op {
                 Op::Upload(b) => {
                     // After an expiry mid-upload the file may have landed: look first.
-                    if expired > 0
+                    if *expired > 0
                         && self.recipe.kind == PortalKind::Manifest
                         && self.recipe.probe_match.is_some()
                     {
@@ -357,9 +524,9 @@ impl WebDriverAdapter {
                             Ok(Some(r)) => return Ok(Out::Receipt(r)),
                             Ok(None) => {}
                             Err(Fail::NeedLogin) => {
-                                expired += 1;
+                                *expired += 1;
                                 s.logged_in.retain(|p| *p != self.portal);
-                                if expired > MAX_RELOGINS {
+                                if *expired > MAX_RELOGINS {
                                     return Err(self.too_many_expiries());
                                 }
                                 continue;
@@ -369,30 +536,28 @@ impl WebDriverAdapter {
                     }
                     (
                         "upload",
-                        self.upload_steps(s, b, &mut st).await.map(Out::Receipt),
+                        self.upload_steps(s, b, st).await.map(Out::Receipt),
                     )
                 }
                 Op::Verify(b) => (
                     "verify",
-                    self.verify_steps(s, b, &mut st)
-                        .await
-                        .map(Out::Verification),
+                    self.verify_steps(s, b, st).await.map(Out::Verification),
                 ),
                 Op::ReadBack(b) => (
                     "read back",
-                    self.observe_steps(s, b, &mut st)
+                    self.observe_steps(s, b, st)
                         .await
                         .map(|seen| Out::ReadBack(self.read_items(b, &seen))),
                 ),
-                Op::Probe(key) => ("probe", self.probe(s, *key, &mut st).await.map(Out::Probe)),
+                Op::Probe(key) => ("probe", self.probe(s, *key, st).await.map(Out::Probe)),
             };
             match res {
                 Ok(out) => return Ok(out),
                 Err(Fail::NeedLogin) => {
-                    expired += 1;
+                    *expired += 1;
                     s.logged_in.retain(|p| *p != self.portal);
                     tracing::info!(endpoint = %self.endpoint, phase, "session expired; logging in again");
-                    if expired > MAX_RELOGINS {
+                    if *expired > MAX_RELOGINS {
                         return Err(self.too_many_expiries());
                     }
                 }
@@ -444,10 +609,12 @@ impl WebDriverAdapter {
         }
         let mut r = self.runner(s, manifest.as_deref());
         r.progress = st.resume.take();
+        r.items = std::mem::take(&mut st.items);
         let res = r
             .run("upload", &self.recipe.upload, &ctx, &batch.items)
             .await;
         st.resume = r.progress;
+        st.items = std::mem::take(&mut r.items);
         res?;
         Ok(Receipt { id: receipt })
     }
@@ -473,11 +640,13 @@ impl WebDriverAdapter {
         let mut r = self.runner(s, None);
         r.progress = st.resume.take();
         r.observed = std::mem::take(&mut st.observed);
+        r.items = std::mem::take(&mut st.items);
         let res = r
             .run("verify", &self.recipe.verify, &ctx, &batch.items)
             .await;
         st.resume = r.progress;
         st.observed = std::mem::take(&mut r.observed);
+        st.items = std::mem::take(&mut r.items);
         res?;
         Ok(std::mem::take(&mut st.observed))
     }
@@ -561,13 +730,7 @@ impl WebDriverAdapter {
         st: &mut PhaseState,
     ) -> Result<Option<Receipt>, Fail> {
         if self.recipe.kind == PortalKind::PerItem {
-            let known = self
-                .recent
-                .lock()
-                .expect("recent batches")
-                .get(&key)
-                .cloned();
-            if let Some(batch) = known {
+            if let Some(batch) = self.recent_batch(key) {
                 // Absolute values: the batch landed iff the portal shows all of them.
                 return Ok(match self.verify_steps(s, &batch, st).await? {
                     Verification::Verified => Some(Receipt {
@@ -578,6 +741,18 @@ impl WebDriverAdapter {
             }
         }
         self.probe_steps(s, key).await
+    }
+
+    /// A per-item batch this adapter uploaded, by key (probe re-reads its values).
+    fn recent_batch(&self, key: Uuid) -> Option<Batch> {
+        if self.recipe.kind != PortalKind::PerItem {
+            return None;
+        }
+        self.recent
+            .lock()
+            .expect("recent batches")
+            .get(&key)
+            .cloned()
     }
 
     async fn call(&self, op: Op<'_>) -> AdapterResult<Out> {
@@ -609,7 +784,10 @@ impl WebDriverAdapter {
             Ok(r) => {
                 let healthy = matches!(
                     r,
-                    Ok(_) | Err(AdapterError::Rejected(_)) | Err(AdapterError::Config(_))
+                    Ok(_)
+                        | Err(AdapterError::Rejected(_))
+                        | Err(AdapterError::Config(_))
+                        | Err(AdapterError::Partial(_))
                 );
                 self.pool.release(lease, healthy).await;
                 r

@@ -160,7 +160,7 @@ impl Drop for Lease {
                     stats.stats.quit.fetch_add(1, Ordering::Relaxed);
                 });
             } else {
-                std::thread::spawn(move || drop(s));
+                std::thread::spawn(move || quit_off_executor(vec![s]));
             }
         }
     }
@@ -346,11 +346,49 @@ impl Drop for PoolInner {
     fn drop(&mut self) {
         let sessions = std::mem::take(self.idle.get_mut());
         if !sessions.is_empty() {
-            // thirtyfour quits un-quit sessions synchronously on drop; do it off the
-            // executor, before chromedriver (dropped with `self`) is killed.
-            let _ = std::thread::spawn(move || drop(sessions)).join();
+            // The last handle went away without `shutdown()` (the CLI drops its adapter
+            // registry at exit): quit the browsers properly, off the executor, before
+            // chromedriver (dropped with `self`) is killed.
+            let n = sessions.len() as u64;
+            let _ = std::thread::spawn(move || quit_off_executor(sessions)).join();
+            self.stats.quit.fetch_add(n, Ordering::Relaxed);
         }
     }
+}
+
+/// Longest wait for one browser to quit when the pool goes away.
+const QUIT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Quit `sessions` with `WebDriver::quit` on a runtime of this thread's own (call it on a
+/// thread without a runtime). thirtyfour's fallback for a dropped, un-quit session does
+/// the same request but warns about it ("WebDriver was not quit properly"); a session
+/// whose quit fails or times out is left to that fallback.
+fn quit_off_executor(sessions: Vec<Session>) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot quit browser sessions cleanly");
+            drop(sessions);
+            return;
+        }
+    };
+    rt.block_on(async move {
+        let quits = sessions.into_iter().map(|s| async move {
+            let Session {
+                driver, _profile, ..
+            } = s;
+            // The profile directory goes once its browser is gone.
+            tokio::time::timeout(QUIT_TIMEOUT, driver.quit()).await
+        });
+        for r in futures::future::join_all(quits).await {
+            if !matches!(r, Ok(Ok(()))) {
+                tracing::debug!("a browser session did not quit cleanly");
+            }
+        }
+    });
 }
 
 async fn start_chromedriver(bin: &PathBuf) -> AdapterResult<DriverProcess> {

@@ -94,7 +94,8 @@ pub enum Field {
 ///
 /// Every `selector` is a CSS selector. Strings called templates are rendered with
 /// minijinja; they see `base_url`, `endpoint`, `batch` (`key`, `snapshot`, `index`) and,
-/// inside `for_each_item`, `item` (`sku`, `portal_sku`, `qty`, `price`, `price_minor`).
+/// inside `for_each_item` and in [`Recipe::lookup`], `item` (`sku`, `portal_sku`, `qty`,
+/// `price`, `price_minor`, and `ids`: the values captured for the item so far).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "action", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Step {
@@ -175,6 +176,30 @@ pub enum Step {
         /// The steps.
         steps: Vec<Step>,
     },
+    /// Where an item is in scope ([`Recipe::lookup`], `for_each_item`): read an element's
+    /// attribute (or its text) and keep it as `{{item.ids.<into>}}` for the item's later
+    /// steps. Captures in `lookup` are cached per endpoint and SKU.
+    ///
+    /// No element within the timeout: in `lookup` the portal does not know the SKU (the
+    /// item is refused, [`AdapterError::Rejected`]); elsewhere a configuration error. A
+    /// value the `pattern` does not match is a configuration error.
+    Capture {
+        /// The element (a template: it may name the item, e.g.
+        /// `tr[data-sku="{{item.portal_sku}}"] a.edit`).
+        selector: String,
+        /// Attribute to read (absent: the element's text).
+        #[serde(default)]
+        attribute: Option<String>,
+        /// A regular expression with exactly one group: the value kept is the group's
+        /// match (absent: the whole value, trimmed).
+        #[serde(default)]
+        pattern: Option<String>,
+        /// Name of the variable: `{{item.ids.<into>}}`.
+        into: String,
+        /// Overrides the step timeout.
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+    },
 }
 
 impl Step {
@@ -190,6 +215,7 @@ impl Step {
             Step::ReadText { .. } => "read_text",
             Step::ReadTable { .. } => "read_table",
             Step::ForEachItem { .. } => "for_each_item",
+            Step::Capture { .. } => "capture",
         }
     }
 
@@ -202,7 +228,8 @@ impl Step {
             | Step::WaitFor { selector, .. }
             | Step::ExpectText { selector, .. }
             | Step::ReadText { selector, .. }
-            | Step::ReadTable { selector, .. } => Some(selector),
+            | Step::ReadTable { selector, .. }
+            | Step::Capture { selector, .. } => Some(selector),
             Step::Goto { .. } | Step::ForEachItem { .. } => None,
         }
     }
@@ -237,6 +264,17 @@ pub struct Recipe {
     /// knows the batch; see the docs).
     #[serde(default)]
     pub probe_match: Option<ProbeMatch>,
+    /// Steps that find an item's portal ids (`capture` steps), run once per item whose
+    /// ids are not cached, before its `for_each_item` steps. The ids are cached per
+    /// endpoint and SKU; a SKU the lookup cannot find is refused.
+    #[serde(default)]
+    pub lookup: Vec<Step>,
+    /// An element present only on the portal's "not found" page. Seen inside
+    /// `for_each_item`: the item's cached ids went stale (they are forgotten and looked up
+    /// again, once), or, with freshly looked up or no ids, the portal does not know the
+    /// item (it is refused).
+    #[serde(default)]
+    pub not_found_marker: Option<String>,
 }
 
 impl Recipe {
@@ -276,10 +314,31 @@ impl Recipe {
                 return err(m);
             }
         }
+        if let Err(m) = check_lookup(&self.lookup) {
+            return err(m);
+        }
+        if !self.lookup.is_empty()
+            && ![&self.upload, &self.verify, &self.probe]
+                .iter()
+                .any(|steps| steps.iter().any(|s| matches!(s, Step::ForEachItem { .. })))
+        {
+            return err(
+                "`lookup` runs per item: upload, verify or probe needs a for_each_item".into(),
+            );
+        }
+        if let Some(m) = &self.not_found_marker
+            && m.trim().is_empty()
+        {
+            return err("`not_found_marker` is an empty selector".into());
+        }
         if !contains_read(&self.verify) {
             return err("`verify` must contain a read_table or read_text step".into());
         }
         let mut templates: Vec<&str> = vec![&self.manifest.file_name];
+        collect_capture_selectors(&self.lookup, &mut templates);
+        for steps in [&self.upload, &self.verify, &self.probe] {
+            collect_capture_selectors(steps, &mut templates);
+        }
         templates.extend(self.manifest.columns.iter().map(|c| c.value.as_str()));
         if let Some(m) = &self.probe_match {
             templates.extend(m.contains.iter().map(String::as_str));
@@ -291,6 +350,73 @@ impl Recipe {
         }
         Ok(())
     }
+
+    /// Names of the ids the lookup captures (`into`), in order, without repeats.
+    pub fn lookup_ids(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        for s in &self.lookup {
+            if let Step::Capture { into, .. } = s
+                && !out.contains(&into.as_str())
+            {
+                out.push(into);
+            }
+        }
+        out
+    }
+}
+
+fn collect_capture_selectors<'a>(steps: &'a [Step], out: &mut Vec<&'a str>) {
+    for s in steps {
+        match s {
+            Step::Capture { selector, .. } => out.push(selector),
+            Step::ForEachItem { steps } => collect_capture_selectors(steps, out),
+            _ => {}
+        }
+    }
+}
+
+fn check_lookup(steps: &[Step]) -> Result<(), String> {
+    check_steps("lookup", steps, true)?;
+    for (i, s) in steps.iter().enumerate() {
+        let at = format!("lookup step {} ({})", i + 1, s.action());
+        match s {
+            Step::ForEachItem { .. } => {
+                return Err(format!("{at}: lookup steps already run per item"));
+            }
+            Step::ReadText { .. } | Step::ReadTable { .. } | Step::UploadFile { .. } => {
+                return Err(format!("{at}: not a lookup step"));
+            }
+            _ => {}
+        }
+    }
+    if !steps.is_empty() && !steps.iter().any(|s| matches!(s, Step::Capture { .. })) {
+        return Err("`lookup` needs a capture step (it finds the item's ids)".into());
+    }
+    Ok(())
+}
+
+/// Check a capture's variable name and pattern.
+fn check_capture(at: &str, into: &str, pattern: Option<&str>) -> Result<(), String> {
+    let mut chars = into.chars();
+    let plain = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !plain {
+        return Err(format!(
+            "{at}: `into` must be a plain name (letters, digits, `_`), got {into:?}"
+        ));
+    }
+    if let Some(p) = pattern {
+        let re = regex::Regex::new(p).map_err(|e| format!("{at}: pattern {p:?}: {e}"))?;
+        if re.captures_len() != 2 {
+            return Err(format!(
+                "{at}: pattern {p:?} needs exactly one group `(...)`, it has {}",
+                re.captures_len() - 1
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn contains_read(steps: &[Step]) -> bool {
@@ -317,6 +443,12 @@ fn check_steps(phase: &str, steps: &[Step], in_loop: bool) -> Result<(), String>
                 }
                 check_steps(&format!("{at} >"), steps, true)?;
             }
+            Step::Capture { .. } if !in_loop => {
+                return Err(format!(
+                    "{at}: capture needs an item: use it in `lookup` or inside for_each_item"
+                ));
+            }
+            Step::Capture { into, pattern, .. } => check_capture(&at, into, pattern.as_deref())?,
             _ => {}
         }
         if let Some(sel) = s.selector()
@@ -328,6 +460,9 @@ fn check_steps(phase: &str, steps: &[Step], in_loop: bool) -> Result<(), String>
     Ok(())
 }
 
+/// An item's portal ids (captured by `capture` steps), by variable name.
+pub(crate) type Ids = std::collections::BTreeMap<String, String>;
+
 /// The template context of one item.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct ItemCtx {
@@ -336,6 +471,8 @@ pub(crate) struct ItemCtx {
     pub(crate) qty: i64,
     pub(crate) price: String,
     pub(crate) price_minor: i64,
+    /// Values captured for the item (`{{item.ids.id}}`).
+    pub(crate) ids: Ids,
 }
 
 impl ItemCtx {
@@ -347,6 +484,7 @@ impl ItemCtx {
             qty: item.qty,
             price: price_text(price_minor),
             price_minor,
+            ids: Ids::new(),
         }
     }
 }

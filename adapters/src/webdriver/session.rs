@@ -1,5 +1,6 @@
 //! Running recipe steps in one browser session.
 
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -8,7 +9,7 @@ use bulwark_workflows::catalog::Item;
 use thirtyfour::prelude::*;
 
 use super::pool::Session;
-use super::recipe::{Ctx, Field, ItemCtx, Observed, Step, render};
+use super::recipe::{Ctx, Field, Ids, ItemCtx, Observed, Step, render};
 
 /// Why a step failed (before it is turned into an `AdapterError`).
 #[derive(Debug)]
@@ -27,6 +28,37 @@ pub(crate) enum Fail {
     Config { at: String, message: String },
     /// Not done: effect fencing refused the step (this worker's lease is lost or ending).
     Fenced { at: String, message: String },
+    /// The recipe's `not_found_marker` showed up while working on an item.
+    NotFoundPage { at: String, marker: String },
+    /// A lookup's capture found nothing: the portal does not know the item.
+    UnknownItem { at: String, message: String },
+}
+
+/// One item the portal does not know, found while running a phase.
+#[derive(Debug, Clone)]
+pub(crate) struct Refused {
+    pub(crate) sku: String,
+    /// Where and why (no secrets; the adapter prefixes endpoint and recipe).
+    pub(crate) message: String,
+}
+
+/// Per-item state of one adapter call, kept across re-runs of a phase after a re-login.
+#[derive(Debug, Default)]
+pub(crate) struct ItemState {
+    /// Known portal ids by SKU (cached or looked up in this call).
+    pub(crate) ids: HashMap<String, Ids>,
+    /// SKUs whose ids came from the cache (they may have gone stale).
+    pub(crate) cached: HashSet<String>,
+    /// SKUs whose cache was already read.
+    pub(crate) read: HashSet<String>,
+    /// Ids looked up in this call, not yet written to the cache.
+    pub(crate) store: Vec<(String, Ids)>,
+    /// SKUs whose cached ids went stale, not yet removed from the cache.
+    pub(crate) forget: Vec<String>,
+    /// Items the portal does not know.
+    pub(crate) refused: Vec<Refused>,
+    /// Lookups run in this call.
+    pub(crate) lookups: u32,
 }
 
 /// What a runner needs to know about the endpoint.
@@ -37,6 +69,10 @@ pub(crate) struct Env<'a> {
     pub(crate) secrets: &'a dyn super::Secrets,
     /// The generated manifest file, when uploading to a manifest portal.
     pub(crate) manifest: Option<&'a Path>,
+    /// The recipe's per-item lookup steps (empty: no lookups).
+    pub(crate) lookup: &'a [Step],
+    /// The recipe's `not_found_marker`.
+    pub(crate) not_found_marker: Option<&'a str>,
 }
 
 const POLL: Duration = Duration::from_millis(50);
@@ -99,6 +135,25 @@ pub(crate) struct Runner<'a> {
     /// Where the phase is: (top-level step, item) of the current `for_each_item`
     /// iteration. A phase re-run after a re-login starts there.
     pub(crate) progress: Option<(usize, usize)>,
+    /// Ids, lookups and refused items of the call.
+    pub(crate) items: ItemState,
+    /// Whether the `not_found_marker` is watched (while an item's steps run).
+    watch_not_found: bool,
+}
+
+impl<'a> Runner<'a> {
+    /// A runner for `s` in `env`, with nothing observed yet.
+    pub(crate) fn new(s: &'a mut Session, env: Env<'a>) -> Self {
+        Self {
+            s,
+            env,
+            observed: Observed::new(),
+            watch_login: true,
+            progress: None,
+            items: ItemState::default(),
+            watch_not_found: false,
+        }
+    }
 }
 
 fn driver_fail(at: &str, e: WebDriverError) -> Fail {
@@ -134,15 +189,7 @@ impl Runner<'_> {
             if let Step::ForEachItem { steps: inner } = step {
                 for (n, item) in items.iter().enumerate().skip(first_item) {
                     self.progress = Some((i, n));
-                    let ictx = Ctx {
-                        item: Some(ItemCtx::new(item, self.env.sku_prefix)),
-                        ..ctx.clone()
-                    };
-                    let label = format!("{at} [item {}]", item.sku);
-                    for (j, st) in inner.iter().enumerate() {
-                        let at = format!("{label} step {} ({})", j + 1, st.action());
-                        self.step(&at, st, &ictx).await?;
-                    }
+                    self.item(&at, inner, ctx, item).await?;
                 }
                 self.progress = None;
                 continue;
@@ -150,6 +197,123 @@ impl Runner<'_> {
             self.step(&at, step, ctx).await?;
         }
         Ok(())
+    }
+
+    /// One item of a `for_each_item` loop: its ids (looked up unless known), then its
+    /// steps. An item the portal does not know is refused (recorded, not an error). A
+    /// not-found page with cached ids forgets them and looks the item up again, once.
+    async fn item(&mut self, at: &str, steps: &[Step], ctx: &Ctx, item: &Item) -> Result<(), Fail> {
+        if self.items.refused.iter().any(|r| r.sku == item.sku) {
+            return Ok(());
+        }
+        let label = format!("{at} [item {}]", item.sku);
+        let base = ItemCtx::new(item, self.env.sku_prefix);
+        loop {
+            if !self.env.lookup.is_empty() && !self.items.ids.contains_key(&item.sku) {
+                match self.lookup(&label, ctx, &base).await {
+                    Ok(ids) => {
+                        self.items.lookups += 1;
+                        self.items.store.push((item.sku.clone(), ids.clone()));
+                        self.items.ids.insert(item.sku.clone(), ids);
+                    }
+                    Err(Fail::UnknownItem { at, message }) => {
+                        self.refuse(&item.sku, format!("{at}: {message}"));
+                        return Ok(());
+                    }
+                    Err(f) => return Err(f),
+                }
+            }
+            let mut ictx = Ctx {
+                item: Some(ItemCtx {
+                    ids: self.items.ids.get(&item.sku).cloned().unwrap_or_default(),
+                    ..base.clone()
+                }),
+                ..ctx.clone()
+            };
+            self.watch_not_found = true;
+            let res = self.item_steps(&label, steps, &mut ictx).await;
+            self.watch_not_found = false;
+            match res {
+                Ok(()) => return Ok(()),
+                Err(Fail::NotFoundPage { at, marker }) => {
+                    if self.items.cached.remove(&item.sku) {
+                        tracing::info!(step = %at, "cached portal ids went stale; looking the item up again");
+                        self.items.ids.remove(&item.sku);
+                        self.items.forget.push(item.sku.clone());
+                        continue;
+                    }
+                    let why = if self.env.lookup.is_empty() {
+                        String::new()
+                    } else {
+                        " with the ids just looked up".to_owned()
+                    };
+                    self.refuse(
+                        &item.sku,
+                        format!(
+                            "{at}: the portal shows its not-found page ({marker:?}){why} for SKU {:?}",
+                            item.sku
+                        ),
+                    );
+                    return Ok(());
+                }
+                Err(f) => return Err(f),
+            }
+        }
+    }
+
+    fn refuse(&mut self, sku: &str, message: String) {
+        tracing::info!(sku, reason = %message, "item refused: the portal does not know it");
+        self.items.refused.push(Refused {
+            sku: sku.to_owned(),
+            message,
+        });
+    }
+
+    async fn item_steps(
+        &mut self,
+        label: &str,
+        steps: &[Step],
+        ictx: &mut Ctx,
+    ) -> Result<(), Fail> {
+        for (j, st) in steps.iter().enumerate() {
+            let at = format!("{label} step {} ({})", j + 1, st.action());
+            if let Some((name, value)) = self.step(&at, st, ictx).await?
+                && let Some(it) = ictx.item.as_mut()
+            {
+                it.ids.insert(name, value);
+            }
+        }
+        Ok(())
+    }
+
+    /// Run the recipe's lookup steps for one item: the ids its captures found.
+    async fn lookup(&mut self, label: &str, ctx: &Ctx, item: &ItemCtx) -> Result<Ids, Fail> {
+        let mut lctx = Ctx {
+            item: Some(item.clone()),
+            ..ctx.clone()
+        };
+        let steps = self.env.lookup;
+        for (k, st) in steps.iter().enumerate() {
+            let at = format!("{label} lookup step {} ({})", k + 1, st.action());
+            let got = match self.step(&at, st, &lctx).await {
+                Err(Fail::NotFound { at, selector }) if matches!(st, Step::Capture { .. }) => {
+                    return Err(Fail::UnknownItem {
+                        message: format!(
+                            "SKU {:?} is unknown at the portal: the lookup found no {selector:?}",
+                            item.sku
+                        ),
+                        at,
+                    });
+                }
+                r => r?,
+            };
+            if let Some((name, value)) = got
+                && let Some(it) = lctx.item.as_mut()
+            {
+                it.ids.insert(name, value);
+            }
+        }
+        Ok(lctx.item.map(|i| i.ids).unwrap_or_default())
     }
 
     fn render(&self, at: &str, template: &str, ctx: &Ctx) -> Result<String, Fail> {
@@ -169,9 +333,40 @@ impl Runner<'_> {
                 .is_ok_and(|v| !v.is_empty())
     }
 
+    /// Whether the recipe's not-found marker is on the page (watched while an item's
+    /// steps run).
+    async fn not_found_shown(&self, at: &str) -> Result<(), Fail> {
+        let Some(marker) = self.env.not_found_marker.filter(|_| self.watch_not_found) else {
+            return Ok(());
+        };
+        if self
+            .s
+            .driver
+            .find_all(By::Css(marker))
+            .await
+            .is_ok_and(|v| !v.is_empty())
+        {
+            return Err(Fail::NotFoundPage {
+                at: at.to_owned(),
+                marker: marker.to_owned(),
+            });
+        }
+        Ok(())
+    }
+
     /// The first element matching `selector`, waiting up to the step timeout.
     async fn find(&self, at: &str, selector: &str) -> Result<WebElement, Fail> {
-        let deadline = Instant::now() + self.env.step_timeout;
+        self.find_within(at, selector, self.env.step_timeout).await
+    }
+
+    /// The first element matching `selector`, waiting up to `limit`.
+    async fn find_within(
+        &self,
+        at: &str,
+        selector: &str,
+        limit: Duration,
+    ) -> Result<WebElement, Fail> {
+        let deadline = Instant::now() + limit;
         loop {
             let found = self
                 .s
@@ -189,6 +384,9 @@ impl Runner<'_> {
             }
             if self.login_shown().await {
                 return Err(Fail::NeedLogin);
+            }
+            if first.is_none() {
+                self.not_found_shown(at).await?;
             }
             if Instant::now() >= deadline {
                 return match first {
@@ -220,7 +418,13 @@ impl Runner<'_> {
         Ok(out)
     }
 
-    async fn step(&mut self, at: &str, step: &Step, ctx: &Ctx) -> Result<(), Fail> {
+    /// Run one step; a `capture` answers the variable it read.
+    async fn step(
+        &mut self,
+        at: &str,
+        step: &Step,
+        ctx: &Ctx,
+    ) -> Result<Option<(String, String)>, Fail> {
         tracing::debug!(step = at, selector = step.selector(), "webdriver step");
         // Effect fencing: every step (a read too: it may follow a write's click) is
         // checked before the browser is told to do it.
@@ -235,6 +439,7 @@ impl Runner<'_> {
                 if self.login_shown().await {
                     return Err(Fail::NeedLogin);
                 }
+                self.not_found_shown(at).await?;
             }
             Step::Fill {
                 selector,
@@ -432,8 +637,68 @@ impl Runner<'_> {
                     message: "loops do not nest".into(),
                 });
             }
+            Step::Capture {
+                selector,
+                attribute,
+                pattern,
+                into,
+                timeout_ms,
+            } => {
+                let Some(item) = &ctx.item else {
+                    return Err(Fail::Config {
+                        at: at.to_owned(),
+                        message: "capture outside lookup and for_each_item".into(),
+                    });
+                };
+                let selector = self.render(at, selector, ctx)?;
+                let limit = timeout_ms.map_or(self.env.step_timeout, Duration::from_millis);
+                let el = self.find_within(at, &selector, limit).await?;
+                let config = |message: String| Fail::Config {
+                    at: at.to_owned(),
+                    message,
+                };
+                let raw = match attribute {
+                    Some(a) => el
+                        .attr(a.as_str())
+                        .await
+                        .map_err(|e| driver_fail(at, e))?
+                        .ok_or_else(|| {
+                            config(format!(
+                                "capture {into:?} for SKU {:?}: {selector:?} has no attribute {a:?}",
+                                item.sku
+                            ))
+                        })?,
+                    None => el.text().await.map_err(|e| driver_fail(at, e))?,
+                };
+                let value = match pattern {
+                    None => raw.trim().to_owned(),
+                    Some(p) => {
+                        let re = regex::Regex::new(p)
+                            .map_err(|e| config(format!("pattern {p:?}: {e}")))?;
+                        re.captures(&raw)
+                            .and_then(|c| c.get(1))
+                            .map(|m| m.as_str().to_owned())
+                            .ok_or_else(|| {
+                                config(format!(
+                                    "capture {into:?} for SKU {:?}: pattern {p:?} does not match {raw:?} (read from {})",
+                                    item.sku,
+                                    attribute
+                                        .as_deref()
+                                        .map_or("the text".to_owned(), |a| format!("attribute {a:?}"))
+                                ))
+                            })?
+                    }
+                };
+                if value.is_empty() {
+                    return Err(config(format!(
+                        "capture {into:?} for SKU {:?}: {selector:?} gave an empty value",
+                        item.sku
+                    )));
+                }
+                return Ok(Some((into.clone(), value)));
+            }
         }
-        Ok(())
+        Ok(None)
     }
 
     /// Elements matching `selector` whose text contains every string of `needles`.

@@ -210,6 +210,7 @@ pub async fn api_sim_with(creds: &Creds, tls: Option<&ServerTls>) -> ApiSimHandl
             token_ttl_secs: 3600,
             currency: "EUR".into(),
             latency_ms: 0,
+            ..Default::default()
         },
         loopback(),
         tls,
