@@ -80,7 +80,10 @@ fn the_test_profiles_and_the_documented_examples_load() {
             toml.push('\n');
         }
     }
-    assert!(excerpts >= 1, "the reference's excerpt blocks were not found");
+    assert!(
+        excerpts >= 1,
+        "the reference's excerpt blocks were not found"
+    );
     let loaded = Profiles::from_toml_str(&toml).unwrap_or_else(|e| panic!("{e}\n{toml}"));
     assert!(loaded.names().len() >= 2, "{:?}", loaded.names());
 }

@@ -6,6 +6,7 @@ mod bench;
 mod bench_pause;
 mod config;
 mod demo;
+mod dry_run_cmd;
 mod ops;
 mod progress;
 mod reconcile_cmd;
@@ -193,6 +194,13 @@ enum Command {
         sync: SyncArgs,
         #[command(flatten)]
         scope: scope::ScopeArgs,
+        /// Plan the run and print, per endpoint, what would be sent (counts, the largest
+        /// changes with old → new values); send nothing and journal nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// With `--dry-run`: print the plan as JSON (every endpoint, samples of items).
+        #[arg(long, requires = "dry_run")]
+        json: bool,
         #[command(flatten)]
         wait: worker::WaitArgs,
     },
@@ -212,6 +220,10 @@ enum Command {
         /// Print what was read back as JSON (and no sync summary).
         #[arg(long)]
         json: bool,
+        /// Read back and print what the repairing sync would send; send nothing, record
+        /// nothing (reading back has no effect at the endpoints).
+        #[arg(long)]
+        dry_run: bool,
         #[command(flatten)]
         wait: worker::WaitArgs,
     },
@@ -502,11 +514,16 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             endpoints,
             sync,
             scope,
+            dry_run,
+            json,
             wait,
         } => {
             let mut setup = setup(&db, &endpoints, &sync).await?;
             let all = setup.endpoints.clone();
             scope.apply(&mut setup.endpoints)?;
+            if dry_run {
+                return dry_run_cmd::sync(setup, json).await;
+            }
             if is_postgres(&setup.db) {
                 return worker::enqueue(setup, &all, &wait).await;
             }
@@ -545,10 +562,14 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             sync,
             scope,
             json,
+            dry_run,
             wait,
         } => {
             let mut setup = setup(&db, &endpoints, &sync).await?;
             scope.apply(&mut setup.endpoints)?;
+            if dry_run {
+                return dry_run_cmd::reconcile(setup, json).await;
+            }
             return reconcile_cmd::run(setup, json, &wait).await;
         }
         Command::Check { config, json } => {

@@ -76,7 +76,7 @@ pub(crate) async fn run(
 }
 
 /// Print what the read-back found.
-fn report(found: &[EndpointDrift], json: bool) {
+pub(crate) fn report(found: &[EndpointDrift], json: bool) {
     if json {
         println!("{}", serde_json::json!({ "reconcile": found }));
         return;

@@ -671,16 +671,7 @@ impl Bulwark {
         let found =
             crate::reconcile::find_drift(&self.staging, diffs, effects, endpoints, options, &busy)
                 .await?;
-        let repair: HashMap<String, Vec<String>> = found
-            .iter()
-            .filter(|f| !f.drifted.is_empty())
-            .map(|f| {
-                (
-                    f.endpoint.clone(),
-                    f.drifted.iter().map(|d| d.sku.clone()).collect(),
-                )
-            })
-            .collect();
+        let repair = drift_repairs(&found);
         let plan = crate::sync::plan_run_with(
             self.store.as_ref(),
             &self.staging,
@@ -695,6 +686,69 @@ impl Bulwark {
         let rows: Vec<_> = found.iter().map(|f| f.row(at, plan.run)).collect();
         self.staging.record_reconcile(&rows).await?;
         Ok((plan, found))
+    }
+
+    /// What a sync of `endpoints` towards the newest sealed snapshot would send, planned
+    /// exactly as [`Bulwark::sync`] plans it, with nothing sent and nothing journaled
+    /// (endpoints whose syncs are unfinished show as `busy`: a sync resumes those first).
+    /// `None` when no snapshot is sealed yet.
+    pub async fn dry_run(
+        &self,
+        endpoints: &[EndpointConfig],
+        options: &SyncOptions,
+    ) -> Result<Option<crate::preview::DryRun>> {
+        let Some(snap) = self.staging.latest_sealed().await? else {
+            return Ok(None);
+        };
+        let diffs = DiffCache::new(self.staging.clone());
+        Ok(Some(
+            crate::preview::dry_run(
+                self.store.as_ref(),
+                &self.staging,
+                &diffs,
+                endpoints,
+                snap.id,
+                options,
+                None,
+            )
+            .await?,
+        ))
+    }
+
+    /// [`Bulwark::reconcile`] as a dry run: read back every endpoint (reading has no
+    /// effect at the endpoint) and describe the repairing sync it would run, recording
+    /// nothing (no reconcile record, no run). `None` when no snapshot is sealed yet.
+    pub async fn dry_run_reconcile(
+        &self,
+        endpoints: &[EndpointConfig],
+        options: &SyncOptions,
+    ) -> Result<Option<(crate::preview::DryRun, Vec<crate::reconcile::EndpointDrift>)>> {
+        let Some(snap) = self.staging.latest_sealed().await? else {
+            return Ok(None);
+        };
+        let (diffs, effects) = self.effects(endpoints, options)?;
+        let busy = self.store.open_subjects(EndpointSync::KIND).await?;
+        let found = crate::reconcile::find_drift(
+            &self.staging,
+            &diffs,
+            &effects,
+            endpoints,
+            options,
+            &busy,
+        )
+        .await?;
+        let repair = drift_repairs(&found);
+        let preview = crate::preview::dry_run(
+            self.store.as_ref(),
+            &self.staging,
+            &diffs,
+            endpoints,
+            snap.id,
+            options,
+            Some(&repair),
+        )
+        .await?;
+        Ok(Some((preview, found)))
     }
 
     /// Resume every unfinished sync (replaying it from the journal) and finish it, without
@@ -1210,4 +1264,18 @@ fn hostname() -> String {
     std::fs::read_to_string("/etc/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "host".into())
+}
+
+/// A reconcile's finding as repairs: endpoint → drifted SKUs (as sent).
+fn drift_repairs(found: &[crate::reconcile::EndpointDrift]) -> HashMap<String, Vec<String>> {
+    found
+        .iter()
+        .filter(|f| !f.drifted.is_empty())
+        .map(|f| {
+            (
+                f.endpoint.clone(),
+                f.drifted.iter().map(|d| d.sku.clone()).collect(),
+            )
+        })
+        .collect()
 }

@@ -349,6 +349,84 @@ pub async fn plan_run_with(
     options: &SyncOptions,
     repair: Option<&HashMap<String, Vec<String>>>,
 ) -> Result<Plan> {
+    let planned =
+        plan_endpoints(store, staging, diffs, endpoints, snapshot, options, repair).await?;
+    let mut plan = Plan {
+        snapshot,
+        stale: planned.stale,
+        ..Default::default()
+    };
+    let mut new = Vec::new();
+    for (_, p) in planned.endpoints {
+        match p {
+            EndpointPlan::Busy => plan.busy += 1,
+            EndpointPlan::UpToDate { .. } => plan.up_to_date += 1,
+            EndpointPlan::Send { input, items } => {
+                plan.batches += input.batches.len() as u64;
+                plan.items += items.len() as u64;
+                plan.repairs += input.repair.len() as u64;
+                let state = EndpointSync::initial(&input);
+                new.push(NewWorkflow {
+                    kind: EndpointSync::KIND.into(),
+                    subject: input.endpoint.clone(),
+                    input_json: serde_json::to_string(&input).expect("input serialises"),
+                    state_json: serde_json::to_string(&state).expect("state serialises"),
+                    status: EndpointSync::status(&state).into(),
+                });
+            }
+        }
+    }
+    plan.workflows = new.len();
+    if new.is_empty() {
+        return Ok(plan);
+    }
+    let mut params = serde_json::json!({ "snapshot": snapshot, "batch_size": options.batch_size, "endpoints": endpoints.len() });
+    if repair.is_some() {
+        params["reconcile"] = serde_json::json!({ "repairs": plan.repairs });
+    }
+    let (run, _) = store.start_run("sync", &params.to_string(), &new).await?;
+    plan.run = Some(run);
+    Ok(plan)
+}
+
+/// What planning decided for one endpoint, before anything is stored.
+#[derive(Debug)]
+pub(crate) enum EndpointPlan {
+    /// A sync of it is still running; left out.
+    Busy,
+    /// It already shows the target.
+    UpToDate {
+        /// The snapshot it confirmed (under its current mapping).
+        base: Option<i64>,
+    },
+    /// Its sync: the journaled input and every item it carries.
+    Send {
+        /// The sync's input.
+        input: SyncInput,
+        /// Its items, sorted by SKU (`input.batches` cut them).
+        items: Arc<Vec<Item>>,
+    },
+}
+
+/// Every endpoint's [`EndpointPlan`] (in the order of `endpoints`), or none with `stale`
+/// set when the target is too old to push.
+#[derive(Debug)]
+pub(crate) struct PlannedEndpoints<'a> {
+    pub(crate) stale: Option<StaleSnapshot>,
+    pub(crate) endpoints: Vec<(&'a EndpointConfig, EndpointPlan)>,
+}
+
+/// Decide, for each endpoint, what a sync towards `snapshot` sends (see
+/// [`plan_run_with`]); reads staging and the store, writes nothing.
+pub(crate) async fn plan_endpoints<'a>(
+    store: &dyn Store,
+    staging: &Staging,
+    diffs: &DiffCache,
+    endpoints: &'a [EndpointConfig],
+    snapshot: i64,
+    options: &SyncOptions,
+    repair: Option<&HashMap<String, Vec<String>>>,
+) -> Result<PlannedEndpoints<'a>> {
     if options.batch_size == 0 {
         return Err(SyncError::Config("batch_size must be at least 1".into()));
     }
@@ -382,14 +460,13 @@ pub async fn plan_run_with(
                 endpoints = endpoints.len(),
                 "snapshot too old to push stock from; every endpoint held"
             );
-            return Ok(Plan {
-                snapshot,
+            return Ok(PlannedEndpoints {
                 stale: Some(StaleSnapshot {
                     age_ms,
                     max_ms,
                     held: endpoints.len(),
                 }),
-                ..Default::default()
+                endpoints: Vec::new(),
             });
         }
     }
@@ -403,16 +480,12 @@ pub async fn plan_run_with(
             .push((q.sku, q.retry_requested));
     }
     let busy = store.open_subjects(EndpointSync::KIND).await?;
-    let mut plan = Plan {
-        snapshot,
-        ..Default::default()
-    };
-    let mut new = Vec::new();
+    let mut out = Vec::with_capacity(endpoints.len());
     for ep in endpoints {
         // One sync per endpoint at a time: its batches stay ordered, and a run enqueued
         // while the previous one still works does not send the same batches again.
         if busy.contains(&ep.id) {
-            plan.busy += 1;
+            out.push((ep, EndpointPlan::Busy));
             continue;
         }
         let mapping = EndpointMapping::from_settings(&ep.settings)?;
@@ -455,9 +528,8 @@ pub async fn plan_run_with(
         let carried = |sku: &String| items.binary_search_by(|i| i.sku.as_str().cmp(sku)).is_ok();
         retry.retain(carried);
         drifted.retain(carried);
-        plan.repairs += drifted.len() as u64;
         if items.is_empty() || (base == Some(snapshot) && retry.is_empty() && drifted.is_empty()) {
-            plan.up_to_date += 1;
+            out.push((ep, EndpointPlan::UpToDate { base }));
             continue;
         }
         let batches: Vec<BatchPlan> = items
@@ -467,8 +539,6 @@ pub async fn plan_run_with(
                 items: c.len() as u32,
             })
             .collect();
-        plan.batches += batches.len() as u64;
-        plan.items += items.len() as u64;
         let input = SyncInput {
             endpoint: ep.id.clone(),
             snapshot,
@@ -491,26 +561,12 @@ pub async fn plan_run_with(
             repair: drifted,
             config: Some(ep.fingerprint()),
         };
-        let state = EndpointSync::initial(&input);
-        new.push(NewWorkflow {
-            kind: EndpointSync::KIND.into(),
-            subject: ep.id.clone(),
-            input_json: serde_json::to_string(&input).expect("input serialises"),
-            state_json: serde_json::to_string(&state).expect("state serialises"),
-            status: EndpointSync::status(&state).into(),
-        });
+        out.push((ep, EndpointPlan::Send { input, items }));
     }
-    plan.workflows = new.len();
-    if new.is_empty() {
-        return Ok(plan);
-    }
-    let mut params = serde_json::json!({ "snapshot": snapshot, "batch_size": options.batch_size, "endpoints": endpoints.len() });
-    if repair.is_some() {
-        params["reconcile"] = serde_json::json!({ "repairs": plan.repairs });
-    }
-    let (run, _) = store.start_run("sync", &params.to_string(), &new).await?;
-    plan.run = Some(run);
-    Ok(plan)
+    Ok(PlannedEndpoints {
+        stale: None,
+        endpoints: out,
+    })
 }
 
 /// Counters of adapter calls.
