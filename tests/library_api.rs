@@ -494,6 +494,7 @@ async fn an_upload_without_idempotency_keys_is_not_sent_once_the_database_says_t
                 limit: None,
                 skip: Vec::new(),
                 dead_owners: vec![worker.into()],
+                held: false,
             })
             .await
             .unwrap();

@@ -83,6 +83,7 @@ fn claim(owner: &str, lease_ms: i64) -> ClaimRequest {
         limit: None,
         skip: Vec::new(),
         dead_owners: Vec::new(),
+        held: false,
     }
 }
 
@@ -117,7 +118,72 @@ conformance!(
     open_subjects_are_those_with_unfinished_workflows,
     claims_race_other_writers_without_failing,
     worker_heartbeats_are_recorded_with_the_leases_held,
+    held_subjects_are_not_claimed_until_the_hold_is_lifted,
 );
+
+async fn held_subjects_are_not_claimed_until_the_hold_is_lifted(store: Arc<dyn Store>) {
+    let run = store.create_run("sync", "{}").await.unwrap();
+    let ids = store
+        .create_workflows(run, &[new_wf("a"), new_wf("b"), new_wf("c")])
+        .await
+        .unwrap();
+    assert!(store.hold("b", "maintenance", "ops").await.unwrap());
+    // Holding again updates the reason and says it was held already.
+    assert!(!store.hold("b", "maintenance until 6", "ops").await.unwrap());
+    let holds = store.holds().await.unwrap();
+    assert_eq!(holds.len(), 1);
+    assert_eq!(
+        (
+            holds[0].subject.as_str(),
+            holds[0].reason.as_str(),
+            holds[0].by.as_str()
+        ),
+        ("b", "maintenance until 6", "ops")
+    );
+    let c = store.claim(&claim("w1", 60_000)).await.unwrap();
+    assert_eq!(
+        c.iter().map(|w| w.id).collect::<Vec<_>>(),
+        vec![ids[0], ids[2]],
+        "a held subject was claimed"
+    );
+    // Also once the others' leases are gone (released or expired).
+    let held: Vec<_> = c.iter().map(|w| (w.id, w.epoch)).collect();
+    store.release("w1", &held).await.unwrap();
+    let again = store.claim(&claim("w2", 60_000)).await.unwrap();
+    assert!(again.iter().all(|w| w.id != ids[1]), "{again:?}");
+    // An operator's signal reaches it.
+    let signal = store
+        .claim(&ClaimRequest {
+            held: true,
+            ..claim("w3", 60_000)
+        })
+        .await
+        .unwrap();
+    assert!(signal.iter().any(|w| w.id == ids[1]), "{signal:?}");
+    store
+        .release(
+            "w3",
+            &signal.iter().map(|w| (w.id, w.epoch)).collect::<Vec<_>>(),
+        )
+        .await
+        .unwrap();
+    // Lifted: claimable again.
+    assert!(store.lift_hold("b", "ops").await.unwrap());
+    assert!(!store.lift_hold("b", "ops").await.unwrap());
+    assert!(store.holds().await.unwrap().is_empty());
+    let after = store.claim(&claim("w4", 60_000)).await.unwrap();
+    assert!(after.iter().any(|w| w.id == ids[1]), "{after:?}");
+    // Both were alerted (the webhook hears of them).
+    let kinds: Vec<String> = store
+        .alerts(10)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|a| a.subject == "b")
+        .map(|a| a.kind)
+        .collect();
+    assert_eq!(kinds, ["hold_lifted", "hold", "hold"], "{kinds:?}");
+}
 
 async fn open_subjects_are_those_with_unfinished_workflows(store: Arc<dyn Store>) {
     let run = store.create_run("sync", "{}").await.unwrap();

@@ -69,8 +69,8 @@ fn finish(
 
 fn print(d: &DryRun) {
     println!(
-        "dry run (nothing sent, nothing journaled): snapshot {}: {} endpoint(s) would be sent {} item(s) in {} batch(es); {} up to date; {} busy",
-        d.snapshot, d.send, d.items, d.batches, d.up_to_date, d.busy
+        "dry run (nothing sent, nothing journaled): snapshot {}: {} endpoint(s) would be sent {} item(s) in {} batch(es); {} up to date; {} busy; {} paused",
+        d.snapshot, d.send, d.items, d.batches, d.up_to_date, d.busy, d.paused
     );
     if let Some(s) = &d.stale {
         println!(

@@ -8,6 +8,7 @@ mod config;
 mod demo;
 mod dry_run_cmd;
 mod ops;
+mod pause_cmd;
 mod progress;
 mod reconcile_cmd;
 mod scope;
@@ -308,6 +309,13 @@ enum Command {
     },
     #[command(flatten)]
     Ops(ops::Ops),
+    /// Pause endpoints for every worker on the database (e.g. a platform's planned
+    /// maintenance): no new sync is planned for them, one under way stops before its next
+    /// request and waits untouched — no retry used, no failure counted, no circuit moved.
+    Pause(pause_cmd::PauseArgs),
+    /// Lift a pause: a sync that waited goes on where it stopped, the next run plans the
+    /// endpoint again.
+    Resume(pause_cmd::ResumeArgs),
     /// Recent alerts, newest first: circuits opened and closed, exhausted retries, runs
     /// that finished with tripped endpoints (and whether the webhook got them).
     Alerts {
@@ -702,6 +710,8 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             }
         }
         Command::Ops(op) => return ops::run(op).await,
+        Command::Pause(args) => return pause_cmd::pause(args).await,
+        Command::Resume(args) => return pause_cmd::resume(args).await,
         Command::Alerts { db, limit, json } => {
             let app =
                 Bulwark::open_for_reading(&db.db, bulwark_adapters::default_registry()).await?;

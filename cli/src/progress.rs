@@ -144,6 +144,13 @@ pub(crate) fn print_summary(r: &SyncReport) {
         count("Cancelled"),
     );
     println!("  {} unfinished, {} refused", r.unfinished, r.refused.len());
+    let paused = r.plan.as_ref().map_or(0, |p| p.paused);
+    if paused + r.held > 0 {
+        println!(
+            "  paused: {paused} endpoint(s) left out, {} sync(s) stopped to wait; `bulwark resume` lets them go on",
+            r.held
+        );
+    }
     for (id, why) in r.refused.iter().take(10) {
         println!(
             "{}",
@@ -200,6 +207,33 @@ pub(crate) fn print_status(s: &Status) {
         );
         for line in crate::ops::wrap(&s.insecure_tls.join(", "), 76, 5) {
             println!("  {line}");
+        }
+    }
+    if !s.paused.is_empty() {
+        println!(
+            "paused: {} endpoint(s), left alone by every worker until `bulwark resume`:",
+            s.paused.len()
+        );
+        for h in s.paused.iter().take(20) {
+            println!(
+                "{}",
+                crate::ops::cut(
+                    &format!(
+                        "  {} since {} by {}",
+                        h.subject,
+                        crate::chrono_ms(h.since),
+                        h.by
+                    ),
+                    80
+                )
+            );
+            println!("{}", crate::ops::cut(&format!("    {}", h.reason), 80));
+        }
+        if s.paused.len() > 20 {
+            println!(
+                "  … and {} more (`bulwark status --json`)",
+                s.paused.len() - 20
+            );
         }
     }
     print_workers(&s.workers);

@@ -210,6 +210,7 @@ async fn overview(State(ctx): State<Shared>) -> Response {
             "alerts": store.alerts(50).await?,
             "journal_rows": status.journal_rows,
             "insecure_tls": status.insecure_tls,
+            "paused": status.paused,
             "quarantine": ctx.app.quarantine().await?.into_iter().take(500).collect::<Vec<_>>(),
             "quarantined": status.quarantined,
         }))
@@ -355,6 +356,12 @@ async fn metrics(State(ctx): State<Shared>) -> Response {
             "gauge",
             "Endpoint circuits by state.",
             &samples,
+        );
+        family(
+            "bulwark_endpoints_paused",
+            "gauge",
+            "Endpoints an operator paused (bulwark pause): every worker leaves them alone.",
+            &[(String::new(), store.holds().await?.len() as i64)],
         );
         let mut alerts: BTreeMap<String, i64> = BTreeMap::new();
         for a in store.alerts(i64::MAX).await? {

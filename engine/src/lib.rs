@@ -31,6 +31,7 @@ pub mod audit;
 pub mod circuit;
 pub mod error;
 pub mod fence;
+pub mod hold;
 pub mod journal;
 pub mod machine;
 pub mod postgres;
@@ -50,8 +51,8 @@ pub use runtime::{Effects, RunOutcome, Runtime, RuntimeConfig, WorkOptions, Work
 pub use sqlite::SqliteStore;
 pub use store::{
     AlertLevel, AlertRow, Append, AppendOutcome, CircuitWrite, ClaimRequest, ClaimedWorkflow,
-    JournalRow, NewAlert, NewWorkflow, RunId, RunRow, Store, WorkerRow, WorkflowId, WorkflowRow,
-    now_ms,
+    HoldRow, JournalRow, NewAlert, NewWorkflow, RunId, RunRow, Store, WorkerRow, WorkflowId,
+    WorkflowRow, now_ms,
 };
 
 /// An opened backend: the generic store plus the concrete pool, for domain crates that

@@ -403,6 +403,7 @@ impl Store for PostgresStore {
                    WHERE NOT terminal AND kind = $3 AND ($4::bigint IS NULL OR run_id = $4)
                      AND (lease_until IS NULL OR lease_until < $5 OR lease_owner = ANY($8))
                      AND NOT (id = ANY($7))
+                     AND ($9 OR NOT EXISTS (SELECT 1 FROM holds h WHERE h.subject = workflows.subject))
                    ORDER BY id LIMIT $6 FOR UPDATE SKIP LOCKED) c
              WHERE w.id = c.id
              RETURNING w.id, w.run_id, w.subject, w.seq, w.lease_epoch, c.previous",
@@ -415,6 +416,7 @@ impl Store for PostgresStore {
         .bind(limit)
         .bind(&request.skip)
         .bind(&request.dead_owners)
+        .bind(request.held)
         .fetch_all(&mut *tx)
         .await?;
         let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
@@ -828,6 +830,65 @@ impl Store for PostgresStore {
             crate::circuit::trace_alert(alert);
         }
         Ok(n > 0)
+    }
+
+    async fn hold(&self, subject: &str, reason: &str, by: &str) -> Result<bool> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        let was: bool = sqlx::query_scalar("SELECT count(*) > 0 FROM holds WHERE subject = $1")
+            .bind(subject)
+            .fetch_one(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO holds (subject, reason, held_by, created_at) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (subject) DO UPDATE SET reason = excluded.reason, held_by = excluded.held_by",
+        )
+        .bind(subject)
+        .bind(reason)
+        .bind(by)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        let alert = crate::hold::held_alert(subject, reason, by);
+        insert_alert(&mut tx, now, &alert, None).await?;
+        tx.commit().await?;
+        crate::circuit::trace_alert(&alert);
+        Ok(!was)
+    }
+
+    async fn lift_hold(&self, subject: &str, by: &str) -> Result<bool> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        let n = sqlx::query("DELETE FROM holds WHERE subject = $1")
+            .bind(subject)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        let alert = crate::hold::lifted_alert(subject, by);
+        if n > 0 {
+            insert_alert(&mut tx, now, &alert, None).await?;
+        }
+        tx.commit().await?;
+        if n > 0 {
+            crate::circuit::trace_alert(&alert);
+        }
+        Ok(n > 0)
+    }
+
+    async fn holds(&self) -> Result<Vec<HoldRow>> {
+        let rows =
+            sqlx::query("SELECT subject, reason, held_by, created_at FROM holds ORDER BY subject")
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| HoldRow {
+                subject: r.get(0),
+                reason: r.get(1),
+                by: r.get(2),
+                since: r.get(3),
+            })
+            .collect())
     }
 
     async fn reset_circuit(&self, subject: &str, by: &str) -> Result<bool> {

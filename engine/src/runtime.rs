@@ -13,6 +13,7 @@ use tokio::task::JoinSet;
 use crate::audit;
 use crate::error::{EngineError, Result};
 use crate::fence::{self, Fence};
+use crate::hold::HeldSubjects;
 use crate::journal::Journal;
 use crate::machine::Machine;
 use crate::presence::Presence;
@@ -153,12 +154,17 @@ pub struct RunOutcome {
     pub declined: Vec<(WorkflowId, String)>,
     /// Final states by name.
     pub by_status: BTreeMap<String, usize>,
+    /// Workflows stopped (untouched, lease released) because their subject is held
+    /// ([`Store::hold`]): they wait for the hold to be lifted.
+    pub held: usize,
 }
 
 enum End {
     Finished(&'static str, u64),
     Fenced(u64),
     Unfinished(u64),
+    /// Its subject is held: stopped before its next command, lease released.
+    Held(u64),
     /// Refused for good (corrupt journal or input, illegal transition) and retired as
     /// [`RETIRED_STATUS`]: terminal, alerted.
     Retired(String),
@@ -215,6 +221,7 @@ pub struct Runtime<M: Machine> {
     config: RuntimeConfig,
     stop: Arc<AtomicBool>,
     presence: std::sync::OnceLock<Option<Arc<Presence>>>,
+    holds: HeldSubjects,
     _machine: PhantomData<fn() -> M>,
 }
 
@@ -227,6 +234,7 @@ impl<M: Machine> Runtime<M> {
             config,
             stop: Arc::new(AtomicBool::new(false)),
             presence: std::sync::OnceLock::new(),
+            holds: HeldSubjects::default(),
             _machine: PhantomData,
         }
     }
@@ -274,6 +282,7 @@ impl<M: Machine> Runtime<M> {
                 limit: None,
                 skip: Vec::new(),
                 dead_owners: dead.clone(),
+                held: false,
             })
             .await?;
         tracing::debug!(claimed = claimed.len(), "claimed");
@@ -291,6 +300,7 @@ impl<M: Machine> Runtime<M> {
         outcome.workflows = claimed.len();
         let held: Held = Arc::default();
         let heartbeat = self.heartbeat(held.clone(), false);
+        let watcher = self.watch_holds(held.clone());
         let worker: Arc<str> = Arc::from(self.config.worker.as_str());
         let mut tasks = JoinSet::new();
         for w in claimed {
@@ -304,12 +314,16 @@ impl<M: Machine> Runtime<M> {
             let observer = observer.clone();
             let worker = worker.clone();
             let stop = self.stop.clone();
+            let holds = self.holds.clone();
             tasks.spawn(async move {
                 let id = w.id;
                 let row = claimed_row::<M>(w);
                 (
                     id,
-                    drive::<M>(store, journal, effects, observer, worker, stop, fence, row).await,
+                    drive::<M>(
+                        store, journal, effects, observer, worker, stop, holds, fence, row,
+                    )
+                    .await,
                 )
             });
         }
@@ -327,10 +341,33 @@ impl<M: Machine> Runtime<M> {
             }
         }
         heartbeat.abort();
+        watcher.abort();
         match failed {
             Some(e) => Err(e),
             None => Ok(outcome),
         }
+    }
+
+    /// Keep this runtime's view of the held subjects current while it drives workflows
+    /// (every [`crate::hold::REFRESH`], or a third of the lease if shorter): a workflow
+    /// whose subject becomes held stops before its next command. A failed read keeps the
+    /// last view.
+    fn watch_holds(&self, held: Held) -> tokio::task::JoinHandle<()> {
+        let (store, holds) = (self.store.clone(), self.holds.clone());
+        let every = crate::hold::REFRESH.min(Duration::from_millis(
+            (self.config.lease_ms / 3).max(50) as u64,
+        ));
+        tokio::spawn(async move {
+            loop {
+                if !held.lock().expect("held").is_empty() {
+                    match store.holds().await {
+                        Ok(rows) => holds.set(rows.into_iter().map(|h| h.subject)),
+                        Err(e) => tracing::warn!(error = %e, "reading the holds failed"),
+                    }
+                }
+                tokio::time::sleep(every).await;
+            }
+        })
     }
 
     /// Keep the leases of `held` alive: renew them every third of the lease; a confirmed
@@ -410,6 +447,8 @@ impl<M: Machine> Runtime<M> {
                 limit: None,
                 skip: Vec::new(),
                 dead_owners: self.dead_owners(),
+                // A signal (a cancel) reaches held workflows too.
+                held: true,
             })
             .await?;
         let worker: Arc<str> = Arc::from(self.config.worker.as_str());
@@ -594,6 +633,7 @@ impl<M: Machine> Runtime<M> {
         // Workflows this worker declined (see `Effects::accepts`): not claimed again.
         let mut declined: Vec<WorkflowId> = Vec::new();
         let heartbeat = self.heartbeat(held.clone(), true);
+        let watcher = self.watch_holds(held.clone());
         let mut tasks = JoinSet::new();
         let result: Result<()> = async {
             // Claim at start, when notified, when the poll interval passes (leases of dead
@@ -626,6 +666,7 @@ impl<M: Machine> Runtime<M> {
                             limit: Some(free.min(chunk)),
                             skip: declined.clone(),
                             dead_owners: dead.clone(),
+                            held: false,
                         })
                         .await?;
                     last_claim = std::time::Instant::now();
@@ -650,18 +691,19 @@ impl<M: Machine> Runtime<M> {
                     for w in claimed {
                         let fence = self.config.fence(w.id, sent_at);
                         held.lock().expect("held").insert(w.id, (w.epoch, fence.clone()));
-                        let (store, journal, effects, observer, worker, stop) = (
+                        let (store, journal, effects, observer, worker, stop, holds) = (
                             self.store.clone(),
                             self.journal.clone(),
                             effects.clone(),
                             observer.clone(),
                             worker.clone(),
                             self.stop.clone(),
+                            self.holds.clone(),
                         );
                         let row = claimed_row::<M>(w);
                         tasks.spawn(async move {
                             let id = row.id;
-                            (id, drive::<M>(store, journal, effects, observer, worker, stop, fence, row).await)
+                            (id, drive::<M>(store, journal, effects, observer, worker, stop, holds, fence, row).await)
                         });
                     }
                 }
@@ -712,6 +754,7 @@ impl<M: Machine> Runtime<M> {
             }
         }
         heartbeat.abort();
+        watcher.abort();
         let left: Vec<(WorkflowId, i64)> = held
             .lock()
             .expect("held")
@@ -739,6 +782,10 @@ fn record(outcome: &mut RunOutcome, id: WorkflowId, result: Result<End>) {
         Ok(End::Unfinished(n)) => {
             outcome.transitions += n;
             outcome.unfinished += 1;
+        }
+        Ok(End::Held(n)) => {
+            outcome.transitions += n;
+            outcome.held += 1;
         }
         Ok(End::Retired(reason)) => {
             tracing::error!(workflow = id, error = %reason, "workflow refused and retired as {RETIRED_STATUS}");
@@ -827,6 +874,7 @@ async fn drive<M: Machine>(
     observer: Option<Observer<M>>,
     worker: Arc<str>,
     stop: Arc<AtomicBool>,
+    holds: HeldSubjects,
     fence: Fence,
     row: WorkflowRow,
 ) -> Result<End> {
@@ -842,9 +890,29 @@ async fn drive<M: Machine>(
     let epoch = row.epoch;
     let store2 = store.clone();
     async move {
-        match drive_workflow::<M>(store, journal, effects, observer, worker, stop, fence, row).await
+        match drive_workflow::<M>(
+            store,
+            journal,
+            effects,
+            observer,
+            worker.clone(),
+            stop,
+            holds,
+            fence,
+            row,
+        )
+        .await
         {
             Err(e) => retire_refused::<M>(store2.as_ref(), &kept, Some(epoch), e).await,
+            Ok(End::Held(n)) => {
+                // Give the lease back at once: the workflow waits for the hold to be
+                // lifted, and then any worker may take it up.
+                tracing::info!("held by an operator: stopped before its next command");
+                if let Err(e) = store2.release(&worker, &[(kept.id, epoch)]).await {
+                    tracing::warn!(error = %e, "releasing a held workflow's lease failed; it expires instead");
+                }
+                Ok(End::Held(n))
+            }
             ok => ok,
         }
     }
@@ -860,6 +928,7 @@ async fn drive_workflow<M: Machine>(
     observer: Option<Observer<M>>,
     worker: Arc<str>,
     stop: Arc<AtomicBool>,
+    holds: HeldSubjects,
     fence: Fence,
     row: WorkflowRow,
 ) -> Result<End> {
@@ -897,6 +966,9 @@ async fn drive_workflow<M: Machine>(
         }
         if stop.load(Ordering::Relaxed) {
             return Ok(End::Unfinished(written));
+        }
+        if holds.contains(&ctx.subject) {
+            return Ok(End::Held(written));
         }
         // Effect fencing: no command starts on a lease that may have run out (a worker
         // resumed after a pause sees it at once), and what a command returns after one

@@ -365,13 +365,15 @@ impl Store for SqliteStore {
         let previous: std::collections::HashMap<i64, String> = sqlx::query(
             "SELECT id, lease_owner FROM workflows WHERE terminal = 0 AND kind = ? AND (? IS NULL OR run_id = ?)
                  AND lease_owner IS NOT NULL AND lease_owner IS NOT ?
-                 AND id NOT IN (SELECT value FROM json_each(?))",
+                 AND id NOT IN (SELECT value FROM json_each(?))
+                 AND (? OR subject NOT IN (SELECT subject FROM holds))",
         )
         .bind(kind)
         .bind(run)
         .bind(run)
         .bind(owner)
         .bind(&skip)
+        .bind(request.held)
         .fetch_all(&mut *tx)
         .await?
         .into_iter()
@@ -382,6 +384,7 @@ impl Store for SqliteStore {
              WHERE id IN (SELECT id FROM workflows WHERE terminal = 0 AND kind = ? AND (? IS NULL OR run_id = ?)
                               AND (lease_owner IS NOT ? OR lease_until < ?)
                               AND id NOT IN (SELECT value FROM json_each(?))
+                              AND (? OR subject NOT IN (SELECT subject FROM holds))
                           ORDER BY id LIMIT ?)
              RETURNING id, run_id, subject, seq, lease_epoch",
         )
@@ -393,6 +396,7 @@ impl Store for SqliteStore {
         .bind(owner)
         .bind(now)
         .bind(&skip)
+        .bind(request.held)
         .bind(limit)
         .fetch_all(&mut *tx)
         .await?;
@@ -931,6 +935,65 @@ impl Store for SqliteStore {
             crate::circuit::trace_alert(alert);
         }
         Ok(n > 0)
+    }
+
+    async fn hold(&self, subject: &str, reason: &str, by: &str) -> Result<bool> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        let was: bool = sqlx::query_scalar("SELECT count(*) > 0 FROM holds WHERE subject = ?")
+            .bind(subject)
+            .fetch_one(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO holds (subject, reason, held_by, created_at) VALUES (?, ?, ?, ?)
+             ON CONFLICT (subject) DO UPDATE SET reason = excluded.reason, held_by = excluded.held_by",
+        )
+        .bind(subject)
+        .bind(reason)
+        .bind(by)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        let alert = crate::hold::held_alert(subject, reason, by);
+        insert_alert(&mut tx, now, &alert, None).await?;
+        tx.commit().await?;
+        crate::circuit::trace_alert(&alert);
+        Ok(!was)
+    }
+
+    async fn lift_hold(&self, subject: &str, by: &str) -> Result<bool> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        let n = sqlx::query("DELETE FROM holds WHERE subject = ?")
+            .bind(subject)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        let alert = crate::hold::lifted_alert(subject, by);
+        if n > 0 {
+            insert_alert(&mut tx, now, &alert, None).await?;
+        }
+        tx.commit().await?;
+        if n > 0 {
+            crate::circuit::trace_alert(&alert);
+        }
+        Ok(n > 0)
+    }
+
+    async fn holds(&self) -> Result<Vec<HoldRow>> {
+        let rows =
+            sqlx::query("SELECT subject, reason, held_by, created_at FROM holds ORDER BY subject")
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| HoldRow {
+                subject: r.get(0),
+                reason: r.get(1),
+                by: r.get(2),
+                since: r.get(3),
+            })
+            .collect())
     }
 
     async fn reset_circuit(&self, subject: &str, by: &str) -> Result<bool> {

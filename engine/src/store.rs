@@ -49,6 +49,9 @@ pub struct ClaimRequest {
     /// Owners known to be dead (their process is gone, see [`crate::presence`]): their
     /// leases may be claimed before they run out.
     pub dead_owners: Vec<String>,
+    /// Claim workflows of held subjects too (see [`Store::hold`]): only for an
+    /// operator's signal such as a cancel, never to drive them.
+    pub held: bool,
 }
 
 /// A workflow claimed by a worker: everything needed to resume it.
@@ -221,6 +224,19 @@ pub struct WorkerRow {
     pub expired: i64,
 }
 
+/// An operator's hold on a subject (see [`Store::hold`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HoldRow {
+    /// The subject held.
+    pub subject: String,
+    /// Why (as the operator gave it).
+    pub reason: String,
+    /// Who placed it.
+    pub by: String,
+    /// When (ms).
+    pub since: i64,
+}
+
 /// A run as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RunRow {
@@ -359,6 +375,17 @@ pub trait Store: Send + Sync + 'static {
         status: &str,
         alert: &NewAlert,
     ) -> Result<bool>;
+    /// Hold `subject` (an operator's pause, for every worker on this database): its
+    /// workflows are not claimed while the hold lasts, and one in flight stops before its
+    /// next command and is released untouched — no retry is used and no failure counted.
+    /// Records an alert. Returns whether it was newly held (`false`: it already was; the
+    /// reason is updated).
+    async fn hold(&self, subject: &str, reason: &str, by: &str) -> Result<bool>;
+    /// Lift the hold on `subject`; its workflows are claimable again. Records an alert.
+    /// Returns whether it was held.
+    async fn lift_hold(&self, subject: &str, by: &str) -> Result<bool>;
+    /// Every hold, by subject.
+    async fn holds(&self) -> Result<Vec<HoldRow>>;
     /// Close a subject's circuit by hand (`by`: who or why, for the alert it records).
     /// Returns whether one was open.
     async fn reset_circuit(&self, subject: &str, by: &str) -> Result<bool>;

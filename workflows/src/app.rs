@@ -134,6 +134,10 @@ pub struct SyncReport {
     pub refused: Vec<(i64, String)>,
     /// Workflows left unfinished.
     pub unfinished: usize,
+    /// Endpoint syncs stopped during this call because an operator paused their endpoint
+    /// ([`Bulwark::pause`]): they wait, untouched, for [`Bulwark::resume`] (not counted
+    /// in `unfinished`: nothing went wrong).
+    pub held: usize,
     /// Upload calls.
     pub uploads: u64,
     /// Verify calls.
@@ -153,6 +157,7 @@ impl SyncReport {
         self.transitions += o.transitions;
         self.refused.extend(o.refused);
         self.unfinished += o.unfinished + o.fenced;
+        self.held += o.held;
         for (k, v) in o.by_status {
             *self.by_status.entry(k).or_default() += v;
         }
@@ -658,6 +663,17 @@ impl Bulwark {
         ))
     }
 
+    /// Endpoints an operator paused ([`Bulwark::pause`]).
+    async fn paused(&self) -> Result<std::collections::HashSet<String>> {
+        Ok(self
+            .store
+            .holds()
+            .await?
+            .into_iter()
+            .map(|h| h.subject)
+            .collect())
+    }
+
     /// Read back, plan the repairing run, and record what each endpoint showed.
     async fn plan_reconcile(
         &self,
@@ -668,9 +684,17 @@ impl Bulwark {
         snapshot: i64,
     ) -> Result<(Plan, Vec<crate::reconcile::EndpointDrift>)> {
         let busy = self.store.open_subjects(EndpointSync::KIND).await?;
-        let found =
-            crate::reconcile::find_drift(&self.staging, diffs, effects, endpoints, options, &busy)
-                .await?;
+        let paused = self.paused().await?;
+        let found = crate::reconcile::find_drift(
+            &self.staging,
+            diffs,
+            effects,
+            endpoints,
+            options,
+            &busy,
+            &paused,
+        )
+        .await?;
         let repair = drift_repairs(&found);
         let plan = crate::sync::plan_run_with(
             self.store.as_ref(),
@@ -728,6 +752,7 @@ impl Bulwark {
         };
         let (diffs, effects) = self.effects(endpoints, options)?;
         let busy = self.store.open_subjects(EndpointSync::KIND).await?;
+        let paused = self.paused().await?;
         let found = crate::reconcile::find_drift(
             &self.staging,
             &diffs,
@@ -735,6 +760,7 @@ impl Bulwark {
             endpoints,
             options,
             &busy,
+            &paused,
         )
         .await?;
         let repair = drift_repairs(&found);
@@ -874,11 +900,15 @@ impl Bulwark {
                     report.resumed_runs.push(run);
                 }
             }
-            let open = !self
+            // Syncs of paused endpoints wait for their hold to be lifted; they do not hold
+            // up the others' next run (a paused endpoint is not planned anew meanwhile).
+            let paused = self.paused().await?;
+            let open = self
                 .store
                 .open_subjects(EndpointSync::KIND)
                 .await?
-                .is_empty();
+                .iter()
+                .any(|s| !paused.contains(s));
             if report.unfinished > 0 || open {
                 // Do not start new work on top of workflows that could not finish.
                 // (Refused workflows that were retired as Corrupt are finished: their
@@ -1049,7 +1079,35 @@ impl Bulwark {
             insecure_tls: self.staging.insecure_tls().await?,
             quarantined: self.staging.quarantine().await?.len(),
             workers: self.store.workers().await?,
+            paused: self.store.holds().await?,
         })
+    }
+
+    /// Pause `endpoint` for every worker on this database (a durable hold, e.g. for a
+    /// platform's planned maintenance): no new sync is planned for it, a sync of it under
+    /// way stops before its next request (within a second) and waits exactly as it is —
+    /// no retry used, no failure counted, no circuit moved — and reconciles do not read
+    /// it. `reason` and `by` are recorded with it (and alerted). Returns whether it was
+    /// newly paused (`false`: it already was; the reason is updated).
+    pub async fn pause(&self, endpoint: &str, reason: &str, by: &str) -> Result<bool> {
+        if endpoint.trim().is_empty() {
+            return Err(crate::SyncError::Config(
+                "pause: the endpoint id is empty".into(),
+            ));
+        }
+        Ok(self.store.hold(endpoint, reason, by).await?)
+    }
+
+    /// Lift the pause on `endpoint`: a sync of it that waited goes on where it stopped
+    /// (a worker claims it at its next poll; `bulwark sync` resumes it), and the next run
+    /// plans it again. Returns whether it was paused.
+    pub async fn resume(&self, endpoint: &str, by: &str) -> Result<bool> {
+        Ok(self.store.lift_hold(endpoint, by).await?)
+    }
+
+    /// Paused endpoints, by id.
+    pub async fn paused_endpoints(&self) -> Result<Vec<bulwark_engine::HoldRow>> {
+        Ok(self.store.holds().await?)
     }
 
     /// Items endpoints refused (quarantined): each endpoint keeps what it had for them
@@ -1258,6 +1316,8 @@ pub struct Status {
     pub quarantined: usize,
     /// Long-running workers heard of in the last day (their heartbeats and leases).
     pub workers: Vec<bulwark_engine::WorkerRow>,
+    /// Endpoints an operator paused ([`Bulwark::pause`]).
+    pub paused: Vec<bulwark_engine::HoldRow>,
 }
 
 fn hostname() -> String {

@@ -32,6 +32,8 @@ pub struct DryRun {
     pub up_to_date: usize,
     /// Endpoints left out because a sync of theirs is still running.
     pub busy: usize,
+    /// Endpoints left out because an operator paused them.
+    pub paused: usize,
     /// Batches that would be sent.
     pub batches: u64,
     /// Items that would be sent.
@@ -45,7 +47,7 @@ pub struct DryRun {
 pub struct EndpointPreview {
     /// Endpoint id.
     pub endpoint: String,
-    /// `send`, `up_to_date` or `busy`.
+    /// `send`, `up_to_date`, `busy` or `paused`.
     pub action: &'static str,
     /// The snapshot it confirmed under its current mapping (`None`: a full send).
     pub base: Option<i64>,
@@ -219,6 +221,10 @@ pub async fn dry_run(
             EndpointPlan::Busy => {
                 e.action = "busy";
                 out.busy += 1;
+            }
+            EndpointPlan::Paused => {
+                e.action = "paused";
+                out.paused += 1;
             }
             EndpointPlan::UpToDate { base } => {
                 e.action = "up_to_date";

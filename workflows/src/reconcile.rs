@@ -80,8 +80,9 @@ fn read_key(endpoint: &str, snapshot: i64, index: u32) -> Uuid {
     Uuid::new_v5(&KEY_NAMESPACE, name.as_bytes())
 }
 
-/// Read back every endpoint of `endpoints` that has confirmed a sync and is not busy
-/// (`busy`: subjects of unfinished syncs), and report its drift.
+/// Read back every endpoint of `endpoints` that has confirmed a sync and is neither busy
+/// (`busy`: subjects of unfinished syncs) nor paused (`paused`: held subjects, which are
+/// not even read), and report its drift.
 pub async fn find_drift(
     staging: &Staging,
     diffs: &DiffCache,
@@ -89,6 +90,7 @@ pub async fn find_drift(
     endpoints: &[EndpointConfig],
     options: &SyncOptions,
     busy: &HashSet<String>,
+    paused: &HashSet<String>,
 ) -> Result<Vec<EndpointDrift>> {
     let confirmed = staging.confirmed_with_mapping().await?;
     let mut quarantined: HashMap<String, HashSet<String>> = HashMap::new();
@@ -111,6 +113,14 @@ pub async fn find_drift(
             ));
             continue;
         };
+        if paused.contains(&ep.id) {
+            out.push(EndpointDrift::skipped(
+                &ep.id,
+                Some(snapshot),
+                "an operator paused it (`bulwark resume` lifts that)",
+            ));
+            continue;
+        }
         if busy.contains(&ep.id) {
             out.push(EndpointDrift::skipped(
                 &ep.id,

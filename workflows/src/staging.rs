@@ -747,12 +747,28 @@ impl Staging {
     /// Record what a finished run settled, in one transaction: confirmed snapshots,
     /// endpoints left unsettled, and the quarantine (rows of SKUs a confirmed sync carried
     /// are replaced by what it quarantined). Idempotent.
+    ///
+    /// A run may be settled more than once, and after a later run of some of its
+    /// endpoints settled (its finished endpoints are settled while a paused one's sync
+    /// waits, and again when the run ends): what a later run recorded for an endpoint is
+    /// never replaced by an earlier run's.
     pub async fn settle(&self, run: i64, settled: &[Settled]) -> Result<()> {
         let now = bulwark_engine::now_ms();
-        let confirmed: Vec<&Settled> = settled.iter().filter(|s| s.confirmed.is_some()).collect();
-        let unsettled: Vec<&Settled> = settled.iter().filter(|s| s.confirmed.is_none()).collect();
         on_db!(self.db, |pool| {
             let mut tx = pool.begin().await?;
+            let later: std::collections::HashSet<String> = sqlx::query_as::<_, (String,)>(
+                "SELECT endpoint_id FROM endpoint_confirmed WHERE run_id > $1
+                 UNION SELECT endpoint_id FROM endpoint_unsettled WHERE run_id > $1",
+            )
+            .bind(run)
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .map(|(e,)| e)
+            .collect();
+            let current = settled.iter().filter(|s| !later.contains(&s.endpoint));
+            let (confirmed, unsettled): (Vec<&Settled>, Vec<&Settled>) =
+                current.partition(|s| s.confirmed.is_some());
             for chunk in confirmed.chunks(500) {
                 let sql = format!(
                     "INSERT INTO endpoint_confirmed (endpoint_id, snapshot_id, run_id, at, mapping_key) VALUES {}

@@ -1,7 +1,7 @@
 //! Sync runs: plan a run (diff each endpoint's confirmed snapshot against the target,
 //! cut batches), execute it through the engine with adapters as effects, and finalize it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -124,6 +124,10 @@ pub struct Plan {
     pub up_to_date: usize,
     /// Endpoints left out because a sync of theirs is still running (one at a time).
     pub busy: usize,
+    /// Endpoints left out because an operator paused them (`bulwark pause`, see
+    /// [`bulwark_engine::Store::hold`]): the first sync after the hold is lifted plans them
+    /// from the newest snapshot.
+    pub paused: usize,
     /// Batches planned.
     pub batches: u64,
     /// Items planned.
@@ -360,6 +364,7 @@ pub async fn plan_run_with(
     for (_, p) in planned.endpoints {
         match p {
             EndpointPlan::Busy => plan.busy += 1,
+            EndpointPlan::Paused => plan.paused += 1,
             EndpointPlan::UpToDate { .. } => plan.up_to_date += 1,
             EndpointPlan::Send { input, items } => {
                 plan.batches += input.batches.len() as u64;
@@ -394,6 +399,8 @@ pub async fn plan_run_with(
 pub(crate) enum EndpointPlan {
     /// A sync of it is still running; left out.
     Busy,
+    /// An operator paused it; left out.
+    Paused,
     /// It already shows the target.
     UpToDate {
         /// The snapshot it confirmed (under its current mapping).
@@ -480,8 +487,21 @@ pub(crate) async fn plan_endpoints<'a>(
             .push((q.sku, q.retry_requested));
     }
     let busy = store.open_subjects(EndpointSync::KIND).await?;
+    let paused: HashSet<String> = store
+        .holds()
+        .await?
+        .into_iter()
+        .map(|h| h.subject)
+        .collect();
     let mut out = Vec::with_capacity(endpoints.len());
     for ep in endpoints {
+        // A paused endpoint gets no new work (a sync of its that was under way waits,
+        // untouched): what it is sent after the hold is lifted is planned then, from the
+        // newest snapshot, not from the one current when it was paused.
+        if paused.contains(&ep.id) {
+            out.push((ep, EndpointPlan::Paused));
+            continue;
+        }
         // One sync per endpoint at a time: its batches stay ordered, and a run enqueued
         // while the previous one still works does not send the same batches again.
         if busy.contains(&ep.id) {
@@ -1310,11 +1330,62 @@ pub async fn finalize_as(
     status: &str,
 ) -> Result<bool> {
     let rows = store.workflows(Some(run), Some(EndpointSync::KIND)).await?;
-    if rows.iter().any(|w| !w.terminal) {
+    let open: Vec<&str> = rows
+        .iter()
+        .filter(|w| !w.terminal)
+        .map(|w| w.subject.as_str())
+        .collect();
+    if !open.is_empty() {
+        // The run waits only on paused endpoints (which may wait for days): what the
+        // others confirmed is settled now, so later runs do not send it again. The run
+        // itself ends when the paused ones do (settling is idempotent and never replaces
+        // what a later run recorded).
+        let held: HashSet<String> = store
+            .holds()
+            .await?
+            .into_iter()
+            .map(|h| h.subject)
+            .collect();
+        if open.iter().all(|s| held.contains(*s)) {
+            let terminal: Vec<_> = rows.iter().filter(|w| w.terminal).cloned().collect();
+            staging.settle(run, &settle_rows(&terminal)?).await?;
+        }
         return Ok(false);
     }
+    staging.settle(run, &settle_rows(&rows)?).await?;
+    let tripped: Vec<&str> = rows
+        .iter()
+        .filter(|w| w.status == "Tripped" || w.status == bulwark_engine::runtime::RETIRED_STATUS)
+        .map(|w| w.subject.as_str())
+        .collect();
+    let alert = (!tripped.is_empty()).then(|| {
+        let shown: Vec<&str> = tripped.iter().copied().take(10).collect();
+        let more = tripped.len().saturating_sub(shown.len());
+        NewAlert {
+            kind: "run_tripped".into(),
+            level: AlertLevel::Warn,
+            subject: format!("run:{run}"),
+            message: format!(
+                "run {run} finished with {} of {} endpoint(s) tripped or corrupt: {}{}",
+                tripped.len(),
+                rows.len(),
+                shown.join(", "),
+                if more > 0 {
+                    format!(" and {more} more")
+                } else {
+                    String::new()
+                }
+            ),
+        }
+    });
+    store.finish_run(run, status, alert).await?;
+    Ok(true)
+}
+
+/// What the terminal endpoint syncs `rows` settled.
+fn settle_rows(rows: &[bulwark_engine::WorkflowRow]) -> Result<Vec<Settled>> {
     let mut settled = Vec::new();
-    for w in &rows {
+    for w in rows {
         let input: SyncInput = match serde_json::from_str(&w.input_json) {
             Ok(i) => i,
             // Retired because its input is unreadable: what it sent is unknown, so the
@@ -1364,34 +1435,7 @@ pub async fn finalize_as(
             quarantined,
         });
     }
-    staging.settle(run, &settled).await?;
-    let tripped: Vec<&str> = rows
-        .iter()
-        .filter(|w| w.status == "Tripped" || w.status == bulwark_engine::runtime::RETIRED_STATUS)
-        .map(|w| w.subject.as_str())
-        .collect();
-    let alert = (!tripped.is_empty()).then(|| {
-        let shown: Vec<&str> = tripped.iter().copied().take(10).collect();
-        let more = tripped.len().saturating_sub(shown.len());
-        NewAlert {
-            kind: "run_tripped".into(),
-            level: AlertLevel::Warn,
-            subject: format!("run:{run}"),
-            message: format!(
-                "run {run} finished with {} of {} endpoint(s) tripped or corrupt: {}{}",
-                tripped.len(),
-                rows.len(),
-                shown.join(", "),
-                if more > 0 {
-                    format!(" and {more} more")
-                } else {
-                    String::new()
-                }
-            ),
-        }
-    });
-    store.finish_run(run, status, alert).await?;
-    Ok(true)
+    Ok(settled)
 }
 
 #[cfg(test)]
