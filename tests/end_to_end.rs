@@ -72,6 +72,13 @@ fn demo_syncs_everything_then_nothing_then_only_the_delta() {
         "{first}"
     );
     assert!(first.contains("57 done, 3 tripped"), "{first}");
+    // The demo shows the dry run of what it then sends: everything, to every endpoint.
+    assert!(
+        first.contains(
+            "dry run (nothing sent, nothing journaled): snapshot 1: 60 endpoint(s) would be sent 54000 item(s) in 540 batch(es)"
+        ),
+        "{first}"
+    );
     // 57 healthy endpoints × 9 batches, plus the endpoint that stores wrong values: its
     // batch 0 lands under 3 keys (each failed verification re-sends under a fresh key)
     // before it trips. The rejecting endpoints apply nothing.
@@ -88,6 +95,12 @@ fn demo_syncs_everything_then_nothing_then_only_the_delta() {
     assert!(second.contains("57 already up to date"), "{second}");
     assert!(second.contains("0 uploads, 0 verifies"), "{second}");
     assert!(second.contains("3 skipped"), "{second}");
+    // Its dry run knew: nothing to send, the tripped three skipped for their circuits.
+    assert!(
+        second.contains("0 endpoint(s) would be sent 0 item(s)"),
+        "{second}"
+    );
+    assert!(second.contains("3 circuit(s) open, skipped"), "{second}");
     assert_eq!(number_before(&second, "HTTP requests"), 0, "{second}");
 
     // 2% of SKUs change in the legacy database: only those are sent, to every healthy endpoint.

@@ -130,12 +130,16 @@ pub(crate) async fn run(args: DemoArgs) -> Result<()> {
     if let Some(factory) = registry_extra {
         app.register_adapter("webdriver", factory);
     }
+    // What the sync is about to send, as `bulwark sync --dry-run` shows it.
+    let options = sync_options(&args.sync);
+    if let Some(plan) = app.dry_run(&endpoints, &options).await? {
+        print!("4. ");
+        crate::dry_run_cmd::print(&plan, 3);
+    }
     let bar = progress::Progress::new();
-    let report = app
-        .sync(&endpoints, &sync_options(&args.sync), Some(bar.clone()))
-        .await?;
+    let report = app.sync(&endpoints, &options, Some(bar.clone())).await?;
     bar.finish();
-    println!("4. sync finished");
+    println!("5. sync finished");
     progress::print_summary(&report);
     let stats = sim.stats();
     println!(

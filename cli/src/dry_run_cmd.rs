@@ -57,7 +57,7 @@ fn finish(
         }
         println!("{v}");
     } else {
-        print(d);
+        print(d, LISTED);
     }
     // A stale snapshot is held, as the real run would be: not "everything done".
     Ok(if d.stale.is_some() {
@@ -67,7 +67,8 @@ fn finish(
     })
 }
 
-fn print(d: &DryRun) {
+/// The text form, listing at most `listed` endpoints with something to send.
+pub(crate) fn print(d: &DryRun, listed: usize) {
     println!(
         "dry run (nothing sent, nothing journaled): snapshot {}: {} endpoint(s) would be sent {} item(s) in {} batch(es); {} up to date; {} busy; {} paused",
         d.snapshot, d.send, d.items, d.batches, d.up_to_date, d.busy, d.paused
@@ -84,9 +85,28 @@ fn print(d: &DryRun) {
     if d.busy > 0 {
         println!("  busy: a sync of theirs is unfinished; `bulwark sync` resumes it first");
     }
+    if d.circuit_open > 0 {
+        let ids: Vec<&str> = d
+            .endpoints
+            .iter()
+            .filter(|e| e.action == "circuit_open")
+            .map(|e| e.endpoint.as_str())
+            .collect();
+        println!(
+            "{}",
+            crate::ops::cut(
+                &format!(
+                    "  {} circuit(s) open, skipped until they cool down (`bulwark reset-circuit ID`): {}",
+                    ids.len(),
+                    ids.join(", ")
+                ),
+                200
+            )
+        );
+    }
     let sending: Vec<&EndpointPreview> =
         d.endpoints.iter().filter(|e| e.action == "send").collect();
-    for e in sending.iter().take(LISTED) {
+    for e in sending.iter().take(listed) {
         let from = e.base.map_or_else(
             || "nothing confirmed: full send".to_string(),
             |b| format!("from snapshot {b}"),
@@ -122,8 +142,8 @@ fn print(d: &DryRun) {
             show("sample", &e.sample);
         }
     }
-    if sending.len() > LISTED {
-        println!("  … and {} more (--json lists all)", sending.len() - LISTED);
+    if sending.len() > listed {
+        println!("  … and {} more (--json lists all)", sending.len() - listed);
     }
 }
 

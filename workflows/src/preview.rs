@@ -34,6 +34,9 @@ pub struct DryRun {
     pub busy: usize,
     /// Endpoints left out because an operator paused them.
     pub paused: usize,
+    /// Endpoints that would be planned but skipped, their circuit being open (their
+    /// counts say what they will be sent once it closes).
+    pub circuit_open: usize,
     /// Batches that would be sent.
     pub batches: u64,
     /// Items that would be sent.
@@ -47,10 +50,14 @@ pub struct DryRun {
 pub struct EndpointPreview {
     /// Endpoint id.
     pub endpoint: String,
-    /// `send`, `up_to_date`, `busy` or `paused`.
+    /// `send`, `up_to_date`, `busy`, `paused` or `circuit_open` (skipped when the run
+    /// begins; `circuit_until` says until when).
     pub action: &'static str,
     /// The snapshot it confirmed under its current mapping (`None`: a full send).
     pub base: Option<i64>,
+    /// With `circuit_open`: when the circuit turns half-open (ms).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub circuit_until: Option<i64>,
     /// Batches.
     pub batches: u64,
     /// Items.
@@ -209,6 +216,16 @@ pub async fn dry_run(
         stale: planned.stale,
         ..DryRun::default()
     };
+    let now = bulwark_engine::now_ms();
+    let open: HashMap<String, i64> = store
+        .circuits()
+        .await?
+        .into_iter()
+        .filter_map(|c| match c.admission(now) {
+            bulwark_engine::Admission::Open { until } => Some((c.subject, until)),
+            _ => None,
+        })
+        .collect();
     type Key = (usize, Option<i64>, Option<String>, OnRemoved);
     // The value keeps its item list alive, so its address names it for the whole loop.
     let mut shared: HashMap<Key, (Arc<Vec<Item>>, Arc<ItemsPreview>)> = HashMap::new();
@@ -269,9 +286,15 @@ pub async fn dry_run(
                 e.sample = p.sample.clone();
                 e.largest_qty = p.largest_qty.clone();
                 e.largest_price = p.largest_price.clone();
-                out.send += 1;
-                out.batches += e.batches;
-                out.items += e.items;
+                if let Some(until) = open.get(&ep.id) {
+                    e.action = "circuit_open";
+                    e.circuit_until = Some(*until);
+                    out.circuit_open += 1;
+                } else {
+                    out.send += 1;
+                    out.batches += e.batches;
+                    out.items += e.items;
+                }
             }
         }
         out.endpoints.push(e);
