@@ -55,6 +55,7 @@ fn new_wf(subject: &str) -> NewWorkflow {
         input_json: format!("{{\"subject\":\"{subject}\"}}"),
         state_json: "\"Start\"".into(),
         status: "Start".into(),
+        version: 1,
     }
 }
 

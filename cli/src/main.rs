@@ -307,6 +307,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Bring Bulwark's database to this build's schema (the step of an upgrade; every
+    /// command that writes also does it) and print the schema version.
+    Migrate {
+        #[command(flatten)]
+        db: DbArg,
+    },
     #[command(flatten)]
     Ops(ops::Ops),
     /// Pause endpoints for every worker on the database (e.g. a platform's planned
@@ -710,6 +716,16 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             }
         }
         Command::Ops(op) => return ops::run(op).await,
+        Command::Migrate { db } => {
+            ensure_db_parent(&db.db)?;
+            let app = Bulwark::open(&db.db, bulwark_adapters::default_registry()).await?;
+            let version = app.backend().schema_version().await?;
+            println!(
+                "schema of {} is current: version {version}",
+                bulwark_engine::postgres::redact_url(&db.db)
+            );
+            app.close().await;
+        }
         Command::Pause(args) => return pause_cmd::pause(args).await,
         Command::Resume(args) => return pause_cmd::resume(args).await,
         Command::Alerts { db, limit, json } => {

@@ -128,7 +128,7 @@ pub(crate) fn print_summary(r: &SyncReport) {
             ),
         }
     } else {
-        if r.unfinished > 0 || !r.refused.is_empty() {
+        if r.unfinished > 0 || !r.refused.is_empty() || !r.declined.is_empty() {
             println!(
                 "no new run planned: workflows of an earlier run could not finish (above); the next sync tries again"
             );
@@ -144,6 +144,14 @@ pub(crate) fn print_summary(r: &SyncReport) {
         count("Cancelled"),
     );
     println!("  {} unfinished, {} refused", r.unfinished, r.refused.len());
+    if !r.declined.is_empty() {
+        println!("  {} left untouched for another worker:", r.declined.len());
+        let mut reasons: Vec<&str> = r.declined.iter().map(|(_, why)| why.as_str()).collect();
+        reasons.dedup();
+        for why in reasons.iter().take(3) {
+            println!("    {why}");
+        }
+    }
     let paused = r.plan.as_ref().map_or(0, |p| p.paused);
     if paused + r.held > 0 {
         println!(

@@ -93,6 +93,15 @@ impl Backend {
         )))
     }
 
+    /// The schema version of the database (the newest migration applied).
+    pub async fn schema_version(&self) -> Result<i64> {
+        const SQL: &str = "SELECT coalesce(max(version), 0) FROM _sqlx_migrations WHERE success";
+        Ok(match self {
+            Backend::Sqlite(s) => sqlx::query_scalar(SQL).fetch_one(s.pool()).await?,
+            Backend::Postgres(p) => sqlx::query_scalar(SQL).fetch_one(p.pool()).await?,
+        })
+    }
+
     /// The generic store.
     pub fn store(&self) -> std::sync::Arc<dyn Store> {
         match self {

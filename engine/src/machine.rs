@@ -35,6 +35,20 @@ pub struct TransitionError {
 pub trait Machine: Send + Sync + 'static {
     /// Stable name stored in `workflows.kind`.
     const KIND: &'static str;
+    /// Version of the persisted encoding (input, states and events) this build writes,
+    /// stamped on every workflow it creates. Keep it while changes stay readable both
+    /// ways (a new optional field with a serde default); raise it when they do not (a
+    /// renamed or removed variant or field, a changed meaning), and say in
+    /// [`Machine::reads_version`] which older versions this build still folds. A worker
+    /// never drives a workflow of a version it does not read: it leaves it untouched for
+    /// a worker of that version (a rolling upgrade) and says so, instead of retiring it
+    /// as corrupt.
+    const VERSION: u32 = 1;
+    /// Whether this build folds journals written in `version` (older than
+    /// [`Machine::VERSION`]). Default: only its own.
+    fn reads_version(version: u32) -> bool {
+        version == Self::VERSION
+    }
     /// Immutable input, fixed when the workflow is created.
     type Input: Serialize + DeserializeOwned + Debug + Send + Sync + 'static;
     /// Persisted state. Variant names are schema: renaming one is a migration.

@@ -406,7 +406,7 @@ impl Store for PostgresStore {
                      AND ($9 OR NOT EXISTS (SELECT 1 FROM holds h WHERE h.subject = workflows.subject))
                    ORDER BY id LIMIT $6 FOR UPDATE SKIP LOCKED) c
              WHERE w.id = c.id
-             RETURNING w.id, w.run_id, w.subject, w.seq, w.lease_epoch, c.previous",
+             RETURNING w.id, w.run_id, w.subject, w.seq, w.lease_epoch, c.previous, w.version",
         )
         .bind(&request.owner)
         .bind(now + request.lease_ms)
@@ -447,6 +447,7 @@ impl Store for PostgresStore {
                     seq: r.get(3),
                     epoch: r.get(4),
                     previous_owner: r.get(5),
+                    version: u32::try_from(r.get::<i64, _>(6)).unwrap_or(u32::MAX),
                 }
             })
             .collect();
@@ -974,9 +975,10 @@ async fn insert_workflows(
     let kinds: Vec<&str> = workflows.iter().map(|w| w.kind.as_str()).collect();
     let subjects: Vec<&str> = workflows.iter().map(|w| w.subject.as_str()).collect();
     let statuses: Vec<&str> = workflows.iter().map(|w| w.status.as_str()).collect();
+    let versions: Vec<i64> = workflows.iter().map(|w| i64::from(w.version)).collect();
     let ids: Vec<i64> = sqlx::query_scalar(
-        "INSERT INTO workflows (run_id, kind, subject, status, seq, created_at, updated_at)
-         SELECT $1, k, s, st, 0, $5, $5 FROM unnest($2::text[], $3::text[], $4::text[]) WITH ORDINALITY AS t(k, s, st, n)
+        "INSERT INTO workflows (run_id, kind, subject, status, seq, created_at, updated_at, version)
+         SELECT $1, k, s, st, 0, $5, $5, v FROM unnest($2::text[], $3::text[], $4::text[], $6::bigint[]) WITH ORDINALITY AS t(k, s, st, v, n)
          ORDER BY n RETURNING id",
     )
     .bind(run)
@@ -984,6 +986,7 @@ async fn insert_workflows(
     .bind(&subjects)
     .bind(&statuses)
     .bind(now)
+    .bind(&versions)
     .fetch_all(&mut **tx)
     .await?;
     let mut ids = ids;

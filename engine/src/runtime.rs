@@ -556,7 +556,26 @@ async fn decline_foreign<M: Machine>(
     let mut foreign: Vec<(WorkflowId, i64)> = Vec::new();
     let mut reasons: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for w in claimed {
-        match effects.accepts(&w.subject, &w.input_json) {
+        let verdict = if w.version == M::VERSION
+            || (w.version < M::VERSION && M::reads_version(w.version))
+        {
+            effects.accepts(&w.subject, &w.input_json)
+        } else if w.version > M::VERSION {
+            Err(format!(
+                "written by a newer Bulwark (its {} encoding is version {}; this build writes version {}): left for a worker of that version",
+                M::KIND,
+                w.version,
+                M::VERSION
+            ))
+        } else {
+            Err(format!(
+                "written by an older Bulwark (its {} encoding is version {}, which this build, version {}, no longer reads): finish it with a build of that version first (docs/upgrading.md)",
+                M::KIND,
+                w.version,
+                M::VERSION
+            ))
+        };
+        match verdict {
             Ok(()) => mine.push(w),
             Err(reason) => {
                 foreign.push((w.id, w.epoch));

@@ -386,7 +386,7 @@ impl Store for SqliteStore {
                               AND id NOT IN (SELECT value FROM json_each(?))
                               AND (? OR subject NOT IN (SELECT subject FROM holds))
                           ORDER BY id LIMIT ?)
-             RETURNING id, run_id, subject, seq, lease_epoch",
+             RETURNING id, run_id, subject, seq, lease_epoch, version",
         )
         .bind(owner)
         .bind(now + lease_ms)
@@ -429,6 +429,7 @@ impl Store for SqliteStore {
                     state_json,
                     seq: r.get(3),
                     epoch: r.get(4),
+                    version: u32::try_from(r.get::<i64, _>(5)).unwrap_or(u32::MAX),
                     previous_owner: previous.get(&id).cloned(),
                 }
             })
@@ -1093,8 +1094,8 @@ async fn insert_workflows(
     let mut ids = Vec::with_capacity(workflows.len());
     for chunk in workflows.chunks(CHUNK) {
         let sql = format!(
-            "INSERT INTO workflows (run_id, kind, subject, status, seq, created_at, updated_at) VALUES {} RETURNING id",
-            placeholders(chunk.len(), 7)
+            "INSERT INTO workflows (run_id, kind, subject, status, seq, created_at, updated_at, version) VALUES {} RETURNING id",
+            placeholders(chunk.len(), 8)
         );
         let mut q = sqlx::query_scalar::<_, i64>(AssertSqlSafe(sql));
         for w in chunk {
@@ -1105,7 +1106,8 @@ async fn insert_workflows(
                 .bind(w.status.as_str())
                 .bind(0i64)
                 .bind(now)
-                .bind(now);
+                .bind(now)
+                .bind(i64::from(w.version));
         }
         let mut got = q.fetch_all(&mut **tx).await?;
         got.sort_unstable();

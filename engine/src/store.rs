@@ -29,6 +29,9 @@ pub struct NewWorkflow {
     pub state_json: String,
     /// Name of the initial state.
     pub status: String,
+    /// The version of the machine's persisted encoding it is written in
+    /// ([`crate::Machine::VERSION`]).
+    pub version: u32,
 }
 
 /// What to claim.
@@ -71,6 +74,8 @@ pub struct ClaimedWorkflow {
     pub seq: i64,
     /// The lease epoch this worker now holds.
     pub epoch: i64,
+    /// The version of the persisted encoding it was created in ([`crate::Machine::VERSION`]).
+    pub version: u32,
     /// The worker whose lease ran out without being released (it died, stopped or lost
     /// touch with the database): this claim is a takeover. `None` for released work.
     pub previous_owner: Option<String>,

@@ -138,6 +138,9 @@ pub struct SyncReport {
     /// ([`Bulwark::pause`]): they wait, untouched, for [`Bulwark::resume`] (not counted
     /// in `unfinished`: nothing went wrong).
     pub held: usize,
+    /// Endpoint syncs left untouched for another worker, with the reason (written by a
+    /// Bulwark of another encoding version, or planned with another configuration).
+    pub declined: Vec<(i64, String)>,
     /// Upload calls.
     pub uploads: u64,
     /// Verify calls.
@@ -158,6 +161,7 @@ impl SyncReport {
         self.refused.extend(o.refused);
         self.unfinished += o.unfinished + o.fenced;
         self.held += o.held;
+        self.declined.extend(o.declined);
         for (k, v) in o.by_status {
             *self.by_status.entry(k).or_default() += v;
         }

@@ -936,6 +936,7 @@ pub async fn run_snapshot(
                         input_json: serde_json::to_string(&input).expect("input serialises"),
                         state_json: serde_json::to_string(&state).expect("state serialises"),
                         status: SnapshotFlow::status(&state).into(),
+                        version: SnapshotFlow::VERSION,
                     }],
                 )
                 .await?;

@@ -377,6 +377,7 @@ pub async fn plan_run_with(
                     input_json: serde_json::to_string(&input).expect("input serialises"),
                     state_json: serde_json::to_string(&state).expect("state serialises"),
                     status: EndpointSync::status(&state).into(),
+                    version: EndpointSync::VERSION,
                 });
             }
         }
