@@ -369,3 +369,20 @@ fn a_closed_standard_output_ends_the_program_quietly() {
     assert_eq!(out.status.code(), Some(141), "{stderr}");
     assert!(stderr.is_empty(), "{stderr}");
 }
+
+/// Logs on a stderr that is not a terminal (a file, a pipe, a collector) carry no colour
+/// escape codes.
+#[test]
+fn logs_to_a_pipe_have_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = bulwark()
+        .env("BULWARK_LOG", "debug")
+        .args(["generate-legacy", "--skus", "10", "--path"])
+        .arg(dir.path().join("legacy.db"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("DEBUG"), "no log lines to look at: {err}");
+    assert!(!err.contains('\u{1b}'), "colour codes in piped logs: {err}");
+}

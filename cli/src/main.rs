@@ -462,8 +462,14 @@ fn main() -> std::process::ExitCode {
             .with_writer(std::io::stderr)
             .init();
     } else {
+        // Colour only for a terminal, and never with NO_COLOR set (https://no-color.org):
+        // escape codes do not belong in log files or a collector's input.
+        use std::io::IsTerminal;
+        let colour = std::io::stderr().is_terminal()
+            && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
         tracing_subscriber::fmt()
             .with_env_filter(filter)
+            .with_ansi(colour)
             .with_writer(std::io::stderr)
             .init();
     }

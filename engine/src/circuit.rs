@@ -206,21 +206,43 @@ pub fn closed_alert(subject: &str, by: &str) -> NewAlert {
     }
 }
 
+/// Longest alert message logged as it is; longer ones (a read-back's item differences)
+/// are cut in the log, and kept whole in the alert.
+const LOGGED: usize = 300;
+
 /// Emit an alert as a tracing event at its level (stores call this after the commit).
 pub fn trace_alert(alert: &NewAlert) {
+    let message = logged(&alert.message);
     match alert.level {
         AlertLevel::Error => {
-            tracing::error!(kind = %alert.kind, subject = %alert.subject, "{}", alert.message)
+            tracing::error!(kind = %alert.kind, subject = %alert.subject, "{message}")
         }
         AlertLevel::Warn => {
-            tracing::warn!(kind = %alert.kind, subject = %alert.subject, "{}", alert.message)
+            tracing::warn!(kind = %alert.kind, subject = %alert.subject, "{message}")
         }
+    }
+}
+
+fn logged(message: &str) -> std::borrow::Cow<'_, str> {
+    match message.char_indices().nth(LOGGED) {
+        None => message.into(),
+        Some((cut, _)) => format!("{}… (whole: bulwark alerts)", &message[..cut]).into(),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_messages_are_cut_in_the_log_only() {
+        assert_eq!(logged("short"), "short");
+        let long = "é".repeat(LOGGED + 50);
+        let cut = logged(&long);
+        assert!(cut.starts_with(&"é".repeat(LOGGED)), "{cut}");
+        assert!(cut.ends_with("… (whole: bulwark alerts)"), "{cut}");
+        assert!(!cut.contains(&"é".repeat(LOGGED + 1)));
+    }
 
     #[test]
     fn cooldown_doubles_and_is_capped() {

@@ -678,6 +678,28 @@ impl Bulwark {
             .collect())
     }
 
+    /// Read back every endpoint that is neither busy nor paused, and report its drift.
+    async fn find_drift(
+        &self,
+        diffs: &DiffCache,
+        effects: &SyncEffects,
+        endpoints: &[EndpointConfig],
+        options: &SyncOptions,
+    ) -> Result<Vec<crate::reconcile::EndpointDrift>> {
+        let busy = self.store.open_subjects(EndpointSync::KIND).await?;
+        let paused = self.paused().await?;
+        crate::reconcile::find_drift(
+            &self.staging,
+            diffs,
+            effects,
+            endpoints,
+            options,
+            &busy,
+            &paused,
+        )
+        .await
+    }
+
     /// Read back, plan the repairing run, and record what each endpoint showed.
     async fn plan_reconcile(
         &self,
@@ -687,18 +709,7 @@ impl Bulwark {
         options: &SyncOptions,
         snapshot: i64,
     ) -> Result<(Plan, Vec<crate::reconcile::EndpointDrift>)> {
-        let busy = self.store.open_subjects(EndpointSync::KIND).await?;
-        let paused = self.paused().await?;
-        let found = crate::reconcile::find_drift(
-            &self.staging,
-            diffs,
-            effects,
-            endpoints,
-            options,
-            &busy,
-            &paused,
-        )
-        .await?;
+        let found = self.find_drift(diffs, effects, endpoints, options).await?;
         let repair = drift_repairs(&found);
         let plan = crate::sync::plan_run_with(
             self.store.as_ref(),
@@ -755,18 +766,9 @@ impl Bulwark {
             return Ok(None);
         };
         let (diffs, effects) = self.effects(endpoints, options)?;
-        let busy = self.store.open_subjects(EndpointSync::KIND).await?;
-        let paused = self.paused().await?;
-        let found = crate::reconcile::find_drift(
-            &self.staging,
-            &diffs,
-            &effects,
-            endpoints,
-            options,
-            &busy,
-            &paused,
-        )
-        .await?;
+        let found = self
+            .find_drift(&diffs, &effects, endpoints, options)
+            .await?;
         let repair = drift_repairs(&found);
         let preview = crate::preview::dry_run(
             self.store.as_ref(),
