@@ -64,7 +64,7 @@ async fn a_paused_endpoint_waits_untouched_and_goes_on_when_resumed() {
 
     // An id this database never heard of is refused (a typo must not pass as a pause).
     let out = db_cmd(&["pause", "ep-99999"]).output().unwrap();
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("\"ep-99999\" is unknown here"), "{err}");
 

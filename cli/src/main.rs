@@ -481,8 +481,9 @@ fn main() -> std::process::ExitCode {
     match rt.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
+            // 2 is clap's, for usage errors; a command that could not run is 3.
             eprintln!("error: {e:#}");
-            std::process::ExitCode::from(2)
+            std::process::ExitCode::from(3)
         }
     }
 }
