@@ -57,7 +57,9 @@ fn sigkill_at_random_points_applies_every_batch_exactly_once() {
                 "--broken",
                 "2",
             ])
-            .args(["--latency-ms", "4", "--record"])
+            // Enough work (about 2 s) that five kills, 120–450 ms into each attempt, come
+            // before the sync can finish, however fast this machine is.
+            .args(["--latency-ms", "8", "--record"])
             .arg(&record)
             .stdout(Stdio::null())
             .stderr(Stdio::null())

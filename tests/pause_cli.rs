@@ -171,6 +171,30 @@ async fn a_paused_endpoint_waits_untouched_and_goes_on_when_resumed() {
         rows,
         "a paused endpoint's sync moved"
     );
+    // A worker that exits when idle does: a run waiting only on a paused endpoint is no
+    // work for it (and it sends the endpoint nothing).
+    let mut worker = cmd(&["worker", "--exit-when-idle"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    let status = loop {
+        if let Some(status) = worker.try_wait().unwrap() {
+            break status;
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            worker.kill().unwrap();
+            panic!("the worker kept waiting on a paused endpoint");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    assert_eq!(
+        sim.stats().requests,
+        requests,
+        "the worker sent the paused endpoint something"
+    );
     let dry = json(&run_ok(&mut cmd(&["sync", "--dry-run", "--json"])));
     assert_eq!(dry["dry_run"]["paused"], 1, "{dry}");
 

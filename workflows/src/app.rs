@@ -1233,9 +1233,14 @@ impl Bulwark {
                             continue;
                         }
                         seen.lock().expect("seen runs").0.insert(r.id);
-                        match finalize(store.as_ref(), &staging, r.id).await {
-                            Ok(true) => report(r.id, "finished"),
-                            Ok(false) => all = false,
+                        match crate::sync::finalize_run(store.as_ref(), &staging, r.id, "finished")
+                            .await
+                        {
+                            Ok(crate::sync::RunEnd::Finished) => report(r.id, "finished"),
+                            // Waiting on paused endpoints: nothing to do until a hold is
+                            // lifted, so an idle worker may end.
+                            Ok(crate::sync::RunEnd::WaitingOnHolds) => {}
+                            Ok(crate::sync::RunEnd::Open) => all = false,
                             Err(e) => {
                                 tracing::warn!(run = r.id, error = %e, "finalizing failed");
                                 all = false;

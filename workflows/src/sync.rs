@@ -1330,6 +1330,28 @@ pub async fn finalize_as(
     run: RunId,
     status: &str,
 ) -> Result<bool> {
+    Ok(finalize_run(store, staging, run, status).await? == RunEnd::Finished)
+}
+
+/// Where a run stands after [`finalize_run`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunEnd {
+    /// Every workflow is terminal: settled and marked finished.
+    Finished,
+    /// Work is left that a worker can do.
+    Open,
+    /// What is left waits on paused endpoints only (its finished endpoints are settled):
+    /// nothing to do until a hold is lifted.
+    WaitingOnHolds,
+}
+
+/// [`finalize_as`], saying why a run that did not finish is open.
+pub async fn finalize_run(
+    store: &dyn Store,
+    staging: &Staging,
+    run: RunId,
+    status: &str,
+) -> Result<RunEnd> {
     let rows = store.workflows(Some(run), Some(EndpointSync::KIND)).await?;
     let open: Vec<&str> = rows
         .iter()
@@ -1350,8 +1372,9 @@ pub async fn finalize_as(
         if open.iter().all(|s| held.contains(*s)) {
             let terminal: Vec<_> = rows.iter().filter(|w| w.terminal).cloned().collect();
             staging.settle(run, &settle_rows(&terminal)?).await?;
+            return Ok(RunEnd::WaitingOnHolds);
         }
-        return Ok(false);
+        return Ok(RunEnd::Open);
     }
     staging.settle(run, &settle_rows(&rows)?).await?;
     let tripped: Vec<&str> = rows
@@ -1380,7 +1403,7 @@ pub async fn finalize_as(
         }
     });
     store.finish_run(run, status, alert).await?;
-    Ok(true)
+    Ok(RunEnd::Finished)
 }
 
 /// What the terminal endpoint syncs `rows` settled.
