@@ -302,3 +302,112 @@ async fn a_paused_endpoint_waits_untouched_and_goes_on_when_resumed() {
     );
     sim.shutdown().await.unwrap();
 }
+
+/// A long-running worker honours a pause placed while it drives the endpoint, and takes
+/// the endpoint's sync up again by itself once the pause is lifted (its own, older view of
+/// the holds must not keep it stopped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stops_a_paused_endpoint_and_takes_it_up_after_resume() {
+    use bulwark_workflows::adapter::EndpointConfig;
+    use bulwark_workflows::app::Bulwark;
+    use bulwark_workflows::sync::SyncOptions;
+
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("bulwark.db");
+    legacy_snapshot(dir.path(), SKUS, &db);
+    let sim = simulator::start(SimConfig::default(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let portal = format!("http://{}", sim.addr());
+    let ep = |i: usize| format!("ep-{:05}", i + 1);
+    let endpoints: Vec<EndpointConfig> = (0..3)
+        .map(|i| EndpointConfig {
+            settings: [("base_url".to_string(), format!("{portal}/ep/{}", ep(i)))].into(),
+            adapter: "rest".into(),
+            id: ep(i),
+            ..Default::default()
+        })
+        .collect();
+    sim.state().set_fault(
+        &ep(1),
+        Fault::Unavailable {
+            retry_after: "1".into(),
+            times: u32::MAX,
+        },
+    );
+    {
+        let app = Bulwark::open(&db, bulwark_adapters::default_registry())
+            .await
+            .unwrap();
+        let options = SyncOptions {
+            batch_size: 20,
+            ..SyncOptions::default()
+        };
+        let plan = app.enqueue(&endpoints, &options).await.unwrap().unwrap();
+        assert_eq!(plan.workflows, 3);
+        app.close().await;
+    }
+    let _worker = bulwark_tests::KillOnDrop(
+        bulwark()
+            .args([
+                "worker",
+                "--portal-url",
+                &portal,
+                "--endpoints",
+                "3",
+                "--db",
+            ])
+            .arg(&db)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let status = |subject: String| {
+        let db = db.clone();
+        async move {
+            query::<String>(
+                &db,
+                &format!("SELECT status FROM workflows WHERE subject = '{subject}'"),
+            )
+            .await
+        }
+    };
+    // The healthy ones finish; ep-00002 keeps backing off.
+    let t = Instant::now();
+    while status(ep(0)).await != "Done" || status(ep(2)).await != "Done" {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the healthy endpoints did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    run_ok(bulwark().args(["pause", &ep(1), "--db"]).arg(&db));
+    // Within a Retry-After and a hold refresh, nothing more reaches it.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let requests = sim.stats().requests;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        sim.stats().requests,
+        requests,
+        "the paused endpoint got requests"
+    );
+    assert_ne!(status(ep(1)).await, "Tripped");
+    // Back in service and resumed: the same worker takes it up and finishes it.
+    sim.state().set_fault(&ep(1), Fault::Healthy);
+    run_ok(bulwark().args(["resume", &ep(1), "--db"]).arg(&db));
+    let t = Instant::now();
+    while status(ep(1)).await != "Done" {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the worker did not take the resumed endpoint up: {}",
+            status(ep(1)).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        query::<i64>(&db, "SELECT count(*) FROM circuits WHERE state = 'open'").await,
+        0
+    );
+    sim.shutdown().await.unwrap();
+}

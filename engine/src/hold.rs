@@ -56,6 +56,19 @@ impl HeldSubjects {
         *self.subjects.write().expect("holds") = subjects;
     }
 
+    /// Forget `subjects`: a claim just found them not held (it excludes held subjects), so
+    /// a view older than the claim must not stop them (a hold lifted since the last read).
+    pub fn not_held<'a>(&self, subjects: impl IntoIterator<Item = &'a str>) {
+        if !self.any.load(Ordering::Acquire) {
+            return;
+        }
+        let mut set = self.subjects.write().expect("holds");
+        for s in subjects {
+            set.remove(s);
+        }
+        self.any.store(!set.is_empty(), Ordering::Release);
+    }
+
     /// Is `subject` held?
     pub fn contains(&self, subject: &str) -> bool {
         self.any.load(Ordering::Acquire) && self.subjects.read().expect("holds").contains(subject)
@@ -72,8 +85,10 @@ mod tests {
         assert!(!h.contains("a"));
         h.set(["a".to_string(), "b".to_string()]);
         assert!(h.contains("a") && h.contains("b") && !h.contains("c"));
+        h.not_held(["a"]);
+        assert!(!h.contains("a") && h.contains("b"));
         let clone = h.clone();
         h.set(Vec::new());
-        assert!(!clone.contains("a"), "clones share the view");
+        assert!(!clone.contains("b"), "clones share the view");
     }
 }

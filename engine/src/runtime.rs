@@ -286,6 +286,8 @@ impl<M: Machine> Runtime<M> {
             })
             .await?;
         tracing::debug!(claimed = claimed.len(), "claimed");
+        self.holds
+            .not_held(claimed.iter().map(|w| w.subject.as_str()));
         log_takeovers(&claimed, &self.config.worker, &dead);
         let mut outcome = RunOutcome::default();
         let claimed = decline_foreign(
@@ -693,6 +695,9 @@ impl<M: Machine> Runtime<M> {
                     // A full answer means there may be more, to take as room frees up.
                     more_available = claimed.len() == free.min(chunk);
                     want_claim = false;
+                    // What the claim returned is not held now, whatever this worker's
+                    // last read of the holds said (a hold lifted since).
+                    self.holds.not_held(claimed.iter().map(|w| w.subject.as_str()));
                     log_takeovers(&claimed, &self.config.worker, &dead);
                     let claimed = decline_foreign(
                         &self.store,
