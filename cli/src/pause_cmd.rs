@@ -117,12 +117,16 @@ async fn check_known(app: &Bulwark, targets: &Targets, ids: &[String]) -> Result
     if targets.config.is_some() {
         return Ok(());
     }
+    // Every endpoint that ever synced is in one of these (small, per-endpoint) sets.
     let store = app.store();
-    let known: std::collections::HashSet<String> = store
-        .workflows(None, Some("endpoint_sync"))
+    let known: std::collections::HashSet<String> = app
+        .staging()
+        .confirmed()
         .await?
-        .into_iter()
-        .map(|w| w.subject)
+        .into_keys()
+        .chain(app.staging().unsettled().await?)
+        .chain(store.open_subjects("endpoint_sync").await?)
+        .chain(store.circuits().await?.into_iter().map(|c| c.subject))
         .chain(store.holds().await?.into_iter().map(|h| h.subject))
         .collect();
     for id in ids {
