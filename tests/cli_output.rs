@@ -163,6 +163,23 @@ async fn operator_commands_print_what_the_database_holds() {
         );
     }
     assert_eq!(runs_json[1]["states"]["Done"], 3);
+    // Only the newest, with the rest counted.
+    let newest = show(&["runs", "--limit", "1"], &db);
+    let lines: Vec<&str> = newest.lines().collect();
+    assert_eq!(lines.len(), 3, "{newest}");
+    assert!(lines[1].starts_with("    3  sync     running"), "{newest}");
+    assert_eq!(
+        lines[2],
+        "  … and 2 older run(s) (`bulwark runs` lists them)"
+    );
+    let limited = json(&["status", "--limit", "2"], &db);
+    assert_eq!(
+        limited["runs"].as_array().map(Vec::len),
+        Some(2),
+        "{limited}"
+    );
+    assert_eq!(limited["runs_total"], 3, "{limited}");
+    assert_eq!(status_json["runs_total"], 3, "{status_json}");
 
     // run
     let run = show(&["run", "2"], &db);

@@ -303,6 +303,9 @@ enum Command {
     Status {
         #[command(flatten)]
         db: DbArg,
+        /// Show the newest N runs (the rest are counted).
+        #[arg(long, value_name = "N", default_value_t = 20)]
+        limit: usize,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -712,10 +715,10 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             eprintln!("portal simulator listening on {scheme}://{listen}");
             simulator::serve_forever(config, listen, tls.as_ref()).await?;
         }
-        Command::Status { db, json } => {
+        Command::Status { db, limit, json } => {
             let app =
                 Bulwark::open_for_reading(&db.db, bulwark_adapters::default_registry()).await?;
-            let status = app.status().await?;
+            let status = app.status_of_runs(Some(limit)).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {

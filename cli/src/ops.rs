@@ -18,6 +18,9 @@ pub(crate) enum Ops {
     Runs {
         #[command(flatten)]
         db: DbArg,
+        /// Only the newest N runs.
+        #[arg(long, value_name = "N")]
+        limit: Option<usize>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -184,6 +187,14 @@ pub(crate) fn wrap(s: &str, width: usize, max: usize) -> Vec<String> {
 }
 
 /// The runs table (80 columns): id, kind, status, created, counts by state.
+/// The line saying how many runs a limited listing left out.
+pub(crate) fn print_older(status: &bulwark_workflows::app::Status) {
+    let left = status.runs_total.saturating_sub(status.runs.len());
+    if left > 0 {
+        println!("  … and {left} older run(s) (`bulwark runs` lists them)");
+    }
+}
+
 pub(crate) fn print_runs(runs: &[bulwark_workflows::app::RunStatus]) {
     println!(
         "{:>5}  {:<8} {:<9} {:<19}  states",
@@ -308,13 +319,14 @@ pub(crate) async fn endpoint_history(
 
 pub(crate) async fn run(op: Ops) -> Result<ExitCode> {
     match op {
-        Ops::Runs { db, json } => {
+        Ops::Runs { db, limit, json } => {
             let app = open_read(&db).await?;
-            let status = app.status().await?;
+            let status = app.status_of_runs(limit).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&status.runs)?);
             } else {
                 print_runs(&status.runs);
+                print_older(&status);
             }
         }
         Ops::Run { id, db, json } => {

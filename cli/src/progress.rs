@@ -246,6 +246,7 @@ pub(crate) fn print_status(s: &Status) {
     }
     print_workers(&s.workers);
     crate::ops::print_runs(&s.runs);
+    crate::ops::print_older(s);
 }
 
 /// Workers by their heartbeats: live (beating within its lease) or silent, and the leases

@@ -1065,8 +1065,16 @@ impl Bulwark {
 
     /// Runs, newest first, with per-state endpoint counts.
     pub async fn status(&self) -> Result<Status> {
+        self.status_of_runs(None).await
+    }
+
+    /// [`Bulwark::status`] with only the `newest` runs (their counts by state are read per
+    /// run, so a long history costs time); `runs_total` counts them all.
+    pub async fn status_of_runs(&self, newest: Option<usize>) -> Result<Status> {
         let mut runs = Vec::new();
-        for r in self.store.runs().await? {
+        let all = self.store.runs().await?;
+        let runs_total = all.len();
+        for r in all.into_iter().take(newest.unwrap_or(usize::MAX)) {
             let counts = self.store.status_counts(Some(r.id)).await?;
             runs.push(RunStatus {
                 id: r.id,
@@ -1079,6 +1087,7 @@ impl Bulwark {
         }
         Ok(Status {
             runs,
+            runs_total,
             last_snapshot: self.staging.snapshots().await?.into_iter().next(),
             journal_rows: self.store.journal_len().await?,
             alerts: self.store.alerts(20).await?.len(),
@@ -1312,8 +1321,10 @@ pub struct RunStatus {
 /// What `bulwark status` shows.
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
-    /// Runs, newest first.
+    /// Runs, newest first (all, or the newest of them: see [`Bulwark::status_of_runs`]).
     pub runs: Vec<RunStatus>,
+    /// How many runs there are.
+    pub runs_total: usize,
     /// The newest snapshot.
     pub last_snapshot: Option<SnapshotRow>,
     /// Journal rows.
