@@ -84,7 +84,7 @@ proptest! {
         probe in proptest::bool::weighted(0.3),
         answers in proptest::collection::vec(answer(), 1..120),
     ) {
-        let input = SyncInput { read_first: false, retry: Vec::new(), repair: Vec::new(), config: None,
+        let input = SyncInput { read_first: false, retry: Vec::new(), repair: Vec::new(), config: None, compare_stock: false, cas: Default::default(),
             endpoint: "ep".into(),
             snapshot: 2,
             base: None,

@@ -88,6 +88,8 @@ fn sync_input() -> impl Strategy<Value = SyncInput> {
                 retry: Vec::new(),
                 repair: Vec::new(),
                 config: None,
+                compare_stock: false,
+                cas: Default::default(),
             },
         )
 }
@@ -144,7 +146,7 @@ fn event() -> impl Strategy<Value = Event> {
         3 => Just(Event::TimerFired),
         1 => Just(Event::Cancel),
         2 => (at_ms(), positions(), refused(), proptest::option::of(adapter_error()))
-            .prop_map(|(at_ms, done, refused, rest)| Event::UploadPartial { at_ms, done, refused, rest }),
+            .prop_map(|(at_ms, done, refused, rest)| Event::UploadPartial { at_ms, done, refused, rest, adjusted: Vec::new() }),
         2 => (at_ms(), positions(), proptest::option::of(adapter_error()))
             .prop_map(|(at_ms, done, rest)| Event::VerifyPartial { at_ms, done, rest }),
     ]
@@ -227,6 +229,7 @@ impl Step {
                     done: done.clone(),
                     refused,
                     rest: rest.clone(),
+                    adjusted: Vec::new(),
                 },
             ],
             State::Verifying { .. } => vec![
@@ -322,7 +325,12 @@ fn check_invariants(input: &SyncInput, state: &State) -> Result<(), TestCaseErro
             batches,
             items,
             quarantined,
+            stock,
         } => {
+            if let Some(s) = stock {
+                prop_assert!(!s.is_empty());
+                prop_assert!(s.iter().all(|s| s.batch < n && s.qty < s.basis));
+            }
             if let Some(q) = quarantined {
                 prop_assert!(!q.is_empty());
                 prop_assert!(q.iter().all(|q| q.batch < n));

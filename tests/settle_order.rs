@@ -14,6 +14,7 @@ fn done(endpoint: &str, snapshot: i64) -> Settled {
         status: "Done".into(),
         carried: Vec::new(),
         quarantined: Vec::new(),
+        stock: None,
     }
 }
 

@@ -36,6 +36,7 @@ fn batch(endpoint: &str) -> Batch {
         .collect();
     Batch {
         remainder: false,
+        cas: Default::default(),
         endpoint: endpoint.into(),
         snapshot: 1,
         index: 0,

@@ -95,7 +95,7 @@ async fn in_flight_syncs_of_the_previous_release_resume_with_this_build() {
     // left exactly as it is, for a worker of that version.
     // The upgrade step (every command that can write does it too).
     let out = run_ok(bulwark().args(["migrate", "--db"]).arg(&db));
-    assert!(out.contains("is current: version 13"), "{out}");
+    assert!(out.contains("is current: version 14"), "{out}");
     {
         let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
             .await

@@ -196,6 +196,7 @@ mod tests {
         let key = batch_key(endpoint, 1, index, &payload_hash(&items), 0);
         Batch {
             remainder: false,
+            cas: Default::default(),
             endpoint: endpoint.into(),
             snapshot: 1,
             index,

@@ -142,6 +142,7 @@ async fn secrets_never_appear_in_errors_journal_or_logs() {
     let registry = registry(Arc::new(MemoryIdCache::new()), secrets.clone());
     let batch = Batch {
         remainder: false,
+        cas: Default::default(),
         endpoint: "x".into(),
         snapshot: 1,
         index: 0,

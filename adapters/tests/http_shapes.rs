@@ -351,6 +351,7 @@ fn batch(items: Vec<Item>) -> Batch {
         key: uuid::Uuid::new_v4(),
         items,
         remainder: false,
+        cas: Default::default(),
     }
 }
 

@@ -217,6 +217,7 @@ async fn graphql_user_errors_are_rejected() {
     bad[0].qty = -1;
     let batch = bulwark_workflows::catalog::Batch {
         remainder: false,
+        cas: Default::default(),
         endpoint: "gq-v".into(),
         snapshot: 1,
         index: 0,
@@ -405,6 +406,7 @@ async fn per_batch_writes_are_chunked_with_derived_idempotency_keys() {
         .unwrap();
     let batch = bulwark_workflows::catalog::Batch {
         remainder: false,
+        cas: Default::default(),
         endpoint: "ep-c".into(),
         snapshot: 1,
         index: 0,
@@ -459,6 +461,7 @@ async fn login_token_from_a_response_header() {
         .unwrap();
     let batch = bulwark_workflows::catalog::Batch {
         remainder: false,
+        cas: Default::default(),
         endpoint: "shop-h".into(),
         snapshot: 1,
         index: 0,
@@ -507,6 +510,7 @@ async fn read_back_compares_quantities_prices_and_currency() {
         .unwrap();
     let batch = |items: Vec<Item>| bulwark_workflows::catalog::Batch {
         remainder: false,
+        cas: Default::default(),
         endpoint: "gq-c".into(),
         snapshot: 1,
         index: 0,

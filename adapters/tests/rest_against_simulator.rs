@@ -42,6 +42,7 @@ fn batch(endpoint: &str, index: u32, items: Vec<Item>) -> Batch {
     let key = batch_key(endpoint, 1, index, &payload_hash(&items), 0);
     Batch {
         remainder: false,
+        cas: Default::default(),
         endpoint: endpoint.into(),
         snapshot: 1,
         index,

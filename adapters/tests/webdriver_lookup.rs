@@ -125,6 +125,7 @@ fn items(n: usize, seed: i64) -> Vec<Item> {
 fn batch(items: Vec<Item>) -> Batch {
     Batch {
         remainder: false,
+        cas: Default::default(),
         endpoint: "wd-numbered".into(),
         snapshot: 1,
         index: 0,

@@ -151,6 +151,7 @@ fn items(n: usize, seed: i64) -> Vec<Item> {
 fn batch(endpoint: &str, items: Vec<Item>) -> Batch {
     Batch {
         remainder: false,
+        cas: Default::default(),
         endpoint: endpoint.into(),
         snapshot: 1,
         index: 0,

@@ -188,6 +188,21 @@ pub struct Partial {
     /// Why the items neither done nor rejected were not settled (`None`: there are none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rest: Option<AdapterError>,
+    /// Items of `done` written with a lower quantity than the batch's (compare-and-set
+    /// stock, [`crate::catalog::Cas`]: the shop sold some since Bulwark's last write), and
+    /// the quantity written. An upload that lowered items answers `Partial` with every
+    /// item in `done` and no `rest` (a success), so that the runtime journals them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub adjusted: Vec<Adjusted>,
+}
+
+/// An item written with another quantity than its batch's (see [`Partial::adjusted`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Adjusted {
+    /// The SKU.
+    pub sku: String,
+    /// The quantity written (and shown by the endpoint right after).
+    pub qty: i64,
 }
 
 /// One item a platform refused.
@@ -231,6 +246,7 @@ impl AdapterError {
                 done,
                 rejected,
                 rest,
+                adjusted: Vec::new(),
             })),
         }
     }
@@ -271,6 +287,13 @@ pub trait PortalAdapter: Send + Sync {
     /// the workflow is not sent (see `bulwark_engine::runtime::WorkflowCtx::confirm_lease`).
     fn deduplicates(&self) -> bool {
         true
+    }
+    /// Can this adapter write stock compare-and-set ([`crate::catalog::Batch::cas`]):
+    /// send a quantity only if the endpoint still shows the one compared with, and say
+    /// what it wrote when it lowered one ([`Partial::adjusted`])? An endpoint whose
+    /// `stock_policy` is `compare_and_set` is refused unless its adapter can.
+    fn compares_stock(&self) -> bool {
+        false
     }
     /// Read the batch's items back and say, item by item, which show the batch's values
     /// and which do not (reconcile: `bulwark reconcile`). No write, no idempotency key
@@ -359,7 +382,16 @@ impl AdapterRegistry {
                 self.names().join(", ")
             ))
         })?;
-        factory(endpoint)
+        let adapter = factory(endpoint)?;
+        let compares =
+            crate::sync::endpoint_compares_stock(endpoint).map_err(AdapterError::Config)?;
+        if compares && !adapter.compares_stock() {
+            return Err(AdapterError::Config(format!(
+                "endpoint {:?}: `stock_policy = \"compare_and_set\"` needs an adapter that writes stock compare-and-set; adapter {:?} does not (for the http adapter: a profile with a `conflict` table and `item.confirmed_qty` in its stock write)",
+                endpoint.id, endpoint.adapter
+            )));
+        }
+        Ok(adapter)
     }
 }
 

@@ -207,6 +207,16 @@ pub struct SyncInput {
     /// differs leaves the sync to one that has it. `None` in journals written before.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config: Option<String>,
+    /// The endpoint writes stock compare-and-set (`stock_policy = "compare_and_set"`):
+    /// each stock write names what the endpoint should still show, and a shop that sold
+    /// some since is not overwritten with more than it has.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub compare_stock: bool,
+    /// Compare-and-set: SKUs (as sent) this sync carries whose last confirmed write was
+    /// lowered (see [`crate::catalog::Cas`]); the others compare with the quantity the
+    /// endpoint last confirmed.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub cas: std::collections::BTreeMap<String, crate::catalog::Cas>,
 }
 
 impl SyncInput {
@@ -283,6 +293,10 @@ pub enum Event {
         /// Why the others did not land (`None`: there are none).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         rest: Option<AdapterError>,
+        /// Applied items written with a lower quantity than the batch's (compare-and-set
+        /// stock: the shop sold some since).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        adjusted: Vec<StockWritten>,
     },
     /// The read-back confirmed some items, but could not read the others.
     VerifyPartial {
@@ -393,6 +407,38 @@ pub struct Progress {
     /// next difference counts as a failed validation.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub rechecked: bool,
+    /// Items written with a lower quantity than their batch's (compare-and-set stock),
+    /// every batch so far: what the endpoint shows for them now.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stock: Vec<StockShown>,
+}
+
+/// An item an upload wrote with a lower quantity than its batch's (compare-and-set).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StockWritten {
+    /// Position within the batch.
+    pub item: u32,
+    /// The SKU (as sent).
+    pub sku: String,
+    /// The quantity written.
+    pub qty: i64,
+    /// The batch's quantity (the mapped ERP quantity it was written for).
+    pub basis: i64,
+}
+
+/// An item of a sync written with a lower quantity than its batch's (compare-and-set).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StockShown {
+    /// Batch index.
+    pub batch: u32,
+    /// Position within the batch.
+    pub item: u32,
+    /// The SKU (as sent).
+    pub sku: String,
+    /// The quantity written.
+    pub qty: i64,
+    /// The batch's quantity.
+    pub basis: i64,
 }
 
 /// An item the endpoint refused: it is left as the endpoint has it (the rest goes on).
@@ -453,10 +499,11 @@ impl Progress {
         s
     }
 
-    /// A new batch starts: only the quarantine carries over.
+    /// A new batch starts: only the quarantine and the lowered stock carry over.
     fn next_batch(self) -> Progress {
         Progress {
             quarantined: self.quarantined,
+            stock: self.stock,
             ..Progress::default()
         }
     }
@@ -563,7 +610,8 @@ fn next_batch(ctx: &mut Ctx<'_>, batch: u32, failures: u32, progress: Progress) 
     let progress = progress.next_batch();
     if batch >= n {
         let quarantined = (!progress.quarantined.is_empty()).then_some(progress.quarantined);
-        return Transition(State::done(n, ctx.input.items(), quarantined));
+        let stock = (!progress.stock.is_empty()).then_some(progress.stock);
+        return Transition(State::done(n, ctx.input.items(), quarantined, stock));
     }
     let key = ctx.input.key(batch, 0);
     if ctx.input.read_first {
@@ -750,18 +798,41 @@ impl EndpointSync {
                 done,
                 refused,
                 rest,
+                adjusted,
             } => {
                 let n = context.input.batches[batch as usize].items;
                 if let Some(p) = done
                     .iter()
                     .chain(refused.iter().map(|r| r.item))
+                    .chain(adjusted.iter().map(|a| a.item))
                     .find(|&p| p >= n)
                 {
                     context.refused = Some(format!("item {p} is beyond batch {batch} ({n} items)"));
                     return Handled;
                 }
+                if let Some(a) = adjusted.iter().find(|a| !done.contains(a.item)) {
+                    context.refused = Some(format!(
+                        "item {} ({}) is adjusted but not applied",
+                        a.item, a.sku
+                    ));
+                    return Handled;
+                }
                 let mut progress = progress;
                 let progressed = progress.applied.extend(done) > 0;
+                for a in adjusted {
+                    // A re-send (a fresh generation) reports the item again: the last
+                    // write is what the endpoint shows.
+                    progress
+                        .stock
+                        .retain(|s| !(s.batch == batch && s.item == a.item));
+                    progress.stock.push(StockShown {
+                        batch,
+                        item: a.item,
+                        sku: a.sku.clone(),
+                        qty: a.qty,
+                        basis: a.basis,
+                    });
+                }
                 for r in refused {
                     if !progress
                         .quarantined
@@ -957,9 +1028,10 @@ impl EndpointSync {
         batches: &u32,
         items: &u64,
         quarantined: &Option<Vec<Quarantined>>,
+        stock: &Option<Vec<StockShown>>,
         event: &Event,
     ) -> Outcome<State> {
-        let _ = (batches, items, quarantined);
+        let _ = (batches, items, quarantined, stock);
         context.refused = Some(format!("{event:?} after Done"));
         Handled
     }
@@ -1243,6 +1315,15 @@ impl State {
     /// Items quarantined so far (in a Done state: by the whole sync).
     pub fn quarantined(&self) -> &[Quarantined] {
         quarantine_of(self)
+    }
+
+    /// Items written with a lower quantity than their batch's so far (compare-and-set;
+    /// in a Done state: by the whole sync).
+    pub fn stock_shown(&self) -> &[StockShown] {
+        match self {
+            State::Done { stock: Some(s), .. } => s,
+            other => other.progress().map_or(&[], |p| p.stock.as_slice()),
+        }
     }
 }
 

@@ -12,6 +12,8 @@ fn input(batches: u32) -> SyncInput {
         retry: Vec::new(),
         repair: Vec::new(),
         config: None,
+        compare_stock: false,
+        cas: Default::default(),
         endpoint: "ep-1".into(),
         snapshot: 7,
         base: Some(3),
@@ -169,6 +171,7 @@ fn terminal_states() -> Vec<State> {
     vec![
         State::Done {
             quarantined: None,
+            stock: None,
             batches: 2,
             items: 5,
         },
@@ -247,6 +250,7 @@ fn begin_with_no_batches_is_done_at_once() {
         t.state,
         State::Done {
             quarantined: None,
+            stock: None,
             batches: 0,
             items: 0
         }
@@ -769,6 +773,7 @@ fn verified_last_batch_is_done_with_totals() {
         t.state,
         State::Done {
             quarantined: None,
+            stock: None,
             batches: 3,
             items: 9
         }
@@ -1191,6 +1196,7 @@ fn is_terminal_wake_at_and_status() {
         (
             State::Done {
                 quarantined: None,
+                stock: None,
                 batches: 1,
                 items: 1,
             },
@@ -1257,7 +1263,8 @@ fn states_round_trip_through_json_with_stable_variant_names() {
         State::Done {
             batches: 2,
             items: 7,
-            quarantined: None
+            quarantined: None,
+            stock: None,
         }
     ));
     assert_eq!(
@@ -1305,6 +1312,7 @@ fn a_full_happy_run_folds_to_done() {
         t.state,
         State::Done {
             quarantined: None,
+            stock: None,
             batches: 3,
             items: 9
         }
@@ -1340,6 +1348,7 @@ fn one_refused_item_is_quarantined_and_the_batch_goes_on() {
         done: (0..10).filter(|&i| i != 3).collect(),
         refused: vec![refused(3)],
         rest: None,
+        adjusted: Vec::new(),
     };
     let t = apply(&inp, &s, ev.clone());
     let State::Verifying {
@@ -1407,6 +1416,7 @@ fn a_mostly_refused_batch_is_a_failed_validation() {
             done: (3..10).collect(),
             refused: vec![refused(0), refused(1), refused(2)],
             rest: None,
+            adjusted: Vec::new(),
         },
     );
     // 3 of 10 refused is over the default 20 %: re-send everything under a fresh key.
@@ -1427,6 +1437,7 @@ fn a_mostly_refused_batch_is_a_failed_validation() {
             done: (2..10).collect(),
             refused: vec![refused(0), refused(1)],
             rest: None,
+            adjusted: Vec::new(),
         },
     );
     assert!(matches!(t.state, State::Verifying { failures: 0, .. }));
@@ -1441,6 +1452,7 @@ fn a_mostly_refused_batch_is_a_failed_validation() {
             done: ItemSet::new(),
             refused: vec![refused(0)],
             rest: None,
+            adjusted: Vec::new(),
         },
     );
     // Nothing left to verify: done, with the item quarantined.
@@ -1465,6 +1477,7 @@ fn progress_survives_retries_and_resets_the_attempt_count() {
             done: (0..4).collect(),
             refused: vec![],
             rest: Some(transient()),
+            adjusted: Vec::new(),
         },
     );
     let State::Backoff {
@@ -1484,6 +1497,7 @@ fn progress_survives_retries_and_resets_the_attempt_count() {
         done: ItemSet::new(),
         refused: vec![],
         rest: Some(transient()),
+        adjusted: Vec::new(),
     };
     let r = apply(&inp, &t.state, Event::TimerFired);
     assert_eq!(r.state.progress(), Some(p));
@@ -1550,6 +1564,7 @@ fn positions_beyond_the_batch_are_refused() {
             done: [10].into_iter().collect(),
             refused: vec![],
             rest: None,
+            adjusted: Vec::new(),
         },
     );
     refuse(
@@ -1592,4 +1607,96 @@ fn an_unsettled_endpoint_is_read_back_before_each_first_write() {
     );
     let n = apply(&inp, &v.state, Event::Verified);
     assert!(matches!(n.commands[..], [Command::Probe { batch: 1, .. }]));
+}
+
+fn written(item: u32, qty: i64, basis: i64) -> StockWritten {
+    StockWritten {
+        item,
+        sku: format!("S{item}"),
+        qty,
+        basis,
+    }
+}
+
+#[test]
+fn lowered_stock_writes_are_kept_across_batches_and_generations_until_done() {
+    let mut inp = wide_input();
+    inp.compare_stock = true;
+    let s = uploading(&inp, 0, 1, 0, 0);
+    let all: ItemSet = (0..10).collect();
+    let ev = |adjusted: Vec<StockWritten>| Event::UploadPartial {
+        at_ms: AT,
+        done: all.clone(),
+        refused: vec![],
+        rest: None,
+        adjusted,
+    };
+    let t = apply(&inp, &s, ev(vec![written(2, 3, 5), written(4, 0, 1)]));
+    assert_eq!(t.state.stock_shown().len(), 2, "{:?}", t.state);
+    // A mismatch twice: a fresh generation re-sends the batch, which reports item 2 again
+    // (lower still): the last write is what counts.
+    let m = |s: &State| {
+        apply(
+            &inp,
+            s,
+            Event::Mismatch {
+                details: "x".into(),
+                at_ms: None,
+            },
+        )
+    };
+    let r = m(&t.state);
+    assert!(
+        matches!(r.state, State::Uploading { generation: 1, .. }),
+        "{:?}",
+        r.state
+    );
+    assert_eq!(r.state.stock_shown().len(), 2, "kept for the re-send to compare with");
+    let t2 = apply(&inp, &r.state, ev(vec![written(2, 1, 5)]));
+    let shown = t2.state.stock_shown();
+    assert_eq!(shown.len(), 2);
+    assert!(shown.iter().any(|s| s.item == 2 && s.qty == 1));
+    // Next batch and Done carry them.
+    let v = apply(&inp, &t2.state, Event::Verified);
+    assert_eq!(v.state.stock_shown().len(), 2);
+    let u = apply(
+        &inp,
+        &v.state,
+        Event::Uploaded {
+            receipt: receipt("r"),
+        },
+    );
+    let done = apply(&inp, &u.state, Event::Verified);
+    let State::Done { stock: Some(s), .. } = &done.state else {
+        panic!("{:?}", done.state)
+    };
+    assert_eq!(s.len(), 2);
+    assert!(s.iter().all(|s| s.batch == 0));
+    // Survives the journal's encoding.
+    let json = serde_json::to_string(&done.state).unwrap();
+    assert_eq!(serde_json::from_str::<State>(&json).unwrap(), done.state);
+}
+
+#[test]
+fn an_adjusted_item_that_was_not_applied_is_refused() {
+    let mut inp = wide_input();
+    inp.compare_stock = true;
+    let s = uploading(&inp, 0, 1, 0, 0);
+    let ev = Event::UploadPartial {
+        at_ms: AT,
+        done: (0..5).collect(),
+        refused: vec![],
+        rest: Some(transient()),
+        adjusted: vec![written(7, 1, 2)],
+    };
+    let err = EndpointSync::apply(&inp, &s, &ev).unwrap_err();
+    assert!(err.reason.contains("adjusted but not applied"), "{err:?}");
+    let beyond = Event::UploadPartial {
+        at_ms: AT,
+        done: (0..10).collect(),
+        refused: vec![],
+        rest: None,
+        adjusted: vec![written(12, 1, 2)],
+    };
+    assert!(EndpointSync::apply(&inp, &s, &beyond).is_err());
 }

@@ -152,6 +152,7 @@ pub async fn find_drift(
             policy,
             batch_size,
             quarantined.get(&ep.id),
+            crate::sync::endpoint_compares_stock(ep).unwrap_or(false),
         ));
     }
     let mut stream = futures::stream::iter(reads).buffer_unordered(options.max_in_flight.max(1));
@@ -174,6 +175,7 @@ async fn read_endpoint(
     policy: &SyncPolicy,
     batch_size: usize,
     quarantined: Option<&HashSet<String>>,
+    compare_stock: bool,
 ) -> Result<EndpointDrift> {
     if effects.circuit_open(endpoint).await {
         return Ok(EndpointDrift::skipped(
@@ -216,6 +218,16 @@ async fn read_endpoint(
                 index,
                 key: read_key(endpoint, snapshot, index),
                 remainder: pending.len() < chunk.len(),
+                // Compare-and-set stock: the shop sells between syncs, so showing less
+                // than was confirmed is not drift (the adapter reads it so).
+                cas: if compare_stock {
+                    pending
+                        .iter()
+                        .map(|i| (i.sku.clone(), crate::catalog::Cas::confirmed(i.qty)))
+                        .collect()
+                } else {
+                    Default::default()
+                },
                 items: pending.clone(),
             };
             match effects.read_back(policy, &batch).await {

@@ -652,6 +652,7 @@ impl Staging {
                 status: "Done".into(),
                 carried: Vec::new(),
                 quarantined: Vec::new(),
+                stock: None,
             })
             .collect();
         self.settle(run, &settled).await
@@ -741,6 +742,19 @@ pub struct Settled {
     pub carried: Vec<String>,
     /// What it quarantined: `(sku, reason)`.
     pub quarantined: Vec<(String, String)>,
+    /// Compare-and-set stock: what a confirmed sync of such an endpoint changes in its
+    /// record of lowered writes (`None`: not such an endpoint, or not confirmed).
+    pub stock: Option<SettledStock>,
+}
+
+/// What a confirmed compare-and-set sync settles of its stock (see [`Staging::stock_shown`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SettledStock {
+    /// SKUs whose record goes: written as the batch had them (not lowered).
+    pub cleared: Vec<String>,
+    /// SKUs written lowered: `(sku, what the endpoint showed after, the quantity it was
+    /// written for)`.
+    pub shown: Vec<(String, i64, i64)>,
 }
 
 impl Staging {
@@ -843,10 +857,58 @@ impl Staging {
                     .execute(&mut *tx)
                     .await?;
                 }
+                let Some(stock) = &s.stock else {
+                    continue;
+                };
+                for sku in &stock.cleared {
+                    sqlx::query(
+                        "DELETE FROM endpoint_stock_shown WHERE endpoint_id = $1 AND sku = $2 AND run_id <> $3",
+                    )
+                    .bind(&s.endpoint)
+                    .bind(sku)
+                    .bind(run)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                for (sku, compare, basis) in &stock.shown {
+                    sqlx::query(
+                        "INSERT INTO endpoint_stock_shown (endpoint_id, sku, compare, basis, run_id, at)
+                         VALUES ($1, $2, $3, $4, $5, $6)
+                         ON CONFLICT (endpoint_id, sku) DO UPDATE SET compare = excluded.compare,
+                             basis = excluded.basis, run_id = excluded.run_id, at = excluded.at",
+                    )
+                    .bind(&s.endpoint)
+                    .bind(sku)
+                    .bind(compare)
+                    .bind(basis)
+                    .bind(run)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                }
             }
             tx.commit().await?;
         });
         Ok(())
+    }
+
+    /// Compare-and-set stock: per endpoint, the SKUs whose last confirmed write was
+    /// lowered (the shop had sold some since the write before), with what the endpoint
+    /// showed after it and the quantity it was written for.
+    pub async fn stock_shown(
+        &self,
+    ) -> Result<HashMap<String, Vec<(String, crate::catalog::Cas)>>> {
+        const SQL: &str = "SELECT endpoint_id, sku, compare, basis FROM endpoint_stock_shown
+                           ORDER BY endpoint_id, sku";
+        let rows: Vec<(String, String, i64, i64)> =
+            on_db!(self.db, |pool| sqlx::query_as(SQL).fetch_all(pool).await?);
+        let mut out: HashMap<String, Vec<(String, crate::catalog::Cas)>> = HashMap::new();
+        for (endpoint, sku, compare, basis) in rows {
+            out.entry(endpoint)
+                .or_default()
+                .push((sku, crate::catalog::Cas { compare, basis }));
+        }
+        Ok(out)
     }
 
     /// Endpoints whose last sync ended without confirming.

@@ -321,6 +321,26 @@ pub(crate) fn endpoint_on_removed(ep: &EndpointConfig, options: &SyncOptions) ->
     }
 }
 
+/// Does `ep` write stock compare-and-set (its `stock_policy` setting: `absolute`, the
+/// default, or `compare_and_set`)?
+pub fn endpoint_compares_stock(ep: &EndpointConfig) -> std::result::Result<bool, String> {
+    match ep.settings.get(STOCK_POLICY_KEY).map(|v| v.trim()) {
+        None | Some("absolute") => Ok(false),
+        Some("compare_and_set") => Ok(true),
+        Some(other) => Err(format!(
+            "endpoint {:?}: setting `{STOCK_POLICY_KEY}`: {other:?} is neither \"absolute\" nor \"compare_and_set\"",
+            ep.id
+        )),
+    }
+}
+
+/// The endpoint setting naming its stock policy.
+pub const STOCK_POLICY_KEY: &str = "stock_policy";
+
+fn carried_sku(items: &[Item], sku: &str) -> bool {
+    items.binary_search_by(|i| i.sku.as_str().cmp(sku)).is_ok()
+}
+
 /// The SKUs in `a` or `b`, sorted, each once.
 pub(crate) fn sorted_union(a: &[String], b: &[String]) -> Vec<String> {
     let mut v: Vec<String> = a.iter().chain(b).cloned().collect();
@@ -487,6 +507,7 @@ pub(crate) async fn plan_endpoints<'a>(
             .or_default()
             .push((q.sku, q.retry_requested));
     }
+    let stock_shown = staging.stock_shown().await?;
     let busy = store.open_subjects(EndpointSync::KIND).await?;
     let paused: HashSet<String> = store
         .holds()
@@ -553,6 +574,20 @@ pub(crate) async fn plan_endpoints<'a>(
             out.push((ep, EndpointPlan::UpToDate { base }));
             continue;
         }
+        let compare_stock = endpoint_compares_stock(ep).map_err(SyncError::Config)?;
+        // Compare-and-set: the lowered writes of the SKUs this sync carries.
+        let cas: std::collections::BTreeMap<String, crate::catalog::Cas> = match compare_stock {
+            false => Default::default(),
+            true => stock_shown
+                .get(&ep.id)
+                .map(|rows| {
+                    rows.iter()
+                        .filter(|(sku, _)| carried_sku(&items, sku))
+                        .map(|(sku, c)| (sku.clone(), *c))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        };
         let batches: Vec<BatchPlan> = items
             .chunks(options.batch_size as usize)
             .map(|c| BatchPlan {
@@ -581,6 +616,8 @@ pub(crate) async fn plan_endpoints<'a>(
             retry,
             repair: drifted,
             config: Some(ep.fingerprint()),
+            compare_stock,
+            cas,
         };
         out.push((ep, EndpointPlan::Send { input, items }));
     }
@@ -980,6 +1017,7 @@ impl SyncEffects {
         index: u32,
         key: uuid::Uuid,
         skip: &ItemSet,
+        progress: Option<&crate::endpoint_sync::Progress>,
     ) -> std::result::Result<(Batch, Vec<u32>), String> {
         let items = self
             .diffs
@@ -1000,6 +1038,13 @@ impl SyncEffects {
             .map(|(i, item)| (i as u32, item))
             .filter(|(i, _)| !skip.contains(*i))
             .unzip();
+        let cas = if input.compare_stock {
+            self.cas(input, index, &items, &positions, progress)
+                .await
+                .map_err(|e| e.to_string())?
+        } else {
+            Default::default()
+        };
         Ok((
             Batch {
                 endpoint: input.endpoint.clone(),
@@ -1008,9 +1053,82 @@ impl SyncEffects {
                 key,
                 items,
                 remainder: !skip.is_empty(),
+                cas,
             },
             positions,
         ))
+    }
+
+    /// Compare-and-set: what each item of batch `index` compares with. A write of this
+    /// sync that lowered the item (a re-send after it), else a lowered write of an
+    /// earlier sync (`input.cas`), else the quantity the endpoint last confirmed (its
+    /// base snapshot, mapped). An item new to the endpoint has none.
+    async fn cas(
+        &self,
+        input: &SyncInput,
+        index: u32,
+        items: &[Item],
+        positions: &[u32],
+        progress: Option<&crate::endpoint_sync::Progress>,
+    ) -> Result<std::collections::BTreeMap<String, crate::catalog::Cas>> {
+        use crate::catalog::Cas;
+        let base = match input.base {
+            Some(b) => Some(
+                self.diffs
+                    .diff_mapped(None, b, input.mapping.as_ref(), input.on_removed)
+                    .await?,
+            ),
+            None => None,
+        };
+        let mut out = std::collections::BTreeMap::new();
+        for (item, &pos) in items.iter().zip(positions) {
+            let own = progress.and_then(|p| {
+                p.stock
+                    .iter()
+                    .find(|s| s.batch == index && s.item == pos)
+                    .map(|s| Cas {
+                        compare: s.qty,
+                        basis: s.basis,
+                    })
+            });
+            let cas = own.or_else(|| input.cas.get(&item.sku).copied()).or_else(|| {
+                base.as_ref().and_then(|b| {
+                    b.binary_search_by(|i| i.sku.as_str().cmp(&item.sku))
+                        .ok()
+                        .map(|i| Cas::confirmed(b[i].qty))
+                })
+            });
+            if let Some(cas) = cas {
+                out.insert(item.sku.clone(), cas);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The lowered writes an adapter reported, with the positions (within the whole batch)
+    /// and the batch's quantities of their items (an item the call did not carry, or one
+    /// "lowered" to its own quantity or above, is ignored).
+    fn adjusted(
+        batch: &Batch,
+        positions: &[u32],
+        adjusted: &[crate::adapter::Adjusted],
+    ) -> Vec<crate::endpoint_sync::StockWritten> {
+        let mut out: Vec<crate::endpoint_sync::StockWritten> = adjusted
+            .iter()
+            .filter_map(|a| {
+                let i = batch.items.iter().position(|i| i.sku == a.sku)?;
+                let item = &batch.items[i];
+                (a.qty >= 0 && a.qty < item.qty).then(|| crate::endpoint_sync::StockWritten {
+                    item: positions[i],
+                    sku: a.sku.clone(),
+                    qty: a.qty,
+                    basis: item.qty,
+                })
+            })
+            .collect();
+        out.sort_by_key(|a| a.item);
+        out.dedup_by_key(|a| a.item);
+        out
     }
 
     /// The positions (within the whole batch) of the SKUs an adapter named.
@@ -1101,7 +1219,7 @@ impl Effects<EndpointSync> for SyncEffects {
                     .progress()
                     .map(|p| p.upload_skips(batch))
                     .unwrap_or_default();
-                let (b, positions) = match self.batch(input, batch, key, &skip).await {
+                let (b, positions) = match self.batch(input, batch, key, &skip, state.progress()).await {
                     Ok(b) => b,
                     Err(e) => {
                         tracing::error!(workflow = ctx.id, endpoint = %input.endpoint, error = %e, "cannot build batch");
@@ -1119,8 +1237,11 @@ impl Effects<EndpointSync> for SyncEffects {
                 Some(match result {
                     Ok(receipt) => Event::Uploaded { receipt },
                     Err(AdapterError::Partial(p)) => {
-                        self.count(|s| &s.partial_uploads);
                         let p = *p;
+                        if !(p.rest.is_none() && p.rejected.is_empty()) {
+                            self.count(|s| &s.partial_uploads);
+                        }
+                        let adjusted = Self::adjusted(&b, &positions, &p.adjusted);
                         let done: ItemSet =
                             Self::positions(input, &b, &positions, p.done.into_iter())
                                 .into_iter()
@@ -1155,11 +1276,16 @@ impl Effects<EndpointSync> for SyncEffects {
                                 ))
                             })
                         });
+                        let adjusted = adjusted
+                            .into_iter()
+                            .filter(|a| done.contains(a.item))
+                            .collect();
                         Event::UploadPartial {
                             at_ms: now_ms(),
                             done,
                             refused,
                             rest,
+                            adjusted,
                         }
                     }
                     Err(error) => {
@@ -1180,7 +1306,7 @@ impl Effects<EndpointSync> for SyncEffects {
                 let key = if skip.is_empty() {
                     key
                 } else {
-                    match self.batch(input, batch, key, &skip).await {
+                    match self.batch(input, batch, key, &skip, state.progress()).await {
                         Ok((b, _)) => b.request_key(),
                         Err(e) => {
                             tracing::error!(workflow = ctx.id, endpoint = %input.endpoint, error = %e, "cannot build batch");
@@ -1217,7 +1343,7 @@ impl Effects<EndpointSync> for SyncEffects {
                     .progress()
                     .map(|p| p.verify_skips(batch))
                     .unwrap_or_default();
-                let (b, positions) = match self.batch(input, batch, key, &skip).await {
+                let (b, positions) = match self.batch(input, batch, key, &skip, state.progress()).await {
                     Ok(b) => b,
                     Err(e) => {
                         tracing::error!(workflow = ctx.id, endpoint = %input.endpoint, error = %e, "cannot build batch");
@@ -1422,6 +1548,7 @@ fn settle_rows(rows: &[bulwark_engine::WorkflowRow]) -> Result<Vec<Settled>> {
                     status: w.status.clone(),
                     carried: Vec::new(),
                     quarantined: Vec::new(),
+                    stock: None,
                 });
                 continue;
             }
@@ -1437,17 +1564,39 @@ fn settle_rows(rows: &[bulwark_engine::WorkflowRow]) -> Result<Vec<Settled>> {
         if !done && w.status == "Skipped" {
             continue;
         }
-        let quarantined = if done {
+        let (quarantined, stock) = if done {
             let state: State = serde_json::from_str(&w.state_json).map_err(|e| {
                 SyncError::Corrupt(format!("workflow {}: state does not decode: {e}", w.id))
             })?;
-            state
+            let quarantined: Vec<(String, String)> = state
                 .quarantined()
                 .iter()
                 .map(|q| (q.sku.clone(), q.reason.clone()))
-                .collect()
+                .collect();
+            let stock = input.compare_stock.then(|| {
+                let shown: Vec<(String, i64, i64)> = state
+                    .stock_shown()
+                    .iter()
+                    .map(|s| (s.sku.clone(), s.qty, s.basis))
+                    .collect();
+                // A lowered write recorded before, of a SKU this sync wrote as it was:
+                // the record goes (a quarantined SKU was not written: it stays).
+                let kept: HashSet<&str> = quarantined
+                    .iter()
+                    .map(|(sku, _)| sku.as_str())
+                    .chain(shown.iter().map(|(sku, _, _)| sku.as_str()))
+                    .collect();
+                let cleared = input
+                    .cas
+                    .keys()
+                    .filter(|sku| !kept.contains(sku.as_str()))
+                    .cloned()
+                    .collect();
+                crate::staging::SettledStock { cleared, shown }
+            });
+            (quarantined, stock)
         } else {
-            Vec::new()
+            (Vec::new(), None)
         };
         let key = input.mapping.as_ref().map(EndpointMapping::cache_key);
         settled.push(Settled {
@@ -1457,6 +1606,7 @@ fn settle_rows(rows: &[bulwark_engine::WorkflowRow]) -> Result<Vec<Settled>> {
             status: w.status.clone(),
             carried: input.retry,
             quarantined,
+            stock,
         });
     }
     Ok(settled)

@@ -631,6 +631,7 @@ price_column = "Price"
         let r = Recipe::from_toml(RECIPE).unwrap();
         let batch = Batch {
             remainder: false,
+            cas: Default::default(),
             endpoint: "e".into(),
             snapshot: 3,
             index: 0,
