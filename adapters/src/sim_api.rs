@@ -59,7 +59,9 @@
 //!   `Link: <…?cursor=…>; rel="next"` while more follow. No SKU filter exists.
 //! * `GET /catalog/{e}/products/{id}` → `{"product": {…}}` or 404.
 //! * `POST /catalog/{e}/inventory_levels/set` `{"inventory_item_id", "location_id",
-//!   "available"}` sets the stock (location [`CATALOG_LOCATION`]; 422 otherwise).
+//!   "available"}` sets the stock (location [`CATALOG_LOCATION`]; 422 otherwise). With
+//!   `"compare_quantity": N` (not null) it is a compare-and-set: applied only if the
+//!   stock is still N, else 409 `{"errors": {"compare_quantity": […]}, "available": M}`.
 //! * `PUT /catalog/{e}/products/{product}/variants/{variant}` `{"variant": {"prices":
 //!   [{"min_qty", "amount"}]}}` sets the prices (404 unless the ids belong together).
 //!
@@ -71,6 +73,10 @@
 //!   the connection is closed without an answer** (a lost response);
 //! * [`ApiSimHandle::expire_tokens`]: every issued token stops being accepted;
 //! * [`ApiSimHandle::refuse_tokens`]: logins succeed but their tokens are never accepted.
+//!
+//! Orders: `POST /_sim/orders/{e}` `{"sku", "qty"}` (or [`ApiSimHandle::order`]) sells
+//! `qty` units of a product as a customer at the shop would (not a write; 409 if fewer
+//! are in stock).
 //!
 //! `GET /_sim/state` answers the counters and every endpoint's products as JSON
 //! ([`ApiSimHandle::state`]), for a simulator run as a process of its own
@@ -807,6 +813,7 @@ fn router(state: Shared) -> Router {
             "/catalog/{endpoint}/inventory_levels/set",
             post(catalog_set_inventory),
         )
+        .route("/_sim/orders/{endpoint}", post(place_order))
         .route(
             "/_sim/state",
             get(|State(s): State<Shared>| async move { Json(s.state_json()) }),
@@ -816,6 +823,45 @@ fn router(state: Shared) -> Router {
             inject_faults,
         ))
         .with_state(state)
+}
+
+#[derive(Deserialize)]
+struct Order {
+    sku: String,
+    qty: i64,
+}
+
+/// `POST /_sim/orders/{endpoint}`: a customer buys (see [`ApiSimHandle::order`]).
+async fn place_order(
+    State(s): State<Shared>,
+    UrlPath(endpoint): UrlPath<String>,
+    body: Result<Json<Order>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let o = match json_body(body) {
+        Ok(o) => o,
+        Err(resp) => return resp,
+    };
+    match s.order(&endpoint, &o.sku, o.qty) {
+        Ok(left) => Json(json!({"sku": o.sku, "sold": o.qty, "available": left})).into_response(),
+        Err(m) => status_json(StatusCode::CONFLICT, json!({"error": m})),
+    }
+}
+
+impl Inner {
+    /// Sell `qty` of `sku` at `endpoint`: the stock left, or why not.
+    fn order(&self, endpoint: &str, sku: &str, qty: i64) -> Result<i64, String> {
+        self.with_ep(endpoint, |ep| {
+            let p = ep
+                .products
+                .get_mut(sku)
+                .ok_or_else(|| format!("no product {sku:?}"))?;
+            if qty <= 0 || qty > p.qty {
+                return Err(format!("cannot sell {qty} of {sku}: {} in stock", p.qty));
+            }
+            p.qty -= qty;
+            Ok(p.qty)
+        })
+    }
 }
 
 /// [`ApiSimHandle::fail_requests`]: roll the dice for every request but logins.
@@ -1003,6 +1049,9 @@ struct InventorySet {
     inventory_item_id: String,
     location_id: String,
     available: i64,
+    /// Compare-and-set: apply only if the stock is still this.
+    #[serde(default)]
+    compare_quantity: Option<i64>,
 }
 
 async fn catalog_set_inventory(
@@ -1025,6 +1074,7 @@ async fn catalog_set_inventory(
         );
     }
     let item = b.inventory_item_id.clone();
+    let mut stale: Option<i64> = None;
     let result = s.apply_with(
         &endpoint,
         |p| p.inventory_item == item,
@@ -1033,10 +1083,22 @@ async fn catalog_set_inventory(
             if b.available < 0 {
                 return Err("available must not be negative".into());
             }
+            if let Some(c) = b.compare_quantity
+                && c != p.qty
+            {
+                stale = Some(p.qty);
+                return Err(format!("is {c}, but the stock is {}", p.qty));
+            }
             p.qty = b.available;
             Ok(())
         },
     );
+    if let (Some(available), Err(Some(m))) = (stale, &result) {
+        return status_json(
+            StatusCode::CONFLICT,
+            json!({"errors": {"compare_quantity": [m]}, "available": available}),
+        );
+    }
     match result {
         Ok(true) => s.lose_response(),
         Ok(false) => Json(json!({"inventory_level": {
@@ -1216,6 +1278,12 @@ impl ApiSimHandle {
                 }
                 None => false,
             })
+    }
+
+    /// A customer buys `qty` of `sku` at `endpoint` (no write is counted): the stock
+    /// left, or why not (unknown product, fewer in stock).
+    pub fn order(&self, endpoint: &str, sku: &str, qty: i64) -> Result<i64, String> {
+        self.inner.order(endpoint, sku, qty)
     }
 
     /// Every token a login issued (to check that none leaks).

@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bulwark_workflows::adapter::{
-    AdapterError, AdapterResult, Difference, EndpointConfig, ItemRejection, PortalAdapter,
-    ReadBack, Receipt, Verification,
+    AdapterError, AdapterResult, Adjusted, Difference, EndpointConfig, ItemRejection, Partial,
+    PortalAdapter, ReadBack, Receipt, Verification,
 };
-use bulwark_workflows::catalog::{Batch, Item};
+use bulwark_workflows::catalog::{Batch, Cas, Item};
 use serde_json::{Map, Value, json};
 use serde_json_path::JsonPath;
 use uuid::Uuid;
@@ -42,6 +42,8 @@ struct ItemOutcomes {
     /// A systemic failure: the remaining items are not tried.
     stop: Option<AdapterError>,
     failed: Vec<String>,
+    /// Items of `done` written lowered (compare-and-set stock).
+    adjusted: Vec<Adjusted>,
 }
 
 impl ItemOutcomes {
@@ -69,10 +71,18 @@ impl ItemOutcomes {
     }
 
     fn into_result(self, receipt: Receipt) -> AdapterResult<Receipt> {
-        if self.rejected.is_empty() && self.rest.is_none() {
+        if self.rejected.is_empty() && self.rest.is_none() && self.adjusted.is_empty() {
             return Ok(receipt);
         }
-        Err(AdapterError::partial(self.done, self.rejected, self.rest))
+        if self.adjusted.is_empty() {
+            return Err(AdapterError::partial(self.done, self.rejected, self.rest));
+        }
+        Err(AdapterError::Partial(Box::new(Partial {
+            done: self.done,
+            rejected: self.rejected,
+            rest: self.rest,
+            adjusted: self.adjusted,
+        })))
     }
 }
 
@@ -99,6 +109,9 @@ struct Failure {
     /// An item-level error rule matched: the items it names, each with its message
     /// (empty otherwise, or when a match named no item).
     items: Vec<ItemHit>,
+    /// A stock write's compare failed (the profile's `conflict` rule matched), with the
+    /// quantity the answer says the platform shows, if it says.
+    conflict: Option<Option<i64>>,
 }
 
 /// One item an item-level error rule named in an answer.
@@ -117,6 +130,7 @@ impl Failure {
             retry_after_ms: None,
             fenced: false,
             items: Vec::new(),
+            conflict: None,
         }
     }
 
@@ -230,6 +244,38 @@ pub struct HttpAdapter {
     /// Listing lookups run one at a time: a second batch waiting for the first finds
     /// most of its ids in the cache the first filled.
     listing: tokio::sync::Mutex<PageState>,
+    /// Compare-and-set stock: what a failed compare leads to.
+    on_conflict: OnConflict,
+}
+
+/// What a compare-and-set stock write does when the platform no longer shows what Bulwark
+/// last confirmed there (the endpoint setting `on_conflict`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OnConflict {
+    /// Write the ERP quantity less what the shop sold since the last confirmed write,
+    /// never below 0, compared with what the shop shows now (the default).
+    ErpMinusSold,
+    /// Leave the shop's quantity as it is: the item is quarantined ("not overwritten")
+    /// and alerted, the rest goes on.
+    SkipAndAlert,
+}
+
+/// Most compare-and-set rounds for one item in one call (each round re-reads what the
+/// shop shows); a shop still selling after that is tried again later.
+pub(crate) const CAS_ROUNDS: u32 = 3;
+
+/// Why a write request did not land.
+enum WriteErr {
+    /// The compare failed: the platform shows another quantity (`Some`: the answer said
+    /// which), with the platform's message.
+    Conflict(Option<i64>, String),
+    Other(AdapterError),
+}
+
+impl From<AdapterError> for WriteErr {
+    fn from(e: AdapterError) -> Self {
+        WriteErr::Other(e)
+    }
 }
 
 impl fmt::Debug for HttpAdapter {
@@ -412,7 +458,42 @@ impl HttpAdapter {
             .read_paths
             .resolve(&profile.env, &path_ctx)
             .map_err(|e| cfg_err(id, format!("read-back: {e}")))?;
+        let compare_stock = bulwark_workflows::sync::endpoint_compares_stock(config)
+            .map_err(AdapterError::Config)?;
+        if compare_stock && profile.conflict.is_none() {
+            return Err(cfg_err(
+                id,
+                format!(
+                    "setting `stock_policy = \"compare_and_set\"`: profile {pname:?} has no `conflict` table (how the platform says a compare failed)"
+                ),
+            ));
+        }
+        if compare_stock && !owns.contains(&Field::Qty) {
+            return Err(cfg_err(
+                id,
+                "setting `stock_policy = \"compare_and_set\"`: the endpoint does not write qty (`owns`)",
+            ));
+        }
+        let on_conflict = match s.get("on_conflict").map(|v| v.trim()) {
+            None | Some("erp_minus_sold") => OnConflict::ErpMinusSold,
+            Some("skip_and_alert") => OnConflict::SkipAndAlert,
+            Some(other) => {
+                return Err(cfg_err(
+                    id,
+                    format!(
+                        "setting `on_conflict`: {other:?} is neither \"erp_minus_sold\" nor \"skip_and_alert\""
+                    ),
+                ));
+            }
+        };
+        if s.contains_key("on_conflict") && !compare_stock {
+            return Err(cfg_err(
+                id,
+                "setting `on_conflict` is for `stock_policy = \"compare_and_set\"`",
+            ));
+        }
         Ok(Self {
+            on_conflict,
             read_paths,
             owns,
             listing: tokio::sync::Mutex::new(PageState::default()),
@@ -636,6 +717,22 @@ impl HttpAdapter {
                 excerpt(&self.scrub(detail))
             ))
         };
+        if op == "upload"
+            && let Some(c) = &self.profile.conflict
+            && (c.statuses.contains(&status)
+                || c.path.as_ref().is_some_and(|p| {
+                    p.query(json).all().into_iter().any(|v| !is_empty_value(v))
+                }))
+        {
+            let shown = c
+                .shown
+                .as_ref()
+                .and_then(|p| p.query(json).first().and_then(as_i64));
+            return Err(Failure {
+                conflict: Some(shown),
+                ..Failure::new(ErrorClass::Rejected, msg(text))
+            });
+        }
         if pc.not_found_statuses.contains(&status) {
             return Err(Failure::new(ErrorClass::NotFound, msg(text)));
         }
@@ -1525,38 +1622,159 @@ impl HttpAdapter {
         }
     }
 
+    /// Write one item (every write request its `needed` fields need). Compare-and-set
+    /// stock: `Some(qty)` when the stock was written lowered, to `qty`.
     async fn write_item(
         &self,
         batch: &Batch,
         item: &Item,
         ids: &mut HashMap<String, Ids>,
         needed: Option<&[Field]>,
-    ) -> AdapterResult<()> {
-        const OP: &str = "upload";
+    ) -> AdapterResult<Option<i64>> {
         let key = Uuid::new_v5(&batch.key, item.sku.as_bytes());
+        let cas = batch
+            .cas
+            .get(&item.sku)
+            .copied()
+            .filter(|_| self.compares_stock());
+        let mut lowered = None;
         for (j, w) in self.writes_for(needed) {
-            let key = Self::request_key(key, j).to_string();
-            let extra: Vec<(String, String)> = w
-                .idempotency_header
-                .iter()
-                .map(|h| (h.clone(), key.clone()))
-                .collect();
-            for attempt in 0..2 {
-                let ctx = self.item_ctx(batch, item, ids.get(&item.sku), key.clone());
-                match self.call(OP, &w.request, &ctx, &extra).await {
-                    Ok(_) => break,
-                    Err(f) if f.class == ErrorClass::NotFound && self.profile.uses_lookup() => {
-                        // The cached ids went stale: look them up again, retry once.
-                        ids.remove(&item.sku);
-                        if attempt == 1 {
-                            self.forget_id(&item.sku).await?;
-                            return Err(AdapterError::Rejected(f.message));
-                        }
-                        let fresh = self.relookup(item).await?;
-                        ids.insert(item.sku.clone(), fresh);
+            let key = Self::request_key(key, j);
+            match cas.filter(|_| w.fields.contains(&Field::Qty)) {
+                Some(cas) => lowered = self.write_compared(batch, item, ids, w, key, cas).await?,
+                None => match self.write_request(batch, item, ids, w, key, None).await {
+                    Ok(()) => {}
+                    Err(WriteErr::Other(e)) => return Err(e),
+                    Err(WriteErr::Conflict(_, message)) => {
+                        return Err(AdapterError::Rejected(message));
                     }
-                    Err(f) => return Err(f.into_error()),
+                },
+            }
+        }
+        Ok(lowered)
+    }
+
+    /// Compare-and-set: write `item`'s stock only if the platform still shows what Bulwark
+    /// last confirmed; when it does not, `on_conflict` decides (see [`OnConflict`]).
+    async fn write_compared(
+        &self,
+        batch: &Batch,
+        item: &Item,
+        ids: &mut HashMap<String, Ids>,
+        w: &super::profile::CompiledWrite,
+        key: Uuid,
+        cas: Cas,
+    ) -> AdapterResult<Option<i64>> {
+        let mut compare = cas.compare;
+        for round in 0..CAS_ROUNDS {
+            let target = cas.target(item.qty, compare);
+            let sent = Item {
+                qty: target,
+                ..item.clone()
+            };
+            // Another round sends another request: a key of its own.
+            let key = if round == 0 {
+                key
+            } else {
+                Uuid::new_v5(&key, format!("compare-{round}").as_bytes())
+            };
+            match self
+                .write_request(batch, &sent, ids, w, key, Some(compare))
+                .await
+            {
+                Ok(()) => return Ok((target < item.qty).then_some(target)),
+                Err(WriteErr::Other(e)) => return Err(e),
+                Err(WriteErr::Conflict(shown, message)) => {
+                    let shown = match shown {
+                        Some(q) => q,
+                        None => self.shown_qty(batch, item, ids).await?,
+                    };
+                    tracing::info!(endpoint = %self.endpoint, sku = %item.sku, compared = compare, shown, erp = item.qty, "compare-and-set: the shop's stock moved since the last confirmed write");
+                    if self.on_conflict == OnConflict::SkipAndAlert {
+                        return Err(AdapterError::Rejected(self.scrub(&format!(
+                            "stock not overwritten: the shop shows {shown}, not the {compare} Bulwark last confirmed (on_conflict = \"skip_and_alert\"; the ERP has {}): {message}",
+                            item.qty
+                        ))));
+                    }
+                    compare = shown;
                 }
+            }
+        }
+        Err(AdapterError::Transient(format!(
+            "endpoint {}: stock of {}: the compare failed {CAS_ROUNDS} times in a row (the shop's stock keeps moving); tried again later",
+            self.endpoint, item.sku
+        )))
+    }
+
+    /// The quantity the platform shows for `item` now (after a failed compare whose
+    /// answer did not say).
+    async fn shown_qty(
+        &self,
+        batch: &Batch,
+        item: &Item,
+        ids: &HashMap<String, Ids>,
+    ) -> AdapterResult<i64> {
+        let one = Batch {
+            items: vec![item.clone()],
+            cas: Default::default(),
+            ..batch.clone()
+        };
+        let (shown, unread) = self.read_shown(&one, ids).await?;
+        if let Some(e) = unread.get(&item.sku) {
+            return Err(e.clone());
+        }
+        match shown.get(&item.sku) {
+            Some(Ok(Shown { qty: Some(q), .. })) => Ok(*q),
+            Some(Err(e)) => Err(AdapterError::Transient(self.scrub(&format!(
+                "endpoint {}: stock of {}: the compare failed and its stock cannot be read: {e}",
+                self.endpoint, item.sku
+            )))),
+            _ => Err(AdapterError::Transient(format!(
+                "endpoint {}: stock of {}: the compare failed and the read-back shows no quantity",
+                self.endpoint, item.sku
+            ))),
+        }
+    }
+
+    /// Send write request `w` for `item` under `key` (`confirmed`: the quantity a
+    /// compare-and-set write compares with). A stale cached id is looked up again once.
+    async fn write_request(
+        &self,
+        batch: &Batch,
+        item: &Item,
+        ids: &mut HashMap<String, Ids>,
+        w: &super::profile::CompiledWrite,
+        key: Uuid,
+        confirmed: Option<i64>,
+    ) -> Result<(), WriteErr> {
+        const OP: &str = "upload";
+        let key = key.to_string();
+        let extra: Vec<(String, String)> = w
+            .idempotency_header
+            .iter()
+            .map(|h| (h.clone(), key.clone()))
+            .collect();
+        for attempt in 0..2 {
+            let mut ctx = self.item_ctx(batch, item, ids.get(&item.sku), key.clone());
+            if let (Some(q), Some(Value::Object(iv))) = (confirmed, ctx.get_mut("item")) {
+                iv.insert("confirmed_qty".into(), json!(q));
+            }
+            match self.call(OP, &w.request, &ctx, &extra).await {
+                Ok(_) => return Ok(()),
+                Err(f) if f.conflict.is_some() && confirmed.is_some() => {
+                    return Err(WriteErr::Conflict(f.conflict.flatten(), f.message));
+                }
+                Err(f) if f.class == ErrorClass::NotFound && self.profile.uses_lookup() => {
+                    // The cached ids went stale: look them up again, retry once.
+                    ids.remove(&item.sku);
+                    if attempt == 1 {
+                        self.forget_id(&item.sku).await?;
+                        return Err(WriteErr::Other(AdapterError::Rejected(f.message)));
+                    }
+                    let fresh = self.relookup(item).await?;
+                    ids.insert(item.sku.clone(), fresh);
+                }
+                Err(f) => return Err(WriteErr::Other(f.into_error())),
             }
         }
         Ok(())
@@ -1715,9 +1933,21 @@ impl HttpAdapter {
 
     /// `None` when `shown` equals `want` in every field this endpoint owns, else a
     /// description of the difference.
-    fn differs(&self, want: &Item, shown: Option<&Result<Shown, String>>) -> Option<String> {
-        let (_, d) = self.diff(want, shown);
+    fn differs(
+        &self,
+        want: &Item,
+        shown: Option<&Result<Shown, String>>,
+        compared: bool,
+    ) -> Option<String> {
+        let (_, d) = self.diff(want, shown, compared);
         d
+    }
+
+    /// Is `sku`'s stock written compare-and-set in `batch`? Its read-back then accepts
+    /// any quantity from 0 up to the batch's: the shop may have sold some since, and a
+    /// lowered write shows less.
+    fn compared(&self, batch: &Batch, sku: &str) -> bool {
+        self.compares_stock() && batch.cas.contains_key(sku)
     }
 
     /// The owned fields that differ (all of them when nothing readable shows), and a
@@ -1726,6 +1956,7 @@ impl HttpAdapter {
         &self,
         want: &Item,
         shown: Option<&Result<Shown, String>>,
+        compared: bool,
     ) -> (Vec<Field>, Option<String>) {
         let shown = match shown {
             None => return (self.owns.clone(), Some("shown absent".into())),
@@ -1734,8 +1965,19 @@ impl HttpAdapter {
         };
         let mut fields = Vec::new();
         let mut diffs = Vec::new();
-        if self.owns.contains(&Field::Qty) && shown.qty != Some(want.qty) {
-            diffs.push(format!("qty expected {} shown {:?}", want.qty, shown.qty));
+        let qty_ok = match shown.qty {
+            Some(q) if compared => (0..=want.qty).contains(&q),
+            q => q == Some(want.qty),
+        };
+        if self.owns.contains(&Field::Qty) && !qty_ok {
+            if compared {
+                diffs.push(format!(
+                    "qty expected at most {} shown {:?}",
+                    want.qty, shown.qty
+                ));
+            } else {
+                diffs.push(format!("qty expected {} shown {:?}", want.qty, shown.qty));
+            }
             fields.push(Field::Qty);
         }
         if self.owns.contains(&Field::Prices) {
@@ -1788,7 +2030,7 @@ impl HttpAdapter {
         let read = ReadBack::of(
             items,
             |_| None,
-            |want| self.differs(want, shown.get(&want.sku)),
+            |want| self.differs(want, shown.get(&want.sku), false),
         );
         self.verdict(items.len(), &read.differing)
     }
@@ -1848,6 +2090,10 @@ fn link_next(headers: &reqwest::header::HeaderMap) -> Option<String> {
 
 #[async_trait]
 impl PortalAdapter for HttpAdapter {
+    fn compares_stock(&self) -> bool {
+        self.profile.conflict.is_some() && self.owns.contains(&Field::Qty)
+    }
+
     fn deduplicates(&self) -> bool {
         // Without an idempotency header nothing tells a repeated write from a new one.
         self.writes_for(None)
@@ -1883,8 +2129,20 @@ impl PortalAdapter for HttpAdapter {
                             skip.insert(item.sku.clone());
                             continue;
                         }
-                        let (fields, differs) = self.diff(item, shown.get(&item.sku));
+                        let compared = self.compared(batch, &item.sku);
+                        let (fields, differs) = self.diff(item, shown.get(&item.sku), compared);
                         if differs.is_none() {
+                            // Compare-and-set: what shows lower (written lowered, or sold
+                            // since) is what the next write compares with.
+                            if compared
+                                && let Some(Ok(Shown { qty: Some(q), .. })) = shown.get(&item.sku)
+                                && *q < item.qty
+                            {
+                                outcome.adjusted.push(Adjusted {
+                                    sku: item.sku.clone(),
+                                    qty: *q,
+                                });
+                            }
                             outcome.done.push(item.sku.clone());
                             skip.insert(item.sku.clone());
                         } else {
@@ -1904,7 +2162,15 @@ impl PortalAdapter for HttpAdapter {
                     }
                     let need = needed.get(&item.sku).map(Vec::as_slice);
                     match self.write_item(batch, item, &mut ids, need).await {
-                        Ok(()) => outcome.done.push(item.sku.clone()),
+                        Ok(lowered) => {
+                            if let Some(qty) = lowered {
+                                outcome.adjusted.push(Adjusted {
+                                    sku: item.sku.clone(),
+                                    qty,
+                                });
+                            }
+                            outcome.done.push(item.sku.clone());
+                        }
                         Err(e) => outcome.record(item.sku.clone(), e),
                     }
                 }
@@ -1928,7 +2194,7 @@ impl PortalAdapter for HttpAdapter {
                     let mut fields: Vec<Field> = batch
                         .items
                         .iter()
-                        .flat_map(|i| self.diff(i, shown.get(&i.sku)).0)
+                        .flat_map(|i| self.diff(i, shown.get(&i.sku), false).0)
                         .collect();
                     fields.sort();
                     fields.dedup();
@@ -2054,7 +2320,13 @@ impl PortalAdapter for HttpAdapter {
         let mut read = ReadBack::of(
             &batch.items,
             |sku| unread.get(sku),
-            |want| self.differs(want, shown.get(&want.sku)),
+            |want| {
+                self.differs(
+                    want,
+                    shown.get(&want.sku),
+                    self.compared(batch, &want.sku),
+                )
+            },
         );
         for d in &mut read.differing {
             d.detail = self.scrub(&d.detail);

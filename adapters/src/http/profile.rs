@@ -480,6 +480,36 @@ pub struct ProfileConfig {
     /// Body checks applied to every response.
     #[serde(default)]
     pub errors: Vec<ErrorRule>,
+    /// Compare-and-set stock: how the platform answers a stock write whose
+    /// `item.confirmed_qty` is not what it shows (endpoints with
+    /// `stock_policy = "compare_and_set"` need it).
+    #[serde(default)]
+    pub conflict: Option<ConflictConfig>,
+}
+
+/// The `conflict` table: a stock write's "compare failed" answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConflictConfig {
+    /// Statuses of a failed compare (e.g. `[409]`).
+    #[serde(default)]
+    pub statuses: Vec<u16>,
+    /// Or: a JSON path that matches a non-empty value in a failed compare's body (e.g. a
+    /// `userErrors` entry with code `COMPARE_QUANTITY_STALE` inside a 200).
+    #[serde(default)]
+    pub path: Option<String>,
+    /// JSON path of the quantity the platform shows, in the failed compare's answer
+    /// (absent: the item is read back to learn it).
+    #[serde(default)]
+    pub shown: Option<String>,
+}
+
+/// A compiled [`ConflictConfig`].
+#[derive(Debug)]
+pub(crate) struct CompiledConflict {
+    pub(crate) statuses: Vec<u16>,
+    pub(crate) path: Option<JsonPath>,
+    pub(crate) shown: Option<JsonPath>,
 }
 
 fn default_owns() -> Vec<Field> {
@@ -567,6 +597,7 @@ const ITEM_FIELDS: &[&str] = &[
     "min_qty",
     "id",
     "ids",
+    "confirmed_qty",
 ];
 /// Fields of `batch`.
 const BATCH_FIELDS: &[&str] = &["key", "snapshot", "index"];
@@ -682,6 +713,7 @@ pub struct Profile {
     pub(crate) read_pagination: Option<Pagination>,
     pub(crate) probe: Option<(CompiledRequest, Option<JsonPath>)>,
     pub(crate) errors: Vec<CompiledErrorRule>,
+    pub(crate) conflict: Option<CompiledConflict>,
 }
 
 /// The read-back's JSON paths, possibly templates (of endpoint settings).
@@ -1552,6 +1584,52 @@ impl<'a> Compiler<'a> {
                 message,
             });
         }
+        let conflict = match &config.conflict {
+            None => None,
+            Some(c) => {
+                if c.statuses.is_empty() && c.path.is_none() {
+                    return Err(perr(
+                        name,
+                        "conflict",
+                        "give `statuses` or `path`: how the platform says a compare failed",
+                    ));
+                }
+                if !owns.contains(&Field::Qty) {
+                    return Err(perr(name, "conflict", "the profile does not write qty"));
+                }
+                if write_mode != Mode::PerItem {
+                    return Err(perr(
+                        name,
+                        "conflict",
+                        "compare-and-set stock writes need mode = \"per_item\" (each item compares on its own)",
+                    ));
+                }
+                for (i, w) in write_list.iter().enumerate() {
+                    let writes_qty = w.fields.as_ref().is_none_or(|f| f.contains(&Field::Qty));
+                    let text = serde_json::to_string(&w.request).unwrap_or_default();
+                    if writes_qty && !text.contains("confirmed_qty") {
+                        return Err(perr(
+                            name,
+                            &format!("write[{i}].request"),
+                            "writes qty but does not send `item.confirmed_qty` (the quantity to compare with), which `conflict` needs",
+                        ));
+                    }
+                }
+                Some(CompiledConflict {
+                    statuses: c.statuses.clone(),
+                    path: c
+                        .path
+                        .as_deref()
+                        .map(|p| self.path("conflict.path", p))
+                        .transpose()?,
+                    shown: c
+                        .shown
+                        .as_deref()
+                        .map(|p| self.path("conflict.shown", p))
+                        .transpose()?,
+                })
+            }
+        };
         Ok(Profile {
             name: name.to_owned(),
             env: self.env,
@@ -1569,6 +1647,7 @@ impl<'a> Compiler<'a> {
             read_pagination,
             probe,
             errors,
+            conflict,
             config: ProfileConfig { owns, ..config },
         })
     }
@@ -1602,8 +1681,16 @@ fn lookup_field(config: &ProfileConfig, i: usize) -> String {
 }
 
 /// Endpoint settings with a meaning of their own (a profile cannot declare them).
-pub(crate) const RESERVED_SETTINGS: &[&str] =
-    &["profile", "owns", "mapping", "timeout_ms", "currency"];
+pub(crate) const RESERVED_SETTINGS: &[&str] = &[
+    "profile",
+    "owns",
+    "mapping",
+    "timeout_ms",
+    "currency",
+    "on_removed",
+    "stock_policy",
+    "on_conflict",
+];
 
 fn check_header_name(profile: &str, field: &str, h: &str) -> Result<(), ProfileError> {
     reqwest::header::HeaderName::from_bytes(h.as_bytes())
@@ -1658,6 +1745,8 @@ pub(crate) fn item_value(
         "min_qty": first.map(|t| t.min_qty),
         "id": ids.and_then(|i| i.get("id")),
         "ids": ids,
+        // Compare-and-set: set by a stock write that compares (else null).
+        "confirmed_qty": Value::Null,
     })
 }
 
@@ -1685,7 +1774,8 @@ fn sample_context(
         .iter()
         .map(|n| (n.clone(), format!("sample-{n}")))
         .collect();
-    let iv = item_value(&item, Some(&ids), decimals);
+    let mut iv = item_value(&item, Some(&ids), decimals);
+    iv["confirmed_qty"] = json!(5);
     let settings: serde_json::Map<String, Value> = settings
         .iter()
         .map(|s| (s.clone(), Value::String(format!("sample-{s}"))))
