@@ -479,6 +479,7 @@ impl PortalAdapter for RestAdapter {
             .rejected
             .into_iter()
             .map(|r| ItemRejection {
+                kept: false,
                 message: if r.error.is_empty() {
                     "refused by the portal (no reason given)".into()
                 } else {

@@ -212,6 +212,12 @@ pub struct ItemRejection {
     pub sku: String,
     /// What the platform said (no secrets).
     pub message: String,
+    /// Not refused by the platform, but left as it has it by the endpoint's policy
+    /// (compare-and-set stock with `on_conflict = "skip_and_alert"`: the shop sold some
+    /// since). Quarantined like a refusal, but it never counts toward a refusal of the
+    /// whole batch.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub kept: bool,
 }
 
 impl std::fmt::Display for Partial {

@@ -452,6 +452,10 @@ pub struct Quarantined {
     pub sku: String,
     /// What the endpoint said.
     pub reason: String,
+    /// Left as the endpoint has it by policy, not refused (see
+    /// [`crate::adapter::ItemRejection::kept`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub kept: bool,
 }
 
 /// An item refused in an [`Event::UploadPartial`].
@@ -463,6 +467,10 @@ pub struct Refused {
     pub sku: String,
     /// What the endpoint said.
     pub reason: String,
+    /// Left as the endpoint has it by policy, not refused (see
+    /// [`crate::adapter::ItemRejection::kept`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub kept: bool,
 }
 
 impl Progress {
@@ -844,14 +852,20 @@ impl EndpointSync {
                             item: r.item,
                             sku: r.sku.clone(),
                             reason: r.reason.clone(),
+                            kept: r.kept,
                         });
                     }
                 }
-                let refused_here = progress.refused_in(batch).len();
+                // Items left alone by policy say nothing of the endpoint.
+                let refused_here = progress
+                    .quarantined
+                    .iter()
+                    .filter(|q| q.batch == batch && !q.kept)
+                    .count();
                 if context.input.policy.refusal_is_systemic(refused_here, n) {
                     // Most of the batch refused: the endpoint, not the items, is the
                     // problem. A failed validation; the re-send carries every item again.
-                    let first = refused.first().map_or(String::new(), |r| {
+                    let first = refused.iter().find(|r| !r.kept).map_or(String::new(), |r| {
                         format!(" (first: {}: {})", r.sku, r.reason)
                     });
                     return failed(
@@ -1229,26 +1243,43 @@ impl Machine for EndpointSync {
         if after.len() > before.len() {
             const NAMED: usize = 3;
             let new = &after[before.len()..];
-            let named: Vec<String> = new
-                .iter()
-                .take(NAMED)
-                .map(|q| format!("{} ({})", q.sku, q.reason))
-                .collect();
-            let more = new.len().saturating_sub(NAMED);
-            notice.alerts.push(Alert {
-                kind: "item_quarantined",
-                level: AlertLevel::Warn,
-                message: format!(
-                    "endpoint {}: refused and quarantined (left as the endpoint has it; the rest goes on): {}{}",
-                    input.endpoint,
-                    named.join("; "),
-                    if more > 0 {
-                        format!("; and {more} more")
-                    } else {
-                        String::new()
-                    }
+            for (kept, kind, what) in [
+                (
+                    false,
+                    "item_quarantined",
+                    "refused and quarantined (left as the endpoint has it; the rest goes on)",
                 ),
-            });
+                (
+                    true,
+                    "stock_not_overwritten",
+                    "stock left as the shop has it, quarantined (it sold some since Bulwark's last write; on_conflict = skip_and_alert)",
+                ),
+            ] {
+                let these: Vec<&Quarantined> = new.iter().filter(|q| q.kept == kept).collect();
+                if these.is_empty() {
+                    continue;
+                }
+                let named: Vec<String> = these
+                    .iter()
+                    .take(NAMED)
+                    .map(|q| format!("{} ({})", q.sku, q.reason))
+                    .collect();
+                let more = these.len().saturating_sub(NAMED);
+                notice.alerts.push(Alert {
+                    kind,
+                    level: AlertLevel::Warn,
+                    message: format!(
+                        "endpoint {}: {what}: {}{}",
+                        input.endpoint,
+                        named.join("; "),
+                        if more > 0 {
+                            format!("; and {more} more")
+                        } else {
+                            String::new()
+                        }
+                    ),
+                });
+            }
         }
         // Transient failures that outlasted max_attempts count as a failed validation.
         let error = match event {

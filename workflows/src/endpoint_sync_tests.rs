@@ -1336,6 +1336,7 @@ fn refused(item: u32) -> Refused {
         item,
         sku: format!("S{item}"),
         reason: "price out of range".into(),
+        kept: false,
     }
 }
 

@@ -1247,9 +1247,9 @@ impl Effects<EndpointSync> for SyncEffects {
                                 .into_iter()
                                 .map(|(i, _)| i)
                                 .collect();
-                        let mut reasons: HashMap<String, String> = HashMap::new();
+                        let mut reasons: HashMap<String, (String, bool)> = HashMap::new();
                         for r in p.rejected {
-                            reasons.entry(r.sku).or_insert(r.message);
+                            reasons.entry(r.sku).or_insert((r.message, r.kept));
                         }
                         let mut refused: Vec<Refused> = Self::positions(
                             input,
@@ -1259,10 +1259,14 @@ impl Effects<EndpointSync> for SyncEffects {
                         )
                         .into_iter()
                         .filter(|(i, _)| !done.contains(*i))
-                        .map(|(item, sku)| Refused {
-                            item,
-                            reason: reasons.remove(&sku).unwrap_or_default(),
-                            sku,
+                        .map(|(item, sku)| {
+                            let (reason, kept) = reasons.remove(&sku).unwrap_or_default();
+                            Refused {
+                                item,
+                                reason,
+                                kept,
+                                sku,
+                            }
                         })
                         .collect();
                         refused.sort_by_key(|r| r.item);

@@ -49,7 +49,11 @@ struct ItemOutcomes {
 impl ItemOutcomes {
     fn record(&mut self, sku: String, e: AdapterError) {
         match e {
-            AdapterError::Rejected(message) => self.rejected.push(ItemRejection { sku, message }),
+            AdapterError::Rejected(message) => self.rejected.push(ItemRejection {
+                sku,
+                message,
+                kept: false,
+            }),
             e => {
                 if is_systemic(&e) && self.stop.is_none() {
                     self.stop = Some(e.clone());
@@ -1623,14 +1627,15 @@ impl HttpAdapter {
     }
 
     /// Write one item (every write request its `needed` fields need). Compare-and-set
-    /// stock: `Some(qty)` when the stock was written lowered, to `qty`.
+    /// stock: `Ok(Some(qty))` when the stock was written lowered, to `qty`; `Err(why)`
+    /// when it was left as the shop has it (`skip_and_alert`; the other writes went).
     async fn write_item(
         &self,
         batch: &Batch,
         item: &Item,
         ids: &mut HashMap<String, Ids>,
         needed: Option<&[Field]>,
-    ) -> AdapterResult<Option<i64>> {
+    ) -> AdapterResult<Result<Option<i64>, String>> {
         let key = Uuid::new_v5(&batch.key, item.sku.as_bytes());
         let cas = batch
             .cas
@@ -1638,10 +1643,16 @@ impl HttpAdapter {
             .copied()
             .filter(|_| self.compares_stock());
         let mut lowered = None;
+        // Stock left alone (skip_and_alert): the other writes (prices) still go; the item
+        // is then refused for its stock.
+        let mut skipped = None;
         for (j, w) in self.writes_for(needed) {
             let key = Self::request_key(key, j);
             match cas.filter(|_| w.fields.contains(&Field::Qty)) {
-                Some(cas) => lowered = self.write_compared(batch, item, ids, w, key, cas).await?,
+                Some(cas) => match self.write_compared(batch, item, ids, w, key, cas).await? {
+                    Ok(l) => lowered = l,
+                    Err(message) => skipped = Some(message),
+                },
                 None => match self.write_request(batch, item, ids, w, key, None).await {
                     Ok(()) => {}
                     Err(WriteErr::Other(e)) => return Err(e),
@@ -1651,11 +1662,15 @@ impl HttpAdapter {
                 },
             }
         }
-        Ok(lowered)
+        Ok(match skipped {
+            Some(message) => Err(message),
+            None => Ok(lowered),
+        })
     }
 
     /// Compare-and-set: write `item`'s stock only if the platform still shows what Bulwark
     /// last confirmed; when it does not, `on_conflict` decides (see [`OnConflict`]).
+    /// `Ok(Err(why))`: left as the shop has it (`skip_and_alert`).
     async fn write_compared(
         &self,
         batch: &Batch,
@@ -1664,7 +1679,7 @@ impl HttpAdapter {
         w: &super::profile::CompiledWrite,
         key: Uuid,
         cas: Cas,
-    ) -> AdapterResult<Option<i64>> {
+    ) -> AdapterResult<Result<Option<i64>, String>> {
         let mut compare = cas.compare;
         for round in 0..CAS_ROUNDS {
             let target = cas.target(item.qty, compare);
@@ -1682,7 +1697,7 @@ impl HttpAdapter {
                 .write_request(batch, &sent, ids, w, key, Some(compare))
                 .await
             {
-                Ok(()) => return Ok((target < item.qty).then_some(target)),
+                Ok(()) => return Ok(Ok((target < item.qty).then_some(target))),
                 Err(WriteErr::Other(e)) => return Err(e),
                 Err(WriteErr::Conflict(shown, message)) => {
                     let shown = match shown {
@@ -1691,7 +1706,7 @@ impl HttpAdapter {
                     };
                     tracing::info!(endpoint = %self.endpoint, sku = %item.sku, compared = compare, shown, erp = item.qty, "compare-and-set: the shop's stock moved since the last confirmed write");
                     if self.on_conflict == OnConflict::SkipAndAlert {
-                        return Err(AdapterError::Rejected(self.scrub(&format!(
+                        return Ok(Err(self.scrub(&format!(
                             "stock not overwritten: the shop shows {shown}, not the {compare} Bulwark last confirmed (on_conflict = \"skip_and_alert\"; the ERP has {}): {message}",
                             item.qty
                         ))));
@@ -2162,7 +2177,12 @@ impl PortalAdapter for HttpAdapter {
                     }
                     let need = needed.get(&item.sku).map(Vec::as_slice);
                     match self.write_item(batch, item, &mut ids, need).await {
-                        Ok(lowered) => {
+                        Ok(Err(message)) => outcome.rejected.push(ItemRejection {
+                            sku: item.sku.clone(),
+                            message,
+                            kept: true,
+                        }),
+                        Ok(Ok(lowered)) => {
                             if let Some(qty) = lowered {
                                 outcome.adjusted.push(Adjusted {
                                     sku: item.sku.clone(),

@@ -351,6 +351,7 @@ impl WebDriverAdapter {
             .map(|r| ItemRejection {
                 sku: r.sku.clone(),
                 message: redact(&format!("{head}: {}", r.message), &secrets),
+                kept: false,
             })
             .collect();
         let done = batch
