@@ -245,6 +245,24 @@ async fn compare_and_set_never_shows_more_than_the_shop_has() {
     assert!(audit.contains(": 0 finding(s)"), "{audit}");
 }
 
+/// `bulwark check --config cfg`, which must fail: what it printed.
+fn check_fails(cfg: &std::path::Path) -> String {
+    let out = bulwark()
+        .arg("check")
+        .arg("--config")
+        .arg(cfg)
+        .env(KEY_VAR, "k")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{text}");
+    text
+}
+
 #[test]
 fn compare_and_set_on_an_adapter_that_cannot_is_refused_naming_the_endpoint() {
     let dir = tempfile::tempdir().unwrap();
@@ -265,19 +283,7 @@ fn compare_and_set_on_an_adapter_that_cannot_is_refused_naming_the_endpoint() {
         ),
     )
     .unwrap();
-    let out = bulwark()
-        .arg("check")
-        .arg("--config")
-        .arg(&cfg)
-        .env(KEY_VAR, "k")
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(!out.status.success(), "{text}");
+    let text = check_fails(&cfg);
     assert!(
         text.contains("shop-x") && text.contains("no `conflict` table"),
         "{text}"
@@ -290,19 +296,7 @@ fn compare_and_set_on_an_adapter_that_cannot_is_refused_naming_the_endpoint() {
             .replace("compare_and_set", "compare-and-set"),
     )
     .unwrap();
-    let out = bulwark()
-        .arg("check")
-        .arg("--config")
-        .arg(&cfg)
-        .env(KEY_VAR, "k")
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(!out.status.success(), "{text}");
+    let text = check_fails(&cfg);
     assert!(
         text.contains("shop-x") && text.contains("stock_policy"),
         "{text}"
