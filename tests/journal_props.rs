@@ -485,13 +485,20 @@ fn check_transition(
         }
     }
     // New quarantine is alerted once, by kind: refused, or left alone by policy.
-    let new = if q1.len() > q0.len() { &q1[q0.len()..] } else { &[][..] };
+    let new = if q1.len() > q0.len() {
+        &q1[q0.len()..]
+    } else {
+        &[][..]
+    };
     prop_assert_eq!(
         notice.alerts.iter().any(|a| a.kind == "item_quarantined"),
         new.iter().any(|q| !q.kept)
     );
     prop_assert_eq!(
-        notice.alerts.iter().any(|a| a.kind == "stock_not_overwritten"),
+        notice
+            .alerts
+            .iter()
+            .any(|a| a.kind == "stock_not_overwritten"),
         new.iter().any(|q| q.kept)
     );
     if let Some(CircuitChange::Open {

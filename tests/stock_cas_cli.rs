@@ -149,7 +149,11 @@ async fn compare_and_set_never_shows_more_than_the_shop_has() {
     assert_eq!(qty(&sim, "abs", "K-002"), 8);
     // Prices went everywhere, also with the stock left alone.
     for ep in shops {
-        let k1 = sim.items(ep).into_iter().find(|i| i.sku == "K-001").unwrap();
+        let k1 = sim
+            .items(ep)
+            .into_iter()
+            .find(|i| i.sku == "K-001")
+            .unwrap();
         assert_eq!(k1.tiers[0].price_minor, 1051, "{ep}");
     }
     let quarantined = rows(
@@ -188,7 +192,11 @@ async fn compare_and_set_never_shows_more_than_the_shop_has() {
     // 3. Nothing changed: nothing is sent.
     let before = sim.stats().writes_applied;
     run_ok(&mut sync());
-    assert_eq!(sim.stats().writes_applied, before, "an unchanged snapshot sends nothing");
+    assert_eq!(
+        sim.stats().writes_applied,
+        before,
+        "an unchanged snapshot sends nothing"
+    );
 
     // 4. One more sale of K-000 at the cas shop, then its price changes in the ERP (its
     // quantity stays 12): the 3 already taken off are not taken off again, only the new

@@ -133,16 +133,28 @@ mod tests {
         assert_eq!(c.target(12, 10), 12, "nothing sold: the new ERP quantity");
         assert_eq!(c.target(12, 7), 9, "3 sold since: 12 - 3");
         assert_eq!(c.target(2, 7), 0, "never below 0");
-        assert_eq!(c.target(10, 6), 6, "the ERP did not move: what the shop shows");
+        assert_eq!(
+            c.target(10, 6),
+            6,
+            "the ERP did not move: what the shop shows"
+        );
         assert_eq!(c.target(12, 15), 12, "stock the shop gained is not added");
         // Last write was lowered: 7 for an ERP quantity of 10 (3 sold before it).
         let c = Cas {
             compare: 7,
             basis: 10,
         };
-        assert_eq!(c.target(10, 7), 7, "the 3 already taken off are not taken off again");
+        assert_eq!(
+            c.target(10, 7),
+            7,
+            "the 3 already taken off are not taken off again"
+        );
         assert_eq!(c.target(10, 5), 5, "2 more sold");
-        assert_eq!(c.target(20, 7), 20, "a new ERP quantity: nothing sold since");
+        assert_eq!(
+            c.target(20, 7),
+            20,
+            "a new ERP quantity: nothing sold since"
+        );
         assert_eq!(c.target(20, 4), 17, "a new ERP quantity less 3 sold since");
     }
 

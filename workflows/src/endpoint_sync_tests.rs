@@ -1652,7 +1652,11 @@ fn lowered_stock_writes_are_kept_across_batches_and_generations_until_done() {
         "{:?}",
         r.state
     );
-    assert_eq!(r.state.stock_shown().len(), 2, "kept for the re-send to compare with");
+    assert_eq!(
+        r.state.stock_shown().len(),
+        2,
+        "kept for the re-send to compare with"
+    );
     let t2 = apply(&inp, &r.state, ev(vec![written(2, 1, 5)]));
     let shown = t2.state.stock_shown();
     assert_eq!(shown.len(), 2);

@@ -895,9 +895,7 @@ impl Staging {
     /// Compare-and-set stock: per endpoint, the SKUs whose last confirmed write was
     /// lowered (the shop had sold some since the write before), with what the endpoint
     /// showed after it and the quantity it was written for.
-    pub async fn stock_shown(
-        &self,
-    ) -> Result<HashMap<String, Vec<(String, crate::catalog::Cas)>>> {
+    pub async fn stock_shown(&self) -> Result<HashMap<String, Vec<(String, crate::catalog::Cas)>>> {
         const SQL: &str = "SELECT endpoint_id, sku, compare, basis FROM endpoint_stock_shown
                            ORDER BY endpoint_id, sku";
         let rows: Vec<(String, String, i64, i64)> =

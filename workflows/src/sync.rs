@@ -1091,13 +1091,15 @@ impl SyncEffects {
                         basis: s.basis,
                     })
             });
-            let cas = own.or_else(|| input.cas.get(&item.sku).copied()).or_else(|| {
-                base.as_ref().and_then(|b| {
-                    b.binary_search_by(|i| i.sku.as_str().cmp(&item.sku))
-                        .ok()
-                        .map(|i| Cas::confirmed(b[i].qty))
-                })
-            });
+            let cas = own
+                .or_else(|| input.cas.get(&item.sku).copied())
+                .or_else(|| {
+                    base.as_ref().and_then(|b| {
+                        b.binary_search_by(|i| i.sku.as_str().cmp(&item.sku))
+                            .ok()
+                            .map(|i| Cas::confirmed(b[i].qty))
+                    })
+                });
             if let Some(cas) = cas {
                 out.insert(item.sku.clone(), cas);
             }
@@ -1219,7 +1221,10 @@ impl Effects<EndpointSync> for SyncEffects {
                     .progress()
                     .map(|p| p.upload_skips(batch))
                     .unwrap_or_default();
-                let (b, positions) = match self.batch(input, batch, key, &skip, state.progress()).await {
+                let (b, positions) = match self
+                    .batch(input, batch, key, &skip, state.progress())
+                    .await
+                {
                     Ok(b) => b,
                     Err(e) => {
                         tracing::error!(workflow = ctx.id, endpoint = %input.endpoint, error = %e, "cannot build batch");
@@ -1347,7 +1352,10 @@ impl Effects<EndpointSync> for SyncEffects {
                     .progress()
                     .map(|p| p.verify_skips(batch))
                     .unwrap_or_default();
-                let (b, positions) = match self.batch(input, batch, key, &skip, state.progress()).await {
+                let (b, positions) = match self
+                    .batch(input, batch, key, &skip, state.progress())
+                    .await
+                {
                     Ok(b) => b,
                     Err(e) => {
                         tracing::error!(workflow = ctx.id, endpoint = %input.endpoint, error = %e, "cannot build batch");

@@ -724,9 +724,9 @@ impl HttpAdapter {
         if op == "upload"
             && let Some(c) = &self.profile.conflict
             && (c.statuses.contains(&status)
-                || c.path.as_ref().is_some_and(|p| {
-                    p.query(json).all().into_iter().any(|v| !is_empty_value(v))
-                }))
+                || c.path
+                    .as_ref()
+                    .is_some_and(|p| p.query(json).all().into_iter().any(|v| !is_empty_value(v))))
         {
             let shown = c
                 .shown
@@ -2340,13 +2340,7 @@ impl PortalAdapter for HttpAdapter {
         let mut read = ReadBack::of(
             &batch.items,
             |sku| unread.get(sku),
-            |want| {
-                self.differs(
-                    want,
-                    shown.get(&want.sku),
-                    self.compared(batch, &want.sku),
-                )
-            },
+            |want| self.differs(want, shown.get(&want.sku), self.compared(batch, &want.sku)),
         );
         for d in &mut read.differing {
             d.detail = self.scrub(&d.detail);
