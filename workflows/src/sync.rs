@@ -337,10 +337,6 @@ pub fn endpoint_compares_stock(ep: &EndpointConfig) -> std::result::Result<bool,
 /// The endpoint setting naming its stock policy.
 pub const STOCK_POLICY_KEY: &str = "stock_policy";
 
-fn carried_sku(items: &[Item], sku: &str) -> bool {
-    items.binary_search_by(|i| i.sku.as_str().cmp(sku)).is_ok()
-}
-
 /// The SKUs in `a` or `b`, sorted, each once.
 pub(crate) fn sorted_union(a: &[String], b: &[String]) -> Vec<String> {
     let mut v: Vec<String> = a.iter().chain(b).cloned().collect();
@@ -582,7 +578,7 @@ pub(crate) async fn plan_endpoints<'a>(
                 .get(&ep.id)
                 .map(|rows| {
                     rows.iter()
-                        .filter(|(sku, _)| carried_sku(&items, sku))
+                        .filter(|(sku, _)| carried(sku))
                         .map(|(sku, c)| (sku.clone(), *c))
                         .collect()
                 })
