@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Output;
 
 use bulwark_adapters::simulator::{self, Fault, SimConfig};
-use bulwark_tests::{bulwark, run_ok};
+use bulwark_tests::{bulwark, run_code, run_ok};
 use bulwark_workflows::adapter::EndpointConfig;
 use bulwark_workflows::app::Bulwark;
 use bulwark_workflows::sync::SyncOptions;
@@ -88,12 +88,14 @@ async fn operator_commands_print_what_the_database_holds() {
     .unwrap();
     let portal = format!("http://{}", sim.addr());
     let sync_args = ["--portal-url", &portal, "--batch-size", "25"];
-    let synced = run_ok(
+    // A run that tripped an endpoint finished with work undone: status 1.
+    let synced = run_code(
         bulwark()
             .args(["sync", "--endpoints", "4"])
             .args(sync_args)
             .arg("--db")
             .arg(&db),
+        1,
     );
     assert!(
         synced.contains("run 2: snapshot 1, 4 endpoint(s) to sync"),

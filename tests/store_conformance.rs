@@ -895,3 +895,115 @@ async fn postgres_a_worker_stopped_inside_a_transaction_does_not_keep_its_workfl
     drop(stalled);
     f.done().await;
 }
+
+/// Claim `ids` as w1 and drive each to End in one transition.
+async fn end(store: &dyn Store, ids: &[i64]) {
+    let claimed = store.claim(&claim("w1", 60_000)).await.unwrap();
+    for id in ids {
+        let epoch = claimed
+            .iter()
+            .find(|c| c.id == *id)
+            .map(|c| c.epoch)
+            .unwrap_or_else(|| panic!("workflow {id} not claimed"));
+        let out = store
+            .append_batch(&[append(*id, 1, epoch, "End")])
+            .await
+            .unwrap();
+        assert!(matches!(out[0], AppendOutcome::Committed), "{out:?}");
+    }
+}
+
+/// Retention removes workflows of ended runs whole (journal, input, row), keeps the newest
+/// of each subject of the kinds it is told to, never touches a running run, and removes a
+/// run with its last workflow (but never the newest run).
+async fn prune_removes_ended_history_whole(backend: &Backend) {
+    let store = backend.store();
+    let r1 = store.create_run("sync", "{}").await.unwrap();
+    let w1 = store
+        .create_workflows(r1, &[new_wf("a"), new_wf("b")])
+        .await
+        .unwrap();
+    end(store.as_ref(), &w1).await;
+    assert!(store.finish_run(r1, "finished", None).await.unwrap());
+    let r2 = store.create_run("sync", "{}").await.unwrap();
+    let w2 = store.create_workflows(r2, &[new_wf("a")]).await.unwrap();
+    end(store.as_ref(), &w2).await;
+    assert!(store.finish_run(r2, "finished", None).await.unwrap());
+    let r3 = store.create_run("sync", "{}").await.unwrap();
+    let w3 = store.create_workflows(r3, &[new_wf("c")]).await.unwrap();
+    let rows_before = store.journal_len().await.unwrap();
+    assert_eq!(rows_before, 7);
+
+    // Nothing ended before a day ago.
+    let day_ago = bulwark_engine::now_ms() - 86_400_000;
+    let none = backend
+        .prune(&bulwark_engine::Retention {
+            keep_latest_of: vec!["toy".into()],
+            journal_before_ms: Some(day_ago),
+            alerts_before_ms: Some(day_ago),
+        })
+        .await
+        .unwrap();
+    assert_eq!(none, bulwark_engine::Pruned::default());
+
+    let after = bulwark_engine::now_ms() + 1;
+    let kept_latest = backend
+        .prune(&bulwark_engine::Retention {
+            keep_latest_of: vec!["toy".into()],
+            journal_before_ms: Some(after),
+            alerts_before_ms: None,
+        })
+        .await
+        .unwrap();
+    // Only run 1's `a` goes: run 2 has a newer one; `b` of run 1 is the newest of b.
+    assert_eq!(
+        (
+            kept_latest.workflows,
+            kept_latest.journal_rows,
+            kept_latest.runs
+        ),
+        (1, 2, 0)
+    );
+    assert!(store.journal(w1[0]).await.unwrap().is_empty());
+    assert_eq!(store.journal(w1[1]).await.unwrap().len(), 2);
+
+    let all = backend
+        .prune(&bulwark_engine::Retention {
+            keep_latest_of: Vec::new(),
+            journal_before_ms: Some(after),
+            alerts_before_ms: None,
+        })
+        .await
+        .unwrap();
+    // b of run 1 and a of run 2 go, and runs 1 and 2 with them; run 3 is running.
+    assert_eq!((all.workflows, all.journal_rows, all.runs), (2, 4, 2));
+    let runs: Vec<i64> = store.runs().await.unwrap().iter().map(|r| r.id).collect();
+    assert_eq!(runs, vec![r3]);
+    assert_eq!(store.journal(w3[0]).await.unwrap().len(), 1);
+    assert_eq!(store.journal_len().await.unwrap(), 1);
+    let left: Vec<i64> = store
+        .workflows(None, None)
+        .await
+        .unwrap()
+        .iter()
+        .map(|w| w.id)
+        .collect();
+    assert_eq!(left, w3);
+    backend.checkpoint().await.unwrap();
+}
+
+#[tokio::test]
+async fn sqlite_prune_removes_ended_history_whole() {
+    let f = sqlite().await;
+    prune_removes_ended_history_whole(&f.backend).await;
+    f.done().await;
+}
+
+#[tokio::test]
+async fn postgres_prune_removes_ended_history_whole() {
+    let Some(f) = postgres("prune_removes_ended_history_whole").await else {
+        return;
+    };
+    prune_removes_ended_history_whole(&f.backend).await;
+    f.done().await;
+}

@@ -35,6 +35,8 @@ pub(crate) struct Config {
     pub(crate) schedule: ScheduleSection,
     #[serde(default)]
     pub(crate) worker: WorkerSection,
+    #[serde(default)]
+    pub(crate) retention: RetentionSection,
     /// The legacy source read by scheduled snapshots.
     pub(crate) source: Option<SourceSection>,
     pub(crate) http: Option<HttpSection>,
@@ -219,6 +221,43 @@ pub(crate) struct ScheduleSection {
     /// When to reconcile: read every endpoint back and send drifted items again (in the
     /// run it enqueues, which also syncs towards the newest sealed snapshot).
     pub(crate) reconcile: Option<CronExpr>,
+    /// When to prune history older than `[retention]` keeps.
+    pub(crate) prune: Option<CronExpr>,
+}
+
+/// `[retention]`: days of history `bulwark prune` and the worker's `prune` schedule keep;
+/// 0 keeps that kind forever.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct RetentionSection {
+    /// Journals of finished runs (the newest sync of every endpoint is always kept).
+    journal_days: u32,
+    /// Alerts.
+    alert_days: u32,
+    /// Staged snapshots that nothing needs any more.
+    snapshot_days: u32,
+}
+
+impl Default for RetentionSection {
+    fn default() -> Self {
+        Self {
+            journal_days: 30,
+            alert_days: 30,
+            snapshot_days: 30,
+        }
+    }
+}
+
+impl RetentionSection {
+    /// The days to keep, `None` for forever.
+    pub(crate) fn days(&self) -> bulwark_workflows::app::RetentionDays {
+        let keep = |d: u32| (d > 0).then_some(d);
+        bulwark_workflows::app::RetentionDays {
+            journal_days: keep(self.journal_days),
+            alert_days: keep(self.alert_days),
+            snapshot_days: keep(self.snapshot_days),
+        }
+    }
 }
 
 /// `[worker]`: how `bulwark worker` holds and claims work (its flags override these).

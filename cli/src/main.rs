@@ -10,6 +10,7 @@ mod dry_run_cmd;
 mod ops;
 mod pause_cmd;
 mod progress;
+mod prune_cmd;
 mod reconcile_cmd;
 mod scope;
 mod serve;
@@ -31,11 +32,27 @@ use clap::{Parser, Subcommand};
 
 /// Bulwark keeps thousands of B2B endpoints in sync with a legacy catalog, durably.
 #[derive(Debug, Parser)]
-#[command(name = "bulwark", version, about)]
+#[command(name = "bulwark", version, about, after_help = AFTER_HELP)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
+
+/// The end of `bulwark --help`: the environment and the exit statuses.
+const AFTER_HELP: &str = "\
+Environment:
+  BULWARK_DB          the database (as --db)
+  BULWARK_CONFIG      the configuration file (as --config)
+  BULWARK_LOG         log filter on stderr: error, warn (default), info, debug, or
+                      per module (bulwark_workflows=debug,info)
+  BULWARK_LOG_FORMAT  json: one JSON object per log event (for collectors)
+  NO_COLOR            set: no colour in logs (never any when stderr is not a terminal)
+
+Exit status: 0 all done; 1 finished with work left undone (endpoints tripped or
+skipped, items quarantined, workflows refused or unfinished, findings); 2 usage;
+3 could not run (configuration, database, network); 130/143 stopped by SIGINT/SIGTERM.
+
+Shell completions: bulwark completions bash|zsh|fish; manual pages: bulwark man --dir DIR";
 
 #[derive(Debug, clap::Args, Clone)]
 pub(crate) struct DbArg {
@@ -48,11 +65,11 @@ pub(crate) struct DbArg {
 #[derive(Debug, clap::Args, Clone)]
 pub(crate) struct EndpointArgs {
     /// Number of simulated endpoints (ids ep-00001 …) served under --portal-url.
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 500, help_heading = DEMO_HEADING)]
     pub(crate) endpoints: u32,
     /// Base URL of the portal (the simulator serves /ep/{id}/…). Not needed when the
     /// endpoints come from --config.
-    #[arg(long)]
+    #[arg(long, help_heading = DEMO_HEADING)]
     pub(crate) portal_url: Option<String>,
     /// Configuration file (database, `[sync]` limits and policy, endpoints, adapter
     /// resources); see docs/configuration.md.
@@ -60,8 +77,47 @@ pub(crate) struct EndpointArgs {
     pub(crate) config: Option<PathBuf>,
 }
 
+/// Where `--help` lists the options of simulated endpoints, apart from production ones.
+const DEMO_HEADING: &str = "Simulated endpoints (demo, tests)";
+
 /// Default database path (a config file's `database` applies when --db is left at it).
 pub(crate) const DEFAULT_DB: &str = "bulwark-data/bulwark.db";
+
+/// The database of a command that needs no endpoints: --db, or the `database` of the
+/// configuration file (the same one `sync` and `worker` use, so every command agrees).
+#[derive(Debug, clap::Args, Clone)]
+pub(crate) struct StoreArgs {
+    #[command(flatten)]
+    pub(crate) db: DbArg,
+    /// Configuration file whose `database` to use when --db is not given (a relative
+    /// SQLite path there is relative to the file).
+    #[arg(long, env = "BULWARK_CONFIG")]
+    pub(crate) config: Option<PathBuf>,
+}
+
+impl StoreArgs {
+    /// The database these arguments name, with the configuration (if given) loaded.
+    pub(crate) fn load(&self) -> Result<(String, Option<config::Config>)> {
+        let config = match &self.config {
+            Some(path) => Some(config::Config::load(path)?),
+            None => None,
+        };
+        Ok((database(&self.db, config.as_ref()), config))
+    }
+
+    /// The database these arguments name.
+    pub(crate) fn database(&self) -> Result<String> {
+        Ok(self.load()?.0)
+    }
+}
+
+/// --db when given, else the configuration's `database`, else the default.
+pub(crate) fn database(db: &DbArg, config: Option<&config::Config>) -> String {
+    match (config.and_then(|c| c.database.as_ref()), db.db.as_str()) {
+        (Some(from_file), DEFAULT_DB) => from_file.clone(),
+        _ => db.db.clone(),
+    }
+}
 
 /// What a sync or worker runs with: database, endpoints, options and adapters.
 pub(crate) struct Setup {
@@ -78,10 +134,7 @@ pub(crate) struct Setup {
 pub(crate) async fn setup(db: &DbArg, endpoints: &EndpointArgs, sync: &SyncArgs) -> Result<Setup> {
     if let Some(path) = &endpoints.config {
         let config = config::Config::load(path)?;
-        let db = match (&config.database, db.db.as_str()) {
-            (Some(from_file), DEFAULT_DB) => from_file.clone(),
-            _ => db.db.clone(),
-        };
+        let db = database(db, Some(&config));
         ensure_db_parent(&db)?;
         let mut eps = config.endpoints();
         if let Some(url) = &endpoints.portal_url {
@@ -159,10 +212,12 @@ fn parse_on_removed(s: &str) -> std::result::Result<bulwark_workflows::staging::
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Generate a demo legacy database, snapshot it, start a local portal simulator and
-    /// sync every endpoint through the durable state machine.
+    /// Demo: generate a demo legacy database, snapshot it, start a local portal simulator
+    /// and sync every endpoint through the durable state machine.
+    #[command(display_order = 100)]
     Demo(demo::DemoArgs),
-    /// Create a demo legacy SQLite database.
+    /// Demo: create a demo legacy SQLite database.
+    #[command(display_order = 101)]
     GenerateLegacy {
         /// Path of the legacy database to (re)create.
         #[arg(long)]
@@ -180,7 +235,7 @@ enum Command {
         #[command(subcommand)]
         action: Option<snapshot_cmd::SnapshotAction>,
         #[command(flatten)]
-        db: DbArg,
+        db: StoreArgs,
         #[command(flatten)]
         args: snapshot_cmd::SnapshotArgs,
     },
@@ -230,6 +285,7 @@ enum Command {
     },
     /// Check a configuration file without syncing: load it and build every endpoint's
     /// adapter (reading tokens, certificates and profiles), then say what it found.
+    #[command(visible_alias = "check-config")]
     Check {
         /// The configuration file.
         #[arg(long, env = "BULWARK_CONFIG")]
@@ -254,7 +310,7 @@ enum Command {
         /// The run id.
         run: i64,
         #[command(flatten)]
-        db: DbArg,
+        db: StoreArgs,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -262,7 +318,8 @@ enum Command {
     /// Work on a shared database until SIGTERM/SIGINT: claim endpoint syncs of any run,
     /// keep their leases alive, drive them, finalize runs.
     Worker(worker::WorkerArgs),
-    /// Run the local portal simulator until interrupted.
+    /// Simulator: run the local portal simulator until interrupted.
+    #[command(display_order = 102)]
     Simulate {
         /// Address to listen on (loopback).
         #[arg(long, default_value = "127.0.0.1:8700")]
@@ -293,16 +350,18 @@ enum Command {
         #[arg(long)]
         no_idempotency: bool,
     },
-    /// Run the web-UI portal simulator (for the `webdriver` adapter) until SIGTERM/SIGINT;
-    /// optionally write its recipes to disk and serve its state as JSON.
+    /// Simulator: run the web-UI portal simulator (for the `webdriver` adapter) until
+    /// SIGTERM/SIGINT; optionally write its recipes to disk and serve its state as JSON.
+    #[command(display_order = 103)]
     SimulateWebui(webui_cmd::SimulateWebUiArgs),
-    /// Run the shop-API simulator (per-item REST, GraphQL per item and in bulk, a catalog
-    /// without a SKU filter; for `http` profiles) until SIGTERM/SIGINT.
+    /// Simulator: run the shop-API simulator (per-item REST, GraphQL per item and in bulk,
+    /// a catalog without a SKU filter; for `http` profiles) until SIGTERM/SIGINT.
+    #[command(display_order = 104)]
     SimulateApi(api_sim_cmd::SimulateApiArgs),
     /// Runs and per-state endpoint counts.
     Status {
         #[command(flatten)]
-        db: DbArg,
+        db: StoreArgs,
         /// Show the newest N runs (the rest are counted).
         #[arg(long, value_name = "N", default_value_t = 20)]
         limit: usize,
@@ -314,8 +373,12 @@ enum Command {
     /// command that writes also does it) and print the schema version.
     Migrate {
         #[command(flatten)]
-        db: DbArg,
+        db: StoreArgs,
     },
+    /// Remove history older than `[retention]` keeps (default 30 days): journals of finished
+    /// runs (the newest sync of every endpoint stays), alerts, staged snapshots nothing needs;
+    /// what each endpoint last confirmed always stays. `worker` does it on `[schedule] prune`.
+    Prune(prune_cmd::PruneArgs),
     #[command(flatten)]
     Ops(ops::Ops),
     /// Pause endpoints for every worker on the database (e.g. a platform's planned
@@ -329,7 +392,7 @@ enum Command {
     /// that finished with tripped endpoints (and whether the webhook got them).
     Alerts {
         #[command(flatten)]
-        db: DbArg,
+        db: StoreArgs,
         /// How many.
         #[arg(long, default_value_t = 50)]
         limit: i64,
@@ -341,7 +404,7 @@ enum Command {
     /// inconsistent transition. Exits 1 when something is found.
     Audit {
         #[command(flatten)]
-        db: DbArg,
+        db: StoreArgs,
         /// Retire every unfinished workflow with a problem as `Corrupt` (alerted; its
         /// journal is kept) and finish the runs waiting on it; the next sync plans those
         /// endpoints afresh from what they last confirmed.
@@ -354,8 +417,25 @@ enum Command {
     /// A live web dashboard (runs, endpoints, circuits, alerts, snapshots) and Prometheus
     /// `/metrics`, on 127.0.0.1 by default; a token is required anywhere else.
     Serve(serve::ServeArgs),
-    /// Workload W1: engine overhead against an in-process sink.
+    /// Benchmark: workload W1 (engine overhead against an in-process sink) and the others
+    /// of WORKLOADS.md; prints `name: value unit` lines.
+    #[command(display_order = 105)]
     Bench(bench::BenchArgs),
+    /// Print a shell completion script to standard output, e.g.
+    /// `bulwark completions bash > /etc/bash_completion.d/bulwark`.
+    #[command(display_order = 90)]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the manual pages (roff): `bulwark.1` and one per command into --dir, or
+    /// `bulwark.1` alone to standard output.
+    #[command(display_order = 91)]
+    Man {
+        /// Folder to write the pages into (created if missing).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 /// Endpoint configs for the simulated portal: `ep-00001` … under `{portal}/ep/{id}`.
@@ -516,14 +596,14 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
         }
         Command::Snapshot { action, db, args } => match action {
             Some(snapshot_cmd::SnapshotAction::Approve { id, db }) => {
-                return snapshot_cmd::approve(&db.db, id).await;
+                return snapshot_cmd::approve(&db.database()?, id).await;
             }
             None => {
                 // A snapshot writes each page in one transaction with its cursor: stopping
                 // between or inside pages loses nothing; the same command resumes it.
                 let interrupt = signals::Interrupt::listen("the snapshot", || {});
                 tokio::select! {
-                    r = snapshot_cmd::run(&db.db, args) => r?,
+                    r = snapshot_cmd::run(&db, args) => r?,
                     _ = interrupt.signalled() => {
                         eprintln!("snapshot stopped; run the same command to resume it from its cursor");
                     }
@@ -570,15 +650,16 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             }
             let report = report?;
             progress::print_summary(&report);
-            progress::print_quarantine(&app).await?;
+            let quarantined = progress::print_quarantine(&app, &report, false).await?;
             app.close().await;
             if let Some(code) = interrupt.exit_code() {
                 return Ok(code);
             }
-            let stale = report.plan.as_ref().is_some_and(|p| p.stale.is_some());
-            if !report.refused.is_empty() || report.unfinished > 0 || stale {
+            if report.plan.is_none() {
+                // No sealed snapshot, or earlier runs that could not finish: nothing synced.
                 return Ok(ExitCode::from(1));
             }
+            return Ok(progress::exit_code(&report, quarantined));
         }
         Command::Reconcile {
             db,
@@ -620,6 +701,7 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
                             "snapshot": loaded.schedule.snapshot.as_ref().map(|c| &c.0),
                             "sync": loaded.schedule.sync.as_ref().map(|c| &c.0),
                             "reconcile": loaded.schedule.reconcile.as_ref().map(|c| &c.0),
+                            "prune": loaded.schedule.prune.as_ref().map(|c| &c.0),
                         },
                     })
                 );
@@ -651,18 +733,18 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
                 .await;
             bar.finish();
             let report = report?;
-            if report.workflows == 0 {
+            let quarantined = if report.workflows == 0 {
                 println!("nothing to replay: no unfinished endpoint sync");
+                0
             } else {
                 progress::print_summary(&report);
-            }
+                progress::print_quarantine(&app, &report, false).await?
+            };
             app.close().await;
-            if !report.refused.is_empty() || report.unfinished > 0 {
-                return Ok(ExitCode::from(1));
-            }
+            return Ok(progress::exit_code(&report, quarantined));
         }
         Command::Cancel { run, db, json } => {
-            let app = Bulwark::open(&db.db, bulwark_adapters::default_registry()).await?;
+            let app = Bulwark::open(&db.database()?, bulwark_adapters::default_registry()).await?;
             let r = app.cancel(run).await;
             app.close().await;
             let r = r?;
@@ -717,7 +799,8 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
         }
         Command::Status { db, limit, json } => {
             let app =
-                Bulwark::open_for_reading(&db.db, bulwark_adapters::default_registry()).await?;
+                Bulwark::open_for_reading(&db.database()?, bulwark_adapters::default_registry())
+                    .await?;
             let status = app.status_of_runs(Some(limit)).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
@@ -726,13 +809,15 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             }
         }
         Command::Ops(op) => return ops::run(op).await,
+        Command::Prune(args) => prune_cmd::run(args).await?,
         Command::Migrate { db } => {
-            ensure_db_parent(&db.db)?;
-            let app = Bulwark::open(&db.db, bulwark_adapters::default_registry()).await?;
+            let db = db.database()?;
+            ensure_db_parent(&db)?;
+            let app = Bulwark::open(&db, bulwark_adapters::default_registry()).await?;
             let version = app.backend().schema_version().await?;
             println!(
                 "schema of {} is current: version {version}",
-                bulwark_engine::postgres::redact_url(&db.db)
+                bulwark_engine::postgres::redact_url(&db)
             );
             app.close().await;
         }
@@ -740,7 +825,8 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
         Command::Resume(args) => return pause_cmd::resume(args).await,
         Command::Alerts { db, limit, json } => {
             let app =
-                Bulwark::open_for_reading(&db.db, bulwark_adapters::default_registry()).await?;
+                Bulwark::open_for_reading(&db.database()?, bulwark_adapters::default_registry())
+                    .await?;
             let alerts = bulwark_engine::Store::alerts(app.store().as_ref(), limit).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&alerts)?);
@@ -753,10 +839,11 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
         }
         Command::Audit { db, repair, json } => {
             let registry = bulwark_adapters::default_registry();
+            let db = db.database()?;
             let app = if repair {
-                Bulwark::open(&db.db, registry).await?
+                Bulwark::open(&db, registry).await?
             } else {
-                Bulwark::open_for_reading(&db.db, registry).await?
+                Bulwark::open_for_reading(&db, registry).await?
             };
             let repaired = if repair {
                 Some(app.repair().await?)
@@ -821,6 +908,29 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
         Command::SimulateWebui(args) => webui_cmd::run(args).await?,
         Command::SimulateApi(args) => api_sim_cmd::run(args).await?,
         Command::Worker(args) => return worker::run(args).await,
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "bulwark",
+                &mut std::io::stdout(),
+            );
+        }
+        Command::Man { dir } => {
+            use clap::CommandFactory;
+            let cmd = Cli::command();
+            match dir {
+                Some(dir) => {
+                    std::fs::create_dir_all(&dir)
+                        .with_context(|| format!("creating {}", dir.display()))?;
+                    clap_mangen::generate_to(cmd, &dir)
+                        .with_context(|| format!("writing manual pages into {}", dir.display()))?;
+                    println!("manual pages written into {}", dir.display());
+                }
+                None => clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?,
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -9,7 +9,7 @@ use bulwark_engine::{Store, WorkflowRow};
 use bulwark_workflows::app::Bulwark;
 use serde::Serialize;
 
-use crate::{DbArg, chrono_ms};
+use crate::{StoreArgs, chrono_ms};
 
 /// Operator commands.
 #[derive(Debug, clap::Subcommand)]
@@ -17,7 +17,7 @@ pub(crate) enum Ops {
     /// Runs, newest first, with endpoint counts by state.
     Runs {
         #[command(flatten)]
-        db: DbArg,
+        db: StoreArgs,
         /// Only the newest N runs.
         #[arg(long, value_name = "N")]
         limit: Option<usize>,
@@ -30,7 +30,7 @@ pub(crate) enum Ops {
         /// The run id.
         id: i64,
         #[command(flatten)]
-        db: DbArg,
+        db: StoreArgs,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -38,7 +38,7 @@ pub(crate) enum Ops {
     /// Endpoints with their latest sync state.
     Endpoints {
         #[command(flatten)]
-        db: DbArg,
+        db: StoreArgs,
         /// Only endpoints in this state (any case).
         #[arg(long, ignore_case = true,
               value_parser = clap::builder::PossibleValuesParser::new(bulwark_workflows::endpoint_sync::STATE_NAMES))]
@@ -55,7 +55,7 @@ pub(crate) enum Ops {
         /// The endpoint id.
         id: String,
         #[command(flatten)]
-        db: DbArg,
+        db: StoreArgs,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -64,7 +64,7 @@ pub(crate) enum Ops {
     /// endpoint had them while the rest syncs: endpoint, SKU, snapshot, reason.
     Quarantine {
         #[command(flatten)]
-        db: DbArg,
+        db: StoreArgs,
         /// Only this endpoint's.
         #[arg(long)]
         endpoint: Option<String>,
@@ -76,7 +76,7 @@ pub(crate) enum Ops {
     /// change them (all of them, one endpoint's, or one SKU's).
     Retry {
         #[command(flatten)]
-        db: DbArg,
+        db: StoreArgs,
         /// Only this endpoint's.
         #[arg(long)]
         endpoint: Option<String>,
@@ -92,7 +92,7 @@ pub(crate) enum Ops {
         /// The endpoint id.
         id: String,
         #[command(flatten)]
-        db: DbArg,
+        db: StoreArgs,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -240,13 +240,13 @@ pub(crate) fn print_alerts(alerts: &[bulwark_engine::AlertRow], webhook: bool) {
     }
 }
 
-async fn open(db: &DbArg) -> Result<Bulwark> {
-    Ok(Bulwark::open(&db.db, bulwark_adapters::default_registry()).await?)
+async fn open(db: &StoreArgs) -> Result<Bulwark> {
+    Ok(Bulwark::open(&db.database()?, bulwark_adapters::default_registry()).await?)
 }
 
 /// Open for a command that only reads (works on a read-only database or a full disk).
-async fn open_read(db: &DbArg) -> Result<Bulwark> {
-    Ok(Bulwark::open_for_reading(&db.db, bulwark_adapters::default_registry()).await?)
+async fn open_read(db: &StoreArgs) -> Result<Bulwark> {
+    Ok(Bulwark::open_for_reading(&db.database()?, bulwark_adapters::default_registry()).await?)
 }
 
 /// Latest endpoint-sync workflow per endpoint.

@@ -8,7 +8,7 @@ use anyhow::{Result, bail};
 use bulwark_workflows::adapter::EndpointConfig;
 use bulwark_workflows::app::Bulwark;
 
-use crate::{DEFAULT_DB, DbArg};
+use crate::DbArg;
 
 /// Which endpoints a pause or resume names.
 #[derive(Debug, Clone, clap::Args)]
@@ -65,13 +65,7 @@ async fn resolve(targets: &Targets) -> Result<(String, Vec<String>)> {
         Some(path) => Some(crate::config::Config::load(path)?),
         None => None,
     };
-    let db = match (
-        config.as_ref().and_then(|c| c.database.clone()),
-        targets.db.db.as_str(),
-    ) {
-        (Some(from_file), DEFAULT_DB) => from_file,
-        _ => targets.db.db.clone(),
-    };
+    let db = crate::database(&targets.db, config.as_ref());
     let endpoints: Option<Vec<EndpointConfig>> = config.as_ref().map(|c| c.endpoints());
     let mut ids: Vec<String> = Vec::new();
     for id in &targets.ids {

@@ -291,9 +291,15 @@ fn human_ms(ms: i64) -> String {
 }
 
 /// One line on what endpoints refused, if they refused anything.
-pub(crate) async fn print_quarantine(app: &bulwark_workflows::app::Bulwark) -> anyhow::Result<()> {
+/// Print the quarantine, if any (unless `quiet`); return how many of its items this
+/// report's runs (the new one and those it resumed) quarantined.
+pub(crate) async fn print_quarantine(
+    app: &bulwark_workflows::app::Bulwark,
+    r: &SyncReport,
+    quiet: bool,
+) -> anyhow::Result<usize> {
     let q = app.quarantine().await?;
-    if !q.is_empty() {
+    if !q.is_empty() && !quiet {
         let endpoints: std::collections::BTreeSet<&str> =
             q.iter().map(|r| r.endpoint.as_str()).collect();
         println!(
@@ -302,7 +308,30 @@ pub(crate) async fn print_quarantine(app: &bulwark_workflows::app::Bulwark) -> a
             endpoints.len()
         );
     }
-    Ok(())
+    let runs = runs_of(r);
+    Ok(q.iter().filter(|row| runs.contains(&row.run)).count())
+}
+
+/// The runs a report covers: the one it planned and those it resumed.
+fn runs_of(r: &SyncReport) -> Vec<i64> {
+    let mut runs = r.resumed_runs.clone();
+    runs.extend(r.plan.as_ref().and_then(|p| p.run));
+    runs
+}
+
+/// The exit status of a finished sync, replay or reconcile (the table in README.md):
+/// 1 when work was left undone — an endpoint tripped or skipped with its circuit open,
+/// items quarantined by these runs, workflows refused or unfinished, no sealed snapshot
+/// to sync from, or one too old to push — and 0 when everything was done.
+pub(crate) fn exit_code(r: &SyncReport, quarantined: usize) -> std::process::ExitCode {
+    let count = |s: &str| r.by_status.get(s).copied().unwrap_or(0);
+    let stale = r.plan.as_ref().is_some_and(|p| p.stale.is_some());
+    let undone = count("Tripped") + count("Skipped") + quarantined + r.refused.len() + r.unfinished;
+    if undone > 0 || stale {
+        std::process::ExitCode::from(1)
+    } else {
+        std::process::ExitCode::SUCCESS
+    }
 }
 
 pub(crate) fn print_summary_worker(r: &SyncReport) {

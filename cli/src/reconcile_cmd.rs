@@ -25,6 +25,7 @@ pub(crate) async fn run(
             return Ok(ExitCode::from(1));
         };
         report(&found, json);
+        let mut code = ExitCode::SUCCESS;
         match plan.run {
             Some(run) => {
                 println!(
@@ -32,13 +33,13 @@ pub(crate) async fn run(
                     plan.snapshot, plan.workflows, plan.repairs
                 );
                 if wait.wait {
-                    crate::worker::wait_for_run(&app, run, wait).await?;
+                    code = crate::worker::wait_for_run(&app, run, wait).await?;
                 }
             }
             None => println!("nothing to send"),
         }
         app.close().await;
-        return Ok(ExitCode::SUCCESS);
+        return Ok(code);
     }
     let alerts = crate::worker::AlertDelivery::start(setup.config.as_ref(), &setup.db).await?;
     let app = Bulwark::open(&setup.db, setup.registry).await?;
@@ -63,16 +64,13 @@ pub(crate) async fn run(
     }
     if !json {
         crate::progress::print_summary(&result);
-        crate::progress::print_quarantine(&app).await?;
     }
+    let quarantined = crate::progress::print_quarantine(&app, &result, json).await?;
     app.close().await;
     if let Some(code) = interrupt.exit_code() {
         return Ok(code);
     }
-    if !result.refused.is_empty() || result.unfinished > 0 {
-        return Ok(ExitCode::from(1));
-    }
-    Ok(ExitCode::SUCCESS)
+    Ok(crate::progress::exit_code(&result, quarantined))
 }
 
 /// Print what the read-back found.

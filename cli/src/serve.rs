@@ -26,14 +26,14 @@ use bulwark_workflows::app::Bulwark;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::DbArg;
+use crate::StoreArgs;
 use crate::ops::{endpoint_history, latest, line};
 
 /// Options of `bulwark serve`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct ServeArgs {
     #[command(flatten)]
-    db: DbArg,
+    db: StoreArgs,
     /// Address to listen on. Anything but loopback requires a token.
     #[arg(long, default_value = "127.0.0.1:8800")]
     listen: SocketAddr,
@@ -94,7 +94,7 @@ async fn process_metrics(State(ctx): State<Shared>) -> Response {
 
 pub(crate) async fn run(args: ServeArgs) -> Result<()> {
     let token = token_for(args.listen, &args.token_env)?;
-    let app = Bulwark::open(&args.db.db, bulwark_adapters::default_registry()).await?;
+    let app = Bulwark::open(&args.db.database()?, bulwark_adapters::default_registry()).await?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -467,8 +467,11 @@ mod tests {
     async fn off_loopback_without_a_token_it_refuses_to_start() {
         let dir = tempfile::tempdir().unwrap();
         let err = run(ServeArgs {
-            db: DbArg {
-                db: dir.path().join("b.db").display().to_string(),
+            db: crate::StoreArgs {
+                db: crate::DbArg {
+                    db: dir.path().join("b.db").display().to_string(),
+                },
+                config: None,
             },
             listen: "0.0.0.0:0".parse().unwrap(),
             token_env: "BULWARK_TEST_UNSET_TOKEN_VARIABLE".into(),

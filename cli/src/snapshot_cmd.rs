@@ -80,7 +80,7 @@ pub(crate) enum SnapshotAction {
         /// The snapshot id (`bulwark status` or `bulwark alerts` name it).
         id: i64,
         #[command(flatten)]
-        db: crate::DbArg,
+        db: crate::StoreArgs,
     },
 }
 
@@ -296,8 +296,26 @@ impl SnapshotArgs {
 
 /// Run `bulwark snapshot`: resume this source's unfinished snapshot or start one, drive it
 /// to the end, print what it cost the source.
-pub(crate) async fn run(db: &str, args: SnapshotArgs) -> Result<()> {
-    let plan = args.plan()?;
+///
+/// With `--config` and no `--source-url`/`--legacy`, the file's `[source]` is the snapshot
+/// (all of it: the flags that shape a read are then not used).
+pub(crate) async fn run(store: &crate::StoreArgs, args: SnapshotArgs) -> Result<()> {
+    let (db, config) = store.load()?;
+    let plan = match &config {
+        Some(c) if args.legacy.is_none() && args.source_url.is_none() => match &c.source {
+            Some(source) => source.plan(c.dir())?,
+            None => bail!(
+                "{} has no [source]; give the source with --source-url URL (or --legacy PATH)",
+                store
+                    .config
+                    .as_deref()
+                    .unwrap_or(std::path::Path::new(""))
+                    .display()
+            ),
+        },
+        _ => args.plan()?,
+    };
+    let db = db.as_str();
     crate::ensure_db_parent(db)?;
     let app = Bulwark::open(db, bulwark_adapters::default_registry()).await?;
     let r = take(&app, &plan).await;

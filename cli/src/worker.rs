@@ -139,7 +139,8 @@ impl AlertDelivery {
     }
 }
 
-/// The configured schedules (`[schedule]`), firing snapshots of `[source]` and sync runs.
+/// The configured schedules (`[schedule]`), firing snapshots of `[source]`, sync and
+/// reconcile runs, and prunes.
 fn schedules(
     config: &Config,
     registry: bulwark_workflows::adapter::AdapterRegistry,
@@ -158,6 +159,10 @@ fn schedules(
     if let Some(c) = &config.schedule.reconcile {
         list.push(Schedule::new("reconcile", &c.0).map_err(anyhow::Error::msg)?);
     }
+    if let Some(c) = &config.schedule.prune {
+        list.push(Schedule::new("prune", &c.0).map_err(anyhow::Error::msg)?);
+    }
+    let retention = config.retention.days();
     if list.is_empty() {
         return Ok(None);
     }
@@ -201,6 +206,10 @@ fn schedules(
                             }
                         }
                     }
+                    "prune" => match app.prune(&retention).await {
+                        Ok(r) => eprintln!("scheduled prune: {}", crate::prune_cmd::summary(&r)),
+                        Err(e) => tracing::error!(error = %e, "scheduled prune failed"),
+                    },
                     "reconcile" => match app.enqueue_reconcile(&endpoints, &options).await {
                         Ok(Some((plan, found))) => {
                             let drifted: usize = found.iter().map(|f| f.drifted.len()).sum();
@@ -416,18 +425,22 @@ pub(crate) async fn enqueue(
         "run {run} enqueued: snapshot {}, {} endpoint(s) to sync, {} up to date, {} batches",
         plan.snapshot, plan.workflows, plan.up_to_date, plan.batches
     );
-    if wait.wait {
-        wait_for_run(&app, run, wait).await?;
-    }
+    let code = if wait.wait {
+        wait_for_run(&app, run, wait).await?
+    } else {
+        ExitCode::SUCCESS
+    };
     app.close().await;
-    Ok(ExitCode::SUCCESS)
+    Ok(code)
 }
 
-/// Wait until the workers have finished `run`, then print its final states.
+/// Wait until the workers have finished `run`, then print its final states; the exit
+/// status is 1 when the run left work undone (endpoints tripped, skipped with an open
+/// circuit or corrupt, items quarantined by it), as `sync` on SQLite says.
 ///
 /// Gives up (an error naming the run) once no worker has been live for
 /// `wait.wait_no_worker_secs`: nothing would ever finish it otherwise.
-pub(crate) async fn wait_for_run(app: &Bulwark, run: i64, wait: &WaitArgs) -> Result<()> {
+pub(crate) async fn wait_for_run(app: &Bulwark, run: i64, wait: &WaitArgs) -> Result<ExitCode> {
     let store = app.store();
     let patience = Duration::from_secs(wait.wait_no_worker_secs);
     let mut alone_since: Option<std::time::Instant> = None;
@@ -467,5 +480,23 @@ pub(crate) async fn wait_for_run(app: &Bulwark, run: i64, wait: &WaitArgs) -> Re
     let counts = store.status_counts(Some(run)).await?;
     let states: Vec<String> = counts.iter().map(|(k, v)| format!("{k}={v}")).collect();
     println!("run {run} finished: {}", states.join(" "));
-    Ok(())
+    let quarantined = app
+        .quarantine()
+        .await?
+        .iter()
+        .filter(|q| q.run == run)
+        .count();
+    if quarantined > 0 {
+        println!("  {quarantined} item(s) quarantined (`bulwark quarantine`)");
+    }
+    let undone = counts
+        .iter()
+        .filter(|(state, _)| matches!(state.as_str(), "Tripped" | "Skipped" | "Corrupt"))
+        .map(|(_, n)| *n)
+        .sum::<i64>();
+    Ok(if undone > 0 || quarantined > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }

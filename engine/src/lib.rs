@@ -36,6 +36,7 @@ pub mod journal;
 pub mod machine;
 pub mod postgres;
 pub mod presence;
+pub mod retention;
 pub mod runtime;
 pub mod schedule;
 pub mod sqlite;
@@ -47,6 +48,7 @@ pub use error::{EngineError, Result};
 pub use journal::{Journal, JournalConfig};
 pub use machine::{Alert, Machine, Notice, Transition, TransitionError};
 pub use postgres::PostgresStore;
+pub use retention::{Pruned, Retention};
 pub use runtime::{Effects, RunOutcome, Runtime, RuntimeConfig, WorkOptions, WorkflowCtx};
 pub use sqlite::SqliteStore;
 pub use store::{

@@ -128,6 +128,20 @@ pub fn run_ok(cmd: &mut std::process::Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Run `cmd`, require exit status `code`, and return its standard output: for a sync that
+/// finishes with work left undone (tripped endpoints, quarantined items: status 1).
+pub fn run_code(cmd: &mut std::process::Command, code: i32) -> String {
+    let out = cmd.output().expect("spawn bulwark");
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "{cmd:?}: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A child process killed (SIGKILL) and reaped when the test ends, pass or fail.
 pub struct KillOnDrop(pub std::process::Child);
 

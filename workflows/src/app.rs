@@ -12,7 +12,7 @@ use bulwark_engine::{
     Backend, Journal, JournalConfig, Machine, RunOutcome, Runtime, RuntimeConfig, Store,
     WorkOptions, WorkflowCtx,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::adapter::{AdapterRegistry, EndpointConfig, PortalAdapter};
 use crate::endpoint_sync::{EndpointSync, State};
@@ -115,6 +115,44 @@ enum Planning {
     Sync,
     /// A reconcile, then its repairing sync run.
     Reconcile,
+}
+
+/// How many days of each kind of history [`Bulwark::prune`] keeps (`None`: forever).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetentionDays {
+    /// Journals of finished runs.
+    pub journal_days: Option<u32>,
+    /// Alerts.
+    pub alert_days: Option<u32>,
+    /// Staged snapshots (only those nothing needs any more).
+    pub snapshot_days: Option<u32>,
+}
+
+impl Default for RetentionDays {
+    fn default() -> Self {
+        Self {
+            journal_days: Some(30),
+            alert_days: Some(30),
+            snapshot_days: Some(30),
+        }
+    }
+}
+
+/// What [`Bulwark::prune`] removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct PruneReport {
+    /// Workflows removed with their journals.
+    pub workflows: u64,
+    /// Journal rows removed.
+    pub journal_rows: u64,
+    /// Runs removed.
+    pub runs: u64,
+    /// Alerts removed.
+    pub alerts: u64,
+    /// Staged snapshots removed.
+    pub snapshots: u64,
+    /// Their items.
+    pub snapshot_items: u64,
 }
 
 /// What a call to [`Bulwark::sync`] did.
@@ -426,6 +464,17 @@ impl Bulwark {
         registry: AdapterRegistry,
     ) -> Result<Self> {
         let url = location.as_ref().to_string_lossy().into_owned();
+        // Reading never creates a database: a mistyped path (or one relative to another
+        // working directory) would otherwise read as an empty history.
+        let is_url = url.starts_with("postgres://") || url.starts_with("postgresql://");
+        let path = Path::new(url.strip_prefix("sqlite://").unwrap_or(&url));
+        if !is_url && !path.exists() {
+            return Err(bulwark_engine::EngineError::Other(format!(
+                "no database at {}: check --db (or the configuration's `database`, relative to its file); `bulwark migrate --db PATH` creates an empty one",
+                path.display()
+            ))
+            .into());
+        }
         match Backend::open(&url).await {
             Ok(backend) => Ok(Self::over(backend, registry)),
             Err(
@@ -1007,6 +1056,38 @@ impl Bulwark {
                 .await?,
         );
         Ok(report)
+    }
+
+    /// Remove history older than `keep` allows (`bulwark prune`, the worker's `prune`
+    /// schedule): journals of runs that ended before the cutoff (the newest sync of every
+    /// endpoint stays; snapshot journals go, the snapshots themselves are kept as long as
+    /// they are needed), alerts, and staged snapshots no endpoint's state or running run
+    /// needs; then checkpoint SQLite's write-ahead log. What each endpoint last confirmed
+    /// is never removed, and what stays audits clean.
+    pub async fn prune(&self, keep: &RetentionDays) -> Result<PruneReport> {
+        let now = bulwark_engine::now_ms();
+        let cutoff = |days: Option<u32>| days.map(|d| now - i64::from(d) * 86_400_000);
+        let engine = self
+            .backend
+            .prune(&bulwark_engine::Retention {
+                keep_latest_of: vec![crate::endpoint_sync::EndpointSync::KIND.to_string()],
+                journal_before_ms: cutoff(keep.journal_days),
+                alerts_before_ms: cutoff(keep.alert_days),
+            })
+            .await?;
+        let (snapshots, snapshot_items) = match cutoff(keep.snapshot_days) {
+            Some(before) => self.staging.prune_snapshots(before).await?,
+            None => (0, 0),
+        };
+        self.backend.checkpoint().await?;
+        Ok(PruneReport {
+            workflows: engine.workflows,
+            journal_rows: engine.journal_rows,
+            runs: engine.runs,
+            alerts: engine.alerts,
+            snapshots,
+            snapshot_items,
+        })
     }
 
     /// Retire every unfinished workflow the audit finds a problem in (and no live lease

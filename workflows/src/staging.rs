@@ -588,6 +588,86 @@ impl Staging {
         Ok(rows)
     }
 
+    /// Remove staged snapshots that started before `before_ms` and that nothing needs any
+    /// more; returns (snapshots, items) removed. Kept whatever their age: the newest sealed
+    /// snapshot of each source (the next snapshot compares with it and carries rejected rows
+    /// from it), every snapshot that is not sealed or aborted (filling, held for approval),
+    /// the sealed one just before each of those, every snapshot an endpoint's state names
+    /// (confirmed, unsettled, quarantined, reconciled: the base of its next diff), and the
+    /// target of every run still running.
+    pub async fn prune_snapshots(&self, before_ms: i64) -> Result<(u64, u64)> {
+        let snapshots = self.snapshots().await?;
+        let mut keep: std::collections::BTreeSet<i64> = std::collections::BTreeSet::new();
+        let mut newest: std::collections::BTreeMap<&str, i64> = std::collections::BTreeMap::new();
+        for s in &snapshots {
+            if s.status == "sealed" {
+                let n = newest.entry(s.source.as_str()).or_insert(s.id);
+                *n = (*n).max(s.id);
+            }
+        }
+        keep.extend(newest.values());
+        for s in snapshots
+            .iter()
+            .filter(|s| s.status != "sealed" && s.status != "aborted")
+        {
+            keep.insert(s.id);
+            if let Some(before) = snapshots
+                .iter()
+                .filter(|p| p.status == "sealed" && p.id < s.id)
+                .map(|p| p.id)
+                .max()
+            {
+                keep.insert(before);
+            }
+        }
+        const NAMED: &str = "SELECT snapshot_id FROM endpoint_confirmed
+             UNION SELECT snapshot_id FROM endpoint_unsettled
+             UNION SELECT snapshot_id FROM endpoint_quarantine
+             UNION SELECT snapshot_id FROM endpoint_reconcile WHERE snapshot_id IS NOT NULL";
+        let named: Vec<i64> = on_db!(self.db, |pool| sqlx::query_scalar(NAMED)
+            .fetch_all(pool)
+            .await?);
+        keep.extend(named);
+        const RUNNING: &str = "SELECT params_json FROM runs WHERE status = 'running'";
+        let running: Vec<String> = on_db!(self.db, |pool| sqlx::query_scalar(RUNNING)
+            .fetch_all(pool)
+            .await?);
+        for params in running {
+            let v: serde_json::Value = serde_json::from_str(&params).unwrap_or_default();
+            if let Some(id) = v.get("snapshot").and_then(serde_json::Value::as_i64) {
+                keep.insert(id);
+            }
+        }
+        let (mut removed, mut items) = (0, 0);
+        for s in snapshots
+            .iter()
+            .filter(|s| s.started_at < before_ms && !keep.contains(&s.id))
+        {
+            let id = s.id;
+            let n = on_db!(self.db, |pool| {
+                let mut tx = pool.begin().await?;
+                let n = sqlx::query("DELETE FROM snapshot_items WHERE snapshot_id = $1")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                sqlx::query("DELETE FROM snapshot_rejects WHERE snapshot_id = $1")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("DELETE FROM snapshots WHERE id = $1")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                n
+            });
+            removed += 1;
+            items += n;
+        }
+        Ok((removed, items))
+    }
+
     /// A snapshot's items, sorted by SKU (byte order, whatever the database's collation).
     pub async fn items(&self, snapshot: i64) -> Result<Vec<Item>> {
         const SQL: &str = "SELECT sku, qty, tiers_json FROM snapshot_items WHERE snapshot_id = $1";
