@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use bulwark_adapters::simulator::{self, SimConfig};
 use bulwark_engine::Backend;
-use bulwark_tests::{KillOnDrop, bulwark, run_ok};
+use bulwark_tests::{KillOnDrop, bulwark, run_code, run_ok};
 
 /// Start `bulwark sync` against the simulator and SIGKILL it once some endpoint syncs
 /// are done and some are not.
@@ -237,7 +237,8 @@ async fn json_logs_on_request_carry_the_alerts() {
         .env("BULWARK_LOG_FORMAT", "json")
         .output()
         .unwrap();
-    assert!(out.status.success());
+    // ep-00002 tripped: finished with work undone.
+    assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     let events: Vec<serde_json::Value> = stderr
         .lines()
@@ -257,15 +258,6 @@ async fn json_logs_on_request_carry_the_alerts() {
             .contains("opened after 3")
     );
     sim.shutdown().await.unwrap();
-}
-
-/// The value of the first sample line `name` (labels included) in a Prometheus text.
-fn sample(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no sample {name} in:\n{text}"))
-        .parse()
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -323,48 +315,66 @@ async fn a_worker_serves_its_own_metrics() {
     );
     bulwark_tests::wait_for_port(port);
     let url = format!("http://127.0.0.1:{port}/metrics");
-    let before = get_text(&url).await;
-    assert_eq!(sample(&before, "bulwark_journal_commit_seconds_count"), 0.0);
+    let before = bulwark_tests::parse_openmetrics(&get_text(&url).await);
+    assert_eq!(before["bulwark_journal_commit_seconds_count"], 0.0);
+    assert_eq!(before["bulwark_build_info{version=\"0.1.0\"}"], 1.0);
 
-    let out = run_ok(
+    // One endpoint tripped: the run finished with work undone, status 1.
+    let out = run_code(
         bulwark()
             .args(["sync", "--wait", "--db", &db])
             .args(endpoint_args),
+        1,
     );
     assert!(out.contains("Done=4 Tripped=1"), "{out}");
     let text = get_text(&url).await;
+    let m = bulwark_tests::parse_openmetrics(&text);
     // 250 items in batches of 100: 3 batches to each of 4 healthy endpoints; the broken
     // one's first batch fails validation 3 times, each a difference read twice (a first
     // difference is read again before it counts).
     assert_eq!(
-        sample(&text, "bulwark_batches_total{outcome=\"verified\"}"),
-        12.0,
+        m["bulwark_batches_total{outcome=\"verified\"}"], 12.0,
         "{text}"
     );
     assert_eq!(
-        sample(&text, "bulwark_batches_total{outcome=\"mismatch\"}"),
-        6.0,
+        m["bulwark_batches_total{outcome=\"mismatch\"}"], 6.0,
         "{text}"
     );
     assert_eq!(
-        sample(&text, "bulwark_adapter_calls_total{call=\"upload\"}"),
-        15.0,
+        m["bulwark_adapter_calls_total{call=\"upload\"}"], 15.0,
         "{text}"
     );
-    assert_eq!(sample(&text, "bulwark_effects_in_flight"), 0.0, "{text}");
-    let commits = sample(&text, "bulwark_journal_commit_seconds_count");
+    assert_eq!(m["bulwark_effects_in_flight"], 0.0, "{text}");
+    assert_eq!(m["bulwark_lease_takeovers_total"], 0.0, "{text}");
+    let commits = m["bulwark_journal_commit_seconds_count"];
     assert!(commits > 0.0, "{text}");
     assert_eq!(
-        sample(&text, "bulwark_journal_commit_seconds_bucket{le=\"+Inf\"}"),
+        m["bulwark_journal_commit_seconds_bucket{le=\"+Inf\"}"],
         commits
     );
-    assert!(sample(&text, "bulwark_journal_commit_seconds_sum") > 0.0);
+    assert!(m["bulwark_journal_commit_seconds_sum"] > 0.0);
+    assert!(m["bulwark_journal_appends_total{outcome=\"committed\"}"] > 0.0);
+    // Every adapter call is timed, by adapter and outcome: 15 uploads and the verifies
+    // (12 + 6, and the broken endpoint's verifies count as calls that answered).
+    let calls: f64 = m
+        .iter()
+        .filter(|(k, _)| k.starts_with("bulwark_adapter_call_seconds_count{"))
+        .map(|(_, v)| v)
+        .sum();
+    let counted: f64 = ["upload", "verify", "probe", "read_back"]
+        .iter()
+        .map(|c| m[&format!("bulwark_adapter_calls_total{{call=\"{c}\"}}")])
+        .sum();
+    assert_eq!(calls, counted, "{text}");
     assert!(
-        sample(
-            &text,
-            "bulwark_journal_appends_total{outcome=\"committed\"}"
-        ) > 0.0
+        m["bulwark_adapter_call_seconds_count{adapter=\"rest\",outcome=\"ok\"}"] >= 27.0,
+        "{text}"
     );
+    // Health without the token rule (there is none on loopback here) and readiness.
+    let health = format!("http://127.0.0.1:{port}/healthz");
+    assert_eq!(get_text(&health).await.trim(), "ok");
+    let ready = format!("http://127.0.0.1:{port}/readyz");
+    assert_eq!(get_text(&ready).await.trim(), "ready");
 
     run_ok(std::process::Command::new("kill").args(["-TERM", &worker.0.id().to_string()]));
     assert!(worker.0.wait().unwrap().success());

@@ -7,10 +7,10 @@
 //!
 //! Routes: `/` (dashboard), `/api/overview` (runs with progress, snapshots, circuits,
 //! alerts), `/api/endpoints?state=S&q=TEXT`, `/api/endpoint/{id}` (runs, journal
-//! timeline, circuit), `/metrics` (Prometheus text format).
+//! timeline, circuit), `/metrics` (OpenMetrics text), and, without a token, `/healthz`
+//! (the process answers) and `/readyz` (the database answers and no schedule is overdue).
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -45,13 +45,48 @@ pub(crate) struct ServeArgs {
 struct Ctx {
     app: Bulwark,
     token: Option<String>,
+    /// The configured schedules `/readyz` checks (none without a configuration).
+    schedules: Vec<bulwark_engine::schedule::Schedule>,
 }
 
 type Shared = Arc<Ctx>;
 
+/// A schedule whose tick passed longer ago than this without firing is overdue.
+const OVERDUE_AFTER_MS: i64 = 120_000;
+
+/// The schedules of `config` (`[schedule]`), for `/readyz`.
+pub(crate) fn schedules_of(
+    config: Option<&crate::config::Config>,
+) -> Result<Vec<bulwark_engine::schedule::Schedule>> {
+    let Some(c) = config else {
+        return Ok(Vec::new());
+    };
+    let s = &c.schedule;
+    [
+        ("snapshot", &s.snapshot),
+        ("sync", &s.sync),
+        ("reconcile", &s.reconcile),
+        ("prune", &s.prune),
+    ]
+    .into_iter()
+    .filter_map(|(name, cron)| cron.as_ref().map(|c| (name, c)))
+    .map(|(name, cron)| {
+        bulwark_engine::schedule::Schedule::new(name, &cron.0).map_err(anyhow::Error::msg)
+    })
+    .collect()
+}
+
 /// The dashboard's router over `app` (`token`: required on every request if set).
-pub(crate) fn router(app: Bulwark, token: Option<String>) -> Router {
-    let ctx: Shared = Arc::new(Ctx { app, token });
+pub(crate) fn router(
+    app: Bulwark,
+    token: Option<String>,
+    schedules: Vec<bulwark_engine::schedule::Schedule>,
+) -> Router {
+    let ctx: Shared = Arc::new(Ctx {
+        app,
+        token,
+        schedules,
+    });
     Router::new()
         .route("/", get(page))
         .route("/api/overview", get(overview))
@@ -59,7 +94,59 @@ pub(crate) fn router(app: Bulwark, token: Option<String>) -> Router {
         .route("/api/endpoint/{id}", get(endpoint))
         .route("/metrics", get(metrics))
         .layer(axum::middleware::from_fn_with_state(ctx.clone(), guard))
+        .merge(health_routes())
         .with_state(ctx)
+}
+
+/// `/healthz` and `/readyz`: no token (they say nothing but whether to send traffic).
+fn health_routes() -> Router<Shared> {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+}
+
+/// Ready: the database answers, and no configured schedule has a tick that passed more
+/// than two minutes ago without firing (no worker is running it).
+async fn readyz(State(ctx): State<Shared>) -> Response {
+    let store = ctx.app.store();
+    if let Err(e) = ctx.app.backend().schema_version().await {
+        tracing::warn!(error = %e, "readyz: the database does not answer");
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the database does not answer\n",
+        )
+            .into_response();
+    }
+    let now = now_ms();
+    let mut overdue = Vec::new();
+    for s in &ctx.schedules {
+        match store.schedule_tick(s.name()).await {
+            Ok(Some(last)) => {
+                if s.next_after(last)
+                    .is_some_and(|next| next + OVERDUE_AFTER_MS < now)
+                {
+                    overdue.push(s.name().to_string());
+                }
+            }
+            Ok(None) => {}
+            Err(_) => {
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: the database does not answer\n",
+                )
+                    .into_response();
+            }
+        }
+    }
+    if overdue.is_empty() {
+        "ready\n".into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: schedule(s) overdue: {}\n", overdue.join(", ")),
+        )
+            .into_response()
+    }
 }
 
 /// The access token from `token_env`; an error if there is none and `listen` is not
@@ -71,22 +158,44 @@ pub(crate) fn token_for(listen: SocketAddr, token_env: &str) -> Result<Option<St
             "refusing to serve on {listen} without a token: set {token_env} (or bind to 127.0.0.1)"
         );
     }
+    if let Some(t) = &token
+        && t.chars().count() < MIN_TOKEN_CHARS
+    {
+        bail!(
+            "the token in {token_env} is too short: {MIN_TOKEN_CHARS} characters at least (e.g. `openssl rand -hex 16`)"
+        );
+    }
     Ok(token)
 }
 
+/// Shorter tokens are refused: they can be guessed.
+const MIN_TOKEN_CHARS: usize = 16;
+
 /// A worker's own `/metrics` (its journal writer and adapter calls), behind the same
-/// token rule as the dashboard.
-pub(crate) fn worker_metrics_router(app: Bulwark, token: Option<String>) -> Router {
-    let ctx: Shared = Arc::new(Ctx { app, token });
+/// token rule as the dashboard, with `/healthz` and `/readyz`.
+pub(crate) fn worker_metrics_router(
+    app: Bulwark,
+    token: Option<String>,
+    schedules: Vec<bulwark_engine::schedule::Schedule>,
+) -> Router {
+    let ctx: Shared = Arc::new(Ctx {
+        app,
+        token,
+        schedules,
+    });
     Router::new()
         .route("/metrics", get(process_metrics))
         .layer(axum::middleware::from_fn_with_state(ctx.clone(), guard))
+        .merge(health_routes())
         .with_state(ctx)
 }
 
 async fn process_metrics(State(ctx): State<Shared>) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(
+            header::CONTENT_TYPE,
+            bulwark_workflows::metrics::CONTENT_TYPE,
+        )],
         ctx.app.metrics_text(),
     )
         .into_response()
@@ -94,7 +203,9 @@ async fn process_metrics(State(ctx): State<Shared>) -> Response {
 
 pub(crate) async fn run(args: ServeArgs) -> Result<()> {
     let token = token_for(args.listen, &args.token_env)?;
-    let app = Bulwark::open(&args.db.database()?, bulwark_adapters::default_registry()).await?;
+    let (db, config) = args.db.load()?;
+    let schedules = schedules_of(config.as_ref())?;
+    let app = Bulwark::open(&db, bulwark_adapters::default_registry()).await?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -107,7 +218,7 @@ pub(crate) async fn run(args: ServeArgs) -> Result<()> {
             "loopback only"
         }
     );
-    axum::serve(listener, router(app, token))
+    axum::serve(listener, router(app, token, schedules))
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;
         })
@@ -287,116 +398,156 @@ async fn endpoint(State(ctx): State<Shared>, Path(id): Path<String>) -> Response
     .into_response()
 }
 
-/// Prometheus text exposition of what the database knows. (Hand-written: a dozen lines
-/// of a stable text format computed from queries, no registry of live instruments.)
+/// The OpenMetrics exposition of what the database knows (the process's own figures are
+/// on `worker --metrics-listen`).
 async fn metrics(State(ctx): State<Shared>) -> Response {
-    let store = ctx.app.store();
-    let result = async {
-        let mut out = String::new();
-        let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, i64)]| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (labels, v) in samples {
-                let _ = writeln!(out, "{name}{labels} {v}");
-            }
-        };
-        let journal = store.journal_len().await?;
-        family(
-            "bulwark_transitions_total",
-            "counter",
-            "Journaled transitions (journal rows, creation rows included).",
-            &[(String::new(), journal)],
-        );
-        let mut by_kind_status: BTreeMap<(String, String), i64> = BTreeMap::new();
-        for w in store.workflows(None, None).await? {
-            *by_kind_status.entry((w.kind, w.status)).or_default() += 1;
-        }
-        let samples: Vec<_> = by_kind_status
-            .iter()
-            .map(|((k, s), n)| (format!("{{kind=\"{k}\",state=\"{s}\"}}"), *n))
-            .collect();
-        family(
-            "bulwark_workflows",
-            "gauge",
-            "Workflows by kind and state.",
-            &samples,
-        );
-        let (mut syncs_done, mut in_flight) = (0i64, 0i64);
-        for (status, n) in store.status_counts(None).await? {
-            if matches!(status.as_str(), "Uploading" | "Verifying") {
-                in_flight += n;
-            }
-            if status == "Done" {
-                syncs_done += n;
-            }
-        }
-        family(
-            "bulwark_effects_in_flight",
-            "gauge",
-            "Workflows waiting on an adapter call (Uploading or Verifying).",
-            &[(String::new(), in_flight)],
-        );
-        family(
-            "bulwark_endpoint_syncs_done",
-            "gauge",
-            "Endpoint syncs that verified every batch.",
-            &[(String::new(), syncs_done)],
-        );
-        let now = now_ms();
-        let mut circuits: BTreeMap<&str, i64> =
-            [("closed", 0), ("open", 0), ("half_open", 0)].into();
-        for c in store.circuits().await? {
-            *circuits.entry(c.state_name(now)).or_default() += 1;
-        }
-        let samples: Vec<_> = circuits
-            .iter()
-            .map(|(s, n)| (format!("{{state=\"{s}\"}}"), *n))
-            .collect();
-        family(
-            "bulwark_circuits",
-            "gauge",
-            "Endpoint circuits by state.",
-            &samples,
-        );
-        family(
-            "bulwark_endpoints_paused",
-            "gauge",
-            "Endpoints an operator paused (bulwark pause): every worker leaves them alone.",
-            &[(String::new(), store.holds().await?.len() as i64)],
-        );
-        let mut alerts: BTreeMap<String, i64> = BTreeMap::new();
-        for a in store.alerts(i64::MAX).await? {
-            *alerts.entry(a.kind).or_default() += 1;
-        }
-        let samples: Vec<_> = alerts
-            .iter()
-            .map(|(k, n)| (format!("{{kind=\"{k}\"}}"), *n))
-            .collect();
-        family(
-            "bulwark_alerts_total",
-            "counter",
-            "Alerts raised, by kind.",
-            &samples,
-        );
-        let snaps = ctx.app.staging().snapshots().await?;
-        family(
-            "bulwark_legacy_queries_total",
-            "counter",
-            "Queries sent to the legacy source by all snapshots.",
-            &[(String::new(), snaps.iter().map(|s| s.queries).sum())],
-        );
-        family(
-            "bulwark_legacy_rows_read_total",
-            "counter",
-            "Rows read from the legacy source by all snapshots.",
-            &[(String::new(), snaps.iter().map(|s| s.rows_read).sum())],
-        );
-        anyhow::Ok(out)
-    }
-    .await;
-    match result {
-        Ok(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response(),
+    match database_metrics(&ctx).await {
+        Ok(x) => (
+            [(
+                header::CONTENT_TYPE,
+                bulwark_workflows::metrics::CONTENT_TYPE,
+            )],
+            x.render(),
+        )
+            .into_response(),
         Err(e) => fail(e),
     }
+}
+
+async fn database_metrics(ctx: &Ctx) -> Result<bulwark_workflows::metrics::Exposition> {
+    use bulwark_workflows::metrics::Exposition;
+    let store = ctx.app.store();
+    let mut x = Exposition::default();
+    x.build_info();
+    x.counter(
+        "bulwark_transitions",
+        "Journaled transitions (journal rows, creation rows included; pruning lowers it).",
+        vec![(Vec::new(), store.journal_len().await? as f64)],
+    );
+    let mut by_kind_status: BTreeMap<(String, String), i64> = BTreeMap::new();
+    for w in store.workflows(None, None).await? {
+        *by_kind_status.entry((w.kind, w.status)).or_default() += 1;
+    }
+    x.gauge(
+        "bulwark_workflows",
+        "Workflows by kind and state.",
+        by_kind_status
+            .into_iter()
+            .map(|((k, st), n)| (vec![("kind", k), ("state", st)], n as f64))
+            .collect(),
+    );
+    let latest = latest(store.as_ref()).await?;
+    x.one_gauge(
+        "bulwark_endpoint_syncs_done",
+        "Endpoints whose latest sync verified every batch.",
+        latest.values().filter(|w| w.status == "Done").count() as f64,
+    );
+    // Every endpoint has a circuit: closed unless its row says otherwise.
+    let now = now_ms();
+    let rows: BTreeMap<String, bulwark_engine::CircuitRow> = store
+        .circuits()
+        .await?
+        .into_iter()
+        .map(|c| (c.subject.clone(), c))
+        .collect();
+    let mut circuits: BTreeMap<String, i64> = BTreeMap::new();
+    for subject in latest
+        .keys()
+        .chain(rows.keys().filter(|k| !latest.contains_key(*k)))
+    {
+        let state = rows.get(subject).map_or("closed", |c| c.state_name(now));
+        *circuits.entry(state.to_string()).or_default() += 1;
+    }
+    x.gauge(
+        "bulwark_circuits",
+        "Endpoint circuits by state (an endpoint that never failed is closed).",
+        Exposition::by_label("state", &["closed", "open", "half_open"], &circuits),
+    );
+    x.one_gauge(
+        "bulwark_endpoints_paused",
+        "Endpoints an operator paused (bulwark pause): every worker leaves them alone.",
+        store.holds().await?.len() as f64,
+    );
+    let mut alerts: BTreeMap<String, i64> = BTreeMap::new();
+    for a in store.alerts(i64::MAX).await? {
+        *alerts.entry(a.kind).or_default() += 1;
+    }
+    x.counter(
+        "bulwark_alerts",
+        "Alerts recorded, by kind (pruning lowers it).",
+        Exposition::by_label("kind", &[], &alerts),
+    );
+    let staging = ctx.app.staging();
+    let snaps = staging.snapshots().await?;
+    x.counter(
+        "bulwark_legacy_queries",
+        "Queries sent to the legacy source by the snapshots kept.",
+        vec![(
+            Vec::new(),
+            snaps.iter().map(|s| s.queries).sum::<i64>() as f64,
+        )],
+    );
+    x.counter(
+        "bulwark_legacy_rows_read",
+        "Rows read from the legacy source by the snapshots kept.",
+        vec![(
+            Vec::new(),
+            snaps.iter().map(|s| s.rows_read).sum::<i64>() as f64,
+        )],
+    );
+    if let Some(at) = snaps
+        .iter()
+        .filter(|s| s.status == "sealed")
+        .filter_map(|s| s.sealed_at)
+        .max()
+    {
+        x.one_gauge(
+            "bulwark_last_snapshot_sealed_timestamp_seconds",
+            "When the newest sealed snapshot was sealed.",
+            at as f64 / 1000.0,
+        );
+    }
+    let mut finished: BTreeMap<String, i64> = BTreeMap::new();
+    for r in store.runs().await? {
+        if r.status == "finished"
+            && let Some(at) = r.finished_at
+        {
+            let e = finished.entry(r.kind).or_default();
+            *e = (*e).max(at);
+        }
+    }
+    x.gauge(
+        "bulwark_last_run_finished_timestamp_seconds",
+        "When the newest finished run of each kind (sync, snapshot) finished.",
+        finished
+            .into_iter()
+            .map(|(kind, at)| (vec![("kind", kind)], at as f64 / 1000.0))
+            .collect(),
+    );
+    let mut fired = Vec::new();
+    for name in ["snapshot", "sync", "reconcile", "prune"] {
+        if let Some(at) = store.schedule_tick(name).await? {
+            fired.push((vec![("schedule", name.to_string())], at as f64 / 1000.0));
+        }
+    }
+    x.gauge(
+        "bulwark_schedule_last_fired_timestamp_seconds",
+        "When each worker schedule last fired (or was first seen).",
+        fired,
+    );
+    let quarantine = staging.quarantine().await?;
+    x.one_gauge(
+        "bulwark_quarantined_items",
+        "Items endpoints refused, left as each endpoint had them (bulwark quarantine).",
+        quarantine.len() as f64,
+    );
+    let reconciles = staging.reconciles().await?;
+    x.one_gauge(
+        "bulwark_reconcile_drifted_items",
+        "Items the latest reconcile of each endpoint found drifted.",
+        reconciles.iter().map(|r| r.drifted).sum::<u64>() as f64,
+    );
+    Ok(x)
 }
 
 #[cfg(test)]
@@ -430,7 +581,7 @@ mod tests {
     #[tokio::test]
     async fn with_a_token_every_route_refuses_requests_without_it() {
         let (_dir, app) = app().await;
-        let r = router(app, Some("s3cret".into()));
+        let r = router(app, Some("s3cret".into()), Vec::new());
         for uri in [
             "/",
             "/api/overview",

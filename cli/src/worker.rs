@@ -294,7 +294,11 @@ pub(crate) async fn run(args: WorkerArgs) -> Result<ExitCode> {
                 .await
                 .map_err(|e| anyhow::anyhow!("--metrics-listen {addr}: {e}"))?;
             eprintln!("metrics on http://{}/metrics", listener.local_addr()?);
-            let router = crate::serve::worker_metrics_router(app.clone(), metrics_token);
+            let router = crate::serve::worker_metrics_router(
+                app.clone(),
+                metrics_token,
+                crate::serve::schedules_of(config.as_ref())?,
+            );
             Some(tokio::spawn(async move {
                 if let Err(e) = axum::serve(listener, router).await {
                     tracing::error!(error = %e, "metrics server failed");

@@ -45,6 +45,9 @@ pub struct JournalStats {
     pub commit_micros: AtomicU64,
     /// Transactions that failed (their appends were refused with the error).
     pub failed_commits: AtomicU64,
+    /// Workflows this process took over from a worker whose lease ran out (counted by the
+    /// runtimes writing through this journal).
+    pub takeovers: AtomicU64,
     /// Commits by latency: `commit_buckets[i]` counts the commits that took at most
     /// [`JournalStats::COMMIT_BUCKETS_MICROS`]`[i]` (not cumulative; the last counts the rest).
     pub commit_buckets: [AtomicU64; JournalStats::COMMIT_BUCKETS_MICROS.len() + 1],
@@ -64,52 +67,6 @@ impl JournalStats {
             .position(|&b| micros <= b)
             .unwrap_or(Self::COMMIT_BUCKETS_MICROS.len());
         self.commit_buckets[i].fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// These counters in the Prometheus text format: appends by outcome, commits, and the
-    /// commit latency as a histogram (`bulwark_journal_commit_seconds`).
-    pub fn write_prometheus(&self, out: &mut String) {
-        use std::fmt::Write;
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "# HELP bulwark_journal_appends_total Journal appends by outcome (this process).\n\
-             # TYPE bulwark_journal_appends_total counter\n\
-             bulwark_journal_appends_total{{outcome=\"committed\"}} {}\n\
-             bulwark_journal_appends_total{{outcome=\"fenced\"}} {}",
-            get(&self.committed),
-            get(&self.fenced)
-        );
-        let _ = writeln!(
-            out,
-            "# HELP bulwark_journal_failed_commits_total Group commits that failed.\n\
-             # TYPE bulwark_journal_failed_commits_total counter\n\
-             bulwark_journal_failed_commits_total {}",
-            get(&self.failed_commits)
-        );
-        let _ = writeln!(
-            out,
-            "# HELP bulwark_journal_commit_seconds Latency of one group commit (one durable transaction).\n\
-             # TYPE bulwark_journal_commit_seconds histogram"
-        );
-        let mut cumulative = 0;
-        for (i, bound) in Self::COMMIT_BUCKETS_MICROS.iter().enumerate() {
-            cumulative += get(&self.commit_buckets[i]);
-            let _ = writeln!(
-                out,
-                "bulwark_journal_commit_seconds_bucket{{le=\"{}\"}} {cumulative}",
-                *bound as f64 / 1e6
-            );
-        }
-        let _ = writeln!(
-            out,
-            "bulwark_journal_commit_seconds_bucket{{le=\"+Inf\"}} {}\n\
-             bulwark_journal_commit_seconds_sum {}\n\
-             bulwark_journal_commit_seconds_count {}",
-            get(&self.commits),
-            get(&self.commit_micros) as f64 / 1e6,
-            get(&self.commits)
-        );
     }
 }
 

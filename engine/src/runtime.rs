@@ -288,7 +288,7 @@ impl<M: Machine> Runtime<M> {
         tracing::debug!(claimed = claimed.len(), "claimed");
         self.holds
             .not_held(claimed.iter().map(|w| w.subject.as_str()));
-        log_takeovers(&claimed, &self.config.worker, &dead);
+        log_takeovers(&claimed, &self.config.worker, &dead, self.journal.stats());
         let mut outcome = RunOutcome::default();
         let claimed = decline_foreign(
             &self.store,
@@ -607,8 +607,14 @@ async fn decline_foreign<M: Machine>(
     Ok(mine)
 }
 
-/// Log, per previous owner, the workflows taken over from a worker whose lease ran out.
-fn log_takeovers(claimed: &[crate::store::ClaimedWorkflow], me: &str, dead: &[String]) {
+/// Log, per previous owner, the workflows taken over from a worker whose lease ran out
+/// (and count them in `stats`).
+fn log_takeovers(
+    claimed: &[crate::store::ClaimedWorkflow],
+    me: &str,
+    dead: &[String],
+    stats: &crate::journal::JournalStats,
+) {
     let mut from: BTreeMap<&str, usize> = BTreeMap::new();
     for w in claimed {
         if let Some(p) = w.previous_owner.as_deref().filter(|p| *p != me) {
@@ -616,6 +622,9 @@ fn log_takeovers(claimed: &[crate::store::ClaimedWorkflow], me: &str, dead: &[St
         }
     }
     for (previous, n) in from {
+        stats
+            .takeovers
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
         let why = if dead.iter().any(|d| d == previous) {
             "whose process on this host is gone"
         } else {
@@ -698,7 +707,7 @@ impl<M: Machine> Runtime<M> {
                     // What the claim returned is not held now, whatever this worker's
                     // last read of the holds said (a hold lifted since).
                     self.holds.not_held(claimed.iter().map(|w| w.subject.as_str()));
-                    log_takeovers(&claimed, &self.config.worker, &dead);
+                    log_takeovers(&claimed, &self.config.worker, &dead, self.journal.stats());
                     let claimed = decline_foreign(
                         &self.store,
                         &self.config.worker,

@@ -203,3 +203,65 @@ pub async fn shown(base: &str, skus: &[&str]) -> std::collections::BTreeMap<Stri
 pub async fn shown_qty(base: &str, sku: &str) -> Option<i64> {
     shown(base, &[sku]).await.get(sku).copied()
 }
+
+/// An OpenMetrics exposition read by a real parser (`openmetrics-parser`, which refuses
+/// what is not valid OpenMetrics): every sample as `name{k="v",…}` (labels sorted, none:
+/// no braces) → value. Counters appear as `name_total`, info metrics as `name_info`,
+/// histograms as `name_count`, `name_sum` and `name_bucket{…,le="…"}` (cumulative).
+pub fn parse_openmetrics(text: &str) -> std::collections::BTreeMap<String, f64> {
+    use openmetrics_parser::OpenMetricsValue;
+    let parsed = openmetrics_parser::openmetrics::parse_openmetrics(text)
+        .unwrap_or_else(|e| panic!("not valid OpenMetrics: {e:?}\n{text}"));
+    let key = |name: &str, labels: &[(String, String)]| {
+        let mut labels = labels.to_vec();
+        labels.sort();
+        if labels.is_empty() {
+            name.to_string()
+        } else {
+            let inner: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+            format!("{name}{{{}}}", inner.join(","))
+        }
+    };
+    let mut out = std::collections::BTreeMap::new();
+    for (name, family) in &parsed.families {
+        for sample in family.iter_samples() {
+            let labels: Vec<(String, String)> = sample
+                .get_labelset()
+                .map(|l| l.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+                .unwrap_or_default();
+            match &sample.value {
+                OpenMetricsValue::Gauge(n) | OpenMetricsValue::Unknown(n) => {
+                    out.insert(key(name, &labels), n.as_f64());
+                }
+                OpenMetricsValue::Counter(c) => {
+                    out.insert(key(&format!("{name}_total"), &labels), c.value.as_f64());
+                }
+                OpenMetricsValue::Info => {
+                    out.insert(key(&format!("{name}_info"), &labels), 1.0);
+                }
+                OpenMetricsValue::Histogram(h) => {
+                    out.insert(
+                        key(&format!("{name}_count"), &labels),
+                        h.count.unwrap_or(0) as f64,
+                    );
+                    out.insert(
+                        key(&format!("{name}_sum"), &labels),
+                        h.sum.as_ref().map_or(0.0, |s| s.as_f64()),
+                    );
+                    for b in &h.buckets {
+                        let mut with_le = labels.clone();
+                        let le = if b.upper_bound == f64::INFINITY {
+                            "+Inf".to_string()
+                        } else {
+                            b.upper_bound.to_string()
+                        };
+                        with_le.push(("le".to_string(), le));
+                        out.insert(key(&format!("{name}_bucket"), &with_le), b.count.as_f64());
+                    }
+                }
+                other => panic!("{name}: unexpected {other:?}"),
+            }
+        }
+    }
+    out
+}

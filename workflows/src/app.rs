@@ -557,13 +557,9 @@ impl Bulwark {
     /// count from when this `Bulwark` (or the one it was cloned from) was opened; the
     /// database-wide figures (workflows by state, circuits, alerts) are `bulwark serve`'s.
     pub fn metrics_text(&self) -> String {
-        let mut out = String::new();
-        match self.journal.get() {
-            Some(j) => j.stats().write_prometheus(&mut out),
-            None => bulwark_engine::journal::JournalStats::default().write_prometheus(&mut out),
-        }
-        self.effects.write_prometheus(&mut out);
-        out
+        let unused = bulwark_engine::journal::JournalStats::default();
+        let journal = self.journal.get().map_or(&unused, |j| j.stats());
+        crate::metrics::process(journal, &self.effects).render()
     }
 
     /// Adapter-call counters of this process, across every sync and worker.
@@ -645,8 +641,10 @@ impl Bulwark {
     ) -> Result<(Arc<DiffCache>, Arc<SyncEffects>)> {
         let mut adapters: HashMap<String, Arc<dyn PortalAdapter>> = HashMap::new();
         let mut hosts = HashMap::new();
+        let mut names: HashMap<String, Arc<str>> = HashMap::new();
         for ep in endpoints {
             adapters.insert(ep.id.clone(), self.registry.build(ep)?);
+            names.insert(ep.id.clone(), Arc::from(ep.adapter.as_str()));
             if let Some(h) = crate::sync::endpoint_host(ep) {
                 hosts.insert(ep.id.clone(), h);
             }
@@ -660,6 +658,7 @@ impl Bulwark {
             options.limits.clone(),
             hosts,
         )
+        .naming_adapters(names)
         .counting_into(self.effects.clone());
         // Several workers (PostgreSQL) may run different configurations for a while (a
         // rolling deploy): each drives only the syncs its configuration matches. One

@@ -10,6 +10,7 @@ pub mod endpoint_sync;
 pub mod error;
 pub mod itemset;
 pub mod mapping;
+pub mod metrics;
 pub mod preview;
 pub mod reconcile;
 pub mod staging;

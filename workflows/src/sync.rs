@@ -650,60 +650,63 @@ pub struct EffectStats {
     pub timeouts: AtomicU64,
     /// Adapter calls in flight now.
     pub in_flight: AtomicU64,
+    /// Latency of adapter calls by (adapter, outcome) — process-wide totals only (see
+    /// [`SyncEffects::counting_into`]).
+    pub latency:
+        std::sync::Mutex<std::collections::BTreeMap<(Arc<str>, &'static str), CallLatency>>,
 }
 
-impl EffectStats {
-    /// These counters in the Prometheus text format (`bulwark_adapter_calls_total`,
-    /// `bulwark_batches_total` by outcome, `bulwark_effects_in_flight`).
-    pub fn write_prometheus(&self, out: &mut String) {
-        use std::fmt::Write;
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "# HELP bulwark_adapter_calls_total Portal adapter calls by kind (this process).\n\
-             # TYPE bulwark_adapter_calls_total counter\n\
-             bulwark_adapter_calls_total{{call=\"upload\"}} {}\n\
-             bulwark_adapter_calls_total{{call=\"verify\"}} {}\n\
-             bulwark_adapter_calls_total{{call=\"probe\"}} {}\n\
-             bulwark_adapter_calls_total{{call=\"read_back\"}} {}\n\
-             # HELP bulwark_probe_hits_total Probes that found the batch already landed (a re-send avoided).\n\
-             # TYPE bulwark_probe_hits_total counter\n\
-             bulwark_probe_hits_total {}\n\
-             # HELP bulwark_adapter_timeouts_total Calls given up after the per-attempt timeout.\n\
-             # TYPE bulwark_adapter_timeouts_total counter\n\
-             bulwark_adapter_timeouts_total {}",
-            get(&self.uploads),
-            get(&self.verifies),
-            get(&self.probes),
-            get(&self.reads),
-            get(&self.probe_hits),
-            get(&self.timeouts),
-        );
-        let _ = writeln!(
-            out,
-            "# HELP bulwark_batches_total Batch attempts by outcome (this process).\n\
-             # TYPE bulwark_batches_total counter\n\
-             bulwark_batches_total{{outcome=\"verified\"}} {}\n\
-             bulwark_batches_total{{outcome=\"mismatch\"}} {}\n\
-             bulwark_batches_total{{outcome=\"upload_failed\"}} {}\n\
-             bulwark_batches_total{{outcome=\"upload_partial\"}} {}\n\
-             bulwark_batches_total{{outcome=\"verify_failed\"}} {}\n\
-             # HELP bulwark_effects_in_flight Adapter calls in flight now (this process).\n\
-             # TYPE bulwark_effects_in_flight gauge\n\
-             bulwark_effects_in_flight {}",
-            get(&self.verified),
-            get(&self.mismatches),
-            get(&self.upload_failures),
-            get(&self.partial_uploads),
-            get(&self.verify_failures),
-            get(&self.in_flight),
-        );
+/// Latency of adapter calls of one (adapter, outcome): counts per bucket of
+/// [`CallLatency::BOUNDS_SECONDS`] (not cumulative; the last counts the rest).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CallLatency {
+    /// Calls per bucket.
+    pub counts: [u64; CallLatency::BOUNDS_SECONDS.len() + 1],
+    /// Their time, in microseconds.
+    pub sum_micros: u64,
+    /// Calls.
+    pub count: u64,
+}
+
+impl CallLatency {
+    /// Upper bounds of the latency buckets, in seconds.
+    pub const BOUNDS_SECONDS: [f64; 12] = [
+        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    ];
+
+    fn observe(&mut self, elapsed: std::time::Duration) {
+        let secs = elapsed.as_secs_f64();
+        let i = Self::BOUNDS_SECONDS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(Self::BOUNDS_SECONDS.len());
+        self.counts[i] += 1;
+        self.sum_micros += elapsed.as_micros() as u64;
+        self.count += 1;
+    }
+}
+
+/// The outcome label of an adapter call's result.
+fn outcome<T>(r: &std::result::Result<T, AdapterError>) -> &'static str {
+    match r {
+        Ok(_) => "ok",
+        Err(AdapterError::Transient(_)) => "transient",
+        Err(AdapterError::RateLimited { .. }) => "rate_limited",
+        Err(AdapterError::Unavailable { .. }) => "unavailable",
+        Err(AdapterError::Rejected(_)) => "rejected",
+        Err(AdapterError::Auth(_)) => "auth",
+        Err(AdapterError::Partial(_)) => "partial",
+        Err(AdapterError::Config(_)) => "config",
+        Err(AdapterError::Fenced(_)) => "fenced",
     }
 }
 
 /// Executes endpoint-sync commands with portal adapters, under the circuits and limits.
 pub struct SyncEffects {
     adapters: HashMap<String, Arc<dyn PortalAdapter>>,
+    /// The adapter name of each endpoint (the `adapter` of its configuration), for the
+    /// latency metrics.
+    adapter_names: HashMap<String, Arc<str>>,
     circuits: CircuitView,
     diffs: Arc<DiffCache>,
     in_flight: Semaphore,
@@ -866,6 +869,7 @@ impl SyncEffects {
     ) -> Self {
         Self {
             adapters,
+            adapter_names: HashMap::new(),
             circuits: CircuitView {
                 store,
                 cache: Mutex::new(None),
@@ -890,6 +894,12 @@ impl SyncEffects {
                 .map(|e| (e.id.clone(), e.fingerprint()))
                 .collect(),
         );
+        self
+    }
+
+    /// Name each endpoint's adapter (endpoint id → adapter name) in the latency metrics.
+    pub fn naming_adapters(mut self, names: HashMap<String, Arc<str>>) -> Self {
+        self.adapter_names = names;
         self
     }
 
@@ -964,8 +974,23 @@ impl SyncEffects {
         }
         let limit = std::time::Duration::from_millis(policy.attempt_timeout_ms.max(1));
         let in_flight = self.in_flight();
+        let started = std::time::Instant::now();
         let result = tokio::time::timeout(limit, call).await;
         drop(in_flight);
+        if let Some(t) = &self.totals {
+            let name = self
+                .adapter_names
+                .get(endpoint)
+                .cloned()
+                .unwrap_or_else(|| Arc::from("unnamed"));
+            let label = result.as_ref().map_or("timeout", outcome);
+            if let Ok(mut latency) = t.latency.lock() {
+                latency
+                    .entry((name, label))
+                    .or_default()
+                    .observe(started.elapsed());
+            }
+        }
         Some(match result {
             Ok(r) => r,
             Err(_) => {
