@@ -123,8 +123,11 @@ async fn every_command_uses_the_database_of_its_configuration() {
     assert!(by_env.contains("\"snapshot\""), "{by_env}");
 
     // The circuit is still open: the next sync skips ep-00002, still status 1.
-    let skipped = with_config(cwd, &["sync"], &cfg, 1);
-    assert!(skipped.contains("1 skipped"), "{skipped}");
+    let skipped = with_config(cwd, &["sync", "--json"], &cfg, 1);
+    let skipped: serde_json::Value =
+        serde_json::from_str(&skipped).unwrap_or_else(|e| panic!("{e}: {skipped}"));
+    assert_eq!(skipped["by_status"]["Skipped"], 1, "{skipped}");
+    assert_eq!(skipped["quarantined"], 0, "{skipped}");
     let reset = with_config(cwd, &["reset-circuit", "ep-00002"], &cfg, 0);
     assert!(reset.contains("ep-00002"), "{reset}");
     let unknown = with_config(cwd, &["reset-circuit", "ep-09999"], &cfg, 1);
@@ -132,6 +135,38 @@ async fn every_command_uses_the_database_of_its_configuration() {
     // Everything done for the endpoints of this file: status 0.
     let done = with_config(cwd, &["sync"], &clean, 0);
     assert!(done.contains("already up to date"), "{done}");
+
+    // --since: a span or a date; what is older is left out.
+    let recent = with_config(cwd, &["runs", "--since", "1h", "--json"], &cfg, 0);
+    let recent: serde_json::Value = serde_json::from_str(&recent).unwrap();
+    assert!(recent.as_array().unwrap().len() >= 3, "{recent}");
+    let future = with_config(cwd, &["runs", "--since", "2099-01-01", "--json"], &cfg, 0);
+    assert_eq!(future.trim(), "[]");
+    let alerts_now = with_config(cwd, &["alerts", "--since", "10m", "--json"], &cfg, 0);
+    assert!(alerts_now.contains("circuit_opened"), "{alerts_now}");
+    let alerts_later = with_config(
+        cwd,
+        &["alerts", "--since", "2099-01-01T00:00:00Z", "--json"],
+        &cfg,
+        0,
+    );
+    assert_eq!(alerts_later.trim(), "[]");
+    let status = with_config(cwd, &["status", "--since", "2099-01-01", "--json"], &cfg, 0);
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["runs"].as_array().map(Vec::len), Some(0), "{status}");
+    let bogus = bulwark()
+        .current_dir(cwd)
+        .args(["runs", "--since", "yesterday", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(bogus.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bogus.stderr).contains("neither a span"));
+    // `snapshot --json`: the report as JSON.
+    let again = with_config(cwd, &["snapshot", "--json"], &cfg, 0);
+    let again: serde_json::Value =
+        serde_json::from_str(&again).unwrap_or_else(|e| panic!("{e}: {again}"));
+    assert_eq!(again["rows_read"], 30, "{again}");
 
     // Nothing was created where the commands ran.
     assert_eq!(std::fs::read_dir(cwd).unwrap().count(), 0);

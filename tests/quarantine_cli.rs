@@ -3,7 +3,7 @@
 //! and `bulwark status` show the SKU, and `bulwark retry` has the next sync carry it.
 
 use bulwark_adapters::simulator::{self, Fault, SimConfig};
-use bulwark_tests::{bulwark, run_ok, shown_qty};
+use bulwark_tests::{bulwark, run_code, run_ok, shown_qty};
 use sqlx::Connection;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -59,7 +59,8 @@ async fn a_refused_sku_is_quarantined_listed_and_retried() {
         .arg(&db);
         c
     };
-    let out = run_ok(&mut sync());
+    // Items quarantined by the run: finished with work undone, status 1.
+    let out = run_code(&mut sync(), 1);
     assert!(out.contains("endpoints: 2 done, 0 tripped"), "{out}");
     assert!(
         out.contains("quarantined: 2 item(s) at 2 endpoint(s)"),

@@ -10,7 +10,7 @@
 //! - `abs`: absolute (the documented behaviour): the ERP quantity overwrites the sales.
 
 use bulwark_adapters::sim_api::{self, ApiSimConfig, ApiSimHandle};
-use bulwark_tests::{bulwark, run_ok};
+use bulwark_tests::{bulwark, run_code, run_ok};
 use bulwark_workflows::adapter::AdapterRegistry;
 use bulwark_workflows::app::Bulwark;
 use bulwark_workflows::catalog::{Item, PriceTier};
@@ -131,7 +131,8 @@ async fn compare_and_set_never_shows_more_than_the_shop_has() {
     // And the answer to the cas shop's first applied write (K-000's lowered one) is lost:
     // the retry must find it landed, not take its own write for a sale.
     sim.lose_next_writes("cas", 1);
-    let out = run_ok(&mut sync());
+    // The skip shop's K-000 is left alone and quarantined: status 1.
+    let out = run_code(&mut sync(), 1);
     eprintln!("{out}");
     // compare_and_set, erp_minus_sold: 12 - 3 sold = 9; K-001 keeps what the shop has
     // (10 - 2 = 8, its ERP quantity did not move); K-002 as the ERP says.
@@ -206,7 +207,8 @@ async fn compare_and_set_never_shows_more_than_the_shop_has() {
     erp[0].tiers[0].price_minor += 10;
     erp[1].qty = 6;
     stage(&db, &erp).await;
-    run_ok(&mut sync());
+    // The skip shop's K-000 changed in the ERP and is left alone again: status 1.
+    run_code(&mut sync(), 1);
     assert_eq!(qty(&sim, "cas", "K-000"), 8);
     assert_eq!(qty(&sim, "cas", "K-001"), 6);
     let shown = rows(

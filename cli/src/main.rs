@@ -238,6 +238,9 @@ enum Command {
         db: StoreArgs,
         #[command(flatten)]
         args: snapshot_cmd::SnapshotArgs,
+        /// Print the snapshot's report as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Resume unfinished syncs, then sync every endpoint to the newest sealed snapshot.
     /// On PostgreSQL it enqueues the run for `bulwark worker` processes instead.
@@ -254,8 +257,10 @@ enum Command {
         /// changes with old → new values); send nothing and journal nothing.
         #[arg(long)]
         dry_run: bool,
-        /// With `--dry-run`: print the plan as JSON (every endpoint, samples of items).
-        #[arg(long, requires = "dry_run")]
+        /// Print JSON: the run's report (states, counts, calls, and `quarantined`: the
+        /// items this run quarantined), or with `--dry-run` the plan (every endpoint,
+        /// samples of items).
+        #[arg(long)]
         json: bool,
         #[command(flatten)]
         wait: worker::WaitArgs,
@@ -365,6 +370,9 @@ enum Command {
         /// Show the newest N runs (the rest are counted).
         #[arg(long, value_name = "N", default_value_t = 20)]
         limit: usize,
+        /// Only runs started since then: a span (24h, 7d) or a UTC date/time.
+        #[arg(long, value_name = "WHEN", value_parser = parse_since)]
+        since: Option<i64>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -396,6 +404,9 @@ enum Command {
         /// How many.
         #[arg(long, default_value_t = 50)]
         limit: i64,
+        /// Only alerts raised since then: a span (24h, 7d) or a UTC date/time.
+        #[arg(long, value_name = "WHEN", value_parser = parse_since)]
+        since: Option<i64>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -594,7 +605,12 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
                 path.display()
             );
         }
-        Command::Snapshot { action, db, args } => match action {
+        Command::Snapshot {
+            action,
+            db,
+            args,
+            json,
+        } => match action {
             Some(snapshot_cmd::SnapshotAction::Approve { id, db }) => {
                 return snapshot_cmd::approve(&db.database()?, id).await;
             }
@@ -603,7 +619,7 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
                 // between or inside pages loses nothing; the same command resumes it.
                 let interrupt = signals::Interrupt::listen("the snapshot", || {});
                 tokio::select! {
-                    r = snapshot_cmd::run(&db, args) => r?,
+                    r = snapshot_cmd::run(&db, args, json) => r?,
                     _ = interrupt.signalled() => {
                         eprintln!("snapshot stopped; run the same command to resume it from its cursor");
                     }
@@ -649,8 +665,15 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
                 a.stop(std::time::Duration::from_secs(5)).await;
             }
             let report = report?;
-            progress::print_summary(&report);
-            let quarantined = progress::print_quarantine(&app, &report, false).await?;
+            if !json {
+                progress::print_summary(&report);
+            }
+            let quarantined = progress::print_quarantine(&app, &report, json).await?;
+            if json {
+                let mut v = serde_json::to_value(&report)?;
+                v["quarantined"] = quarantined.into();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            }
             app.close().await;
             if let Some(code) = interrupt.exit_code() {
                 return Ok(code);
@@ -797,11 +820,16 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             eprintln!("portal simulator listening on {scheme}://{listen}");
             simulator::serve_forever(config, listen, tls.as_ref()).await?;
         }
-        Command::Status { db, limit, json } => {
+        Command::Status {
+            db,
+            limit,
+            since,
+            json,
+        } => {
             let app =
                 Bulwark::open_for_reading(&db.database()?, bulwark_adapters::default_registry())
                     .await?;
-            let status = app.status_of_runs(Some(limit)).await?;
+            let status = app.status_of_runs_since(Some(limit), since).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
@@ -823,11 +851,26 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
         }
         Command::Pause(args) => return pause_cmd::pause(args).await,
         Command::Resume(args) => return pause_cmd::resume(args).await,
-        Command::Alerts { db, limit, json } => {
+        Command::Alerts {
+            db,
+            limit,
+            since,
+            json,
+        } => {
             let app =
                 Bulwark::open_for_reading(&db.database()?, bulwark_adapters::default_registry())
                     .await?;
-            let alerts = bulwark_engine::Store::alerts(app.store().as_ref(), limit).await?;
+            let store = app.store();
+            let alerts: Vec<_> = match since {
+                // Newest first: those since then, at most `limit`.
+                Some(since) => bulwark_engine::Store::alerts(store.as_ref(), i64::MAX)
+                    .await?
+                    .into_iter()
+                    .filter(|a| a.at >= since)
+                    .take(usize::try_from(limit).unwrap_or(0))
+                    .collect(),
+                None => bulwark_engine::Store::alerts(store.as_ref(), limit).await?,
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&alerts)?);
             } else {
@@ -933,6 +976,37 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--since`: a span back from now (`90s`, `30m`, `24h`, `7d`) or a UTC date or time
+/// (`2026-12-01`, `2026-12-01T08:00:00Z`); ms since the epoch.
+pub(crate) fn parse_since(s: &str) -> std::result::Result<i64, String> {
+    let s = s.trim();
+    let unit = |c: char| match c {
+        's' => Some(1_000i64),
+        'm' => Some(60_000),
+        'h' => Some(3_600_000),
+        'd' => Some(86_400_000),
+        _ => None,
+    };
+    if let Some(last) = s.chars().last()
+        && let Some(ms) = unit(last)
+        && let Ok(n) = s[..s.len() - 1].parse::<i64>()
+        && n >= 0
+    {
+        return Ok(bulwark_engine::now_ms() - n.saturating_mul(ms));
+    }
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(t.timestamp_millis());
+    }
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        return Ok(d
+            .and_hms_opt(0, 0, 0)
+            .map_or(0, |t| t.and_utc().timestamp_millis()));
+    }
+    Err(format!(
+        "{s:?} is neither a span (90s, 30m, 24h, 7d) nor a UTC date or time (2026-12-01, 2026-12-01T08:00:00Z)"
+    ))
 }
 
 pub(crate) fn chrono_ms(ms: i64) -> String {

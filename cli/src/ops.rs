@@ -21,6 +21,9 @@ pub(crate) enum Ops {
         /// Only the newest N runs.
         #[arg(long, value_name = "N")]
         limit: Option<usize>,
+        /// Only runs started since then: a span (24h, 7d) or a UTC date/time.
+        #[arg(long, value_name = "WHEN", value_parser = crate::parse_since)]
+        since: Option<i64>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -319,9 +322,14 @@ pub(crate) async fn endpoint_history(
 
 pub(crate) async fn run(op: Ops) -> Result<ExitCode> {
     match op {
-        Ops::Runs { db, limit, json } => {
+        Ops::Runs {
+            db,
+            limit,
+            since,
+            json,
+        } => {
             let app = open_read(&db).await?;
-            let status = app.status_of_runs(limit).await?;
+            let status = app.status_of_runs_since(limit, since).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&status.runs)?);
             } else {

@@ -299,7 +299,7 @@ impl SnapshotArgs {
 ///
 /// With `--config` and no `--source-url`/`--legacy`, the file's `[source]` is the snapshot
 /// (all of it: the flags that shape a read are then not used).
-pub(crate) async fn run(store: &crate::StoreArgs, args: SnapshotArgs) -> Result<()> {
+pub(crate) async fn run(store: &crate::StoreArgs, args: SnapshotArgs, json: bool) -> Result<()> {
     let (db, config) = store.load()?;
     let plan = match &config {
         Some(c) if args.legacy.is_none() && args.source_url.is_none() => match &c.source {
@@ -321,6 +321,10 @@ pub(crate) async fn run(store: &crate::StoreArgs, args: SnapshotArgs) -> Result<
     let r = take(&app, &plan).await;
     app.close().await;
     let r = r?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
     println!(
         "snapshot {}: {} rows read, {} accepted, {} rejected, in {:.2}s",
         r.id, r.rows_read, r.accepted, r.rejected, r.seconds,

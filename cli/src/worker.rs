@@ -62,6 +62,9 @@ pub(crate) struct WorkerArgs {
     /// Environment variable holding the metrics access token (required off loopback).
     #[arg(long, default_value = "BULWARK_SERVE_TOKEN")]
     metrics_token_env: String,
+    /// Print the closing summary as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 /// A worker's lease when neither `--lease-ms` nor `[worker] lease_ms` says otherwise.
@@ -382,7 +385,11 @@ pub(crate) async fn run(args: WorkerArgs) -> Result<ExitCode> {
         a.stop(Duration::from_secs(5)).await;
     }
     let report = report?;
-    progress::print_summary_worker(&report);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        progress::print_summary_worker(&report);
+    }
     app.close().await;
     Ok(ExitCode::SUCCESS)
 }

@@ -1151,10 +1151,24 @@ impl Bulwark {
     /// [`Bulwark::status`] with only the `newest` runs (their counts by state are read per
     /// run, so a long history costs time); `runs_total` counts them all.
     pub async fn status_of_runs(&self, newest: Option<usize>) -> Result<Status> {
+        self.status_of_runs_since(newest, None).await
+    }
+
+    /// [`Bulwark::status_of_runs`] of the runs created at or after `since_ms` (ms since
+    /// the epoch; `None`: all); `runs_total` still counts every run.
+    pub async fn status_of_runs_since(
+        &self,
+        newest: Option<usize>,
+        since_ms: Option<i64>,
+    ) -> Result<Status> {
         let mut runs = Vec::new();
         let all = self.store.runs().await?;
         let runs_total = all.len();
-        for r in all.into_iter().take(newest.unwrap_or(usize::MAX)) {
+        for r in all
+            .into_iter()
+            .filter(|r| since_ms.is_none_or(|s| r.created_at >= s))
+            .take(newest.unwrap_or(usize::MAX))
+        {
             let counts = self.store.status_counts(Some(r.id)).await?;
             runs.push(RunStatus {
                 id: r.id,
