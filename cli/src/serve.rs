@@ -82,17 +82,25 @@ pub(crate) fn router(
     token: Option<String>,
     schedules: Vec<bulwark_engine::schedule::Schedule>,
 ) -> Router {
-    let ctx: Shared = Arc::new(Ctx {
-        app,
-        token,
-        schedules,
-    });
-    Router::new()
-        .route("/", get(page))
-        .route("/api/overview", get(overview))
-        .route("/api/endpoints", get(endpoints))
-        .route("/api/endpoint/{id}", get(endpoint))
-        .route("/metrics", get(metrics))
+    guarded(
+        Router::new()
+            .route("/", get(page))
+            .route("/api/overview", get(overview))
+            .route("/api/endpoints", get(endpoints))
+            .route("/api/endpoint/{id}", get(endpoint))
+            .route("/metrics", get(metrics)),
+        Ctx {
+            app,
+            token,
+            schedules,
+        },
+    )
+}
+
+/// `routes` behind the token guard, plus the health routes (without it), over `ctx`.
+fn guarded(routes: Router<Shared>, ctx: Ctx) -> Router {
+    let ctx: Shared = Arc::new(ctx);
+    routes
         .layer(axum::middleware::from_fn_with_state(ctx.clone(), guard))
         .merge(health_routes())
         .with_state(ctx)
@@ -178,16 +186,14 @@ pub(crate) fn worker_metrics_router(
     token: Option<String>,
     schedules: Vec<bulwark_engine::schedule::Schedule>,
 ) -> Router {
-    let ctx: Shared = Arc::new(Ctx {
-        app,
-        token,
-        schedules,
-    });
-    Router::new()
-        .route("/metrics", get(process_metrics))
-        .layer(axum::middleware::from_fn_with_state(ctx.clone(), guard))
-        .merge(health_routes())
-        .with_state(ctx)
+    guarded(
+        Router::new().route("/metrics", get(process_metrics)),
+        Ctx {
+            app,
+            token,
+            schedules,
+        },
+    )
 }
 
 async fn process_metrics(State(ctx): State<Shared>) -> Response {
